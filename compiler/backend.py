@@ -1,0 +1,84 @@
+"""Lower a gs graph to the backend's Dataflow and plan its memory for a target.
+
+``dataflow_of(graph)``: one Step per node (in the graph's order, which must be topological); arena
+tensors are node outputs that are not graph outputs, sized from their static shapes
+(ceil(numel·bits/8)); kernel scratch comes from ``lmc.compiler.scratch``.
+
+``plan_memory(graph, target)``: choose a schedule (``lmc.targets.schedule``), reorder the graph's nodes
+to it, compute liveness, place buffers with the arena planner, and return a ``MemoryPlan``.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.errors import ShapeError
+from lmc.compiler.scratch import scratch_bytes
+from lmc.targets.arena import ArenaPlanner
+from lmc.targets.dataflow import Dataflow, Step
+from lmc.targets.liveness import compute_liveness, lower_bound
+from lmc.targets.plan import MemoryPlan, PlannedTensor
+from lmc.targets.schedule import choose_schedule
+from lmc.targets.target import Target, WeightsPlacement
+
+
+def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
+    """The backend view of ``graph``. With ``strict``, a tensor without a static size is a ShapeError;
+    otherwise it is left out (for estimates on partly dynamic graphs)."""
+    outputs = ir.graph_outputs(graph)
+    steps: list[Step] = []
+    sizes: dict[str, int] = {}
+    for node in graph.nodes:
+        ins = tuple(t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name)
+        outs = tuple(t.name for t in node.outputs if t.name)
+        for t in node.outputs:
+            if not t.name or t.name in outputs:
+                continue
+            n = ir.tensor_nbytes(t)
+            if n is None:
+                if strict:
+                    raise ShapeError(f"tensor '{t.name}' (output of {node.op} node '{node.name}') has no static "
+                                     f"shape ({t.shape}); bind the model's dynamic input dims with --input-shape")
+                continue
+            sizes[t.name] = n
+        steps.append(Step(node.name, ins, outs, scratch_bytes(node)))
+    return Dataflow(tuple(steps), sizes)
+
+
+def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
+    """Live-set lower bound over the current node order; None when nothing is static."""
+    flow = dataflow_of(graph, strict=False)
+    if not flow.sizes:
+        return None
+    return lower_bound(compute_liveness(flow, list(range(len(flow.steps)))).intervals, alignment)
+
+
+def io_bytes(graph: gs.Graph) -> int:
+    return sum(ir.tensor_nbytes(t) or 0 for t in list(graph.inputs) + list(graph.outputs))
+
+
+def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
+    """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor."""
+    ir.require_static_shapes(graph)
+    alignment = target.memory.alignment
+    flow = dataflow_of(graph)
+    order, scheduler = choose_schedule(flow, alignment)
+    nodes = list(graph.nodes)
+    graph.nodes = [nodes[i] for i in order]
+    flow = Dataflow(tuple(flow.steps[i] for i in order), flow.sizes)
+    live = compute_liveness(flow, list(range(len(flow.steps))))
+    planner = ArenaPlanner(alignment)
+    for iv in live.intervals:
+        planner.add_buffer(iv.size, iv.first, iv.last)
+    arena = planner.plan()
+    tensors = tuple(PlannedTensor(iv.name, size, off, iv.first, iv.last)
+                    for iv, size, off in zip(live.intervals, arena.sizes, arena.offsets))
+    placement = target.memory.weights_placement
+    weights = {p.value: 0 for p in WeightsPlacement}
+    weights[placement.value] = ir.weight_bytes(graph)
+    return MemoryPlan(
+        target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
+        lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph),
+        scheduler=scheduler, placement_strategy=arena.strategy,
+        schedule=tuple(s.name for s in flow.steps), tensors=tensors)

@@ -1,0 +1,139 @@
+"""``build()``: model file in, verified bundle out. It reads like the data flow of DESIGN.md:
+
+load -> bind shapes -> passes -> schedule + liveness + arena plan -> stage bundle -> verify -> commit.
+
+Nothing is written to ``out_dir`` unless every stage succeeded; the input file is only read.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmc.compiler import ir
+from lmc.compiler.backend import estimate_peak, plan_memory
+from lmc.compiler.errors import LmcError
+from lmc.compiler.model_io import load_model
+from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
+from lmc.compiler.pipeline import default_pipeline
+from lmc.compiler.report import render_report
+from lmc.compiler.verify import DEFAULT_TOLERANCE, VerifyReport, compare_models, random_inputs
+from lmc.targets import emit
+from lmc.targets.plan import MemoryPlan, check_plan
+from lmc.targets.target import Target, load_target
+
+log = logging.getLogger(__name__)
+
+
+class QuantizeMode(enum.Enum):
+    NONE = "none"
+
+
+class AttentionMode(enum.Enum):
+    DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to build. ``input_shapes`` binds dynamic input dims (name -> dims)."""
+
+    target: str = "cortex-a55"
+    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    quantize: QuantizeMode = QuantizeMode.NONE
+    attention: AttentionMode = AttentionMode.DENSE
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    target: Target
+    plan: MemoryPlan
+    records: tuple[PassRecord, ...]
+    verification: VerifyReport | None
+    nodes_before: int
+    nodes_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        plan = self.plan.to_dict()
+        return {
+            "out_dir": str(self.out_dir),
+            "target": self.target.name,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "weight_bytes_before": self.weight_bytes_before,
+            "weight_bytes_after": self.weight_bytes_after,
+            "arena_bytes": plan["arena_bytes"],
+            "lower_bound_bytes": plan["lower_bound_bytes"],
+            "peak_ram_bytes": plan["peak_ram_bytes"],
+            "io_bytes": plan["io_bytes"],
+            "seconds": round(self.seconds, 3),
+            "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "nodes": r.nodes,
+                        "weight_bytes": r.weight_bytes, "peak_estimate_bytes": r.peak_estimate_bytes,
+                        "stats": r.stats} for r in self.records],
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: str | Path = "out",
+          on_pass: Callable[[PassRecord], None] | None = None) -> BuildResult:
+    """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``."""
+    options = options or BuildOptions()
+    start = time.perf_counter()
+    target = load_target(options.target)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(model_path).resolve().parent:
+        raise LmcError(f"{out_dir}: output folder is the model's own folder; choose another -o")
+
+    model = load_model(model_path)
+    graph = ir.to_graph(model)
+    del model
+    ir.bind_input_shapes(graph, dict(options.input_shapes))
+    ir.infer_shapes(graph)
+    ir.require_static_inputs(graph)
+    nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
+
+    manager = PassManager(default_pipeline(options, target), PassContext(target=target, options=options),
+                          peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
+    graph, records = manager.run(graph)
+
+    plan = plan_memory(graph, target)
+    problems = check_plan(plan)
+    if problems:
+        raise RuntimeError(f"arena plan is unsound: {problems[0]}")
+
+    bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
+    model = ir.to_model(graph)
+    nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
+    del graph
+    staged = emit.stage_model(model, out_dir, target.memory.alignment, target.memory.external_data_threshold)
+    del model
+    try:
+        verification = None
+        if options.verify:
+            feeds = random_inputs(staged / emit.MODEL_FILE, bound, samples=1, seed=options.seed)
+            verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance)
+            if not verification.passed:
+                raise RuntimeError(f"the compiled model differs from the original: max relative error "
+                                   f"{verification.max_rel:.3g} > {options.tolerance:g}")
+        result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
+                             verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
+                             weight_bytes_before=weights_before, weight_bytes_after=weights_after,
+                             seconds=time.perf_counter() - start)
+        emit.commit_bundle(staged, out_dir, {
+            emit.PLAN_FILE: plan.to_json(),
+            emit.REPORT_FILE: render_report(result, Path(model_path).name),
+        })
+    except BaseException:
+        emit.discard(staged)
+        raise
+    return result

@@ -1,0 +1,37 @@
+"""Errors lmc raises.
+
+``LmcError`` is a *user* error: bad path, corrupt file, unsupported op, a dynamic dim left unbound, an
+impossible budget. The CLI prints its message on one line and exits with ``ExitCode.USER_ERROR``. Anything
+else that escapes is an internal bug (``ExitCode.INTERNAL_ERROR``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    INTERNAL_ERROR = 1
+    USER_ERROR = 2
+    VERIFY_FAILED = 3
+
+
+class LmcError(Exception):
+    """A mistake in what the user gave lmc; the message says what and where."""
+
+
+class ModelLoadError(LmcError):
+    """The model file is missing, unreadable, corrupt or unsafe."""
+
+
+class ShapeError(LmcError):
+    """A shape could not be bound or stayed dynamic where a static one is needed."""
+
+
+class PassPreconditionError(LmcError):
+    """A pass's requirement does not hold on the graph it was given."""
+
+
+class TargetError(LmcError):
+    """The target name is unknown or its description is invalid."""

@@ -1,0 +1,342 @@
+"""IR helpers over onnx-graphsurgeon.
+
+The passes edit a ``gs.Graph``. This module holds the small, exact helpers they share:
+
+- conversion ``ModelProto <-> gs.Graph`` (``to_graph`` / ``to_model``), with unique node names;
+- ``infer_shapes``: onnx shape inference (with data propagation) run on a *skeleton* of the graph — large
+  constants are exported as external-data stubs carrying only dtype and dims — so no weight is copied and
+  graphs over the 2 GB protobuf limit still infer; the inferred dtypes/shapes are written back to the
+  graph's variables;
+- predicates (``is_op`` checks domain as well as op type), constant access, byte sizes.
+
+Preconditions: the graph is a single (top-level) graph; subgraph-carrying ops (If/Loop/Scan) are left
+untouched by the passes that use these helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lmc.compiler.errors import ShapeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"
+# Constants at or below this size are exported with their values for shape inference's data propagation.
+_SKELETON_INLINE_BYTES = 4096
+
+
+# ----------------------------------------------------------------------------------------------- dtypes
+def onnx_dtype(dtype) -> int:
+    """The TensorProto enum of a gs dtype (numpy dtype or an onnx enum already)."""
+    if isinstance(dtype, int):
+        return dtype
+    if dtype is None:
+        return onnx.TensorProto.UNDEFINED
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        return onnx.TensorProto.UNDEFINED
+
+
+def itemsize_bits(elem_type: int) -> int:
+    """Storage bits of one element of an onnx elem type (4 for int4/uint4)."""
+    if elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return 4
+    if elem_type == onnx.TensorProto.STRING or elem_type == onnx.TensorProto.UNDEFINED:
+        return 0
+    return 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The tensor's shape when every dim is a known non-negative int, else None."""
+    shape = tensor.shape
+    if shape is None:
+        return None
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def tensor_nbytes(tensor: gs.Tensor) -> int | None:
+    """Bytes of a tensor with static shape and known dtype: ceil(prod(shape) * bits / 8); else None."""
+    shape = static_shape(tensor)
+    bits = itemsize_bits(onnx_dtype(tensor.dtype))
+    if shape is None or bits == 0:
+        return None
+    return (int(np.prod(shape, dtype=np.int64)) * bits + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------- predicates
+def is_op(node: gs.Node, op: str | Sequence[str], domain: str | Sequence[str] = DEFAULT_DOMAINS) -> bool:
+    """True when node's op type is ``op`` (or one of them) *and* its domain is ``domain``."""
+    ops = (op,) if isinstance(op, str) else tuple(op)
+    domains = (domain,) if isinstance(domain, str) else tuple(domain)
+    return node.op in ops and (node.domain or "") in domains
+
+
+def is_const(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant)
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The numpy value of a constant tensor (loads lazy values), or None for a variable."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def scalar_value(tensor: gs.Tensor) -> float | None:
+    """The value of a constant holding exactly one element, else None."""
+    value = const_value(tensor)
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(()))
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) for v in node.attrs.values())
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def graph_outputs(graph: gs.Graph) -> set[str]:
+    return {t.name for t in graph.outputs}
+
+
+def weight_bytes(graph: gs.Graph) -> int:
+    """Bytes of all distinct constants referenced by the graph's nodes."""
+    seen: set[int] = set()
+    total = 0
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                total += tensor_nbytes(t) or 0
+    return total
+
+
+def constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Distinct constants used by nodes, in first-use order."""
+    seen: dict[int, gs.Constant] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen[id(t)] = t
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def ensure_unique_names(graph: gs.Graph) -> None:
+    """Give every node a non-empty name that no other node has (op type + index when missing)."""
+    used: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{i}"
+        base, k = name, 1
+        while name in used:
+            name = f"{base}__{k}"
+            k += 1
+        node.name = name
+        used.add(name)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model into gs with unique node names."""
+    graph = gs.import_onnx(model)
+    ensure_unique_names(graph)
+    return graph
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph (caller ensures topological order)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    return model
+
+
+def opset_imports(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
+    """The graph's opset imports, plus version 1 of any node domain not imported yet."""
+    imports = {(d.domain or ""): d.version for d in (graph.import_domains or [])}
+    imports.setdefault("", int(graph.opset))
+    for node in graph.nodes:
+        domain = node.domain or ""
+        if domain not in imports and domain != "ai.onnx":
+            imports[domain] = 1
+    return [onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items())]
+
+
+def new_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not used in the graph yet."""
+    names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    if base not in names:
+        return base
+    k = 1
+    while f"{base}_{k}" in names:
+        k += 1
+    return f"{base}_{k}"
+
+
+def topological_sort(graph: gs.Graph) -> None:
+    """Restore a valid topological order in place (stable: keeps the current order where it can)."""
+    graph.toposort()
+
+
+# ----------------------------------------------------------------------------------- shape inference
+def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph with every large constant replaced by a dtype+dims stub (no data copied)."""
+    stubs: dict[str, onnx.TensorProto] = {}
+    originals: list[tuple[gs.Constant, object]] = []
+    for const in constants(graph):
+        nbytes = tensor_nbytes(const) or 0
+        if nbytes <= _SKELETON_INLINE_BYTES:
+            continue
+        stub = onnx.TensorProto()
+        stub.name = const.name
+        stub.data_type = onnx_dtype(const.dtype)
+        stub.dims.extend(const.shape)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "__lmc_stub__"
+        stubs[const.name] = stub
+    # Export with tiny placeholders, then swap the stubs in: gs would otherwise serialize the weights.
+    for const in constants(graph):
+        if const.name in stubs:
+            originals.append((const, const._values))
+            const._values = np.zeros((0,), dtype=np.dtype(const.dtype) if not isinstance(const.dtype, int)
+                                     else np.float32)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for const, values in originals:
+            const._values = values
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in stubs:
+            model.graph.initializer[i].CopyFrom(stubs[init.name])
+    return model
+
+
+def infer_shapes(graph: gs.Graph) -> None:
+    """Run onnx shape inference (data propagation on) and write dtypes/shapes back onto variables.
+
+    Existing static shapes are kept when inference has nothing better. Raises ShapeError when onnx
+    reports an inconsistency (e.g. a bound input shape the graph cannot take).
+    """
+    topological_sort(graph)
+    model = _skeleton(graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ShapeError(f"shape inference failed: {str(exc).splitlines()[0]}") from exc
+    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, var in graph.tensors().items():
+        if not isinstance(var, gs.Variable) or name not in infos:
+            continue
+        ttype = infos[name].type.tensor_type
+        if not ttype.HasField("elem_type") or ttype.elem_type == 0:
+            continue
+        if ttype.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+            old = var.shape
+            if old is None or static_shape(var) is None or all(isinstance(d, int) for d in dims):
+                var.shape = dims
+        if var.dtype is None:
+            try:
+                var.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+            except (KeyError, TypeError):
+                var.dtype = ttype.elem_type
+
+
+def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None:
+    """Set the shapes of named graph inputs. Unknown input names and rank mismatches are user errors;
+    a bound dim must agree with a dim that was already static."""
+    inputs = {t.name: t for t in graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ShapeError(
+                f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
+        var = inputs[name]
+        dims = [int(d) for d in dims]
+        if var.shape is not None and len(var.shape) != len(dims):
+            raise ShapeError(f"input '{name}' has rank {len(var.shape)} ({_fmt(var.shape)}), "
+                             f"--input-shape gives rank {len(dims)} ({_fmt(dims)})")
+        if var.shape is not None:
+            for axis, (old, new) in enumerate(zip(var.shape, dims)):
+                if isinstance(old, int) and old >= 0 and old != new:
+                    raise ShapeError(f"input '{name}' dim {axis} is fixed at {old}; --input-shape gives {new}")
+        if any(d <= 0 for d in dims):
+            raise ShapeError(f"input '{name}': dims must be positive, got {_fmt(dims)}")
+        var.shape = dims
+
+
+def require_static_inputs(graph: gs.Graph, where: str = "planning") -> None:
+    """Every graph input must be fully static; the first dynamic one is named with its dims."""
+    for var in graph.inputs:
+        if static_shape(var) is None:
+            dynamic = [f"dim {i} ('{d}')" for i, d in enumerate(var.shape or []) if not isinstance(d, int)]
+            raise ShapeError(
+                f"input '{var.name}' has dynamic {', '.join(dynamic) or 'shape'} ({_fmt(var.shape)}); "
+                f"bind it for {where} with --input-shape {var.name}={'x'.join('N' for _ in (var.shape or [0]))}")
+
+
+def require_static_shapes(graph: gs.Graph, where: str = "planning") -> None:
+    """Every graph input and every used intermediate must have a static shape; the first that does not
+    is named."""
+    require_static_inputs(graph, where)
+    for node in graph.nodes:
+        for out in node.outputs:
+            if static_shape(out) is None and not _is_unused(out, graph):
+                raise ShapeError(f"tensor '{out.name}' (output of {node.op} node '{node.name}') has no static "
+                                 f"shape ({_fmt(out.shape)}) after binding the inputs; {where} needs one")
+
+
+def _is_unused(var: gs.Tensor, graph: gs.Graph) -> bool:
+    return not var.outputs and var.name not in graph_outputs(graph)
+
+
+def _fmt(shape: Iterable | None) -> str:
+    if shape is None:
+        return "unknown"
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# ----------------------------------------------------------------------------------------- rewriting
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
+    """Make every consumer of ``old`` read ``new`` instead. When ``old`` is a graph output, ``new`` takes
+    its place and its name (so the model's interface is unchanged). Returns False (and changes nothing)
+    when that would rename a graph input, a constant, or another graph output."""
+    out_names = graph_outputs(graph)
+    if old.name in out_names:
+        if isinstance(new, gs.Constant) or new in graph.inputs or new.name in out_names:
+            return False
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+    if old.name in out_names:
+        idx = [i for i, t in enumerate(graph.outputs) if t is old][0]
+        name = old.name
+        old.name = name + "__replaced"
+        new.name = name
+        if new.dtype is None:
+            new.dtype = old.dtype
+        if new.shape is None:
+            new.shape = old.shape
+        graph.outputs[idx] = new
+    return True
+
+
+def bypass(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: int = 0) -> bool:
+    """Remove a node whose output ``output_index`` equals its input ``input_index``; True on success."""
+    src, dst = node.inputs[input_index], node.outputs[output_index]
+    if not replace_tensor(graph, dst, src):
+        return False
+    node.outputs.clear()
+    node.inputs.clear()
+    return True

@@ -1,0 +1,101 @@
+"""Loading ONNX models safely.
+
+``load_model(path)`` reads a model with or without external data and never writes to it:
+
+- the protobuf is parsed without external data first; a parse failure or a graph the onnx checker rejects
+  is a ``ModelLoadError`` naming the file;
+- every external-data ``location`` must be a relative path that resolves *inside* the model's folder
+  (absolute paths, ``..`` escapes and symlinks leading out are refused), name an existing file, and
+  ``offset + length`` must lie within it;
+- external data is then read in place into the tensors (onnx's loader), so models over 2 GB load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from lmc.compiler.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def check_external_locations(model: onnx.ModelProto, base_dir: Path, source: str) -> None:
+    """Refuse external-data references that escape ``base_dir`` or point past the end of their file."""
+    root = base_dir.resolve()
+    for tensor in _external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        if not location:
+            raise ModelLoadError(f"{source}: tensor '{tensor.name}' uses external data with no location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location.split("/")[0]:
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' external data location '{location}' is absolute; "
+                "only paths inside the model's folder are allowed")
+        resolved = (root / location).resolve()
+        if not resolved.is_relative_to(root):
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' external data location '{location}' escapes the model's folder")
+        if not resolved.is_file():
+            raise ModelLoadError(f"{source}: tensor '{tensor.name}' external data file '{location}' not found")
+        size = resolved.stat().st_size
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' external data [{offset}, {offset + length}) lies beyond "
+                f"the end of '{location}' ({size} bytes)")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and validate an ONNX model; see the module docstring for the checks."""
+    p = Path(path)
+    source = str(path)
+    if not p.exists():
+        raise ModelLoadError(f"{source}: no such file")
+    if not p.is_file():
+        raise ModelLoadError(f"{source}: not a file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ModelLoadError(f"{source}: cannot read ({exc.strerror})") from exc
+    if not data:
+        raise ModelLoadError(f"{source}: empty file")
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise ModelLoadError(f"{source}: not a valid ONNX model (protobuf parse failed: {exc})") from exc
+    del data
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{source}: not a valid ONNX model (no graph or no opset import)")
+    if not model.graph.output:
+        raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
+    check_external_locations(model, p.parent, source)
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source}: invalid ONNX model ({first})") from exc
+    if _external_tensors(model):
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
+    log.info("loaded %s: %d nodes, %d initializers", source, len(model.graph.node), len(model.graph.initializer))
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Save a model in one file; models over the protobuf limit need the bundle emitter instead."""
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise ModelLoadError(f"{path}: model exceeds 2 GB; save it with external data (lmc build does)")
+    onnx.save_model(model, str(path))

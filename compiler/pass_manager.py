@@ -1,0 +1,159 @@
+"""The pass contract and the PassManager that runs passes and records what each did.
+
+A pass is an object with
+- ``name`` (str), ``kind`` (``PassKind.EXACT`` leaves every output equal up to float reassociation;
+  ``PassKind.APPROXIMATE`` changes numerics and only runs when asked),
+- ``requires`` (a set of ``Requirement``) that the manager checks before running it,
+- ``run(graph, ctx) -> PassResult``; passes edit the gs graph in place and say so (``in_place = True``).
+
+After every pass the manager restores a topological order, re-infers shapes when the pass modified the
+graph, and records a ``PassRecord``: wall time, node count, weight bytes and the estimated peak (the largest
+live set of intermediates over the current node order — the arena planner's lower bound). A ``FixedPoint``
+group repeats its passes until none modifies the graph (bounded by ``max_iterations``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.errors import PassPreconditionError
+
+log = logging.getLogger(__name__)
+
+
+class PassKind(enum.Enum):
+    EXACT = "exact"
+    APPROXIMATE = "approximate"
+
+
+class Requirement(enum.Enum):
+    STATIC_SHAPES = "static shapes"
+    TOPOLOGICAL_ORDER = "topological order"
+    UNIQUE_NODE_NAMES = "unique node names"
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the graph (edited in place or new), whether it changed, counters and notes."""
+
+    graph: gs.Graph
+    modified: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """Read-only facts passes may consult: the target, the build options; a logger-free message sink."""
+
+    target: Any = None
+    options: Any = None
+
+
+@runtime_checkable
+class Pass(Protocol):
+    name: str
+    kind: PassKind
+    requires: frozenset[Requirement]
+    in_place: bool
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult: ...
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One row of the per-pass table."""
+
+    name: str
+    seconds: float
+    nodes: int
+    weight_bytes: int
+    peak_estimate_bytes: int | None
+    modified: bool
+    stats: dict[str, int | float]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Run ``passes`` repeatedly until none of them modifies the graph."""
+
+    name: str
+    passes: Sequence[Pass]
+    max_iterations: int = 8
+
+
+PeakEstimator = Callable[[gs.Graph], "int | None"]
+
+
+def check_requirements(graph: gs.Graph, pass_: Pass) -> None:
+    for req in pass_.requires:
+        if req is Requirement.STATIC_SHAPES:
+            try:
+                ir.require_static_shapes(graph, where=f"pass '{pass_.name}'")
+            except Exception as exc:
+                raise PassPreconditionError(f"pass '{pass_.name}' requires static shapes: {exc}") from exc
+        elif req is Requirement.UNIQUE_NODE_NAMES:
+            ir.ensure_unique_names(graph)
+        elif req is Requirement.TOPOLOGICAL_ORDER:
+            ir.topological_sort(graph)
+
+
+class PassManager:
+    """Runs a pipeline of passes (and fixed-point groups) and keeps one record per pass run."""
+
+    def __init__(self, pipeline: Sequence[Pass | FixedPoint], ctx: PassContext,
+                 peak_estimator: PeakEstimator | None = None,
+                 on_pass: Callable[[PassRecord], None] | None = None):
+        self.pipeline = list(pipeline)
+        self.ctx = ctx
+        self.peak_estimator = peak_estimator
+        self.on_pass = on_pass
+
+    def _record(self, graph: gs.Graph, name: str, seconds: float, result: PassResult) -> PassRecord:
+        peak = self.peak_estimator(graph) if self.peak_estimator else None
+        record = PassRecord(name=name, seconds=seconds, nodes=len(graph.nodes), weight_bytes=ir.weight_bytes(graph),
+                            peak_estimate_bytes=peak, modified=result.modified, stats=dict(result.stats),
+                            notes=tuple(result.notes))
+        log.info("pass %-24s %7.3fs nodes=%d weights=%d modified=%s %s", name, seconds, record.nodes,
+                 record.weight_bytes, result.modified, result.stats)
+        if self.on_pass:
+            self.on_pass(record)
+        return record
+
+    def _run_one(self, graph: gs.Graph, pass_: Pass, records: list[PassRecord], suffix: str = "") -> tuple[gs.Graph, bool]:
+        check_requirements(graph, pass_)
+        start = time.perf_counter()
+        result = pass_.run(graph, self.ctx)
+        graph = result.graph
+        if result.modified:
+            graph.cleanup(remove_unused_graph_inputs=False)
+            ir.topological_sort(graph)
+            ir.ensure_unique_names(graph)
+            ir.infer_shapes(graph)
+        seconds = time.perf_counter() - start
+        records.append(self._record(graph, pass_.name + suffix, seconds, result))
+        return graph, result.modified
+
+    def run(self, graph: gs.Graph) -> tuple[gs.Graph, list[PassRecord]]:
+        records: list[PassRecord] = []
+        for item in self.pipeline:
+            if isinstance(item, FixedPoint):
+                for iteration in range(item.max_iterations):
+                    changed = False
+                    for pass_ in item.passes:
+                        graph, modified = self._run_one(graph, pass_, records, suffix=f" [{iteration + 1}]")
+                        changed |= modified
+                    if not changed:
+                        break
+            else:
+                graph, _ = self._run_one(graph, item, records)
+        return graph, records

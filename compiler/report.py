@@ -1,0 +1,53 @@
+"""``report.md`` of a bundle: the per-pass table, then the memory plan summary and the verification."""
+
+from __future__ import annotations
+
+
+def mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def render_report(result, model_name: str) -> str:
+    plan = result.plan
+    lines = [
+        f"# lmc build report: {model_name} → {result.target.name}",
+        "",
+        f"Nodes {result.nodes_before} → {result.nodes_after}; weights {mib(result.weight_bytes_before)} → "
+        f"{mib(result.weight_bytes_after)}; build {result.seconds:.2f} s.",
+        "",
+        "## Passes",
+        "",
+        "| pass | time (s) | nodes | weight bytes | est. peak | changes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in result.records:
+        changes = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v) or "—"
+        lines.append(f"| {r.name} | {r.seconds:.3f} | {r.nodes} | {r.weight_bytes} | "
+                     f"{mib(r.peak_estimate_bytes)} | {changes} |")
+    notes = [(r.name, n) for r in result.records for n in r.notes]
+    if notes:
+        lines += ["", "### Pass notes", ""] + [f"- {name}: {note}" for name, note in notes]
+    ratio = plan.arena_bytes / plan.lower_bound_bytes if plan.lower_bound_bytes else 1.0
+    lines += [
+        "",
+        "## Memory plan",
+        "",
+        "\"est. peak\" above is the largest live set of intermediates in graph order; the plan below is exact.",
+        "",
+        f"- schedule: {len(plan.schedule)} steps ({plan.scheduler})",
+        f"- arena: {plan.arena_bytes} bytes ({mib(plan.arena_bytes)}), lower bound {plan.lower_bound_bytes} "
+        f"({ratio:.4f}×), alignment {plan.alignment}, placement {plan.placement_strategy}",
+        f"- tensors in arena: {len(plan.tensors)}",
+        f"- inputs + outputs: {plan.io_bytes} bytes",
+        "- weights: " + ", ".join(f"{k} {v} bytes" for k, v in sorted(plan.weights_bytes.items()) if v),
+        f"- peak RAM (arena + io + RAM-resident weights): {plan.peak_ram_bytes} bytes ({mib(plan.peak_ram_bytes)})",
+    ]
+    if result.verification is not None:
+        v = result.verification
+        lines += ["", "## Verification (onnxruntime, bundle vs original)", "",
+                  f"{v.samples} random sample(s), tolerance {v.tolerance:g} (max relative error): "
+                  f"{'PASS' if v.passed else 'FAIL'}", "",
+                  "| output | max abs | max rel | cosine |", "|---|---:|---:|---:|"]
+        for o in v.outputs:
+            lines.append(f"| {o.name} | {o.max_abs:.3g} | {o.max_rel:.3g} | {o.cosine:.8f} |")
+    return "\n".join(lines) + "\n"

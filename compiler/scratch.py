@@ -1,0 +1,37 @@
+"""Kernel scratch memory: working bytes a fused op needs beyond its inputs and outputs.
+
+The plan places them as buffers alive for that one step, so fusing never hides memory. Estimates (fp32
+kernels, onnxruntime 1.32 CPU; B batch, H query heads, Sq/Skv query/key lengths, Dh head dim):
+- ``Attention`` (ONNX 23), ``com.microsoft.MultiHeadAttention`` / ``GroupQueryAttention``: the score
+  matrix B·H·Sq·Skv·4 bytes (softmax is computed in place on it);
+- ``com.microsoft.MatMulNBits`` / ``GatherBlockQuantized``: one dequantized block row of B,
+  N·block·4 bytes for MatMulNBits (K-blocks are dequantized one at a time), 0 for the gather;
+- everything else: 0.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+
+
+def scratch_bytes(node: gs.Node) -> int:
+    if ir.is_op(node, "Attention") or ir.is_op(node, ("MultiHeadAttention", "GroupQueryAttention"), ir.MS_DOMAIN):
+        q = ir.static_shape(node.inputs[0])
+        k = ir.static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        if q is None or k is None:
+            return 0
+        heads = int(node.attrs.get("q_num_heads", node.attrs.get("num_heads", 1)))
+        if len(q) == 4:  # [B, H, S, Dh]
+            b, heads, sq = q[0], q[1], q[2]
+            skv = k[2]
+        else:            # [B, S, H*Dh]
+            b, sq = q[0], q[1]
+            skv = k[1]
+        return b * heads * sq * skv * 4
+    if ir.is_op(node, "MatMulNBits", ir.MS_DOMAIN):
+        n = int(node.attrs.get("N", 0))
+        block = int(node.attrs.get("block_size", 32))
+        return n * block * 4
+    return 0

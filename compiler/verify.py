@@ -1,0 +1,188 @@
+"""Verification: run the original model and the bundle in onnxruntime on the same inputs and compare.
+
+For every output o with reference r and candidate c (flattened, float64):
+- ``max_abs`` = max |r − c|
+- ``max_rel`` = max |r − c| / max |r|   (relative to the output's scale; robust to values near zero)
+- ``cosine``  = <r, c> / (‖r‖ ‖c‖)
+The bundle passes when every output's ``max_rel`` ≤ ``tolerance``.
+
+Inputs: given (``.npz`` with one array per input name, sample i = arr[i] when it has one more dim than
+the input) or random with a fixed seed: floats ~ N(0, 1); integer inputs that index a Gather table are
+uniform in [0, rows), other integers in [0, 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lmc.compiler.errors import LmcError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    outputs: tuple[OutputError, ...]
+    samples: int
+    tolerance: float
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.max_rel <= self.tolerance for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance,
+                "outputs": [o.__dict__ for o in self.outputs], "perplexity": self.perplexity}
+
+
+def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """Input name -> rows of the constant table it indexes through Gather (axis 0)."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    rows: dict[str, int] = {}
+    inputs = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            table = shapes.get(node.input[0])
+            if table:
+                rows[node.input[1]] = min(rows.get(node.input[1], table[axis]), table[axis])
+    return rows
+
+
+def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], samples: int = 1,
+                  seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``samples`` random feeds for the model at ``model_path`` with inputs bound to ``shapes``."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    rows = _gather_rows(model)
+    rng = np.random.default_rng(seed)
+    feeds = []
+    initializers = {t.name for t in model.graph.initializer}
+    for _ in range(samples):
+        feed = {}
+        for inp in model.graph.input:
+            if inp.name in initializers:
+                continue
+            if inp.name in shapes:
+                shape = [int(d) for d in shapes[inp.name]]
+            else:
+                dims = inp.type.tensor_type.shape.dim
+                if any(not d.HasField("dim_value") for d in dims):
+                    raise LmcError(f"input '{inp.name}' has dynamic dims; give --input-shape or --inputs")
+                shape = [d.dim_value for d in dims]
+            elem = inp.type.tensor_type.elem_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            if np.issubdtype(dtype, np.integer):
+                feed[inp.name] = rng.integers(0, rows.get(inp.name, 2), size=shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[inp.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """Feeds from an ``.npz``: one array per input; arrays with a leading sample axis give several feeds."""
+    try:
+        data = dict(np.load(str(path), allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise LmcError(f"{path}: cannot read inputs ({exc})") from exc
+    if not data:
+        raise LmcError(f"{path}: holds no arrays")
+    return [data]
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputError:
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    c = np.asarray(candidate, dtype=np.float64).ravel()
+    if r.shape != c.shape:
+        raise LmcError(f"output '{name}': shapes differ ({reference.shape} vs {candidate.shape})")
+    diff = np.abs(r - c)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    denom = float(np.linalg.norm(r) * np.linalg.norm(c))
+    cosine = float(np.dot(r, c) / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    return OutputError(name, max_abs, max_rel, cosine)
+
+
+def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                   tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+    """Run both models on ``feeds`` and compare every output by name (worst over samples)."""
+    ref, cand = session(reference), session(candidate)
+    names = [o.name for o in ref.get_outputs()]
+    cand_names = {o.name for o in cand.get_outputs()}
+    missing = [n for n in names if n not in cand_names]
+    if missing:
+        raise LmcError(f"{candidate}: outputs missing: {', '.join(missing)}")
+    worst: dict[str, OutputError] = {}
+    for feed in feeds:
+        ref_inputs = {i.name for i in ref.get_inputs()}
+        r_out = ref.run(names, {k: v for k, v in feed.items() if k in ref_inputs})
+        cand_inputs = {i.name for i in cand.get_inputs()}
+        c_out = cand.run(names, {k: v for k, v in feed.items() if k in cand_inputs})
+        for name, r, c in zip(names, r_out, c_out):
+            err = compare(r, c, name)
+            old = worst.get(name)
+            if old is None or err.max_rel > old.max_rel:
+                worst[name] = err
+    return VerifyReport(tuple(worst[n] for n in names), len(feeds), tolerance)
+
+
+def bundle_model_path(bundle: str | Path) -> Path:
+    p = Path(bundle)
+    if p.is_dir():
+        p = p / "model.onnx"
+    if not p.is_file():
+        raise LmcError(f"{bundle}: no bundle here (expected model.onnx)")
+    return p
+
+
+def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = None,
+           tolerance: float = DEFAULT_TOLERANCE, samples: int = 1, seed: int = 0) -> VerifyReport:
+    """Compare a bundle (folder or model path) with the original model under onnxruntime."""
+    model_path = bundle_model_path(bundle)
+    if not os.path.isfile(against):
+        raise LmcError(f"{against}: no such file")
+    if inputs is not None:
+        feeds = load_inputs(inputs)
+    else:
+        bundle_model = onnx.load(str(model_path), load_external_data=False)
+        shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
+        feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
+    return compare_models(against, model_path, feeds, tolerance)

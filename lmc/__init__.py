@@ -1,0 +1,31 @@
+"""lmc — an ahead-of-time ONNX compiler for low-memory devices.
+
+The package maps the repository's top-level folders under one import name:
+``lmc.compiler`` (the spine), ``lmc.passes``, ``lmc.targets`` and ``lmc.models``.
+The public Python API is re-exported here lazily::
+
+    import lmc
+    result = lmc.build("model.onnx", lmc.BuildOptions(target="cortex-a55",
+                       input_shapes={"input_ids": (1, 256)}), "out/")
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["build", "BuildOptions", "BuildResult", "verify", "inspect_model", "LmcError", "__version__"]
+
+_LAZY = {
+    "build": "lmc.compiler.build",
+    "BuildOptions": "lmc.compiler.build",
+    "BuildResult": "lmc.compiler.build",
+    "verify": "lmc.compiler.verify",
+    "inspect_model": "lmc.compiler.inspect",
+    "LmcError": "lmc.compiler.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

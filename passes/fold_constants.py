@@ -1,0 +1,254 @@
+"""Constant folding: compute at compile time every node whose inputs are all constant.
+
+Exact. One run does:
+1. ``Shape``/``Size`` of a tensor whose shape is static become constants (with ``start``/``end``);
+   this is what turns export shape chains (Shape → Gather → Unsqueeze → Concat → Reshape, Range, Trilu
+   masks) constant once input shapes are bound.
+2. The *foldable closure*: nodes (in topological order) whose inputs are constants, empty optionals, or
+   outputs of foldable nodes; ``Constant`` nodes are foldable (they become initializers). Random ops,
+   ops with subgraphs and nodes producing a graph output are not.
+3. All foldable nodes are evaluated in one onnxruntime session (optimizations off). If that fails, they
+   are evaluated node by node: a node that fails stays in the graph, its reason is logged and listed in
+   the pass notes, and its dependants stay too — never silently.
+4. Size policy: a node whose folded output is larger than ``target.memory.fold_max_bytes`` *and* larger
+   than the sum of its inputs is a blow-up (ConstantOfShape/Tile/Expand/Range of a big shape): it stays
+   a run-time op, so the weights file (mmap'd or flash) does not grow by a tensor the device can compute
+   in a scratch buffer. Each refused tensor is named in the notes.
+5. Outputs of folded nodes read by the remaining graph become ``gs.Constant`` tensors.
+A ``Where`` whose condition is a constant that is all true (or all false) becomes its X (or Y) input when
+that input already has the output's shape.
+
+The PassManager repeats this with shape inference in between until nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from lmc.compiler import ir
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+
+log = logging.getLogger(__name__)
+
+NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                                  "Multinomial", "Bernoulli"})
+DEFAULT_FOLD_MAX_BYTES = 4 << 20
+
+
+@dataclass
+class FoldStats:
+    shapes: int = 0
+    folded: int = 0
+    failed: dict[str, str] = field(default_factory=dict)      # node name -> reason
+    refused: dict[str, int] = field(default_factory=dict)     # tensor name -> bytes
+    where: int = 0
+
+
+def _fold_shapes(graph: gs.Graph, stats: FoldStats) -> None:
+    for node in graph.nodes:
+        if not node.outputs or not node.inputs:
+            continue
+        if ir.is_op(node, "Shape"):
+            shape = ir.static_shape(node.inputs[0])
+            if shape is None:
+                continue
+            rank = len(shape)
+            start = int(node.attrs.get("start", 0))
+            end = int(node.attrs.get("end", rank))
+            start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+            value = np.array(shape[max(0, start):min(rank, end)], dtype=np.int64)
+        elif ir.is_op(node, "Size"):
+            shape = ir.static_shape(node.inputs[0])
+            if shape is None:
+                continue
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:
+            continue
+        out = node.outputs[0]
+        if out.name in ir.graph_outputs(graph):
+            continue
+        const = gs.Constant(ir.new_name(graph, out.name + "_value"), value)
+        if ir.replace_tensor(graph, out, const):
+            node.outputs.clear()
+            stats.shapes += 1
+
+
+def _is_input_constant(t: gs.Tensor, folded_outputs: set[str]) -> bool:
+    if isinstance(t, gs.Constant):
+        return True
+    if isinstance(t, gs.Variable) and not t.name:   # empty optional input
+        return True
+    return t.name in folded_outputs
+
+
+def _foldable_closure(graph: gs.Graph, excluded: set[str]) -> list[gs.Node]:
+    outputs = ir.graph_outputs(graph)
+    folded_outputs: set[str] = set()
+    nodes = []
+    for node in graph.nodes:
+        if (node.name in excluded or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
+                or not node.outputs or any(o.name in outputs for o in node.outputs)):
+            continue
+        if all(_is_input_constant(t, folded_outputs) for t in node.inputs):
+            nodes.append(node)
+            folded_outputs.update(o.name for o in node.outputs)
+    return nodes
+
+
+def _evaluate(graph: gs.Graph, nodes: list[gs.Node], wanted: list[str]) -> dict[str, np.ndarray]:
+    """Evaluate ``nodes`` (topologically ordered) in one onnxruntime session; return ``wanted`` values."""
+    produced = {o.name for n in nodes for o in n.outputs}
+    inits: dict[str, onnx.TensorProto] = {}
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and t.name not in inits:
+                inits[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+    protos = []
+    for n in nodes:
+        proto = onnx.helper.make_node(n.op, [t.name for t in n.inputs], [o.name for o in n.outputs],
+                                      name=n.name, domain=n.domain or "")
+        for key, value in n.attrs.items():
+            if isinstance(value, gs.Constant):
+                value = onnx.numpy_helper.from_array(np.asarray(value.values))
+            proto.attribute.append(onnx.helper.make_attribute(key, value))
+        protos.append(proto)
+    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in wanted if name in produced]
+    g = onnx.helper.make_graph(protos, "fold", [], outputs, list(inits.values()))
+    model = onnx.helper.make_model(g, opset_imports=ir.opset_imports(graph))
+    model.ir_version = min(model.ir_version, 10)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in outputs]
+    return dict(zip(names, sess.run(names, {})))
+
+
+def _nbytes(value: np.ndarray) -> int:
+    return int(value.nbytes)
+
+
+class FoldConstants:
+    name = "fold-constants"
+    kind = PassKind.EXACT
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self._refused: set[str] = set()
+        self._failed: dict[str, str] = {}
+
+    def _limit(self, ctx: PassContext) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        if ctx.target is not None:
+            return ctx.target.memory.fold_max_bytes
+        return DEFAULT_FOLD_MAX_BYTES
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats = FoldStats()
+        _fold_shapes(graph, stats)
+        stats.where = _fold_constant_where(graph)
+        excluded = set(self._refused) | set(self._failed)
+        nodes = _foldable_closure(graph, excluded)
+        values: dict[str, np.ndarray] = {}
+        if nodes:
+            values = self._evaluate_all(graph, nodes, stats)
+        limit = self._limit(ctx)
+        for node in nodes:
+            if node.name in stats.failed or not all(o.name in values for o in node.outputs):
+                continue
+            in_bytes = sum(ir.tensor_nbytes(t) or 0 for t in node.inputs if t.name)
+            for o in node.outputs:
+                size = _nbytes(values[o.name])
+                if size > limit and size > in_bytes:
+                    stats.refused[o.name] = size
+                    self._refused.add(node.name)
+        if stats.refused:
+            nodes = _foldable_closure(graph, set(self._refused) | set(self._failed))
+        folded = self._replace(graph, nodes, values)
+        stats.folded = folded
+        notes = [f"not folded: node '{n}' failed to evaluate: {r}" for n, r in stats.failed.items()]
+        notes += [f"not folded: '{t}' would be a {b}-byte constant (> {limit}-byte growth limit)"
+                  for t, b in stats.refused.items()]
+        modified = bool(stats.shapes or stats.folded or stats.where)
+        return PassResult(graph, modified=modified, stats={
+            "shape_ops_folded": stats.shapes, "nodes_folded": stats.folded, "where_simplified": stats.where,
+            "eval_failures": len(stats.failed), "refused_blowups": len(stats.refused)}, notes=notes)
+
+    def _evaluate_all(self, graph: gs.Graph, nodes: list[gs.Node], stats: FoldStats) -> dict[str, np.ndarray]:
+        wanted = [o.name for n in nodes for o in n.outputs if o.name]
+        try:
+            return _evaluate(graph, nodes, wanted)
+        except Exception as exc:  # evaluation errors come from onnxruntime with many types
+            log.info("batch folding failed (%s); evaluating node by node", str(exc).splitlines()[0])
+        values: dict[str, np.ndarray] = {}
+        for node in nodes:
+            inputs_ok = all(isinstance(t, gs.Constant) or not t.name or t.name in values for t in node.inputs)
+            if not inputs_ok:
+                continue
+            # Feed already-computed inputs as constants of a one-node evaluation.
+            swapped = []
+            for i, t in enumerate(node.inputs):
+                if isinstance(t, gs.Variable) and t.name in values:
+                    swapped.append((i, t))
+                    node.inputs[i] = gs.Constant(t.name, values[t.name])
+            try:
+                values.update(_evaluate(graph, [node], [o.name for o in node.outputs if o.name]))
+            except Exception as exc:
+                reason = str(exc).strip().splitlines()[0][:200]
+                log.warning("constant folding: node '%s' (%s) failed to evaluate: %s", node.name, node.op, reason)
+                stats.failed[node.name] = reason
+                self._failed[node.name] = reason
+            finally:
+                for i, t in swapped:
+                    node.inputs[i] = t
+        return values
+
+    def _replace(self, graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray]) -> int:
+        folded_names = {n.name for n in nodes}
+        count = 0
+        for node in nodes:
+            if not all(o.name in values for o in node.outputs if o.name):
+                continue
+            for o in node.outputs:
+                if not o.name:
+                    continue
+                readers_outside = [c for c in o.outputs if c.name not in folded_names]
+                if readers_outside:
+                    value = values[o.name]
+                    const = gs.Constant(ir.new_name(graph, o.name + "_folded"), np.ascontiguousarray(value))
+                    ir.replace_tensor(graph, o, const)
+            node.outputs.clear()
+            node.inputs.clear()
+            count += 1
+        return count
+
+
+def _fold_constant_where(graph: gs.Graph) -> int:
+    count = 0
+    for node in graph.nodes:
+        if not ir.is_op(node, "Where") or len(node.inputs) != 3 or not node.outputs:
+            continue
+        cond = ir.const_value(node.inputs[0])
+        if cond is None or cond.size == 0:
+            continue
+        pick = 1 if bool(cond.all()) else 2 if not bool(cond.any()) else 0
+        if pick == 0:
+            continue
+        chosen, out = node.inputs[pick], node.outputs[0]
+        shape = ir.static_shape(out)
+        if shape is None or ir.static_shape(chosen) != shape or ir.onnx_dtype(chosen.dtype) != ir.onnx_dtype(out.dtype):
+            continue
+        if ir.replace_tensor(graph, out, chosen):
+            node.outputs.clear()
+            node.inputs.clear()
+            count += 1
+    return count

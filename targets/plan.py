@@ -1,0 +1,107 @@
+"""The static memory plan of a bundle and its JSON form (``plan.json``, schema ``lmc.plan/1``).
+
+Fields: ``schema``, ``target``, ``alignment``, ``arena_bytes``, ``lower_bound_bytes``, ``weights_bytes``
+(bytes by placement: ``mmap`` | ``flash`` | ``ram``), ``io_bytes`` (graph inputs + outputs),
+``peak_ram_bytes`` = arena + io + weights placed in RAM, ``scheduler``, ``placement_strategy``,
+``schedule`` (node names in run order) and ``tensors`` (``name``, ``size`` (aligned bytes), ``offset``,
+``first``, ``last`` — step indices into ``schedule``, inclusive).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+SCHEMA = "lmc.plan/1"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    size: int
+    offset: int
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    target: str
+    alignment: int
+    arena_bytes: int
+    lower_bound_bytes: int
+    weights_bytes: dict[str, int]
+    io_bytes: int
+    scheduler: str
+    placement_strategy: str
+    schedule: tuple[str, ...]
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def peak_ram_bytes(self) -> int:
+        return self.arena_bytes + self.io_bytes + self.weights_bytes.get("ram", 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "target": self.target,
+            "alignment": self.alignment,
+            "arena_bytes": self.arena_bytes,
+            "lower_bound_bytes": self.lower_bound_bytes,
+            "weights_bytes": dict(sorted(self.weights_bytes.items())),
+            "io_bytes": self.io_bytes,
+            "peak_ram_bytes": self.peak_ram_bytes,
+            "scheduler": self.scheduler,
+            "placement_strategy": self.placement_strategy,
+            "schedule": list(self.schedule),
+            "tensors": [t.__dict__ for t in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryPlan":
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported plan schema {data.get('schema')!r}; expected {SCHEMA}")
+        return cls(
+            target=data["target"], alignment=int(data["alignment"]), arena_bytes=int(data["arena_bytes"]),
+            lower_bound_bytes=int(data["lower_bound_bytes"]), weights_bytes=dict(data["weights_bytes"]),
+            io_bytes=int(data["io_bytes"]), scheduler=data.get("scheduler", ""),
+            placement_strategy=data.get("placement_strategy", ""), schedule=tuple(data["schedule"]),
+            tensors=tuple(PlannedTensor(**t) for t in data["tensors"]))
+
+
+def check_plan(plan: MemoryPlan, readers: dict[str, tuple[int, list[int]]] | None = None) -> list[str]:
+    """Independent checks of a plan; returns the violations (empty when sound).
+
+    - no tensor beyond the arena, offsets aligned;
+    - no two tensors overlapping in both bytes and lifetime;
+    - with ``readers`` (name -> (producer step, consumer steps)): lifetimes cover producer and last consumer.
+    """
+    problems: list[str] = []
+    for t in plan.tensors:
+        if t.offset < 0 or t.offset + t.size > plan.arena_bytes:
+            problems.append(f"{t.name}: [{t.offset}, {t.offset + t.size}) outside arena {plan.arena_bytes}")
+        if t.offset % plan.alignment:
+            problems.append(f"{t.name}: offset {t.offset} not aligned to {plan.alignment}")
+        if not 0 <= t.first <= t.last < len(plan.schedule):
+            problems.append(f"{t.name}: lifetime [{t.first}, {t.last}] outside schedule")
+    ordered = sorted(plan.tensors, key=lambda t: t.offset)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            if b.offset >= a.offset + a.size:
+                break
+            if a.first <= b.last and b.first <= a.last:
+                problems.append(f"{a.name} and {b.name} overlap in bytes and lifetime")
+    if readers is not None:
+        by_name = {t.name: t for t in plan.tensors}
+        for name, (prod, consumers) in readers.items():
+            t = by_name.get(name)
+            if t is None:
+                problems.append(f"{name}: intermediate missing from plan")
+                continue
+            if t.first > prod or t.last < max(consumers, default=prod):
+                problems.append(f"{name}: lifetime [{t.first}, {t.last}] does not cover producer {prod} "
+                                f"and consumers {consumers}")
+    return problems

@@ -1,0 +1,165 @@
+"""Target descriptions: TOML data files resolved once into a frozen ``Target``.
+
+Three concerns are kept apart (as LLVM and Arm's Vela do):
+- ``Isa``: architecture and features (neon, dotprod, fp16, mve…);
+- ``Tuning``: the runtime and the ops it has kernels for (which fusions may be emitted), preferred
+  quantization, block sizes;
+- ``MemoryMode``: RAM budget, where weights live (mmap'd file / flash / RAM), arena alignment, cache line,
+  the external-data threshold and the constant-folding growth limit.
+
+Targets are found by name among the ``*.toml`` files shipped beside this module; a path to a ``.toml``
+file is accepted as well.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from lmc.compiler.errors import TargetError
+
+
+class WeightsPlacement(enum.Enum):
+    MMAP = "mmap"    # weights file mapped read-only: clean pages, not counted in RAM peak
+    FLASH = "flash"  # weights executed in place from flash
+    RAM = "ram"      # weights copied into RAM: they count in the RAM peak
+
+
+@dataclass(frozen=True)
+class Isa:
+    arch: str
+    features: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    runtime: str
+    runtime_version: str
+    max_opset: int
+    allowed_domains: frozenset[str]
+    fused_ops: frozenset[str]
+    preferred_quantization: str
+    int4_block_size: int
+
+    def can_emit(self, op: str, domain: str = "") -> bool:
+        """True when the runtime has a kernel for ``domain.op`` (plain ``op`` for the ONNX domain)."""
+        key = f"{domain}.{op}" if domain else op
+        return domain in self.allowed_domains and key in self.fused_ops
+
+
+@dataclass(frozen=True)
+class MemoryMode:
+    ram_bytes: int
+    weights_placement: WeightsPlacement
+    alignment: int
+    cache_line: int
+    l2_bytes: int
+    external_data_threshold: int
+    fold_max_bytes: int
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    isa: Isa
+    tuning: Tuning
+    memory: MemoryMode
+    source: str
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "isa": {"arch": self.isa.arch, "features": sorted(self.isa.features)},
+            "tuning": {
+                "runtime": self.tuning.runtime,
+                "runtime_version": self.tuning.runtime_version,
+                "max_opset": self.tuning.max_opset,
+                "allowed_domains": sorted(self.tuning.allowed_domains),
+                "fused_ops": sorted(self.tuning.fused_ops),
+                "preferred_quantization": self.tuning.preferred_quantization,
+                "int4_block_size": self.tuning.int4_block_size,
+            },
+            "memory": {
+                "ram_bytes": self.memory.ram_bytes,
+                "weights_placement": self.memory.weights_placement.value,
+                "alignment": self.memory.alignment,
+                "cache_line": self.memory.cache_line,
+                "l2_bytes": self.memory.l2_bytes,
+                "external_data_threshold": self.memory.external_data_threshold,
+                "fold_max_bytes": self.memory.fold_max_bytes,
+            },
+        }
+
+
+def _parse(data: dict, source: str) -> Target:
+    try:
+        isa, tuning, memory = data["isa"], data["tuning"], data["memory"]
+        alignment = int(memory["alignment"])
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise TargetError(f"{source}: memory.alignment must be a power of two, got {alignment}")
+        return Target(
+            name=str(data["name"]),
+            description=str(data.get("description", "")),
+            isa=Isa(arch=str(isa["arch"]), features=frozenset(isa.get("features", []))),
+            tuning=Tuning(
+                runtime=str(tuning["runtime"]),
+                runtime_version=str(tuning["runtime_version"]),
+                max_opset=int(tuning["max_opset"]),
+                allowed_domains=frozenset(tuning.get("allowed_domains", [""])),
+                fused_ops=frozenset(tuning.get("fused_ops", [])),
+                preferred_quantization=str(tuning.get("preferred_quantization", "int8")),
+                int4_block_size=int(tuning.get("int4_block_size", 32)),
+            ),
+            memory=MemoryMode(
+                ram_bytes=int(memory["ram_bytes"]),
+                weights_placement=WeightsPlacement(memory["weights_placement"]),
+                alignment=alignment,
+                cache_line=int(memory.get("cache_line", alignment)),
+                l2_bytes=int(memory.get("l2_bytes", 0)),
+                external_data_threshold=int(memory.get("external_data_threshold", 1024)),
+                fold_max_bytes=int(memory.get("fold_max_bytes", 1 << 22)),
+            ),
+            source=source,
+        )
+    except KeyError as exc:
+        raise TargetError(f"{source}: missing key {exc}") from exc
+    except ValueError as exc:
+        raise TargetError(f"{source}: {exc}") from exc
+
+
+def _builtin_files() -> dict[str, Path]:
+    folder = resources.files("lmc.targets")
+    files = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".toml"):
+            files[entry.name[:-5]] = Path(str(entry))
+    return files
+
+
+def available_targets() -> list[Target]:
+    """All built-in targets, sorted by name."""
+    return sorted((load_target(str(p)) for p in _builtin_files().values()), key=lambda t: t.name)
+
+
+def load_target(name_or_path: str) -> Target:
+    """Resolve a target name (``cortex-a55``) or a path to a target TOML file."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") and path.is_file():
+        source = str(path)
+    else:
+        files = _builtin_files()
+        key = name_or_path.replace("-", "_")
+        if key not in files:
+            names = sorted(f.replace("_", "-") for f in files)
+            raise TargetError(f"unknown target '{name_or_path}'; known targets: {', '.join(names)}")
+        path, source = files[key], f"{name_or_path} ({files[key].name})"
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TargetError(f"{source}: cannot read target description ({exc})") from exc
+    return _parse(data, source)
