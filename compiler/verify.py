@@ -70,6 +70,13 @@ def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) 
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
+def _load_session(path: str | Path) -> ort.InferenceSession:
+    try:
+        return session(path)
+    except Exception as exc:  # onnxruntime raises several exception types for unloadable models
+        raise LmcError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:300]})") from exc
+
+
 def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
     """Input name -> rows of the constant table it indexes through Gather (axis 0)."""
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -144,7 +151,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputEr
 def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
                    tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Run both models on ``feeds`` and compare every output by name (worst over samples)."""
-    ref, cand = session(reference), session(candidate)
+    ref, cand = _load_session(reference), _load_session(candidate)
     names = [o.name for o in ref.get_outputs()]
     cand_names = {o.name for o in cand.get_outputs()}
     missing = [n for n in names if n not in cand_names]
@@ -153,9 +160,15 @@ def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence
     worst: dict[str, OutputError] = {}
     for feed in feeds:
         ref_inputs = {i.name for i in ref.get_inputs()}
-        r_out = ref.run(names, {k: v for k, v in feed.items() if k in ref_inputs})
         cand_inputs = {i.name for i in cand.get_inputs()}
-        c_out = cand.run(names, {k: v for k, v in feed.items() if k in cand_inputs})
+        missing = sorted((ref_inputs | cand_inputs) - set(feed))
+        if missing:
+            raise LmcError(f"inputs missing a value: {', '.join(missing)}")
+        try:
+            r_out = ref.run(names, {k: v for k, v in feed.items() if k in ref_inputs})
+            c_out = cand.run(names, {k: v for k, v in feed.items() if k in cand_inputs})
+        except Exception as exc:  # wrong dtype/shape in user-given inputs
+            raise LmcError(f"onnxruntime could not run the inputs: {str(exc).strip().splitlines()[0][:300]}") from exc
         for name, r, c in zip(names, r_out, c_out):
             err = compare(r, c, name)
             old = worst.get(name)

@@ -1,0 +1,253 @@
+"""The ``lmc`` command line.
+
+Exit codes: 0 ok; 2 user error (one line on stderr; ``--debug`` adds the traceback); 1 internal error;
+3 verification over tolerance (``lmc verify``). Every command takes ``--json`` for machine-readable output
+on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import traceback
+
+import click
+
+from lmc.compiler.errors import ExitCode, LmcError
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``NAME=DxDx…`` (repeatable) -> {NAME: dims}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.rpartition("=")
+        if not sep or not name or not dims:
+            raise LmcError(f"--input-shape '{value}': expected NAME=DxDx… (e.g. input_ids=1x256)")
+        try:
+            parsed = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise LmcError(f"--input-shape '{value}': dims must be integers separated by 'x'") from None
+        if any(d <= 0 for d in parsed):
+            raise LmcError(f"--input-shape '{value}': dims must be positive")
+        shapes[name] = parsed
+    return shapes
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="Log what the compiler does (-vv for more).")
+@click.version_option(package_name="lmc")
+def cli(debug: bool, verbose: int) -> None:
+    """lmc — compile ONNX models for low-memory devices.
+
+    \b
+    Typical use:
+      lmc build model.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
+      lmc verify out/ --against model.onnx
+      lmc inspect model.onnx
+      lmc targets
+
+    A build runs exact graph rewrites (constant folding, weight dedup/sharing, fusion), plans every
+    intermediate tensor into one arena, checks the result against the original under onnxruntime and
+    writes a bundle: model.onnx (+ model.weights), plan.json, report.md.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
+              help="Bundle folder (written atomically; an existing bundle there is replaced).")
+@click.option("-t", "--target", default="cortex-a55", show_default=True,
+              help="Target name (see `lmc targets`) or a target .toml file.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…",
+              help="Bind a dynamic input's dims, e.g. input_ids=1x256 (repeatable).")
+@click.option("--quantize", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Weight/activation quantization; none keeps the model exact.")
+@click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
+              help="Attention implementation; dense keeps the model exact.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the original.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Max relative output error accepted by the built-in verification.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
+def build(model, out_dir, target, input_shapes, quantize, attention, no_verify, tolerance, as_json):
+    """Compile MODEL into a verified bundle with a static memory plan.
+
+    \b
+    Example:
+      lmc build llama.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
+    """
+    from lmc.compiler.build import AttentionMode, BuildOptions, QuantizeMode, build as run_build
+
+    options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
+                           quantize=QuantizeMode(quantize), attention=AttentionMode(attention),
+                           verify=not no_verify, tolerance=tolerance)
+    show = not as_json and sys.stderr.isatty()
+
+    def on_pass(record):
+        if show:
+            click.echo(f"  {record.name:<28} {record.seconds:6.2f}s  {record.nodes:6d} nodes", err=True)
+
+    result = run_build(model, options, out_dir, on_pass=on_pass)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    plan = result.plan
+    click.echo(f"built {result.out_dir}/ for {result.target.name} in {result.seconds:.1f}s")
+    click.echo(f"  nodes    {result.nodes_before} -> {result.nodes_after}")
+    click.echo(f"  weights  {_mib(result.weight_bytes_before)} -> {_mib(result.weight_bytes_after)}")
+    click.echo(f"  arena    {_mib(plan.arena_bytes)} (lower bound {_mib(plan.lower_bound_bytes)}), "
+               f"peak RAM {_mib(plan.peak_ram_bytes)}")
+    if result.verification:
+        v = result.verification
+        click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--against", required=True, type=click.Path(dir_okay=False), help="The original model.")
+@click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input name.")
+@click.option("--samples", default=1, show_default=True, help="Random samples when --inputs is not given.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(bundle, against, inputs, samples, tolerance, as_json):
+    """Compare BUNDLE (a folder or model.onnx) with the original under onnxruntime.
+
+    Prints max abs / relative error and cosine per output; exits 3 when over --tolerance.
+    """
+    from lmc.compiler.verify import verify as run_verify
+
+    report = run_verify(bundle, against, inputs=inputs, tolerance=tolerance, samples=samples)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for o in report.outputs:
+            click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}")
+        click.echo(f"{'PASS' if report.passed else 'FAIL'} (tolerance {tolerance:g}, {report.samples} sample(s))")
+    if not report.passed:
+        sys.exit(ExitCode.VERIFY_FAILED)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…", help="Bind dynamic dims.")
+@click.option("-t", "--target", default="cortex-a55", show_default=True, help="Target for the planned peak.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(model, input_shapes, target, as_json):
+    """Ops, parameters by dtype, dynamic dims and (for static shapes) the planned peak of MODEL."""
+    from lmc.compiler.inspect import inspect_model
+
+    summary = inspect_model(model, parse_input_shapes(input_shapes), target)
+    if as_json:
+        _emit_json(summary.to_dict())
+        return
+    click.echo(f"{summary.path}: {summary.nodes} nodes, opsets "
+               + ", ".join(f"{d} {v}" for d, v in summary.opsets.items()))
+    for t in summary.inputs:
+        click.echo(f"  input  {t['name']}: {t['dtype']} {t['shape']}")
+    for t in summary.outputs:
+        click.echo(f"  output {t['name']}: {t['dtype']} {t['shape']}")
+    click.echo("  dynamic dims: " + (", ".join(summary.dynamic_dims) or "none"))
+    click.echo(f"  parameters: {_mib(summary.weight_bytes)}")
+    for dtype, e in summary.params_by_dtype.items():
+        click.echo(f"    {dtype:<8} {e['tensors']:5d} tensors {e['elements']:12d} elements {_mib(e['bytes'])}")
+    click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in sorted(summary.ops.items(), key=lambda x: -x[1])))
+    if summary.plan:
+        p = summary.plan
+        click.echo(f"  planned ({p['target']}, after exact passes): {p['nodes_after_passes']} nodes, arena "
+                   f"{_mib(p['arena_bytes'])} (lower bound {_mib(p['lower_bound_bytes'])}), "
+                   f"peak RAM {_mib(p['peak_ram_bytes'])}")
+    else:
+        click.echo("  planned peak: needs static shapes (bind with --input-shape)")
+
+
+@cli.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…", help="Bind dynamic dims.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
+def diff(a, b, input_shapes, as_json):
+    """Node, initializer and memory differences between models A and B."""
+    from lmc.compiler.inspect import diff_models
+
+    d = diff_models(a, b, parse_input_shapes(input_shapes))
+    if as_json:
+        _emit_json(d.to_dict())
+        return
+    click.echo(f"nodes   {d.a.nodes} -> {d.b.nodes}")
+    click.echo(f"weights {_mib(d.a.weight_bytes)} -> {_mib(d.b.weight_bytes)}")
+    for op, (x, y) in d.ops.items():
+        click.echo(f"  {op:<32} {x:5d} -> {y:5d} ({y - x:+d})")
+    click.echo(f"initializers: {len(d.initializers_only_a)} only in A, {len(d.initializers_only_b)} only in B, "
+               f"{len(d.initializers_changed)} changed")
+    if d.a.plan and d.b.plan:
+        click.echo(f"arena   {_mib(d.a.plan['arena_bytes'])} -> {_mib(d.b.plan['arena_bytes'])}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the target descriptions as JSON.")
+def targets(as_json):
+    """List the built-in targets: ISA features, tuning and memory mode."""
+    from lmc.targets.target import available_targets
+
+    found = available_targets()
+    if as_json:
+        _emit_json([t.as_dict() for t in found])
+        return
+    for t in found:
+        m = t.memory
+        click.echo(f"{t.name}: {t.description}")
+        click.echo(f"  isa      {t.isa.arch} [{', '.join(sorted(t.isa.features))}]")
+        click.echo(f"  runtime  {t.tuning.runtime} {t.tuning.runtime_version}, opset <= {t.tuning.max_opset}, "
+                   f"fused ops: {', '.join(sorted(t.tuning.fused_ops))}")
+        click.echo(f"  memory   RAM {_mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}, "
+                   f"cache line {m.cache_line}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to exit codes (see module docstring)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="lmc", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("lmc: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        click.echo(f"lmc: error: {exc.format_message()}", err=True)
+        sys.exit(ExitCode.USER_ERROR)
+    except LmcError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"lmc: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        sys.exit(ExitCode.USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("lmc: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # an internal bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"lmc: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(ExitCode.INTERNAL_ERROR)
+    sys.exit(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    main()
