@@ -83,13 +83,16 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.output:
         raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
     check_external_locations(model, p.parent, source)
+    if _external_tensors(model):
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
     try:
-        onnx.checker.check_model(model)
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:  # the checker reads large models (with their external data) from the path
+            onnx.checker.check_model(str(p))
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{source}: invalid ONNX model ({first})") from exc
-    if _external_tensors(model):
-        external_data_helper.load_external_data_for_model(model, str(p.parent))
     log.info("loaded %s: %d nodes, %d initializers", source, len(model.graph.node), len(model.graph.initializer))
     return model
 
