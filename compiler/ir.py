@@ -158,6 +158,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Export the graph (caller ensures topological order)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(opset_imports(graph))
     return model
 
 

@@ -171,7 +171,7 @@ class FoldConstants:
                 if size > limit and size > in_bytes:
                     stats.refused[o.name] = size
                     self._refused.add(node.name)
-        if stats.refused:
+        if stats.refused or stats.failed:
             nodes = _foldable_closure(graph, set(self._refused) | set(self._failed))
         folded = self._replace(graph, nodes, values)
         stats.folded = folded

@@ -77,3 +77,29 @@ def independent_plan_check(bundle: Path) -> dict:
                 break
             assert not (a["first"] <= b["last"] and b["first"] <= a["last"]), f"{a['name']} overlaps {b['name']}"
     return plan
+
+
+def apply_passes(model: onnx.ModelProto, passes, shapes: dict | None = None, target: str = "x86-64"):
+    """Import ``model``, bind ``shapes``, run ``passes`` through the PassManager; return (graph, records)."""
+    from lmc.compiler import ir
+    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.targets.target import load_target
+
+    graph = ir.to_graph(model)
+    ir.bind_input_shapes(graph, shapes or {})
+    ir.infer_shapes(graph)
+    return PassManager(list(passes), PassContext(target=load_target(target))).run(graph)
+
+
+def assert_pass_exact(model: onnx.ModelProto, passes, feeds: dict[str, np.ndarray], shapes: dict | None = None,
+                      target: str = "x86-64", rel: float = 1e-5):
+    """Run passes and check the rewritten graph against onnxruntime on the original; return (graph, records)."""
+    graph, records = apply_passes(model, passes, shapes, target)
+    from lmc.compiler import ir
+
+    assert_close(run_ort(model, feeds), run_ort(ir.to_model(graph), feeds), rel=rel)
+    return graph, records
+
+
+def op_count(graph: gs.Graph, op: str) -> int:
+    return sum(1 for n in graph.nodes if n.op == op)

@@ -1,0 +1,64 @@
+"""Weight deduplication: constants with identical dtype, shape and bytes are stored once.
+
+Exact. Candidates are grouped by (dtype, shape); within a group each constant's bytes are hashed
+(SHA-256, one tensor loaded at a time), and equal digests are confirmed by comparing the bytes before the
+consumers of the duplicate are pointed at the kept constant (the first one in graph order). Works for
+every dtype, any size — from the scalar ``[1]`` vectors folding leaves behind to embedding tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+
+
+def _bytes(const: gs.Constant) -> bytes:
+    return np.ascontiguousarray(const.values).tobytes()
+
+
+def find_duplicates(consts: list[gs.Constant]) -> dict[int, gs.Constant]:
+    """id(duplicate) -> the constant it equals (kept = first in the given order)."""
+    groups: dict[tuple, list[gs.Constant]] = defaultdict(list)
+    for c in consts:
+        groups[(ir.onnx_dtype(c.dtype), tuple(c.shape))].append(c)
+    replace: dict[int, gs.Constant] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        by_digest: dict[str, list[gs.Constant]] = defaultdict(list)
+        for c in members:
+            by_digest[hashlib.sha256(_bytes(c)).hexdigest()].append(c)
+        for same in by_digest.values():
+            kept = same[0]
+            for dup in same[1:]:
+                if _bytes(dup) == _bytes(kept):   # confirm: a digest match is not proof
+                    replace[id(dup)] = kept
+    return replace
+
+
+class DedupWeights:
+    name = "dedup-weights"
+    kind = PassKind.EXACT
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        consts = ir.constants(graph)
+        replace = find_duplicates(consts)
+        saved = 0
+        for node in graph.nodes:
+            for i, t in enumerate(node.inputs):
+                kept = replace.get(id(t))
+                if kept is not None:
+                    node.inputs[i] = kept
+        for c in consts:
+            if id(c) in replace:
+                saved += ir.tensor_nbytes(c) or 0
+        return PassResult(graph, modified=bool(replace),
+                          stats={"duplicates_merged": len(replace), "bytes_saved": saved})
