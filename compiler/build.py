@@ -45,6 +45,7 @@ class BuildOptions:
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: AttentionMode = AttentionMode.DENSE
+    disabled_passes: tuple[str, ...] = ()
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0

@@ -79,11 +79,13 @@ def cli(debug: bool, verbose: int) -> None:
               help="Weight/activation quantization; none keeps the model exact.")
 @click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
               help="Attention implementation; dense keeps the model exact.")
+@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME",
+              help="Leave a pass out (repeatable), e.g. share-transposed.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the original.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, quantize, attention, no_verify, tolerance, as_json):
+def build(model, out_dir, target, input_shapes, quantize, attention, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -94,7 +96,7 @@ def build(model, out_dir, target, input_shapes, quantize, attention, no_verify, 
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            quantize=QuantizeMode(quantize), attention=AttentionMode(attention),
-                           verify=not no_verify, tolerance=tolerance)
+                           disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 
     def on_pass(record):

@@ -16,6 +16,7 @@ untouched by the passes that use these helpers.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -59,9 +60,11 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     shape = tensor.shape
     if shape is None:
         return None
-    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+    try:
+        dims = tuple(int(d) for d in shape if d >= 0)   # str/None dims raise TypeError
+    except TypeError:
         return None
-    return tuple(int(d) for d in shape)
+    return dims if len(dims) == len(shape) else None
 
 
 def tensor_nbytes(tensor: gs.Tensor) -> int | None:
@@ -70,7 +73,7 @@ def tensor_nbytes(tensor: gs.Tensor) -> int | None:
     bits = itemsize_bits(onnx_dtype(tensor.dtype))
     if shape is None or bits == 0:
         return None
-    return (int(np.prod(shape, dtype=np.int64)) * bits + 7) // 8
+    return (math.prod(shape) * bits + 7) // 8
 
 
 # ---------------------------------------------------------------------------------------- predicates
@@ -174,15 +177,25 @@ def opset_imports(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
     return [onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items())]
 
 
+class Namer:
+    """Fresh tensor/node names for one rewrite: snapshots the graph's names once (O(graph)), then each
+    ``fresh(base)`` is O(1) and never repeats a name it handed out."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
 def new_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not used in the graph yet."""
-    names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    if base not in names:
-        return base
-    k = 1
-    while f"{base}_{k}" in names:
-        k += 1
-    return f"{base}_{k}"
+    """A tensor/node name not used in the graph yet (one-off; use ``Namer`` in loops)."""
+    return Namer(graph).fresh(base)
 
 
 def topological_sort(graph: gs.Graph) -> None:
@@ -229,8 +242,8 @@ def infer_shapes(graph: gs.Graph) -> None:
 
     Existing static shapes are kept when inference has nothing better. Raises ShapeError when onnx
     reports an inconsistency (e.g. a bound input shape the graph cannot take).
+    Precondition: the graph's nodes are in topological order.
     """
-    topological_sort(graph)
     model = _skeleton(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)

@@ -77,16 +77,19 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors
         raise ModelLoadError(f"{source}: not a valid ONNX model (protobuf parse failed: {exc})") from exc
+    proto_bytes = len(data)
     del data
     if not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{source}: not a valid ONNX model (no graph or no opset import)")
     if not model.graph.output:
         raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
     check_external_locations(model, p.parent, source)
-    if _external_tensors(model):
+    external = _external_tensors(model)
+    if external:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
+        proto_bytes += sum(len(t.raw_data) for t in external)
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if proto_bytes < _PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:  # the checker reads large models (with their external data) from the path
             onnx.checker.check_model(str(p))

@@ -4,7 +4,9 @@ A pass is an object with
 - ``name`` (str), ``kind`` (``PassKind.EXACT`` leaves every output equal up to float reassociation;
   ``PassKind.APPROXIMATE`` changes numerics and only runs when asked),
 - ``requires`` (a set of ``Requirement``) that the manager checks before running it,
-- ``run(graph, ctx) -> PassResult``; passes edit the gs graph in place and say so (``in_place = True``).
+- ``run(graph, ctx) -> PassResult``; passes edit the gs graph in place and say so (``in_place = True``),
+- ``preserves_shapes``: True when every tensor the pass leaves or creates keeps a dtype and shape, so
+  shape inference need not run again after it.
 
 After every pass the manager restores a topological order, re-infers shapes when the pass modified the
 graph, and records a ``PassRecord``: wall time, node count, weight bytes and the estimated peak (the largest
@@ -64,6 +66,7 @@ class Pass(Protocol):
     kind: PassKind
     requires: frozenset[Requirement]
     in_place: bool
+    preserves_shapes: bool
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult: ...
 
@@ -94,7 +97,7 @@ class FixedPoint:
 PeakEstimator = Callable[[gs.Graph], "int | None"]
 
 
-def check_requirements(graph: gs.Graph, pass_: Pass) -> None:
+def check_requirements(graph: gs.Graph, pass_: Pass, sorted_already: bool = False) -> None:
     for req in pass_.requires:
         if req is Requirement.STATIC_SHAPES:
             try:
@@ -103,7 +106,7 @@ def check_requirements(graph: gs.Graph, pass_: Pass) -> None:
                 raise PassPreconditionError(f"pass '{pass_.name}' requires static shapes: {exc}") from exc
         elif req is Requirement.UNIQUE_NODE_NAMES:
             ir.ensure_unique_names(graph)
-        elif req is Requirement.TOPOLOGICAL_ORDER:
+        elif req is Requirement.TOPOLOGICAL_ORDER and not sorted_already:
             ir.topological_sort(graph)
 
 
@@ -117,12 +120,19 @@ class PassManager:
         self.ctx = ctx
         self.peak_estimator = peak_estimator
         self.on_pass = on_pass
+        self._sorted = False
+        self._last: PassRecord | None = None
 
     def _record(self, graph: gs.Graph, name: str, seconds: float, result: PassResult) -> PassRecord:
-        peak = self.peak_estimator(graph) if self.peak_estimator else None
-        record = PassRecord(name=name, seconds=seconds, nodes=len(graph.nodes), weight_bytes=ir.weight_bytes(graph),
+        if result.modified or self._last is None:
+            peak = self.peak_estimator(graph) if self.peak_estimator else None
+            nodes, weights = len(graph.nodes), ir.weight_bytes(graph)
+        else:  # unchanged graph: the previous measurements still hold
+            peak, nodes, weights = self._last.peak_estimate_bytes, self._last.nodes, self._last.weight_bytes
+        record = PassRecord(name=name, seconds=seconds, nodes=nodes, weight_bytes=weights,
                             peak_estimate_bytes=peak, modified=result.modified, stats=dict(result.stats),
                             notes=tuple(result.notes))
+        self._last = record
         log.info("pass %-24s %7.3fs nodes=%d weights=%d modified=%s %s", name, seconds, record.nodes,
                  record.weight_bytes, result.modified, result.stats)
         if self.on_pass:
@@ -130,15 +140,18 @@ class PassManager:
         return record
 
     def _run_one(self, graph: gs.Graph, pass_: Pass, records: list[PassRecord], suffix: str = "") -> tuple[gs.Graph, bool]:
-        check_requirements(graph, pass_)
         start = time.perf_counter()
+        check_requirements(graph, pass_, sorted_already=self._sorted)
+        self._sorted = self._sorted or Requirement.TOPOLOGICAL_ORDER in pass_.requires
         result = pass_.run(graph, self.ctx)
         graph = result.graph
         if result.modified:
             graph.cleanup(remove_unused_graph_inputs=False)
             ir.topological_sort(graph)
             ir.ensure_unique_names(graph)
-            ir.infer_shapes(graph)
+            if not getattr(pass_, "preserves_shapes", False):
+                ir.infer_shapes(graph)
+            self._sorted = True
         seconds = time.perf_counter() - start
         records.append(self._record(graph, pass_.name + suffix, seconds, result))
         return graph, result.modified

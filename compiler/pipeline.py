@@ -1,25 +1,51 @@
-"""The default pass pipeline for a build: exact cleanups first, then folding and weight sharing, then
-fusion; approximating passes only when the options ask for them."""
+"""The default pass pipeline for a build: exact cleanups first, then folding, simplification and weight
+sharing, then fusion; approximating passes only when the options ask for them.
+
+``options.disabled_passes`` names passes to leave out (``lmc build --disable-pass NAME``); cleanup and
+constant folding cannot be disabled (planning needs static shapes).
+"""
 
 from __future__ import annotations
 
+from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import FixedPoint
 from lmc.passes.cleanup import Cleanup
-from lmc.passes.eliminate_noops import EliminateNoops
 from lmc.passes.dedup_weights import DedupWeights
+from lmc.passes.eliminate_noops import EliminateNoops
 from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
-from lmc.passes.simplify_repeat import SimplifyRepeat
 from lmc.passes.share_transposed import ShareTransposedWeights
+from lmc.passes.simplify_repeat import SimplifyRepeat
+
+REQUIRED = frozenset({"cleanup", "fold-constants"})
 
 
-def default_pipeline(options, target) -> list:
+def optional_passes(options, target) -> list:
     return [
-        Cleanup(),
-        FixedPoint("simplify", [FoldConstants(), EliminateNoops(), Cleanup()]),
         SimplifyRepeat(),
         FoldMatMulScale(),
         DedupWeights(),
         ShareTransposedWeights(),
+    ]
+
+
+def pass_names(options=None, target=None) -> list[str]:
+    return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)]
+
+
+def default_pipeline(options, target) -> list:
+    disabled = set(getattr(options, "disabled_passes", ()) or ())
+    known = set(pass_names(options, target))
+    unknown = disabled - known
+    if unknown:
+        raise LmcError(f"--disable-pass: unknown pass {', '.join(sorted(unknown))}; "
+                       f"passes: {', '.join(sorted(known - REQUIRED))}")
+    if disabled & REQUIRED:
+        raise LmcError(f"--disable-pass: {', '.join(sorted(disabled & REQUIRED))} cannot be disabled")
+    simplify = [FoldConstants()] + ([EliminateNoops()] if "eliminate-noops" not in disabled else []) + [Cleanup()]
+    return [
+        Cleanup(),
+        FixedPoint("simplify", simplify),
+        *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
     ]

@@ -47,6 +47,7 @@ class DedupWeights:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         consts = ir.constants(graph)

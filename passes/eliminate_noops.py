@@ -42,6 +42,7 @@ class EliminateNoops:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = {}

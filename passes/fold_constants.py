@@ -50,7 +50,8 @@ class FoldStats:
     where: int = 0
 
 
-def _fold_shapes(graph: gs.Graph, stats: FoldStats) -> None:
+def _fold_shapes(graph: gs.Graph, stats: FoldStats, names: ir.Namer) -> None:
+    outputs = ir.graph_outputs(graph)
     for node in graph.nodes:
         if not node.outputs or not node.inputs:
             continue
@@ -71,9 +72,9 @@ def _fold_shapes(graph: gs.Graph, stats: FoldStats) -> None:
         else:
             continue
         out = node.outputs[0]
-        if out.name in ir.graph_outputs(graph):
+        if out.name in outputs:
             continue
-        const = gs.Constant(ir.new_name(graph, out.name + "_value"), value)
+        const = gs.Constant(names.fresh(out.name + "_value"), value)
         if ir.replace_tensor(graph, out, const):
             node.outputs.clear()
             stats.shapes += 1
@@ -139,6 +140,7 @@ class FoldConstants:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = False  # folding makes new shapes inferable: re-infer after it
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes
@@ -154,7 +156,8 @@ class FoldConstants:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = FoldStats()
-        _fold_shapes(graph, stats)
+        names = ir.Namer(graph)
+        _fold_shapes(graph, stats, names)
         stats.where = _fold_constant_where(graph)
         excluded = set(self._refused) | set(self._failed)
         nodes = _foldable_closure(graph, excluded)
@@ -173,7 +176,7 @@ class FoldConstants:
                     self._refused.add(node.name)
         if stats.refused or stats.failed:
             nodes = _foldable_closure(graph, set(self._refused) | set(self._failed))
-        folded = self._replace(graph, nodes, values)
+        folded = self._replace(graph, nodes, values, names)
         stats.folded = folded
         notes = [f"not folded: node '{n}' failed to evaluate: {r}" for n, r in stats.failed.items()]
         notes += [f"not folded: '{t}' would be a {b}-byte constant (> {limit}-byte growth limit)"
@@ -212,7 +215,7 @@ class FoldConstants:
                     node.inputs[i] = t
         return values
 
-    def _replace(self, graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray]) -> int:
+    def _replace(self, graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray], names: ir.Namer) -> int:
         folded_names = {n.name for n in nodes}
         count = 0
         for node in nodes:
@@ -224,7 +227,7 @@ class FoldConstants:
                 readers_outside = [c for c in o.outputs if c.name not in folded_names]
                 if readers_outside:
                     value = values[o.name]
-                    const = gs.Constant(ir.new_name(graph, o.name + "_folded"), np.ascontiguousarray(value))
+                    const = gs.Constant(names.fresh(o.name + "_folded"), np.ascontiguousarray(value))
                     ir.replace_tensor(graph, o, const)
             node.outputs.clear()
             node.inputs.clear()

@@ -35,9 +35,11 @@ class FoldMatMulScale:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = folded = 0
+        names = ir.Namer(graph)
         for node in list(graph.nodes):
             if not ir.is_op(node, "MatMul") or not node.outputs:
                 continue
@@ -45,11 +47,11 @@ class FoldMatMulScale:
             dtype = np.dtype(node.outputs[0].dtype) if node.outputs[0].dtype is not None else np.float32
             if left and right:
                 out = node.outputs[0]
-                product = gs.Variable(ir.new_name(graph, out.name + "_unscaled"), dtype=out.dtype)
+                product = gs.Variable(names.fresh(out.name + "_unscaled"), dtype=out.dtype, shape=out.shape)
                 node.inputs[0], node.inputs[1] = left[0], right[0]
                 node.outputs[0] = product
-                scale = gs.Constant(ir.new_name(graph, node.name + "_scale"), np.array(left[1] * right[1], dtype=dtype))
-                graph.nodes.append(gs.Node("Mul", name=ir.new_name(graph, node.name + "_scaled"),
+                scale = gs.Constant(names.fresh(node.name + "_scale"), np.array(left[1] * right[1], dtype=dtype))
+                graph.nodes.append(gs.Node("Mul", name=names.fresh(node.name + "_scaled"),
                                            inputs=[product, scale], outputs=[out]))
                 left[2].outputs.clear()
                 right[2].outputs.clear()
@@ -59,7 +61,7 @@ class FoldMatMulScale:
                 w = node.inputs[other]
                 if side and isinstance(w, gs.Constant) and len(w.outputs) == 1:
                     node.inputs[1 - other] = side[0]
-                    node.inputs[other] = gs.Constant(ir.new_name(graph, w.name + "_scaled"),
+                    node.inputs[other] = gs.Constant(names.fresh(w.name + "_scaled"),
                                                      (np.asarray(w.values) * side[1]).astype(np.asarray(w.values).dtype))
                     side[2].outputs.clear()
                     folded += 1

@@ -82,7 +82,9 @@ def _consumer_rewrite(graph: gs.Graph, node: gs.Node, dropped: gs.Constant, kept
             return None, f"Gather '{node.name}' has indices of unknown rank"
 
         def gather() -> None:
-            mid = gs.Variable(ir.new_name(graph, out.name + "_cols"), dtype=out.dtype)
+            kept_rows = kept.shape[0]
+            mid_shape = [kept_rows] + list(idx.shape) if idx.shape is not None else None
+            mid = gs.Variable(ir.new_name(graph, out.name + "_cols"), dtype=out.dtype, shape=mid_shape)
             gathered = gs.Node("Gather", name=ir.new_name(graph, node.name + "_shared"),
                                attrs={"axis": 1}, inputs=[kept, idx], outputs=[mid])
             node.op, node.attrs = "Transpose", {"perm": list(range(1, rank + 1)) + [0]}
@@ -109,6 +111,7 @@ class ShareTransposedWeights:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def __init__(self, min_bytes: int = 1024):
         self.min_bytes = min_bytes

@@ -58,9 +58,11 @@ class SimplifyRepeat:
     kind = PassKind.EXACT
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
     in_place = True
+    preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         count = 0
+        names = ir.Namer(graph)
         for node in list(graph.nodes):
             if not node.outputs or not ir.is_op(node, "Reshape"):
                 continue
@@ -68,7 +70,7 @@ class SimplifyRepeat:
             if isinstance(m, str):
                 continue
             x, axis, n, r = m
-            indices = gs.Constant(ir.new_name(graph, node.name + "_repeat_indices"),
+            indices = gs.Constant(names.fresh(node.name + "_repeat_indices"),
                                   np.repeat(np.arange(n, dtype=np.int64), r))
             node.op, node.attrs = "Gather", {"axis": axis}
             node.inputs.clear()
