@@ -2,14 +2,17 @@
 
     python bench/bench_simplify.py [MODEL] [--shape input_ids=1x256]
 
-For each tool: wall time (load + simplify + save), nodes, bytes on disk, planned arena (lmc's planner on
+For each tool, in-process: wall time (load + simplify + save; lmc's includes its onnxruntime verification), nodes, bytes on disk, planned arena (lmc's planner on
 the tool's output, shapes bound, no further rewrites), relative error of the outputs vs the original
-under onnxruntime. Times are printed as ratios to lmc's. Needs the bench extra (pip install -e .[bench]).
+under onnxruntime. Then each command-line tool as users run it (defaults). Times are ratios to lmc's. Needs the bench extra (pip install -e .[bench]).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +73,13 @@ def run_onnxslim(model: Path, out: Path, shapes: dict) -> Path:
     return path
 
 
+def cli_seconds(argv: list[str]) -> float | None:
+    """Wall time of one command as a user runs it (process start, imports, work, output)."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start if proc.returncode == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
@@ -103,6 +113,22 @@ def main() -> None:
             err = compare_models(model, path, feeds).max_rel
             rows.append((tool, seconds, len(out_model.graph.node), disk_bytes(path), arena_of(path, shapes),
                          f"{err:.2e}"))
+        shape_arg = ",".join(str(d) for d in shapes[name])
+        commands = [
+            ("lmc build", [sys.executable, "-m", "lmc.compiler.cli", "build", str(model), "-o", str(tmp / "cli-lmc"),
+                           "--input-shape", args.shape]),
+            ("lmc build --no-verify", [sys.executable, "-m", "lmc.compiler.cli", "build", str(model), "-o",
+                                       str(tmp / "cli-lmc2"), "--input-shape", args.shape, "--no-verify"]),
+            ("onnxsim (CLI defaults)", [shutil.which("onnxsim") or "onnxsim", str(model), str(tmp / "cli-sim.onnx"),
+                                        "--overwrite-input-shape", f"{name}:{shape_arg}"]),
+            ("onnxslim (CLI defaults)", [shutil.which("onnxslim") or "onnxslim", str(model), str(tmp / "cli-slim.onnx"),
+                                         "--input-shapes", f"{name}:{shape_arg}"]),
+        ]
+        cli_rows = []
+        for label, argv in commands:
+            runs = [cli_seconds(argv) for _ in range(REPEATS)]
+            ok = [r for r in runs if r is not None]
+            cli_rows.append((label, min(ok) if ok else None))
     base = rows[0][1]
     print(f"model: {model.name} ({len(original.graph.node)} nodes, {model.stat().st_size / 1e6:.1f} MB), "
           f"shape {args.shape}\n")
@@ -113,6 +139,12 @@ def main() -> None:
             print(f"| {tool} | — | — | — | — | {err} |")
             continue
         print(f"| {tool} | {seconds / base:.2f} | {nodes} | {size / 1e6:.2f} MB | {arena / 2**20:.2f} MiB | {err} |")
+    cli_base = cli_rows[0][1]
+    print("\nCommand-line wall time (best of %d, process start to exit):\n" % REPEATS)
+    print("| command | time (× lmc build) |")
+    print("|---|---:|")
+    for label, seconds in cli_rows:
+        print(f"| {label} | {'failed' if seconds is None else f'{seconds / cli_base:.2f}'} |")
 
 
 if __name__ == "__main__":
