@@ -168,8 +168,9 @@ def to_model(graph: gs.Graph) -> onnx.ModelProto:
 
 def opset_imports(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
     """The graph's opset imports, plus version 1 of any node domain not imported yet."""
-    imports = {(d.domain or ""): d.version for d in (graph.import_domains or [])}
-    imports.setdefault("", int(graph.opset))
+    imports = {(d.domain or ""): d.version for d in (graph.import_domains or [])
+               if (d.domain or "") not in DEFAULT_DOMAINS}
+    imports[""] = int(graph.opset)
     for node in graph.nodes:
         domain = node.domain or ""
         if domain not in imports and domain != "ai.onnx":
@@ -234,6 +235,8 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
     for i, init in enumerate(model.graph.initializer):
         if init.name in stubs:
             model.graph.initializer[i].CopyFrom(stubs[init.name])
+    del model.opset_import[:]
+    model.opset_import.extend(opset_imports(graph))
     return model
 
 

@@ -16,6 +16,13 @@ from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
 from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
+from lmc.passes.upgrade_opset import UpgradeOpset
+from lmc.passes.fuse.attention import AttentionRule
+from lmc.passes.fuse.gelu import GeluRule
+from lmc.passes.fuse.layer_norm import LayerNormRule
+from lmc.passes.fuse.rms_norm import RmsNormRule
+from lmc.passes.fuse.rule import FuseRules
+from lmc.passes.fuse.silu import SiluRule
 
 REQUIRED = frozenset({"cleanup", "fold-constants"})
 
@@ -26,6 +33,8 @@ def optional_passes(options, target) -> list:
         FoldMatMulScale(),
         DedupWeights(),
         ShareTransposedWeights(),
+        UpgradeOpset(),
+        FuseRules("fuse", [LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(), AttentionRule()]),
     ]
 
 

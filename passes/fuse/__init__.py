@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Fusion rules (one per module) and the pass that applies them (``rule.FuseRules``)."""
