@@ -21,6 +21,7 @@ from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.gelu import GeluRule
 from lmc.passes.fuse.layer_norm import LayerNormRule
 from lmc.passes.fuse.rms_norm import RmsNormRule
+from lmc.passes.fuse.rotary import RotaryRule
 from lmc.passes.fuse.rule import FuseRules
 from lmc.passes.fuse.silu import SiluRule
 
@@ -28,13 +29,17 @@ REQUIRED = frozenset({"cleanup", "fold-constants"})
 
 
 def optional_passes(options, target) -> list:
+    # Element-wise fusions run before scales move across MatMuls (GELU's 0.5 would be folded into the next
+    # weight); attention runs after, once q·√s and kᵀ·√s have become one scale on the scores.
     return [
         SimplifyRepeat(),
-        FoldMatMulScale(),
         DedupWeights(),
         ShareTransposedWeights(),
         UpgradeOpset(),
-        FuseRules("fuse", [LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(), AttentionRule()]),
+        FuseRules("fuse", [LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(), RotaryRule()]),
+        FoldMatMulScale(),
+        FuseRules("fuse-attention", [AttentionRule()]),
+        DedupWeights(),   # fused ops' new constants (e.g. per-layer rotary caches) are often identical
     ]
 
 
