@@ -18,6 +18,9 @@ from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
 from lmc.passes.upgrade_opset import UpgradeOpset
 from lmc.passes.fuse.attention import AttentionRule
+from lmc.passes.fuse.conv_activation import ConvActivationRule
+from lmc.passes.fuse.conv_bn import ConvBatchNormRule
+from lmc.passes.fuse.matmul_add import MatMulAddRule
 from lmc.passes.fuse.gelu import GeluRule
 from lmc.passes.fuse.layer_norm import LayerNormRule
 from lmc.passes.fuse.rms_norm import RmsNormRule
@@ -36,9 +39,11 @@ def optional_passes(options, target) -> list:
         DedupWeights(),
         ShareTransposedWeights(),
         UpgradeOpset(),
-        FuseRules("fuse", [LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(), RotaryRule()]),
+        FuseRules("fuse", [ConvBatchNormRule(), LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(),
+                           RotaryRule(), MatMulAddRule()]),
         FoldMatMulScale(),
-        FuseRules("fuse-attention", [AttentionRule()]),
+        # Conv+BN must fold before the activation joins the Conv: the second group sees the folded Conv.
+        FuseRules("fuse-late", [AttentionRule(), ConvActivationRule()]),
         DedupWeights(),   # fused ops' new constants (e.g. per-layer rotary caches) are often identical
     ]
 

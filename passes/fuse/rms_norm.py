@@ -1,4 +1,5 @@
-"""RMSNorm → ``RMSNormalization`` (opset 23) or ``com.microsoft.SimplifiedLayerNormalization``.
+"""RMSNorm → ``RMSNormalization`` (opset 23) or onnxruntime's ``SimplifiedLayerNormalization`` (a contrib
+schema onnxruntime registers in the ONNX domain, usable at any opset).
 
 Pattern (anchor: the scale Mul, or the normalisation itself when unscaled):
     y = Mul(w, x / sqrt(mean(x², axis=-1) + ε))      w a constant [D] (either operand order)
@@ -16,7 +17,7 @@ from lmc.compiler.pass_manager import PassContext
 from lmc.passes.fuse.norms import match_inverse_rms, weight_vector
 from lmc.passes.fuse.rule import Match, OpRef, Reject, first_runnable, replace_subgraph, sole_reader
 
-CHOICES = (OpRef("RMSNormalization", "", 23), OpRef("SimplifiedLayerNormalization", ir.MS_DOMAIN))
+CHOICES = (OpRef("RMSNormalization", "", 23), OpRef("SimplifiedLayerNormalization", "", 1))
 
 
 class RmsNormRule:
@@ -55,7 +56,7 @@ class RmsNormRule:
         def apply(names: ir.Namer) -> None:
             scale = gs.Constant(names.fresh(out.name + "_rms_scale"), weight.astype(dtype))
             attrs = {"axis": -1, "epsilon": eps}
-            if op.domain:
+            if op.op == "SimplifiedLayerNormalization":
                 attrs["stash_type"] = 1
             replace_subgraph(graph, nodes + core_nodes, lambda: [
                 gs.Node(op.op, name=names.fresh(anchor.name + "_rmsnorm"), domain=op.domain or None,

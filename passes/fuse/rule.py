@@ -32,6 +32,7 @@ class OpRef:
     op: str
     domain: str = ""
     since_opset: int = 1        # for ONNX-domain ops: the opset that introduced the op
+    core: bool = False          # a basic op every runtime implements (Conv, Gemm): no target listing needed
 
     def __str__(self) -> str:
         return f"{self.domain}.{self.op}" if self.domain else f"{self.op}-{self.since_opset}"
@@ -66,7 +67,7 @@ def can_run(graph: gs.Graph, op: OpRef, ctx: PassContext) -> str | None:
         return None
     if int(graph.opset) < op.since_opset:
         return f"{op} needs opset {op.since_opset}; the graph is at opset {graph.opset}"
-    if op.op not in target.tuning.fused_ops:
+    if not op.core and op.op not in target.tuning.fused_ops:
         return f"target {target.name} does not list {op.op} among its fused ops"
     return None
 
