@@ -26,6 +26,7 @@ class Gpt2Config:
     layers: int = 2
     max_positions: int = 64
     eps: float = 1e-5
+    attention_mask: bool = False   # an ``attention_mask`` int64 [batch, sequence] input, as HF exports have
 
 
 def _layer_norm(b: GraphBuilder, x: str, name: str, d: int, eps: float) -> str:
@@ -59,6 +60,11 @@ def build_gpt2(cfg: Gpt2Config = Gpt2Config(), seed: int = 1) -> onnx.ModelProto
                       value=np.tril(np.ones((cfg.max_positions, cfg.max_positions), dtype=bool))[None, None],
                       dtype=np.bool_)
 
+    ext_mask = None
+    if cfg.attention_mask:
+        am = b.input("attention_mask", INT64, ["batch", "sequence"])
+        am = b.op("Cast", [b.op("Unsqueeze", [am, b.const([1, 2], np.int64)])], to=1)
+        ext_mask = b.op("Mul", [b.op("Sub", [b.const(1.0), am]), b.const(np.finfo(np.float32).min)])
     seq = b.op("Gather", [b.op("Shape", [ids]), b.const(1, np.int64)], axis=0)
     positions = b.op("Unsqueeze", [b.op("Range", [b.const(0, np.int64), seq, b.const(1, np.int64)]),
                                    b.const([0], np.int64)])
@@ -83,6 +89,8 @@ def build_gpt2(cfg: Gpt2Config = Gpt2Config(), seed: int = 1) -> onnx.ModelProto
         rows = b.op("Slice", [causal, b.op("Sub", [kl, ql]), kl, b.const([2], np.int64), b.const([1], np.int64)])
         mask = b.op("Slice", [rows, b.const([0], np.int64), kl, b.const([3], np.int64), b.const([1], np.int64)])
         w = b.op("Where", [mask, w, b.const(np.finfo(np.float32).min)])
+        if ext_mask is not None:
+            w = b.op("Add", [w, ext_mask])
         probs = b.op("Softmax", [w], axis=-1)
         a = b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         merged = b.op("Reshape", [a, b.op("Concat", [batch, s, b.const([cfg.d_model], np.int64)], axis=0)])

@@ -8,12 +8,16 @@ Pattern (anchor: the second MatMul), on 4-D [B, H, S, Dh] tensors as exporters w
     y  = MatMul(Softmax(s, axis=-1), V')                  (V' like K')
 Rewrite: y = Attention(Q, K, V[, mask], scale=…, is_causal=…). A mask that is exactly causal (0 / ≤ −1e30
 below/above the diagonal, or a lower-triangular boolean with a fill ≤ −1e30) with Sq = Skv becomes
-``is_causal=1``; any other constant mask is passed as an additive float ``attn_mask``. Exact up to
+``is_causal=1``; any other constant mask is passed as an additive float ``attn_mask``. A run-time mask
+(an ``attention_mask`` input) is recognised but not fused: onnxruntime's kernel maps −inf to the lowest
+float, so fully masked rows would differ from the original. Exact up to
 float reassociation (masked scores contribute exactly 0 either way). The kernel's S×S score matrix is
 accounted for as scratch by the memory plan (``lmc.compiler.scratch``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -45,9 +49,56 @@ def _causal_bias(sq: int, skv: int) -> np.ndarray:
     return np.triu(np.ones((sq, skv), dtype=bool), k=1 + skv - sq)
 
 
-def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int):
-    """(scores tensor before masking, additive mask or None, is_causal, nodes) for s = masked scores."""
+def _runtime_mask(t: gs.Tensor, sq: int, skv: int) -> bool:
+    """True when ``t`` is a non-constant rank-4 float tensor that broadcasts to [B, H, Sq, Skv]."""
+    shape = ir.static_shape(t)
+    return (not isinstance(t, gs.Constant) and shape is not None and len(shape) == 4
+            and shape[2] in (1, sq) and shape[3] == skv)
+
+
+def _leads_to_scores(t: gs.Tensor, depth: int = 4) -> bool:
+    """True when ``t`` comes from a MatMul through at most ``depth`` Where/Mul/Div steps."""
+    node = ir.producer(t)
+    if node is None or depth == 0:
+        return False
+    if ir.is_op(node, "MatMul"):
+        return True
+    if ir.is_op(node, "Where"):
+        return _leads_to_scores(node.inputs[1], depth - 1)
+    if ir.is_op(node, ("Mul", "Div")):
+        return any(ir.const_value(i) is None and _leads_to_scores(i, depth - 1) for i in node.inputs)
+    return False
+
+
+@dataclass
+class MaskMatch:
+    """How the scores are masked: ``additive`` is the constant additive mask equal to the constant part
+    (None when there is none), ``causal`` says it is exactly the causal mask, ``runtime`` a non-constant
+    additive mask tensor added on top."""
+
+    scores: gs.Tensor
+    additive: np.ndarray | None = None
+    causal: bool = False
+    runtime: gs.Tensor | None = None
+    nodes: list[gs.Node] = field(default_factory=list)
+
+
+def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int) -> MaskMatch | None:
+    """Match the masking of the scores ``s`` (None when a constant mask does not broadcast).
+
+    A run-time additive mask (e.g. built from an ``attention_mask`` input) over a constant mask M becomes
+    attn_mask = M + runtime, which reproduces the original exactly: where the original replaced a score
+    by the fill f (Where form), w + f == f in float since |w| ≪ ulp(f) for f ≤ −1e30."""
     node = ir.producer(s)
+    if node is not None and ir.is_op(node, "Add") and all(ir.const_value(t) is None for t in node.inputs):
+        for i in (0, 1):
+            if (_runtime_mask(node.inputs[i], sq, skv) and _leads_to_scores(node.inputs[1 - i])
+                    and not _leads_to_scores(node.inputs[i]) and len(node.outputs[0].outputs) == 1):
+                inner = _mask(graph, node.inputs[1 - i], sq, skv)
+                if inner is None or inner.runtime is not None:
+                    return None
+                return MaskMatch(inner.scores, inner.additive, False, node.inputs[i], inner.nodes + [node])
+        return MaskMatch(s)
     if node is not None and ir.is_op(node, "Add"):
         for i in (0, 1):
             m = ir.const_value(node.inputs[i])
@@ -58,22 +109,21 @@ def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int):
                 full = np.broadcast_to(m, m.shape[:-2] + (sq, skv)) if m.ndim >= 2 else np.broadcast_to(m, (sq, skv))
             except ValueError:
                 return None
+            causal = False
             if full.ndim == 2 and sq == skv:
                 above = _causal_bias(sq, skv)
-                if np.all(full[~above] == 0) and np.all(full[above] <= MASKED):
-                    return node.inputs[1 - i], None, True, [node]
-            return node.inputs[1 - i], full, False, [node]
+                causal = bool(np.all(full[~above] == 0) and np.all(full[above] <= MASKED))
+            return MaskMatch(node.inputs[1 - i], np.ascontiguousarray(full), causal, None, [node])
     if node is not None and ir.is_op(node, "Where"):
         cond = ir.const_value(node.inputs[0])
         fill = ir.scalar_value(node.inputs[2])
         if cond is not None and fill is not None:
             cond = np.broadcast_to(np.asarray(cond, dtype=bool), np.asarray(cond).shape[:-2] + (sq, skv))
             flat = cond.reshape(-1, sq, skv)
-            if sq == skv and fill <= MASKED and all(np.array_equal(c, ~_causal_bias(sq, skv)) for c in flat):
-                return node.inputs[1], None, True, [node]
+            causal = sq == skv and fill <= MASKED and all(np.array_equal(c, ~_causal_bias(sq, skv)) for c in flat)
             additive = np.where(cond, 0.0, fill).astype(np.float32)
-            return node.inputs[1], additive, False, [node]
-    return s, None, False, []
+            return MaskMatch(node.inputs[1], additive, causal, None, [node])
+    return MaskMatch(s)
 
 
 class AttentionRule:
@@ -94,9 +144,14 @@ class AttentionRule:
         axis = int(softmax.attrs.get("axis", -1))
         if axis not in (-1, 3):
             return Reject("softmax is not over the key axis")
-        scores, mask, causal, mask_nodes = _mask(graph, softmax.inputs[0], sq, skv) or (None, None, False, [])
-        if scores is None:
+        masking = _mask(graph, softmax.inputs[0], sq, skv)
+        if masking is None:
             return Reject("mask does not broadcast to the score shape")
+        if masking.runtime is not None:
+            # onnxruntime's kernel treats −inf in attn_mask like the lowest float, so a query row whose
+            # every key is masked (a padded position) would come out different: not exact, not fused.
+            return Reject("run-time attention mask: fully masked rows would differ under the fused kernel")
+        scores, mask_nodes = masking.scores, masking.nodes
         scale, scale_nodes = 1.0, []
         sn = ir.producer(scores)
         if sn is not None and ir.is_op(sn, ("Mul", "Div")):
@@ -136,8 +191,9 @@ class AttentionRule:
 
         def apply(names: ir.Namer) -> None:
             inputs = [q, k, v]
-            if mask is not None:
-                inputs.append(gs.Constant(names.fresh(out.name + "_attn_mask"), mask.astype(dtype)))
+            causal = masking.causal
+            if masking.additive is not None and not causal:
+                inputs.append(gs.Constant(names.fresh(out.name + "_attn_mask"), masking.additive.astype(dtype)))
             attrs = {"scale": float(scale), "is_causal": int(causal)}
             replace_subgraph(graph, nodes, lambda: [
                 gs.Node("Attention", name=names.fresh(anchor.name + "_attention"), attrs=attrs,

@@ -57,6 +57,21 @@ def test_gpt2_fuses_layernorm_gelu_and_masked_attention():
     assert op_count(graph, "LayerNormalization") == 5 and op_count(graph, "Gelu") == 2
 
 
+def test_gpt2_with_runtime_attention_mask_stays_exact():
+    from lmc.models import Gpt2Config
+
+    passes = [FOLD, UpgradeOpset(), FuseRules("fuse", [LayerNormRule(), GeluRule()]), FoldMatMulScale(),
+              FuseRules("late", [AttentionRule()]), Cleanup()]
+    feeds = token_feed(2, 10)
+    feeds["attention_mask"] = np.ones((2, 10), dtype=np.int64)
+    feeds["attention_mask"][1, :3] = 0          # left padding on the second row
+    graph, records = assert_pass_exact(build_gpt2(Gpt2Config(attention_mask=True)), passes, feeds,
+                                 {"input_ids": (2, 10), "attention_mask": (2, 10)}, rel=1e-4)
+    late = next(r for r in records if r.name == "late")
+    assert op_count(graph, "Attention") == 0 and late.stats["attention.rejected"] == 2
+    assert any("run-time attention mask" in n for n in late.notes)
+
+
 def _elementwise_model(nodes, inits, shape=(2, 8, 16)):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))
