@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
 from lmc.compiler.errors import ShapeError
-from lmc.compiler.scratch import scratch_bytes
+from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.liveness import compute_liveness, lower_bound
@@ -23,9 +23,21 @@ from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
 
 
+FUSABLE_WEIGHT_READERS = ("MatMul", "Gemm")
+
+
+def decoded_weight(node: gs.Node) -> bool:
+    """A DequantizeLinear of constants read only by MatMul/Gemm: onnxruntime fuses the pair (MatMulNBits),
+    so the float weight never exists at run time and gets no arena buffer; the consumer's scratch covers
+    the decode working set."""
+    return (ir.is_op(node, "DequantizeLinear") and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
+            and all(ir.is_op(r, FUSABLE_WEIGHT_READERS) for r in node.outputs[0].outputs))
+
+
 def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
     """The backend view of ``graph``. With ``strict``, a tensor without a static size is a ShapeError;
-    otherwise it is left out (for estimates on partly dynamic graphs)."""
+    otherwise it is left out (for estimates on partly dynamic graphs). Outputs of ``decoded_weight`` nodes
+    are not arena tensors."""
     outputs = ir.graph_outputs(graph)
     steps: list[Step] = []
     sizes: dict[str, int] = {}
@@ -33,7 +45,7 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
         ins = tuple(t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name)
         outs = tuple(t.name for t in node.outputs if t.name)
         for t in node.outputs:
-            if not t.name or t.name in outputs:
+            if not t.name or t.name in outputs or decoded_weight(node):
                 continue
             n = ir.tensor_nbytes(t)
             if n is None:
@@ -42,7 +54,10 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
                                      f"shape ({t.shape}); bind the model's dynamic input dims with --input-shape")
                 continue
             sizes[t.name] = n
-        steps.append(Step(node.name, ins, outs, scratch_bytes(node)))
+        scratch = scratch_bytes(node) + sum(
+            decode_scratch(ir.producer(t)) for t in node.inputs
+            if isinstance(t, gs.Variable) and ir.producer(t) is not None and decoded_weight(ir.producer(t)))
+        steps.append(Step(node.name, ins, outs, scratch))
     return Dataflow(tuple(steps), sizes)
 
 
@@ -77,7 +92,9 @@ def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
     placement = target.memory.weights_placement
     weights = {p.value: 0 for p in WeightsPlacement}
     weights[placement.value] = ir.weight_bytes(graph)
+    decoded = tuple(n.outputs[0].name for n in graph.nodes if decoded_weight(n))
     return MemoryPlan(
+        decoded_weights=decoded,
         target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
         lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph),
         scheduler=scheduler, placement_strategy=arena.strategy,

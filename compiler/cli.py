@@ -75,8 +75,12 @@ def cli(debug: bool, verbose: int) -> None:
               help="Target name (see `lmc targets`) or a target .toml file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…",
               help="Bind a dynamic input's dims, e.g. input_ids=1x256 (repeatable).")
-@click.option("--quantize", type=click.Choice(["none"]), default="none", show_default=True,
-              help="Weight/activation quantization; none keeps the model exact.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="none keeps the model exact; int8: weights per channel; int4: weights in blocks "
+                   "(embedding/tied head at int8). Activations stay float.")
+@click.option("--block-size", default=32, show_default=True, help="int4 block size (power of two, 16..256).")
+@click.option("--calib", type=click.Path(dir_okay=False),
+              help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
               help="Attention implementation; dense keeps the model exact.")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME",
@@ -85,7 +89,8 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, quantize, attention, disabled, no_verify, tolerance, as_json):
+def build(model, out_dir, target, input_shapes, quantize, block_size, calib, attention, disabled, no_verify,
+          tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -95,7 +100,8 @@ def build(model, out_dir, target, input_shapes, quantize, attention, disabled, n
     from lmc.compiler.build import AttentionMode, BuildOptions, QuantizeMode, build as run_build
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
-                           quantize=QuantizeMode(quantize), attention=AttentionMode(attention),
+                           quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
+                           attention=AttentionMode(attention),
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 
@@ -115,7 +121,12 @@ def build(model, out_dir, target, input_shapes, quantize, attention, disabled, n
                f"peak RAM {_mib(plan.peak_ram_bytes)}")
     if result.verification:
         v = result.verification
-        click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
+        if options.quantize.value == "none":
+            click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
+        else:
+            o = v.outputs[0]
+            click.echo(f"  approximate ({options.quantize.value}): {o.name} max abs {o.max_abs:.3g}, "
+                       f"cosine {o.cosine:.6f} vs the original (judge with lmc verify --tokens)")
 
 
 @cli.command()
@@ -124,20 +135,30 @@ def build(model, out_dir, target, input_shapes, quantize, attention, disabled, n
 @click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input name.")
 @click.option("--samples", default=1, show_default=True, help="Random samples when --inputs is not given.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative error.")
+@click.option("--tokens", type=click.Path(dir_okay=False),
+              help="uint16 token file: also report perplexity of both models (e.g. code-val.u16).")
+@click.option("--seq-len", default=256, show_default=True, help="Window length for --tokens.")
+@click.option("--windows", default=64, show_default=True, help="Windows evaluated for --tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(bundle, against, inputs, samples, tolerance, as_json):
+def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows, as_json):
     """Compare BUNDLE (a folder or model.onnx) with the original under onnxruntime.
 
     Prints max abs / relative error and cosine per output; exits 3 when over --tolerance.
+    Quantized bundles are approximate: pass a looser --tolerance and judge them by --tokens perplexity.
     """
     from lmc.compiler.verify import verify as run_verify
 
-    report = run_verify(bundle, against, inputs=inputs, tolerance=tolerance, samples=samples)
+    report = run_verify(bundle, against, inputs=inputs, tolerance=tolerance, samples=samples, tokens=tokens,
+                        seq_len=seq_len, windows=windows)
     if as_json:
         _emit_json(report.to_dict())
     else:
         for o in report.outputs:
             click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}")
+        if report.perplexity:
+            p = report.perplexity
+            click.echo(f"perplexity: original {p['original']:.4f}  bundle {p['bundle']:.4f}  "
+                       f"({p['relative_change'] * 100:+.2f}%)")
         click.echo(f"{'PASS' if report.passed else 'FAIL'} (tolerance {tolerance:g}, {report.samples} sample(s))")
     if not report.passed:
         sys.exit(ExitCode.VERIFY_FAILED)

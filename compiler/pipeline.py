@@ -48,11 +48,31 @@ def optional_passes(options, target) -> list:
     ]
 
 
+def quantize_passes(options, target, graph_inputs: list[str]) -> list:
+    """The approximating passes the options ask for (none by default)."""
+    mode = getattr(options, "quantize", None)
+    mode = getattr(mode, "value", mode)
+    if mode in (None, "none"):
+        return []
+    from lmc.passes.quantize.calibration import load_calibration
+    from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+
+    feeds = None
+    if options.calib:
+        feeds = load_calibration(options.calib, graph_inputs, options.calib_samples)
+    if mode in ("int8", "int4"):
+        bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
+        table_bits = 8 if mode == "int4" else None
+        return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size, table_bits=table_bits,
+                                               calib_feeds=feeds)), Cleanup()]
+    raise LmcError(f"--quantize {mode} is not available")
+
+
 def pass_names(options=None, target=None) -> list[str]:
     return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)]
 
 
-def default_pipeline(options, target) -> list:
+def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> list:
     disabled = set(getattr(options, "disabled_passes", ()) or ())
     known = set(pass_names(options, target))
     unknown = disabled - known
@@ -67,4 +87,5 @@ def default_pipeline(options, target) -> list:
         FixedPoint("simplify", simplify),
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
+        *quantize_passes(options, target, graph_inputs or []),
     ]

@@ -35,3 +35,13 @@ def scratch_bytes(node: gs.Node) -> int:
         block = int(node.attrs.get("block_size", 32))
         return n * block * 4
     return 0
+
+
+def decode_scratch(dq: gs.Node) -> int:
+    """Working bytes of a MatMulNBits-fused DequantizeLinear: one block column of the float weight,
+    N·block·4 (N output features; block = block_size, or 32 for per-channel), as MatMulNBits estimates."""
+    shape = ir.static_shape(dq.outputs[0])
+    if shape is None or len(shape) != 2:
+        return 0
+    block = int(dq.attrs.get("block_size", 0)) or 32
+    return shape[1] * block * 4

@@ -187,8 +187,10 @@ def bundle_model_path(bundle: str | Path) -> Path:
 
 
 def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = None,
-           tolerance: float = DEFAULT_TOLERANCE, samples: int = 1, seed: int = 0) -> VerifyReport:
-    """Compare a bundle (folder or model path) with the original model under onnxruntime."""
+           tolerance: float = DEFAULT_TOLERANCE, samples: int = 1, seed: int = 0,
+           tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64) -> VerifyReport:
+    """Compare a bundle (folder or model path) with the original model under onnxruntime; with ``tokens``
+    also report both models' perplexity over the first ``windows`` windows of ``seq_len`` tokens."""
     model_path = bundle_model_path(bundle)
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
@@ -198,4 +200,13 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
         feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
-    return compare_models(against, model_path, feeds, tolerance)
+    report = compare_models(against, model_path, feeds, tolerance)
+    if tokens is not None:
+        from lmc.compiler.perplexity import load_tokens, perplexity
+
+        windows_arr = load_tokens(tokens, seq_len, windows)
+        ppl = {"original": perplexity(_load_session(against), windows_arr).perplexity,
+               "bundle": perplexity(_load_session(model_path), windows_arr).perplexity}
+        ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
+        report = VerifyReport(report.outputs, report.samples, report.tolerance, ppl)
+    return report

@@ -4,7 +4,8 @@ Fields: ``schema``, ``target``, ``alignment``, ``arena_bytes``, ``lower_bound_by
 (bytes by placement: ``mmap`` | ``flash`` | ``ram``), ``io_bytes`` (graph inputs + outputs),
 ``peak_ram_bytes`` = arena + io + weights placed in RAM, ``scheduler``, ``placement_strategy``,
 ``schedule`` (node names in run order) and ``tensors`` (``name``, ``size`` (aligned bytes), ``offset``,
-``first``, ``last`` — step indices into ``schedule``, inclusive).
+``first``, ``last`` — step indices into ``schedule``, inclusive) and ``decoded_weights`` (outputs of
+DequantizeLinear nodes the runtime fuses into their MatMul: no arena buffer).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class MemoryPlan:
     placement_strategy: str
     schedule: tuple[str, ...]
     tensors: tuple[PlannedTensor, ...]
+    decoded_weights: tuple[str, ...] = ()   # weights dequantized inside their consumer (no arena buffer)
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -55,6 +57,7 @@ class MemoryPlan:
             "placement_strategy": self.placement_strategy,
             "schedule": list(self.schedule),
             "tensors": [t.__dict__ for t in self.tensors],
+            "decoded_weights": list(self.decoded_weights),
         }
 
     def to_json(self) -> str:
@@ -69,7 +72,8 @@ class MemoryPlan:
             lower_bound_bytes=int(data["lower_bound_bytes"]), weights_bytes=dict(data["weights_bytes"]),
             io_bytes=int(data["io_bytes"]), scheduler=data.get("scheduler", ""),
             placement_strategy=data.get("placement_strategy", ""), schedule=tuple(data["schedule"]),
-            tensors=tuple(PlannedTensor(**t) for t in data["tensors"]))
+            tensors=tuple(PlannedTensor(**t) for t in data["tensors"]),
+            decoded_weights=tuple(data.get("decoded_weights", ())))
 
 
 def check_plan(plan: MemoryPlan, readers: dict[str, tuple[int, list[int]]] | None = None) -> list[str]:

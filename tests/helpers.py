@@ -57,8 +57,9 @@ def independent_plan_check(bundle: Path) -> dict:
                 consumed.setdefault(i, []).append(step[name])
     tensors = {t["name"]: t for t in plan["tensors"]}
     align = plan["alignment"]
+    decoded = set(plan.get("decoded_weights", []))
     for name, first in produced.items():
-        if name in outputs:
+        if name in outputs or name in decoded:
             continue
         assert name in tensors, f"intermediate {name} missing from plan"
         t = tensors[name]

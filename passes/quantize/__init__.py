@@ -1,0 +1,1 @@
+"""Quantization: scale choice (``scales``), calibration statistics (``calibration``) and the passes."""

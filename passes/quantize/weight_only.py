@@ -1,0 +1,261 @@
+"""Weight-only quantization (approximate): int8 per channel, or int4 block-wise; activations stay float.
+
+Rewrites, for constant weights of at least ``min_elements`` elements (scales: ``lmc.passes.quantize.scales``,
+weighted by calibration second moments of the input features when calibration data is given):
+
+- ``MatMul(x, W[K, N])`` → ``MatMul(x, DequantizeLinear(Q, s))`` with
+  int8: Q int8 [K, N], s [N], axis 1 (per output channel);
+  int4: Q int4 [K, N], s [K/B, N], axis 0, ``block_size`` B (opset 21) — the form onnxruntime fuses into
+  ``MatMulNBits`` (both), so the float weight is never materialised.
+- ``Gemm`` (B constant) likewise, ``Conv`` weights int8 per output channel (axis 0).
+- A table read by ``Gather`` (an embedding), alone or tied to an lm head (``FusedMatMul(x, T, transB=1)``
+  or ``Gemm(x, T, transB=1)``): stored once as unsigned ``bits``-bit blocks along its rows
+  [V, D/B, B·bits/8] with scales [V, D/B]; the head becomes ``com.microsoft.MatMulNBits`` and the gather
+  ``com.microsoft.GatherBlockQuantized`` over the same bytes — the table is quantized once and stays
+  shared, and no float copy of it exists at run time. Without those kernels on the target, the gather
+  falls back to DequantizeLinear + Gather (whose float table the memory plan counts).
+
+Each quantized weight's relative error ‖W − Ŵ‖_h / ‖W‖_h (h-weighted) is recorded in the pass stats.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.quantize.calibration import ChannelStats, collect
+from lmc.passes.quantize.scales import pack_int4, pack_uint4, quantize_blocks, quantize_channels
+
+log = logging.getLogger(__name__)
+
+
+class WeightBits(enum.IntEnum):
+    INT8 = 8
+    INT4 = 4
+
+
+@dataclass
+class WeightReport:
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    rel_error: float
+
+
+@dataclass
+class QuantizeConfig:
+    bits: WeightBits
+    block_size: int = 32
+    table_bits: int | None = None            # bits for Gather tables (embedding / tied head); None = ``bits``
+    min_elements: int = 4096
+    search: bool = True
+    stats: dict[str, ChannelStats] = field(default_factory=dict)   # activation name -> stats
+    calib_feeds: list[dict] | None = None     # when given, ``stats`` are collected from these feeds first
+
+
+def _int4_constant(name: str, q: np.ndarray) -> gs.Constant:
+    proto = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), pack_int4(q), raw=True)
+    return gs.Constant(name, gs.LazyValues(proto))
+
+
+def _rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, feature_axis: int) -> float:
+    diff2, ref2 = (w - w_hat) ** 2, w.astype(np.float64) ** 2
+    if h is not None:
+        shape = [1] * w.ndim
+        shape[feature_axis] = -1
+        diff2, ref2 = diff2 * h.reshape(shape), ref2 * h.reshape(shape)
+    return float(np.sqrt(diff2.sum() / max(ref2.sum(), 1e-30)))
+
+
+def _pow2_block(d: int, preferred: int) -> int | None:
+    """The largest power of two ≤ ``preferred`` (and ≥ 16) dividing d."""
+    b = preferred
+    while b >= 16:
+        if d % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+class QuantizeWeights:
+    kind = PassKind.APPROXIMATE
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+    preserves_shapes = True
+
+    def __init__(self, config: QuantizeConfig):
+        self.config = config
+        self.name = f"quantize-weights-int{int(config.bits)}"
+        self.reports: list[WeightReport] = []
+
+    # -------------------------------------------------------------------------------------------
+    def _importance(self, activation: gs.Tensor) -> np.ndarray | None:
+        st = self.config.stats.get(activation.name)
+        if st is None:
+            return None
+        return np.maximum(st.second_moment, 1e-12 * max(float(st.second_moment.max()), 1e-30))
+
+    def _calibrate(self, graph: gs.Graph) -> None:
+        """Second moments of every activation that multiplies a quantizable weight."""
+        wanted = set()
+        for const in ir.constants(graph):
+            for node in const.outputs:
+                if ir.is_op(node, ("MatMul", "Gemm")) and node.inputs[1] is const:
+                    wanted.add(node.inputs[0].name)
+                elif ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN) and node.inputs[1] is const:
+                    wanted.add(node.inputs[0].name)
+        wanted = sorted(n for n in wanted if n)
+        if wanted:
+            log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
+            self.config.stats = collect(graph, wanted, self.config.calib_feeds)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self.config.calib_feeds and not self.config.stats:
+            self._calibrate(graph)
+        names = ir.Namer(graph)
+        counts = {"matmul": 0, "gemm": 0, "conv": 0, "table": 0, "tied_table": 0}
+        notes: list[str] = []
+        for const in ir.constants(graph):
+            size = int(np.prod(const.shape)) if const.shape else 1
+            if size < self.config.min_elements or ir.onnx_dtype(const.dtype) != onnx.TensorProto.FLOAT:
+                continue
+            readers = list(const.outputs)
+            gathers = [n for n in readers if ir.is_op(n, "Gather") and n.inputs[0] is const
+                       and int(n.attrs.get("axis", 0)) == 0]
+            heads = [n for n in readers if n not in gathers and self._is_transposed_head(n, const)]
+            if gathers and len(gathers) + len(heads) == len(readers) and len(const.shape) == 2:
+                kind = self._quantize_table(graph, const, gathers, heads, ctx, names, notes)
+                if kind:
+                    counts[kind] += 1
+                continue
+            matmuls = [n for n in readers if ir.is_op(n, "MatMul") and n.inputs[1] is const and n.inputs[0] is not const]
+            if matmuls and len(matmuls) == len(readers) and len(const.shape) == 2:
+                self._quantize_matmul_weight(graph, const, matmuls, names)
+                counts["matmul"] += 1
+                continue
+            gemms = [n for n in readers if ir.is_op(n, "Gemm") and n.inputs[1] is const and n.inputs[0] is not const]
+            if gemms and len(gemms) == len(readers) and len({int(n.attrs.get("transB", 0)) for n in gemms}) == 1:
+                self._quantize_gemm_weight(graph, const, gemms, names)
+                counts["gemm"] += 1
+                continue
+            convs = [n for n in readers if ir.is_op(n, "Conv") and n.inputs[1] is const]
+            if convs and len(convs) == len(readers):
+                self._dequantized(graph, const, convs, 1, *self._int8(const, axis=0), axis=0, names=names)
+                counts["conv"] += 1
+        q_bytes = sum(ir.tensor_nbytes(c) or 0 for c in ir.constants(graph))
+        stats: dict[str, int | float] = {f"{k}_weights": v for k, v in counts.items() if v}
+        if self.reports:
+            errs = [r.rel_error for r in self.reports]
+            stats.update({"weights_quantized": len(self.reports), "mean_rel_error": float(np.mean(errs)),
+                          "max_rel_error": float(np.max(errs)), "weight_bytes_after": q_bytes})
+            worst = sorted(self.reports, key=lambda r: -r.rel_error)[:5]
+            notes += [f"{r.name} {list(r.shape)} int{r.bits}: weighted relative error {r.rel_error:.4f}" for r in worst]
+        return PassResult(graph, modified=bool(self.reports), stats=stats, notes=notes)
+
+    # ------------------------------------------------------------------------------------ pieces
+    @staticmethod
+    def _is_transposed_head(node: gs.Node, const: gs.Constant) -> bool:
+        if ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN):
+            return (node.inputs[1] is const and int(node.attrs.get("transB", 0)) == 1
+                    and int(node.attrs.get("transA", 0)) == 0 and float(node.attrs.get("alpha", 1.0)) == 1.0)
+        if ir.is_op(node, "Gemm"):
+            return (node.inputs[1] is const and int(node.attrs.get("transB", 0)) == 1 and len(node.inputs) == 2
+                    and int(node.attrs.get("transA", 0)) == 0 and float(node.attrs.get("alpha", 1.0)) == 1.0)
+        return False
+
+    def _int8(self, const: gs.Constant, axis: int, importance=None):
+        w = np.asarray(const.values)
+        q, s = quantize_channels(w, axis, importance, self.config.search)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        w_hat = q.astype(np.float32) * s.reshape(shape)
+        feat = 1 - axis if w.ndim == 2 else axis
+        self.reports.append(WeightReport(const.name, tuple(w.shape), 8, _rel_error(w, w_hat, importance, feat)))
+        return gs.Constant(const.name + "_q", q), gs.Constant(const.name + "_scale", s)
+
+    def _dequantized(self, graph, const, consumers, slot, q, scale, axis, names, block_size=None):
+        out = gs.Variable(names.fresh(const.name + "_dq"), dtype=np.float32, shape=list(const.shape))
+        q.name, scale.name = names.fresh(q.name), names.fresh(scale.name)
+        attrs = {"axis": axis}
+        if block_size:
+            attrs["block_size"] = block_size
+        graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(const.name + "_DequantizeLinear"),
+                                   attrs=attrs, inputs=[q, scale], outputs=[out]))
+        for node in consumers:
+            node.inputs[slot] = out
+
+    def _quantize_matmul_weight(self, graph, const, matmuls, names) -> None:
+        w = np.asarray(const.values)
+        k, n = w.shape
+        h = self._importance(matmuls[0].inputs[0])
+        block = _pow2_block(k, self.config.block_size) if self.config.bits == WeightBits.INT4 else None
+        if self.config.bits == WeightBits.INT4 and block:
+            qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
+            w_hat = (qt.astype(np.float32).reshape(n, k // block, block) * st[..., None]).reshape(n, k).T
+            self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w, w_hat, h, 0)))
+            q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T))
+            scale = gs.Constant(const.name + "_scale", np.ascontiguousarray(st.T))
+            self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block)
+            return
+        q, scale = self._int8(const, axis=1, importance=h)
+        self._dequantized(graph, const, matmuls, 1, q, scale, axis=1, names=names)
+
+    def _quantize_gemm_weight(self, graph, const, gemms, names) -> None:
+        trans_b = int(gemms[0].attrs.get("transB", 0))
+        h = self._importance(gemms[0].inputs[0])
+        q, scale = self._int8(const, axis=0 if trans_b else 1, importance=h)
+        self._dequantized(graph, const, gemms, 1, q, scale, axis=0 if trans_b else 1, names=names)
+
+    def _quantize_table(self, graph, const, gathers, heads, ctx, names, notes) -> str | None:
+        bits = int(self.config.table_bits or self.config.bits)
+        v, d = const.shape
+        block = _pow2_block(d, self.config.block_size if bits == 4 else 256)
+        can = ctx.target is not None and ctx.target.tuning.can_emit("GatherBlockQuantized", ir.MS_DOMAIN) and \
+            (not heads or ctx.target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN))
+        if not can or block is None:
+            if heads:
+                notes.append(f"{const.name}: tied table left in float (no block-quantized kernels or block)")
+                return None
+            q, scale = self._int8(const, axis=0)
+            self._dequantized(graph, const, gathers, 0, q, scale, axis=0, names=names)
+            return "table"
+        w = np.asarray(const.values)
+        h = self._importance(heads[0].inputs[0]) if heads else None
+        q, s = quantize_blocks(w, block, bits, h, self.config.search)              # [V, D], [V, D/B]
+        w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
+        self.reports.append(WeightReport(const.name, (v, d), bits, _rel_error(w, w_hat, h, 1)))
+        unsigned = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(v, d // block, block)
+        packed = pack_uint4(unsigned) if bits == 4 else unsigned
+        data = gs.Constant(names.fresh(const.name + f"_u{bits}"), np.ascontiguousarray(packed))
+        scales = gs.Constant(names.fresh(const.name + "_block_scales"), s.astype(np.float32))
+        for head in heads:
+            x = head.inputs[0]
+            head.op, head.domain = "MatMulNBits", ir.MS_DOMAIN
+            head.attrs = {"K": d, "N": v, "bits": bits, "block_size": block}
+            head.inputs.clear()
+            head.inputs.extend([x, data, scales])
+        scales3 = gs.Variable(names.fresh(const.name + "_block_scales_3d"), dtype=np.float32,
+                              shape=[v, d // block, 1])
+        graph.nodes.append(gs.Node("Reshape", name=names.fresh(const.name + "_scales_3d"), inputs=[
+            scales, gs.Constant(names.fresh(const.name + "_scales_shape"), np.array([v, d // block, 1], np.int64))],
+            outputs=[scales3]))
+        for gather in gathers:
+            ids, out = gather.inputs[1], gather.outputs[0]
+            blocks = gs.Variable(names.fresh(out.name + "_blocks"), dtype=np.float32,
+                                 shape=list(ids.shape or []) + [d // block, block])
+            gather.op, gather.domain = "GatherBlockQuantized", ir.MS_DOMAIN
+            gather.attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": bits}
+            gather.inputs.clear()
+            gather.inputs.extend([data, ids, scales3])
+            gather.outputs[0] = blocks
+            graph.nodes.append(gs.Node("Reshape", name=names.fresh(gather.name + "_rows"), inputs=[
+                blocks, gs.Constant(names.fresh(out.name + "_shape"), np.array(list(out.shape), np.int64))],
+                outputs=[out]))
+        return "tied_table" if heads else "table"
