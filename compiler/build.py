@@ -48,6 +48,7 @@ class BuildOptions:
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: AttentionMode = AttentionMode.DENSE
     block_size: int = 32
+    table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
     calib_samples: int = 32
     disabled_passes: tuple[str, ...] = ()

@@ -46,7 +46,7 @@ def _mib(n: int | None) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (accepted anywhere on the line).")
 @click.option("-v", "--verbose", count=True, help="Log what the compiler does (-vv for more).")
 @click.version_option(package_name="lmc")
 def cli(debug: bool, verbose: int) -> None:
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (see module docstring)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]      # accepted anywhere on the line
     try:
         cli.main(args=args, prog_name="lmc", standalone_mode=False)
     except click.exceptions.Exit as exc:

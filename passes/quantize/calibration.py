@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChannelStats:
-    second_moment: np.ndarray
-    absmax: np.ndarray
+    second_moment: np.ndarray         # E[x_k²]
+    absmax: np.ndarray                # max |x_k|
+    gram: np.ndarray | None = None    # Σ x xᵀ over every position (for GPTQ), when collected
 
 
 def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: int | None = None) -> list[dict]:
@@ -47,8 +48,9 @@ def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: 
 
 
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
-            progress: Callable[[int, int], None] | None = None) -> dict[str, ChannelStats]:
-    """Second moments and absmax per last-axis feature of ``tensors`` over ``feeds``."""
+            progress: Callable[[int, int], None] | None = None, gram: bool = False) -> dict[str, ChannelStats]:
+    """Second moments and absmax per last-axis feature of ``tensors`` over ``feeds`` (and XᵀX with
+    ``gram``)."""
     model = ir.to_model(graph)
     present = {o.name for o in model.graph.output}
     for name in tensors:
@@ -62,6 +64,7 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+    grams: dict[str, np.ndarray] = {}
     inputs = {i.name for i in sess.get_inputs()}
     for i, feed in enumerate(feeds):
         values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
@@ -70,6 +73,8 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
             sums[name] = sums.get(name, 0) + (flat ** 2).sum(axis=0)
             maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
             counts[name] = counts.get(name, 0) + flat.shape[0]
+            if gram:
+                grams[name] = grams.get(name, 0) + flat.T @ flat
         if progress:
             progress(i + 1, len(feeds))
-    return {n: ChannelStats(sums[n] / counts[n], maxes[n]) for n in tensors}
+    return {n: ChannelStats(sums[n] / counts[n], maxes[n], grams.get(n)) for n in tensors}

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.quantize.calibration import ChannelStats, collect
-from lmc.passes.quantize.scales import pack_int4, pack_uint4, quantize_blocks, quantize_channels
+from lmc.passes.quantize.scales import (gptq_blocks, pack_int4, pack_uint4, pack_uint4_flat, quantize_blocks,
+                                       quantize_blocks_asymmetric, quantize_channels)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,17 @@ class QuantizeConfig:
     table_bits: int | None = None            # bits for Gather tables (embedding / tied head); None = ``bits``
     min_elements: int = 4096
     search: bool = True
+    asymmetric: bool = True                  # int4 MatMul weights: uint4 with a zero point per block
+    gptq: bool = True                        # int4 with calibration: GPTQ error compensation
     stats: dict[str, ChannelStats] = field(default_factory=dict)   # activation name -> stats
     calib_feeds: list[dict] | None = None     # when given, ``stats`` are collected from these feeds first
 
 
-def _int4_constant(name: str, q: np.ndarray) -> gs.Constant:
-    proto = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), pack_int4(q), raw=True)
-    return gs.Constant(name, gs.LazyValues(proto))
+def _int4_constant(name: str, q: np.ndarray, unsigned: bool = False) -> gs.Constant:
+    dtype = onnx.TensorProto.UINT4 if unsigned else onnx.TensorProto.INT4
+    data = pack_uint4_flat(q) if unsigned else pack_int4(q)
+    proto = onnx.helper.make_tensor(name, dtype, list(q.shape), data, raw=True)
+    return gs.Constant(name, LazyValues(proto))
 
 
 def _rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, feature_axis: int) -> float:
@@ -72,6 +78,14 @@ def _rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, feature_a
         shape[feature_axis] = -1
         diff2, ref2 = diff2 * h.reshape(shape), ref2 * h.reshape(shape)
     return float(np.sqrt(diff2.sum() / max(ref2.sum(), 1e-30)))
+
+
+def _gptq_batch(k: int, block: int) -> int:
+    """The lazy-update batch: a multiple of the block dividing K, near 128."""
+    batch = block * max(1, 128 // block)
+    while k % batch:
+        batch -= block
+    return batch
 
 
 def _pow2_block(d: int, preferred: int) -> int | None:
@@ -114,7 +128,8 @@ class QuantizeWeights:
         wanted = sorted(n for n in wanted if n)
         if wanted:
             log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
-            self.config.stats = collect(graph, wanted, self.config.calib_feeds)
+            self.config.stats = collect(graph, wanted, self.config.calib_feeds,
+                                        gram=self.config.bits == WeightBits.INT4 and self.config.gptq)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.config.calib_feeds and not self.config.stats:
@@ -180,14 +195,15 @@ class QuantizeWeights:
         self.reports.append(WeightReport(const.name, tuple(w.shape), 8, _rel_error(w, w_hat, importance, feat)))
         return gs.Constant(const.name + "_q", q), gs.Constant(const.name + "_scale", s)
 
-    def _dequantized(self, graph, const, consumers, slot, q, scale, axis, names, block_size=None):
+    def _dequantized(self, graph, const, consumers, slot, q, scale, axis, names, block_size=None, zero=None):
         out = gs.Variable(names.fresh(const.name + "_dq"), dtype=np.float32, shape=list(const.shape))
         q.name, scale.name = names.fresh(q.name), names.fresh(scale.name)
         attrs = {"axis": axis}
         if block_size:
             attrs["block_size"] = block_size
         graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(const.name + "_DequantizeLinear"),
-                                   attrs=attrs, inputs=[q, scale], outputs=[out]))
+                                   attrs=attrs, inputs=[q, scale] + ([zero] if zero is not None else []),
+                                   outputs=[out]))
         for node in consumers:
             node.inputs[slot] = out
 
@@ -197,12 +213,24 @@ class QuantizeWeights:
         h = self._importance(matmuls[0].inputs[0])
         block = _pow2_block(k, self.config.block_size) if self.config.bits == WeightBits.INT4 else None
         if self.config.bits == WeightBits.INT4 and block:
-            qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
-            w_hat = (qt.astype(np.float32).reshape(n, k // block, block) * st[..., None]).reshape(n, k).T
+            zero = None
+            stats = self.config.stats.get(matmuls[0].inputs[0].name)
+            if self.config.gptq and stats is not None and stats.gram is not None:
+                qt, st, zt = gptq_blocks(w.T, stats.gram, block, 4, batch=_gptq_batch(k, block))
+                centred = qt.astype(np.float32).reshape(n, k // block, block) - zt[..., None]
+                zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
+            elif self.config.asymmetric:
+                qt, st, zt = quantize_blocks_asymmetric(w.T, block, 4, h, self.config.search)
+                centred = qt.astype(np.float32).reshape(n, k // block, block) - zt[..., None]
+                zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
+            else:
+                qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
+                centred = qt.astype(np.float32).reshape(n, k // block, block)
+            w_hat = (centred * st[..., None]).reshape(n, k).T
             self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w, w_hat, h, 0)))
-            q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T))
+            q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T), unsigned=zero is not None)
             scale = gs.Constant(const.name + "_scale", np.ascontiguousarray(st.T))
-            self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block)
+            self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block, zero=zero)
             return
         q, scale = self._int8(const, axis=1, importance=h)
         self._dequantized(graph, const, matmuls, 1, q, scale, axis=1, names=names)
