@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from lmc.compiler.errors import LmcError
 from lmc.targets.liveness import scratch_name
@@ -51,7 +50,7 @@ class ArenaExecutor:
         self.infos = _value_infos(self.model)
         for t in self.model.graph.initializer:
             self.infos.setdefault(t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        self.weights = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
+        self.weights = {t.name: t for t in self.model.graph.initializer}
         self.nodes = {n.name: n for n in self.model.graph.node}
         self.opsets = list(self.model.opset_import)
         self.placement = {t.name: t for t in self.plan.tensors}
@@ -62,12 +61,15 @@ class ArenaExecutor:
 
     def _session(self, node: onnx.NodeProto) -> ort.InferenceSession:
         if node.name not in self._sessions:
-            inputs = [self.infos[name] if name in self.infos else None for name in node.input if name]
-            if any(vi is None for vi in inputs):
-                unknown = [n for n in node.input if n and n not in self.infos]
+            names = list(dict.fromkeys(n for n in node.input if n))
+            weights = [self.weights[n] for n in names if n in self.weights]   # kept as initializers
+            fed = [n for n in names if n not in self.weights]
+            unknown = [n for n in fed if n not in self.infos]
+            if unknown:
                 raise LmcError(f"node '{node.name}': no type information for {unknown}")
+            inputs = [self.infos[n] for n in fed]
             outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
-            graph = onnx.helper.make_graph([node], node.name or "step", inputs, outputs)
+            graph = onnx.helper.make_graph([node], node.name or "step", inputs, outputs, weights)
             model = onnx.helper.make_model(graph, opset_imports=self.opsets)
             model.ir_version = self.model.ir_version
             opts = ort.SessionOptions()
@@ -104,7 +106,7 @@ class ArenaExecutor:
                 elif inp in feeds:
                     feed[inp] = np.asarray(feeds[inp])
                 elif inp in self.weights:
-                    feed[inp] = self.weights[inp]
+                    continue
                 elif inp in outputs:
                     feed[inp] = outputs[inp]
                 else:
