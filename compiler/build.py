@@ -33,6 +33,7 @@ class QuantizeMode(enum.Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
+    W8A8 = "w8a8"
 
 
 class AttentionMode(enum.Enum):

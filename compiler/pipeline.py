@@ -65,6 +65,11 @@ def quantize_passes(options, target, graph_inputs: list[str]) -> list:
         table_bits = getattr(options, "table_bits", None) or (8 if mode == "int4" else None)
         return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size, table_bits=table_bits,
                                                calib_feeds=feeds)), Cleanup()]
+    if mode == "w8a8":
+        from lmc.passes.merge_matmuls import MergeParallelMatMuls
+        from lmc.passes.quantize.w8a8 import QuantizeW8A8
+
+        return [MergeParallelMatMuls(), QuantizeW8A8(feeds), Cleanup()]
     raise LmcError(f"--quantize {mode} is not available")
 
 

@@ -29,6 +29,7 @@ class ChannelStats:
     second_moment: np.ndarray         # E[x_k²]
     absmax: np.ndarray                # max |x_k|
     gram: np.ndarray | None = None    # Σ x xᵀ over every position (for GPTQ), when collected
+    rows: np.ndarray | None = None    # a deterministic sample of rows of x [R, features], when requested
 
 
 def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: int | None = None) -> list[dict]:
@@ -48,9 +49,10 @@ def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: 
 
 
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
-            progress: Callable[[int, int], None] | None = None, gram: bool = False) -> dict[str, ChannelStats]:
+            progress: Callable[[int, int], None] | None = None, gram: bool = False,
+            keep_rows: int = 0) -> dict[str, ChannelStats]:
     """Second moments and absmax per last-axis feature of ``tensors`` over ``feeds`` (and XᵀX with
-    ``gram``)."""
+    ``gram``; up to ``keep_rows`` rows of x, spread evenly over the samples, with ``keep_rows``)."""
     model = ir.to_model(graph)
     present = {o.name for o in model.graph.output}
     for name in tensors:
@@ -65,6 +67,8 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
     maxes: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     grams: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {}
+    per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
     inputs = {i.name for i in sess.get_inputs()}
     for i, feed in enumerate(feeds):
         values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
@@ -75,6 +79,10 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
             counts[name] = counts.get(name, 0) + flat.shape[0]
             if gram:
                 grams[name] = grams.get(name, 0) + flat.T @ flat
+            if per_sample:
+                step = max(1, flat.shape[0] // per_sample)
+                kept.setdefault(name, []).append(flat[::step][:per_sample].astype(np.float32))
         if progress:
             progress(i + 1, len(feeds))
-    return {n: ChannelStats(sums[n] / counts[n], maxes[n], grams.get(n)) for n in tensors}
+    return {n: ChannelStats(sums[n] / counts[n], maxes[n], grams.get(n),
+                            np.concatenate(kept[n]) if n in kept else None) for n in tensors}

@@ -1,0 +1,203 @@
+"""W8A8: int8 weights and int8 activations in QDQ form, with a measured outlier remedy (approximate).
+
+For every group of MatMuls that read the same activation x with constant weights W_j (e.g. q/k/v after a
+norm, gate/up, down, o):
+
+1. Smoothing (SmoothQuant): x' = x / s, W_j' = diag(s) W_j with s_k = max|x_k|^α / max_j max|W_j[k, :]|^(1−α);
+   the division is folded into x's producer — a norm's scale (and bias), or the up-projection columns of
+   a SwiGLU product — so no op is added. Groups whose producer cannot absorb it use α = 0.
+2. Activation scale, per tensor, symmetric int8: s_x = c · max|x'| / 127 with clip ratio c.
+3. (α, c) are chosen per group *by measurement*: on calibration rows X the group's output error
+   Σ_j ‖X W_j − Q(X/s)·Q(diag(s) W_j)‖² / ‖X W_j‖² is evaluated for every candidate and the smallest kept.
+4. A group whose best error is still above ``max_error`` keeps float activations (weights int8): the few
+   tensors that break int8 are left in higher precision, and the report names them.
+
+Rewrite: x → QuantizeLinear(x, s_x, 0) → DequantizeLinear → MatMul(·, DequantizeLinear(W_q, s_w, axis=1)),
+which onnxruntime runs as QuantizeLinear + MatMulIntegerToFloat (integer GEMM). Everything else
+(weights of other ops, the tied table) is quantized as in weight-only int8.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.errors import LmcError
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.quantize.calibration import collect
+from lmc.passes.quantize.scales import quantize_channels
+from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.0, 0.25, 0.5, 0.65, 0.8)
+CLIPS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
+NORMS = ("RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization")
+
+
+@dataclass
+class GroupChoice:
+    activation: str
+    alpha: float
+    clip: float
+    error: float
+    quantized: bool
+
+
+def _fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(np.rint(x / scale), -127, 127) * scale
+
+
+def _best_choice(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray], alphas) -> tuple[float, float, float]:
+    """(error, α, c) minimising the group's mean relative output error on calibration rows, where the error
+    of one weight is ‖X W − Q(X/s)·Q(diag(s) W)‖² / ‖X W‖²."""
+    refs = [rows @ w for w in weights]
+    norms = [max(float(np.sum(y ** 2)), 1e-30) for y in refs]
+    best = (np.inf, 0.0, 1.0)
+    for alpha in alphas:
+        s = _smoothing(absmax, weights, alpha)
+        deq = []
+        for w in weights:
+            q, sw = quantize_channels(w * s[:, None], axis=1, search=False)
+            deq.append(q.astype(np.float32) * sw[None, :])
+        x = rows / s
+        top = float((absmax / s).max())
+        for clip in CLIPS:
+            xq = _fake_quant(x, max(clip * top / 127.0, 1e-12))
+            err = float(np.mean([np.sum((y - xq @ d) ** 2) / n for y, d, n in zip(refs, deq, norms)]))
+            if err < best[0]:
+                best = (err, alpha, clip)
+    return best
+
+
+def _smoothing(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    if alpha == 0.0:
+        return np.ones_like(absmax, dtype=np.float32)
+    wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    s = np.power(np.maximum(absmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
+    """A function folding x ← x / s into x's producer, or None when x's producer cannot absorb it."""
+    node = ir.producer(x)
+    if node is None or any(r not in readers for r in x.outputs) or x.name in ir.graph_outputs(graph):
+        return None
+    if ir.is_op(node, NORMS) and isinstance(node.inputs[1], gs.Constant):
+        def fold_norm(s: np.ndarray) -> None:
+            for i in range(1, len(node.inputs)):
+                t = node.inputs[i]
+                if isinstance(t, gs.Constant):
+                    node.inputs[i] = gs.Constant(t.name + "_smoothed", (np.asarray(t.values) / s).astype(np.float32))
+        return fold_norm
+    if ir.is_op(node, "Mul"):
+        for i in (0, 1):
+            split = ir.producer(node.inputs[i])
+            if split is not None and ir.is_op(split, "Split") and len(node.inputs[i].outputs) == 1:
+                fold = _absorb_into_split_columns(split, node.inputs[i])
+                if fold is not None:
+                    return fold
+            up = ir.producer(node.inputs[i])
+            if (up is not None and ir.is_op(up, "MatMul") and isinstance(up.inputs[1], gs.Constant)
+                    and len(up.outputs[0].outputs) == 1 and len(up.inputs[1].outputs) == 1):
+                def fold_up(s: np.ndarray, up=up) -> None:
+                    w = np.asarray(up.inputs[1].values)
+                    up.inputs[1] = gs.Constant(up.inputs[1].name + "_smoothed", (w / s[None, :]).astype(np.float32))
+                return fold_up
+    return None
+
+
+def _absorb_into_split_columns(split: gs.Node, part: gs.Tensor):
+    """Fold 1/s into the columns of a merged MatMul weight that produce Split output ``part``."""
+    mm = ir.producer(split.inputs[0])
+    sizes = ir.const_value(split.inputs[1]) if len(split.inputs) > 1 else None
+    if (mm is None or not ir.is_op(mm, "MatMul") or not isinstance(mm.inputs[1], gs.Constant) or sizes is None
+            or int(split.attrs.get("axis", 0)) not in (-1, len(mm.outputs[0].shape or []) - 1)
+            or len(mm.inputs[1].outputs) != 1):
+        return None
+    index = [o for o in split.outputs].index(part)
+    start = int(np.sum(sizes[:index]))
+    stop = start + int(sizes[index])
+
+    def fold(s: np.ndarray) -> None:
+        w = np.asarray(mm.inputs[1].values).copy()
+        w[:, start:stop] /= s[None, :]
+        mm.inputs[1] = gs.Constant(mm.inputs[1].name + "_smoothed", w.astype(np.float32))
+    return fold
+
+
+class QuantizeW8A8:
+    name = "quantize-w8a8"
+    kind = PassKind.APPROXIMATE
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+    preserves_shapes = True
+
+    def __init__(self, calib_feeds: list[dict] | None, max_error: float = 0.02, rows: int = 1024):
+        self.calib_feeds = calib_feeds
+        self.max_error = max_error
+        self.rows = rows
+        self.choices: list[GroupChoice] = []
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if not self.calib_feeds:
+            raise LmcError("--quantize w8a8 needs calibration data: give --calib FILE.npz")
+        groups: dict[str, list[gs.Node]] = {}
+        for node in graph.nodes:
+            if (ir.is_op(node, "MatMul") and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2
+                    and not isinstance(node.inputs[0], gs.Constant) and len(node.inputs[1].outputs) == 1):
+                groups.setdefault(node.inputs[0].name, []).append(node)
+        stats = collect(graph, sorted(groups), self.calib_feeds, keep_rows=self.rows)
+        names = ir.Namer(graph)
+        act_scales: dict[str, float] = {}
+        for act, matmuls in groups.items():
+            st = stats[act]
+            x = matmuls[0].inputs[0]
+            weights = [np.asarray(m.inputs[1].values, dtype=np.float32) for m in matmuls]
+            absorb = _absorber(graph, x, matmuls)
+            alphas = ALPHAS if absorb is not None else (0.0,)
+            rows = st.rows.astype(np.float32)
+            err, alpha, clip = _best_choice(rows, st.absmax, weights, alphas)
+            quantize_act = err <= self.max_error
+            self.choices.append(GroupChoice(act, alpha, clip, err, quantize_act))
+            if alpha and quantize_act:
+                s = _smoothing(st.absmax, weights, alpha)
+                absorb(s)
+                for m, w in zip(matmuls, weights):
+                    m.inputs[1] = gs.Constant(m.inputs[1].name + "_smoothed", (w * s[:, None]).astype(np.float32))
+                absmax = float((st.absmax / s).max())
+            else:
+                absmax = float(st.absmax.max())
+            if quantize_act:
+                act_scales[act] = clip * absmax / 127.0
+        # weights: int8 per channel everywhere (incl. the smoothed ones and the tied table)
+        weights_pass = QuantizeWeights(QuantizeConfig(bits=WeightBits.INT8))
+        weights_result = weights_pass.run(graph, ctx)
+        for act, scale in act_scales.items():
+            x = groups[act][0].inputs[0]
+            sc = gs.Constant(names.fresh(act + "_act_scale"), np.array(scale, dtype=np.float32))
+            zp = gs.Constant(names.fresh(act + "_act_zero"), np.array(0, dtype=np.int8))
+            q = gs.Variable(names.fresh(act + "_q8"), dtype=np.int8, shape=x.shape)
+            graph.nodes.append(gs.Node("QuantizeLinear", name=names.fresh(act + "_QuantizeLinear"),
+                                       inputs=[x, sc, zp], outputs=[q]))
+            for m in groups[act]:
+                # onnxruntime runs DQ → MatMul as MatMulIntegerToFloat only when the activation feeds one
+                # MatMul (the pipeline merges parallel MatMuls first); a DQ per reader otherwise
+                dq = gs.Variable(names.fresh(act + "_dq8"), dtype=np.float32, shape=x.shape)
+                graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(act + "_DequantizeLinear"),
+                                           inputs=[q, sc, zp], outputs=[dq]))
+                m.inputs[0] = dq
+        kept = [c for c in self.choices if not c.quantized]
+        notes = [f"{c.activation}: kept in float (best int8 error {c.error:.4f} > {self.max_error})" for c in kept]
+        smoothed = [c for c in self.choices if c.quantized and c.alpha]
+        notes += [f"{c.activation}: α={c.alpha}, clip={c.clip}, error {c.error:.4f}" for c in
+                  sorted(self.choices, key=lambda c: -c.error)[:5]]
+        stats_out = dict(weights_result.stats)
+        stats_out.update({"activation_groups": len(self.choices), "activations_int8": len(act_scales),
+                          "activations_kept_float": len(kept), "smoothed_groups": len(smoothed),
+                          "mean_group_error": float(np.mean([c.error for c in self.choices])) if self.choices else 0.0})
+        return PassResult(graph, modified=True, stats=stats_out, notes=notes + weights_result.notes)
