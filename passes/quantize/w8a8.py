@@ -146,13 +146,18 @@ class QuantizeW8A8:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not self.calib_feeds:
             raise LmcError("--quantize w8a8 needs calibration data: give --calib FILE.npz")
+        names = ir.Namer(graph)
+        for const in ir.constants(graph):   # Gemm(x, W) + C → MatMul + Add: the QDQ MatMul form runs as integer GEMM
+            gemms = [n for n in const.outputs if ir.is_op(n, "Gemm") and n.inputs[1] is const]
+            if (gemms and len(gemms) == len(const.outputs) and len(const.shape) == 2
+                    and all(QuantizeWeights._plain_gemm(g) for g in gemms)):
+                QuantizeWeights._gemms_to_matmuls(graph, const, gemms, names)
         groups: dict[str, list[gs.Node]] = {}
         for node in graph.nodes:
             if (ir.is_op(node, "MatMul") and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2
                     and not isinstance(node.inputs[0], gs.Constant) and len(node.inputs[1].outputs) == 1):
                 groups.setdefault(node.inputs[0].name, []).append(node)
         stats = collect(graph, sorted(groups), self.calib_feeds, keep_rows=self.rows)
-        names = ir.Namer(graph)
         act_scales: dict[str, float] = {}
         for act, matmuls in groups.items():
             st = stats[act]

@@ -157,7 +157,11 @@ class QuantizeWeights:
                 continue
             gemms = [n for n in readers if ir.is_op(n, "Gemm") and n.inputs[1] is const and n.inputs[0] is not const]
             if gemms and len(gemms) == len(readers) and len({int(n.attrs.get("transB", 0)) for n in gemms}) == 1:
-                self._quantize_gemm_weight(graph, const, gemms, names)
+                if self.config.bits == WeightBits.INT4 and all(self._plain_gemm(n) for n in gemms):
+                    matmul_weight = self._gemms_to_matmuls(graph, const, gemms, names)
+                    self._quantize_matmul_weight(graph, matmul_weight, list(matmul_weight.outputs), names)
+                else:
+                    self._quantize_gemm_weight(graph, const, gemms, names)
                 counts["gemm"] += 1
                 continue
             convs = [n for n in readers if ir.is_op(n, "Conv") and n.inputs[1] is const]
@@ -234,6 +238,33 @@ class QuantizeWeights:
             return
         q, scale = self._int8(const, axis=1, importance=h)
         self._dequantized(graph, const, matmuls, 1, q, scale, axis=1, names=names)
+
+    @staticmethod
+    def _plain_gemm(node: gs.Node) -> bool:
+        """Gemm = x·B (+ C) with alpha = beta = 1 and x not transposed."""
+        return (int(node.attrs.get("transA", 0)) == 0 and float(node.attrs.get("alpha", 1.0)) == 1.0
+                and float(node.attrs.get("beta", 1.0)) == 1.0)
+
+    @staticmethod
+    def _gemms_to_matmuls(graph, const, gemms, names) -> gs.Constant:
+        """Rewrite Gemm(x, B[, C]) as MatMul(x, W) (+ Add C) with W = B or Bᵀ as [K, N], so the weight takes
+        the DequantizeLinear → MatMul form onnxruntime runs as MatMulNBits."""
+        w = np.asarray(const.values)
+        if int(gemms[0].attrs.get("transB", 0)):
+            w = np.ascontiguousarray(w.T)
+        weight = gs.Constant(names.fresh(const.name + "_kn"), w)
+        for g in gemms:
+            x, out = g.inputs[0], g.outputs[0]
+            bias = g.inputs[2] if len(g.inputs) > 2 and g.inputs[2].name else None
+            g.op, g.attrs = "MatMul", {}
+            g.inputs.clear()
+            g.inputs.extend([x, weight])
+            if bias is not None:
+                mid = gs.Variable(names.fresh(out.name + "_nobias"), dtype=out.dtype, shape=out.shape)
+                g.outputs[0] = mid
+                graph.nodes.append(gs.Node("Add", name=names.fresh(g.name + "_bias"), inputs=[mid, bias],
+                                           outputs=[out]))
+        return weight
 
     def _quantize_gemm_weight(self, graph, const, gemms, names) -> None:
         trans_b = int(gemms[0].attrs.get("transB", 0))

@@ -97,3 +97,49 @@ def test_perplexity_reads_token_windows(tiny_llama, tmp_path):
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll += list(logz[:-1] - logits[np.arange(15), window[1:]])
     assert result.nll == pytest.approx(np.mean(nll), rel=1e-6)
+
+
+def test_w8a8_runs_integer_gemms(tiny_llama, tmp_path):
+    import onnxruntime as ort
+
+    path, calib = tiny_llama
+    build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.W8A8,
+                             calib=str(calib)), tmp_path / "out")
+    feed = token_feed(1, 32, vocab=512, seed=5)
+    err = compare(run_ort(path, feed)[0], run_ort(tmp_path / "out" / "model.onnx", feed)[0], "logits")
+    assert err.cosine > 0.98          # random (untrained) weights, 8 calibration samples
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 4 * 2      # q|k|v, o, gate|up, down per layer
+    assert "MatMul" not in ops
+
+
+def test_w8a8_without_calibration_is_a_user_error(tiny_llama, tmp_path):
+    from lmc.compiler.errors import LmcError
+
+    path, _ = tiny_llama
+    with pytest.raises(LmcError, match="--calib"):
+        build(path, BuildOptions(input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.W8A8), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_int4_takes_gemm_weights_as_matmulnbits(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    b = rng.standard_normal(128).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 128])
+    model = helper.make_model(helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+                                                [x], [y], [numpy_helper.from_array(w, "w"),
+                                                           numpy_helper.from_array(b, "b")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    build(tmp_path / "gemm.onnx", BuildOptions(target="x86-64", quantize=QuantizeMode.INT4), tmp_path / "out")
+    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    assert compare(run_ort(model, feed)[0], run_ort(tmp_path / "out" / "model.onnx", feed)[0], "y").cosine > 0.99
