@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+sys.path.insert(0, str(Path(__file__).parent))
+from latency import measure  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "llama-code.onnx"
 VAL = SHARED / "data" / "code-val.u16"
@@ -136,6 +139,7 @@ def main() -> None:
             ("lmc --quantize int8", lambda: lmc_variant("int8", tmp / "int8", calib, 32)),
             (f"lmc --quantize int4 --block-size {args.int4_block}",
              lambda: lmc_variant("int4", tmp / "int4", calib, args.int4_block)),
+            ("lmc --quantize w8a8", lambda: lmc_variant("w8a8", tmp / "w8a8", calib, 32)),
             ("onnxruntime quantize_dynamic int8", lambda: ort_dynamic(tmp)),
             ("onnxruntime quantize_static QDQ int8 (MinMax, per-channel)", lambda: ort_static(tmp, calib_tokens)),
             ("onnxruntime MatMulNBits int4 (block 32)", lambda: ort_int4(tmp)),
@@ -149,19 +153,20 @@ def main() -> None:
                 continue
             seconds = time.perf_counter() - start
             ppl = perplexity(session(path), windows).perplexity
+            orig_s, var_s = measure(MODEL, path, {"input_ids": (1, 256)}, runs=10)
             rows.append({"variant": name, "ppl": ppl, "size": size_of(path), "rss": peak_rss(path) - base_rss,
-                         "seconds": seconds})
+                         "seconds": seconds, "latency": var_s / orig_s})
     ref = rows[0]["ppl"]
     print(f"llama-code, {args.windows} windows × 256 of code-val.u16; calibration: {args.calib_samples} × 256 of "
           f"code-calib.u16\n")
-    print("| variant | perplexity | Δ vs fp32 | bundle MB | model peak RSS MB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | perplexity | Δ vs fp32 | bundle MB | model peak RSS MB | latency vs fp32 (1 thread) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | failed: {r['error']} | | | |")
             continue
         print(f"| {r['variant']} | {r['ppl']:.2f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['size'] / 1e6:.2f} | "
-              f"{r['rss'] / 1e6:.1f} |")
+              f"{r['rss'] / 1e6:.1f} | {r['latency']:.2f} |")
     if os.environ.get("LMC_BENCH_JSON"):
         print(json.dumps(rows))
 
