@@ -22,6 +22,12 @@ def _bytes(const: gs.Constant) -> bytes:
     return np.ascontiguousarray(const.values).tobytes()
 
 
+def _probe(const: gs.Constant, samples: int = 64) -> bytes:
+    flat = np.ascontiguousarray(const.values).reshape(-1)
+    step = max(1, flat.size // samples)
+    return flat[::step][:samples].tobytes()
+
+
 def find_duplicates(consts: list[gs.Constant]) -> dict[int, gs.Constant]:
     """id(duplicate) -> the constant it equals (kept = first in the given order)."""
     groups: dict[tuple, list[gs.Constant]] = defaultdict(list)
@@ -31,9 +37,16 @@ def find_duplicates(consts: list[gs.Constant]) -> dict[int, gs.Constant]:
     for members in groups.values():
         if len(members) < 2:
             continue
-        by_digest: dict[str, list[gs.Constant]] = defaultdict(list)
+        # cheap probe first (a strided sample of the bytes); hash only constants whose probe collides
+        by_probe: dict[bytes, list[gs.Constant]] = defaultdict(list)
         for c in members:
-            by_digest[hashlib.sha256(_bytes(c)).hexdigest()].append(c)
+            by_probe[_probe(c)].append(c)
+        by_digest: dict[str, list[gs.Constant]] = defaultdict(list)
+        for probed in by_probe.values():
+            if len(probed) < 2:
+                continue
+            for c in probed:
+                by_digest[hashlib.sha256(_bytes(c)).hexdigest()].append(c)
         for same in by_digest.values():
             kept = same[0]
             for dup in same[1:]:
