@@ -120,11 +120,19 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         raise RuntimeError(f"arena plan is unsound: {problems[0]}")
 
     bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
-    model = ir.to_model(graph)
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
-    del graph
-    staged = emit.stage_model(model, out_dir, target.memory.alignment, target.memory.external_data_threshold)
-    del model
+    threshold = target.memory.external_data_threshold
+    if weights_after > emit.SMALL_MODEL_BYTES:
+        # weights are streamed from the graph's constants into the weights file, one at a time
+        model = ir.export_skeleton(graph, inline_bytes=threshold - 1)
+        by_name = {c.name: c for c in ir.constants(graph)}
+        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold,
+                                  lambda name: ir.constant_bytes(by_name[name]))
+        del by_name
+    else:
+        model = ir.to_model(graph)
+        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold)
+    del model, graph
     try:
         verification = None
         if options.verify:

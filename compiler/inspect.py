@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -52,7 +53,7 @@ def summarize(graph: gs.Graph, path: str, opsets: Mapping[str, int]) -> ModelSum
         dtype = onnx.helper.tensor_dtype_to_string(ir.onnx_dtype(const.dtype)).replace("TensorProto.", "").lower()
         entry = params.setdefault(dtype, {"tensors": 0, "elements": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["elements"] += int(const.values.size) if hasattr(const.values, "size") else 0
+        entry["elements"] += int(np.prod(const.shape, dtype=np.int64))
         entry["bytes"] += ir.tensor_nbytes(const) or 0
     dynamic = [f"{t.name}[{i}]={d}" for t in graph.inputs for i, d in enumerate(t.shape or [])
                if not isinstance(d, int)]
@@ -114,7 +115,7 @@ def _initializer_digest(graph: gs.Graph) -> dict[str, tuple]:
 
     out = {}
     for const in ir.constants(graph):
-        values = const.values
+        values = ir.const_value(const)
         digest = hashlib.sha256(values.tobytes()).hexdigest()[:16] if hasattr(values, "tobytes") else ""
         out[const.name] = (str(const.dtype), tuple(const.shape), digest)
     return out

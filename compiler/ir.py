@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lmc.compiler.errors import ShapeError
 
@@ -89,9 +90,14 @@ def is_const(tensor: gs.Tensor) -> bool:
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The numpy value of a constant tensor (loads lazy values), or None for a variable."""
+    """The numpy value of a constant tensor, or None for a variable. Lazy (file-backed) values are decoded
+    for this call only and *not* cached on the constant, so reading a large weight never leaves a second
+    resident copy beside the loaded model."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        values = tensor._values
+        if isinstance(values, LazyValues):
+            return values.load()
+        return np.asarray(values)
     return None
 
 
@@ -204,14 +210,29 @@ def topological_sort(graph: gs.Graph) -> None:
     graph.toposort()
 
 
+def constant_bytes(const: gs.Constant) -> bytes:
+    """The raw little-endian bytes of a constant as ONNX stores them (packed for 4-bit types)."""
+    values = const._values
+    if isinstance(values, LazyValues):
+        tensor = values.tensor
+        if tensor.HasField("raw_data"):
+            return tensor.raw_data
+        return onnx.numpy_helper.to_array(tensor).tobytes()
+    return np.ascontiguousarray(values).tobytes()
+
+
 # ----------------------------------------------------------------------------------- shape inference
-def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
-    """Export the graph with every large constant replaced by a dtype+dims stub (no data copied)."""
+STUB_LOCATION = "__lmc_stub__"
+
+
+def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES) -> onnx.ModelProto:
+    """Export the graph with every constant larger than ``inline_bytes`` replaced by a dtype+dims stub
+    (external-data location ``STUB_LOCATION``): no weight is copied. ``constant_bytes`` gives the data."""
     stubs: dict[str, onnx.TensorProto] = {}
     originals: list[tuple[gs.Constant, object]] = []
     for const in constants(graph):
         nbytes = tensor_nbytes(const) or 0
-        if nbytes <= _SKELETON_INLINE_BYTES:
+        if nbytes <= inline_bytes:
             continue
         stub = onnx.TensorProto()
         stub.name = const.name
@@ -219,14 +240,13 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
         stub.dims.extend(const.shape)
         stub.data_location = onnx.TensorProto.EXTERNAL
         entry = stub.external_data.add()
-        entry.key, entry.value = "location", "__lmc_stub__"
+        entry.key, entry.value = "location", STUB_LOCATION
         stubs[const.name] = stub
     # Export with tiny placeholders, then swap the stubs in: gs would otherwise serialize the weights.
     for const in constants(graph):
         if const.name in stubs:
             originals.append((const, const._values))
-            const._values = np.zeros((0,), dtype=np.dtype(const.dtype) if not isinstance(const.dtype, int)
-                                     else np.float32)
+            const._values = np.zeros((0,), dtype=np.uint8)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
@@ -247,7 +267,7 @@ def infer_shapes(graph: gs.Graph) -> None:
     reports an inconsistency (e.g. a bound input shape the graph cannot take).
     Precondition: the graph's nodes are in topological order.
     """
-    model = _skeleton(graph)
+    model = export_skeleton(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:

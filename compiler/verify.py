@@ -58,9 +58,14 @@ class VerifyReport:
                 "outputs": [o.__dict__ for o in self.outputs], "perplexity": self.perplexity}
 
 
-def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True,
+            low_memory: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``low_memory`` turns weight prepacking off (no second copy of the
+    weights; used for verification, where speed matters less than fitting)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if low_memory:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -70,9 +75,9 @@ def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True) 
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def _load_session(path: str | Path) -> ort.InferenceSession:
+def _load_session(path: str | Path, low_memory: bool = False) -> ort.InferenceSession:
     try:
-        return session(path)
+        return session(path, low_memory=low_memory)
     except Exception as exc:  # onnxruntime raises several exception types for unloadable models
         raise LmcError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:300]})") from exc
 
@@ -148,27 +153,36 @@ def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputEr
     return OutputError(name, max_abs, max_rel, cosine)
 
 
-def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
-                   tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
-    """Run both models on ``feeds`` and compare every output by name (worst over samples)."""
-    ref, cand = _load_session(reference), _load_session(candidate)
-    names = [o.name for o in ref.get_outputs()]
-    cand_names = {o.name for o in cand.get_outputs()}
-    missing = [n for n in names if n not in cand_names]
+def _run_all(path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], names: list[str] | None = None):
+    """(output names, outputs per feed) of one model; the session is dropped before returning, so two
+    large models are never resident at once."""
+    sess = _load_session(path, low_memory=True)
+    names = names or [o.name for o in sess.get_outputs()]
+    available = {o.name for o in sess.get_outputs()}
+    missing = [n for n in names if n not in available]
     if missing:
-        raise LmcError(f"{candidate}: outputs missing: {', '.join(missing)}")
-    worst: dict[str, OutputError] = {}
+        raise LmcError(f"{path}: outputs missing: {', '.join(missing)}")
+    inputs = {i.name for i in sess.get_inputs()}
+    results = []
     for feed in feeds:
-        ref_inputs = {i.name for i in ref.get_inputs()}
-        cand_inputs = {i.name for i in cand.get_inputs()}
-        missing = sorted((ref_inputs | cand_inputs) - set(feed))
-        if missing:
-            raise LmcError(f"inputs missing a value: {', '.join(missing)}")
+        absent = sorted(inputs - set(feed))
+        if absent:
+            raise LmcError(f"inputs missing a value: {', '.join(absent)}")
         try:
-            r_out = ref.run(names, {k: v for k, v in feed.items() if k in ref_inputs})
-            c_out = cand.run(names, {k: v for k, v in feed.items() if k in cand_inputs})
+            results.append(sess.run(names, {k: v for k, v in feed.items() if k in inputs}))
         except Exception as exc:  # wrong dtype/shape in user-given inputs
             raise LmcError(f"onnxruntime could not run the inputs: {str(exc).strip().splitlines()[0][:300]}") from exc
+    return names, results
+
+
+def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                   tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+    """Run both models on ``feeds`` (one after the other) and compare every output by name (worst over
+    samples)."""
+    names, ref_out = _run_all(reference, feeds)
+    _, cand_out = _run_all(candidate, feeds, names)
+    worst: dict[str, OutputError] = {}
+    for r_out, c_out in zip(ref_out, cand_out):
         for name, r, c in zip(names, r_out, c_out):
             err = compare(r, c, name)
             old = worst.get(name)

@@ -19,11 +19,11 @@ from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Require
 
 
 def _bytes(const: gs.Constant) -> bytes:
-    return np.ascontiguousarray(const.values).tobytes()
+    return np.ascontiguousarray(ir.const_value(const)).tobytes()
 
 
 def _probe(const: gs.Constant, samples: int = 64) -> bytes:
-    flat = np.ascontiguousarray(const.values).reshape(-1)
+    flat = np.ascontiguousarray(ir.const_value(const)).reshape(-1)
     step = max(1, flat.size // samples)
     return flat[::step][:samples].tobytes()
 

@@ -109,14 +109,14 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], wanted: list[str]) -> dict[
     for n in nodes:
         for t in n.inputs:
             if isinstance(t, gs.Constant) and t.name not in inits:
-                inits[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+                inits[t.name] = onnx.numpy_helper.from_array(ir.const_value(t), t.name)
     protos = []
     for n in nodes:
         proto = onnx.helper.make_node(n.op, [t.name for t in n.inputs], [o.name for o in n.outputs],
                                       name=n.name, domain=n.domain or "")
         for key, value in n.attrs.items():
             if isinstance(value, gs.Constant):
-                value = onnx.numpy_helper.from_array(np.asarray(value.values))
+                value = onnx.numpy_helper.from_array(ir.const_value(value))
             proto.attribute.append(onnx.helper.make_attribute(key, value))
         protos.append(proto)
     outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in wanted if name in produced]

@@ -30,6 +30,11 @@ def _scaled(t: gs.Tensor, graph: gs.Graph) -> tuple[gs.Tensor, float, gs.Node] |
     return None
 
 
+def _scaled_weight(w: gs.Constant, factor: float) -> np.ndarray:
+    value = ir.const_value(w)
+    return (value * factor).astype(value.dtype)
+
+
 class FoldMatMulScale:
     name = "fold-matmul-scale"
     kind = PassKind.EXACT
@@ -62,7 +67,7 @@ class FoldMatMulScale:
                 if side and isinstance(w, gs.Constant) and len(w.outputs) == 1:
                     node.inputs[1 - other] = side[0]
                     node.inputs[other] = gs.Constant(names.fresh(w.name + "_scaled"),
-                                                     (np.asarray(w.values) * side[1]).astype(np.asarray(w.values).dtype))
+                                                     _scaled_weight(w, side[1]))
                     side[2].outputs.clear()
                     folded += 1
                     break

@@ -37,7 +37,7 @@ class MergeParallelMatMuls:
                     or len({ir.onnx_dtype(n.inputs[1].dtype) for n in nodes}) != 1:
                 continue
             x = nodes[0].inputs[0]
-            weights = [np.asarray(n.inputs[1].values) for n in nodes]
+            weights = [ir.const_value(n.inputs[1]) for n in nodes]
             widths = [w.shape[1] for w in weights]
             cat = gs.Constant(names.fresh(nodes[0].inputs[1].name + "_merged"), np.concatenate(weights, axis=1))
             out_shape = list(ir.static_shape(nodes[0].outputs[0]))

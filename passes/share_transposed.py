@@ -131,7 +131,7 @@ class ShareTransposedWeights:
                 for b in members[i + 1:]:
                     if id(a) in used or id(b) in used or tuple(a.shape) != tuple(b.shape)[::-1]:
                         continue
-                    if not is_transpose(np.asarray(a.values), np.asarray(b.values)):
+                    if not is_transpose(ir.const_value(a), ir.const_value(b)):
                         continue
                     # Prefer keeping the copy a Gather reads (the [rows, features] table layout).
                     a_gathered = any(ir.is_op(n, "Gather") for n in a.outputs)

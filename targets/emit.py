@@ -18,8 +18,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+
 import onnx
 from onnx import numpy_helper
+
+from lmc.compiler.ir import STUB_LOCATION
 
 from lmc.compiler.errors import LmcError
 
@@ -45,18 +49,27 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
-def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, threshold: int) -> bool:
+def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, threshold: int,
+                 tensor_bytes: Callable[[str], bytes] | None = None) -> bool:
+    """Move initializers of ≥ ``threshold`` bytes to ``weights_path`` at aligned offsets. Stub initializers
+    (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time."""
     inits = list(model.graph.initializer)
+    stubbed = any(_is_stub(t) for t in inits)
     total = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in inits)
-    if total <= SMALL_MODEL_BYTES:
+    if total <= SMALL_MODEL_BYTES and not stubbed:
         return False
     offset = 0
     wrote = False
     with open(weights_path, "wb") as f:
         for tensor in inits:
-            data = _raw_bytes(tensor)
-            if len(data) < threshold:
-                continue
+            if _is_stub(tensor):
+                if tensor_bytes is None:
+                    raise ValueError(f"initializer '{tensor.name}' is a stub and no data source was given")
+                data = tensor_bytes(tensor.name)
+            else:
+                data = _raw_bytes(tensor)
+                if len(data) < threshold:
+                    continue
             pad = (-offset) % alignment
             if pad:
                 f.write(b"\0" * pad)
@@ -78,6 +91,11 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
     return wrote
 
 
+def _is_stub(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == STUB_LOCATION for e in tensor.external_data)
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -88,14 +106,14 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def stage_model(model: onnx.ModelProto, out_dir: str | Path, alignment: int,
-                external_data_threshold: int) -> Path:
+                external_data_threshold: int, tensor_bytes: Callable[[str], bytes] | None = None) -> Path:
     """Write ``model.onnx`` (+ weights) into a fresh temporary folder beside ``out_dir``; return it.
     ``model`` is consumed: its large tensors are moved to the weights file."""
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.lmc-tmp-", dir=out_dir.parent))
     try:
-        _externalize(model, tmp / WEIGHTS_FILE, alignment, external_data_threshold)
+        _externalize(model, tmp / WEIGHTS_FILE, alignment, external_data_threshold, tensor_bytes)
         with open(tmp / MODEL_FILE, "wb") as f:
             f.write(model.SerializeToString(deterministic=True))
     except BaseException:

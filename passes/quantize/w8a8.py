@@ -92,7 +92,7 @@ def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
             for i in range(1, len(node.inputs)):
                 t = node.inputs[i]
                 if isinstance(t, gs.Constant):
-                    node.inputs[i] = gs.Constant(t.name + "_smoothed", (np.asarray(t.values) / s).astype(np.float32))
+                    node.inputs[i] = gs.Constant(t.name + "_smoothed", (ir.const_value(t) / s).astype(np.float32))
         return fold_norm
     if ir.is_op(node, "Mul"):
         for i in (0, 1):
@@ -105,7 +105,7 @@ def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
             if (up is not None and ir.is_op(up, "MatMul") and isinstance(up.inputs[1], gs.Constant)
                     and len(up.outputs[0].outputs) == 1 and len(up.inputs[1].outputs) == 1):
                 def fold_up(s: np.ndarray, up=up) -> None:
-                    w = np.asarray(up.inputs[1].values)
+                    w = ir.const_value(up.inputs[1])
                     up.inputs[1] = gs.Constant(up.inputs[1].name + "_smoothed", (w / s[None, :]).astype(np.float32))
                 return fold_up
     return None
@@ -124,7 +124,7 @@ def _absorb_into_split_columns(split: gs.Node, part: gs.Tensor):
     stop = start + int(sizes[index])
 
     def fold(s: np.ndarray) -> None:
-        w = np.asarray(mm.inputs[1].values).copy()
+        w = ir.const_value(mm.inputs[1]).copy()
         w[:, start:stop] /= s[None, :]
         mm.inputs[1] = gs.Constant(mm.inputs[1].name + "_smoothed", w.astype(np.float32))
     return fold
@@ -162,7 +162,7 @@ class QuantizeW8A8:
         for act, matmuls in groups.items():
             st = stats[act]
             x = matmuls[0].inputs[0]
-            weights = [np.asarray(m.inputs[1].values, dtype=np.float32) for m in matmuls]
+            weights = [ir.const_value(m.inputs[1]).astype(np.float32) for m in matmuls]
             absorb = _absorber(graph, x, matmuls)
             alphas = ALPHAS if absorb is not None else (0.0,)
             rows = st.rows.astype(np.float32)

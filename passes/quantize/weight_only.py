@@ -190,7 +190,7 @@ class QuantizeWeights:
         return False
 
     def _int8(self, const: gs.Constant, axis: int, importance=None):
-        w = np.asarray(const.values)
+        w = ir.const_value(const)
         q, s = quantize_channels(w, axis, importance, self.config.search)
         shape = [1] * w.ndim
         shape[axis] = -1
@@ -212,7 +212,7 @@ class QuantizeWeights:
             node.inputs[slot] = out
 
     def _quantize_matmul_weight(self, graph, const, matmuls, names) -> None:
-        w = np.asarray(const.values)
+        w = ir.const_value(const)
         k, n = w.shape
         h = self._importance(matmuls[0].inputs[0])
         block = _pow2_block(k, self.config.block_size) if self.config.bits == WeightBits.INT4 else None
@@ -249,7 +249,7 @@ class QuantizeWeights:
     def _gemms_to_matmuls(graph, const, gemms, names) -> gs.Constant:
         """Rewrite Gemm(x, B[, C]) as MatMul(x, W) (+ Add C) with W = B or Bᵀ as [K, N], so the weight takes
         the DequantizeLinear → MatMul form onnxruntime runs as MatMulNBits."""
-        w = np.asarray(const.values)
+        w = ir.const_value(const)
         if int(gemms[0].attrs.get("transB", 0)):
             w = np.ascontiguousarray(w.T)
         weight = gs.Constant(names.fresh(const.name + "_kn"), w)
@@ -285,7 +285,7 @@ class QuantizeWeights:
             q, scale = self._int8(const, axis=0)
             self._dequantized(graph, const, gathers, 0, q, scale, axis=0, names=names)
             return "table"
-        w = np.asarray(const.values)
+        w = ir.const_value(const)
         h = self._importance(heads[0].inputs[0]) if heads else None
         q, s = quantize_blocks(w, block, bits, h, self.config.search)              # [V, D], [V, D/B]
         w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
