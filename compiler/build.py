@@ -70,6 +70,7 @@ class BuildResult:
     weight_bytes_before: int
     weight_bytes_after: int
     seconds: float
+    weights_by_dtype: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         plan = self.plan.to_dict()
@@ -80,6 +81,7 @@ class BuildResult:
             "nodes_after": self.nodes_after,
             "weight_bytes_before": self.weight_bytes_before,
             "weight_bytes_after": self.weight_bytes_after,
+            "weights_by_dtype": self.weights_by_dtype,
             "arena_bytes": plan["arena_bytes"],
             "lower_bound_bytes": plan["lower_bound_bytes"],
             "peak_ram_bytes": plan["peak_ram_bytes"],
@@ -121,6 +123,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
 
     bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
+    by_dtype = ir.bytes_by_dtype(graph)
     threshold = target.memory.external_data_threshold
     if weights_after > emit.SMALL_MODEL_BYTES:
         # weights are streamed from the graph's constants into the weights file, one at a time
@@ -144,7 +147,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
         emit.commit_bundle(staged, out_dir, {
             emit.PLAN_FILE: plan.to_json(),
             emit.REPORT_FILE: render_report(result, Path(model_path).name),

@@ -133,6 +133,15 @@ def weight_bytes(graph: gs.Graph) -> int:
     return total
 
 
+def bytes_by_dtype(graph: gs.Graph) -> dict[str, int]:
+    """Weight bytes per ONNX dtype name (e.g. {"float": …, "int4": …})."""
+    out: dict[str, int] = {}
+    for const in constants(graph):
+        name = onnx.helper.tensor_dtype_to_string(onnx_dtype(const.dtype)).replace("TensorProto.", "").lower()
+        out[name] = out.get(name, 0) + (tensor_nbytes(const) or 0)
+    return dict(sorted(out.items()))
+
+
 def constants(graph: gs.Graph) -> list[gs.Constant]:
     """Distinct constants used by nodes, in first-use order."""
     seen: dict[int, gs.Constant] = {}

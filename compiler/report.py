@@ -15,6 +15,8 @@ def render_report(result, model_name: str) -> str:
         f"Nodes {result.nodes_before} → {result.nodes_after}; weights {mib(result.weight_bytes_before)} → "
         f"{mib(result.weight_bytes_after)}; build {result.seconds:.2f} s.",
         "",
+        "Weights by dtype: " + ", ".join(f"{k} {v} bytes" for k, v in result.weights_by_dtype.items()) + ".",
+        "",
         "## Passes",
         "",
         "| pass | time (s) | nodes | weight bytes | est. peak | changes |",

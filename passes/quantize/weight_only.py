@@ -174,8 +174,8 @@ class QuantizeWeights:
             errs = [r.rel_error for r in self.reports]
             stats.update({"weights_quantized": len(self.reports), "mean_rel_error": float(np.mean(errs)),
                           "max_rel_error": float(np.max(errs)), "weight_bytes_after": q_bytes})
-            worst = sorted(self.reports, key=lambda r: -r.rel_error)[:5]
-            notes += [f"{r.name} {list(r.shape)} int{r.bits}: weighted relative error {r.rel_error:.4f}" for r in worst]
+            notes += [f"{r.name} {list(r.shape)} int{r.bits}: weighted relative error {r.rel_error:.4f}"
+                      for r in self.reports]
         return PassResult(graph, modified=bool(self.reports), stats=stats, notes=notes)
 
     # ------------------------------------------------------------------------------------ pieces
