@@ -62,7 +62,7 @@ def quantize_passes(options, target, graph_inputs: list[str]) -> list:
         feeds = load_calibration(options.calib, graph_inputs, options.calib_samples)
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
-        table_bits = getattr(options, "table_bits", None) or (8 if mode == "int4" else None)
+        table_bits = getattr(options, "table_bits", None)
         return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size, table_bits=table_bits,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":

@@ -55,7 +55,8 @@ class WeightReport:
 class QuantizeConfig:
     bits: WeightBits
     block_size: int = 32
-    table_bits: int | None = None            # bits for Gather tables (embedding / tied head); None = ``bits``
+    table_bits: int | None = None            # bits for Gather tables (embedding / tied head); None: int8 mode 8;
+                                             # int4 mode 4 with calibration (GPTQ), else 8
     min_elements: int = 4096
     search: bool = True
     asymmetric: bool = True                  # int4 MatMul weights: uint4 with a zero point per block
@@ -130,6 +131,8 @@ class QuantizeWeights:
             log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
             self.config.stats = collect(graph, wanted, self.config.calib_feeds,
                                         gram=self.config.bits == WeightBits.INT4 and self.config.gptq)
+            if self.config.table_bits is None and self.config.bits == WeightBits.INT4:
+                self.config.table_bits = 4     # GPTQ keeps a 4-bit tied table accurate
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.config.calib_feeds and not self.config.stats:
@@ -273,7 +276,7 @@ class QuantizeWeights:
         self._dequantized(graph, const, gemms, 1, q, scale, axis=0 if trans_b else 1, names=names)
 
     def _quantize_table(self, graph, const, gathers, heads, ctx, names, notes) -> str | None:
-        bits = int(self.config.table_bits or self.config.bits)
+        bits = int(self.config.table_bits or 8)
         v, d = const.shape
         block = _pow2_block(d, self.config.block_size if bits == 4 else 256)
         can = ctx.target is not None and ctx.target.tuning.can_emit("GatherBlockQuantized", ir.MS_DOMAIN) and \
@@ -287,19 +290,41 @@ class QuantizeWeights:
             return "table"
         w = ir.const_value(const)
         h = self._importance(heads[0].inputs[0]) if heads else None
-        q, s = quantize_blocks(w, block, bits, h, self.config.search)              # [V, D], [V, D/B]
-        w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
+        zeros = None
+        if bits == 4:
+            # asymmetric blocks; with calibration, GPTQ against the head's inputs (the lm head is what the
+            # table's error hurts most: plain rounding of a tied 4-bit table costs far more perplexity)
+            head_stats = self.config.stats.get(heads[0].inputs[0].name) if heads else None
+            if head_stats is not None and head_stats.gram is not None and self.config.gptq:
+                unsigned, s, zeros = gptq_blocks(w, head_stats.gram, block, 4, batch=_gptq_batch(d, block))
+            else:
+                unsigned, s, zeros = quantize_blocks_asymmetric(w, block, 4, h, self.config.search)
+            w_hat = ((unsigned.reshape(v, d // block, block).astype(np.float32) - zeros[..., None])
+                     * s[..., None]).reshape(v, d)
+            unsigned = unsigned.reshape(v, d // block, block)
+        else:
+            q, s = quantize_blocks(w, block, bits, h, self.config.search)          # [V, D], [V, D/B]
+            w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
+            unsigned = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(v, d // block, block)
         self.reports.append(WeightReport(const.name, (v, d), bits, _rel_error(w, w_hat, h, 1)))
-        unsigned = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(v, d // block, block)
         packed = pack_uint4(unsigned) if bits == 4 else unsigned
         data = gs.Constant(names.fresh(const.name + f"_u{bits}"), np.ascontiguousarray(packed))
         scales = gs.Constant(names.fresh(const.name + "_block_scales"), s.astype(np.float32))
+        head_zeros = gather_zeros = None
+        if zeros is not None:
+            nb = d // block
+            padded = np.zeros((v, nb + nb % 2), dtype=np.uint8)
+            padded[:, :nb] = zeros
+            # MatMulNBits: 4-bit zero points packed two per byte along the blocks of each row, flattened;
+            # GatherBlockQuantized (3-D data, scales [V, nb, 1]): one zero point per byte, low nibble
+            head_zeros = gs.Constant(names.fresh(const.name + "_zero_points"), pack_uint4(padded).reshape(-1))
+            gather_zeros = gs.Constant(names.fresh(const.name + "_zero_points_3d"), zeros.reshape(v, nb, 1))
         for head in heads:
             x = head.inputs[0]
             head.op, head.domain = "MatMulNBits", ir.MS_DOMAIN
             head.attrs = {"K": d, "N": v, "bits": bits, "block_size": block}
             head.inputs.clear()
-            head.inputs.extend([x, data, scales])
+            head.inputs.extend([x, data, scales] + ([head_zeros] if head_zeros is not None else []))
         scales3 = gs.Variable(names.fresh(const.name + "_block_scales_3d"), dtype=np.float32,
                               shape=[v, d // block, 1])
         graph.nodes.append(gs.Node("Reshape", name=names.fresh(const.name + "_scales_3d"), inputs=[
@@ -312,7 +337,7 @@ class QuantizeWeights:
             gather.op, gather.domain = "GatherBlockQuantized", ir.MS_DOMAIN
             gather.attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": bits}
             gather.inputs.clear()
-            gather.inputs.extend([data, ids, scales3])
+            gather.inputs.extend([data, ids, scales3] + ([gather_zeros] if gather_zeros is not None else []))
             gather.outputs[0] = blocks
             graph.nodes.append(gs.Node("Reshape", name=names.fresh(gather.name + "_rows"), inputs=[
                 blocks, gs.Constant(names.fresh(out.name + "_shape"), np.array(list(out.shape), np.int64))],
