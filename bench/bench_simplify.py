@@ -30,7 +30,8 @@ from lmc.targets.target import load_target
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "llama-code.onnx"
 REPEATS = 3
-OPTIONAL = ("simplify-repeat", "fold-matmul-scale", "dedup-weights", "share-transposed")
+FUSION = ("upgrade-opset", "fuse", "fuse-late")
+OPTIONAL = ("simplify-repeat", "fold-matmul-scale", "dedup-weights", "share-transposed") + FUSION
 
 
 def disk_bytes(path: Path) -> int:
@@ -95,7 +96,8 @@ def main() -> None:
         feeds = random_inputs(model, shapes, samples=1, seed=0)
         tools = [
             ("lmc", lambda: run_lmc(model, tmp / "lmc", shapes)),
-            ("lmc (fold+cleanup only)", lambda: run_lmc(model, tmp / "lmc-fold", shapes, OPTIONAL)),
+            ("lmc without fusion (fold, simplify, dedup, share)", lambda: run_lmc(model, tmp / "lmc-nf", shapes, FUSION)),
+            ("lmc fold+cleanup only", lambda: run_lmc(model, tmp / "lmc-fold", shapes, OPTIONAL)),
             ("onnxsim", lambda: run_onnxsim(model, tmp, shapes)),
             ("onnxslim", lambda: run_onnxslim(model, tmp, shapes)),
         ]
