@@ -39,9 +39,15 @@ def models(tmp: Path) -> list[tuple[str, Path, dict]]:
         ("tiny-gpt2", build_gpt2(), {"input_ids": (1, 64)}),
         ("tiny-gpt2 + attention_mask", build_gpt2(Gpt2Config(attention_mask=True)),
          {"input_ids": (1, 64), "attention_mask": (1, 64)}),
+        ("gpt2 as transformers exports it (hf-style)", build_gpt2(Gpt2Config(hf_style=True, d_model=128, layers=4,
+                                                                         vocab=1024, max_positions=128)),
+         {"input_ids": (1, 128)}),
+        ("hf-style gpt2 + attention_mask", build_gpt2(Gpt2Config(hf_style=True, attention_mask=True, d_model=128,
+                                                                 layers=4, vocab=1024, max_positions=128)),
+         {"input_ids": (1, 128), "attention_mask": (1, 128)}),
         ("small-cnn", build_cnn(), {"image": (1, 3, 32, 32)}),
     ):
-        path = tmp / f"{name.replace(' ', '').replace('+', '-')}.onnx"
+        path = tmp / f"{''.join(ch for ch in name if ch.isalnum())}.onnx"
         onnx.save(model, str(path))
         out.append((name, path, shapes))
     return out
@@ -58,7 +64,7 @@ def main() -> None:
         for name, path, shapes in models(tmp):
             fused = build(path, BuildOptions(target="cortex-a55", input_shapes=shapes), tmp / "fused")
             plain = build(path, BuildOptions(target="cortex-a55", input_shapes=shapes,
-                                             disabled_passes=("fuse", "fuse-late")), tmp / "plain")
+                                             disabled_passes=("fuse", "fuse-late", "fuse-mask")), tmp / "plain")
             ops = collections.Counter(n.op_type for n in onnx.load(str(tmp / "fused" / "model.onnx"),
                                                                     load_external_data=False).graph.node)
             left = ", ".join(f"{op} {ops[op]}" for op in DECOMPOSED if ops[op]) or "none"

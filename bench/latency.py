@@ -44,8 +44,12 @@ def measure(original: Path, bundle: Path, shapes: dict, runs: int = 30) -> tuple
 
 
 def parse_shape(text: str) -> dict:
-    name, dims = text.split("=")
-    return {name: tuple(int(d) for d in dims.split("x"))}
+    """``name=DxD[,name=DxD…]`` → {name: dims}."""
+    shapes = {}
+    for part in text.split(","):
+        name, dims = part.split("=")
+        shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
 
 
 def main() -> None:

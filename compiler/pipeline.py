@@ -16,8 +16,12 @@ from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
 from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
+from lmc.passes.simplify_reshapes import SimplifyReshapes
 from lmc.passes.upgrade_opset import UpgradeOpset
+from lmc.passes.cse import EliminateCommonSubexpressions
+from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
+from lmc.passes.fuse.attention_mask import AttentionMaskRule
 from lmc.passes.fuse.conv_activation import ConvActivationRule
 from lmc.passes.fuse.conv_bn import ConvBatchNormRule
 from lmc.passes.fuse.matmul_add import MatMulAddRule
@@ -44,7 +48,13 @@ def optional_passes(options, target) -> list:
         FoldMatMulScale(),
         # Conv+BN must fold before the activation joins the Conv: the second group sees the folded Conv.
         FuseRules("fuse-late", [AttentionRule(), ConvActivationRule()]),
+        # attention left unfused (a run-time mask): one mask tensor for all layers, scale into the weights
+        FuseRules("fuse-mask", [AttentionMaskRule()]),
+        FoldScoreScale(),
         DedupWeights(),   # fused ops' new constants (e.g. per-layer rotary caches) are often identical
+        EliminateCommonSubexpressions(),
+        SimplifyReshapes(),
+        EliminateNoops(),
     ]
 
 

@@ -27,6 +27,8 @@ class Gpt2Config:
     max_positions: int = 64
     eps: float = 1e-5
     attention_mask: bool = False   # an ``attention_mask`` int64 [batch, sequence] input, as HF exports have
+    hf_style: bool = False         # as transformers' GPT2 exports at opset 17: LayerNormalization ops,
+                                   # Conv1D as Reshape → Gemm → Reshape, GELU in its tanh form
 
 
 def _layer_norm(b: GraphBuilder, x: str, name: str, d: int, eps: float) -> str:
@@ -42,6 +44,27 @@ def _layer_norm(b: GraphBuilder, x: str, name: str, d: int, eps: float) -> str:
 def _linear(b: GraphBuilder, x: str, name: str, n_in: int, n_out: int) -> str:
     y = b.op("MatMul", [x, b.weight(f"{name}.weight", [n_in, n_out])])
     return b.op("Add", [b.weight(f"{name}.bias", [n_out], scale=0.02), y])
+
+
+def _conv1d(b: GraphBuilder, x: str, name: str, n_in: int, n_out: int, batch: str, seq: str) -> str:
+    """transformers' Conv1D: addmm(bias, x.view(-1, n_in), weight) → Gemm on the flattened activation."""
+    flat = b.op("Reshape", [x, b.const([-1, n_in], np.int64)])
+    y = b.op("Gemm", [flat, b.weight(f"{name}.weight", [n_in, n_out]), b.weight(f"{name}.bias", [n_out], scale=0.02)],
+             alpha=1.0, beta=1.0)
+    return b.op("Reshape", [y, b.op("Concat", [batch, seq, b.const([n_out], np.int64)], axis=0)])
+
+
+def _layer_norm_op(b: GraphBuilder, x: str, name: str, d: int, eps: float) -> str:
+    gamma = b.weight(f"{name}.weight", [d], value=1.0 + 0.1 * b.rng.standard_normal(d))
+    beta = b.weight(f"{name}.bias", [d], value=0.1 * b.rng.standard_normal(d))
+    return b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=eps)
+
+
+def _gelu_tanh(b: GraphBuilder, x: str) -> str:
+    """transformers' NewGELUActivation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    cube = b.op("Mul", [b.const(0.044715), b.op("Pow", [x, b.const(3.0)])])
+    inner = b.op("Mul", [b.const(float(np.sqrt(2.0 / np.pi))), b.op("Add", [x, cube])])
+    return b.op("Mul", [b.op("Mul", [b.const(0.5), x]), b.op("Add", [b.const(1.0), b.op("Tanh", [inner])])])
 
 
 def _gelu_erf(b: GraphBuilder, x: str) -> str:
@@ -72,8 +95,12 @@ def build_gpt2(cfg: Gpt2Config = Gpt2Config(), seed: int = 1) -> onnx.ModelProto
     for layer in range(cfg.layers):
         p = f"h.{layer}"
         batch, s = b.dim(x, 0), b.dim(x, 1)
-        h = _layer_norm(b, x, f"{p}.ln_1", cfg.d_model, cfg.eps)
-        qkv = _linear(b, h, f"{p}.attn.c_attn", cfg.d_model, 3 * cfg.d_model)
+        norm = _layer_norm_op if cfg.hf_style else _layer_norm
+        h = norm(b, x, f"{p}.ln_1", cfg.d_model, cfg.eps)
+        if cfg.hf_style:
+            qkv = _conv1d(b, h, f"{p}.attn.c_attn", cfg.d_model, 3 * cfg.d_model, batch, s)
+        else:
+            qkv = _linear(b, h, f"{p}.attn.c_attn", cfg.d_model, 3 * cfg.d_model)
         q, k, v = b.op("Split", [qkv, b.const([cfg.d_model] * 3, np.int64)], n_out=3, axis=2)
         heads = []
         for t in (q, k, v):
@@ -94,11 +121,17 @@ def build_gpt2(cfg: Gpt2Config = Gpt2Config(), seed: int = 1) -> onnx.ModelProto
         probs = b.op("Softmax", [w], axis=-1)
         a = b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         merged = b.op("Reshape", [a, b.op("Concat", [batch, s, b.const([cfg.d_model], np.int64)], axis=0)])
-        x = b.op("Add", [x, _linear(b, merged, f"{p}.attn.c_proj", cfg.d_model, cfg.d_model)])
-        h = _layer_norm(b, x, f"{p}.ln_2", cfg.d_model, cfg.eps)
-        m = _gelu_erf(b, _linear(b, h, f"{p}.mlp.c_fc", cfg.d_model, 4 * cfg.d_model))
-        x = b.op("Add", [x, _linear(b, m, f"{p}.mlp.c_proj", 4 * cfg.d_model, cfg.d_model)])
-    h = _layer_norm(b, x, "ln_f", cfg.d_model, cfg.eps)
+        if cfg.hf_style:
+            x = b.op("Add", [_conv1d(b, merged, f"{p}.attn.c_proj", cfg.d_model, cfg.d_model, batch, s), x])
+            h = norm(b, x, f"{p}.ln_2", cfg.d_model, cfg.eps)
+            m = _gelu_tanh(b, _conv1d(b, h, f"{p}.mlp.c_fc", cfg.d_model, 4 * cfg.d_model, batch, s))
+            x = b.op("Add", [x, _conv1d(b, m, f"{p}.mlp.c_proj", 4 * cfg.d_model, cfg.d_model, batch, s)])
+        else:
+            x = b.op("Add", [x, _linear(b, merged, f"{p}.attn.c_proj", cfg.d_model, cfg.d_model)])
+            h = norm(b, x, f"{p}.ln_2", cfg.d_model, cfg.eps)
+            m = _gelu_erf(b, _linear(b, h, f"{p}.mlp.c_fc", cfg.d_model, 4 * cfg.d_model))
+            x = b.op("Add", [x, _linear(b, m, f"{p}.mlp.c_proj", 4 * cfg.d_model, cfg.d_model)])
+    h = (_layer_norm_op if cfg.hf_style else _layer_norm)(b, x, "ln_f", cfg.d_model, cfg.eps)
     b.op("MatMul", [h, b.weight("lm_head.weight_t", [cfg.d_model, cfg.vocab], value=wte_value.T.copy())])
     b.rename_last_output("logits")
     b.output("logits", FLOAT, ["batch", "sequence", cfg.vocab])

@@ -1,0 +1,60 @@
+"""Common-subexpression elimination: nodes computing the same thing from the same inputs are merged.
+
+Exact. Two nodes are the same computation when they have the same op, domain and attributes and read the
+same tensors in the same order (constants compared by identity — dedup-weights has already merged equal
+ones). Nodes are visited in topological order, so chains of duplicates merge in one pass. Random ops and
+ops with subgraphs are never merged.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.fold_constants import NONDETERMINISTIC_OPS
+
+
+def _attr_key(value) -> object:
+    if isinstance(value, (list, tuple)):
+        return tuple(_attr_key(v) for v in value)
+    if isinstance(value, gs.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, float):
+        return ("float", value)
+    return value
+
+
+class EliminateCommonSubexpressions:
+    name = "cse"
+    kind = PassKind.EXACT
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+    preserves_shapes = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        seen: dict[tuple, gs.Node] = {}
+        merged = 0
+        for node in list(graph.nodes):
+            if (not node.outputs or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
+                    or any(o.name in ir.graph_outputs(graph) for o in node.outputs)):
+                continue
+            try:
+                key = (node.op, node.domain or "", tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
+                       tuple(id(t) for t in node.inputs), len(node.outputs))
+                hash(key)
+            except TypeError:
+                continue
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            for dup, kept in zip(list(node.outputs), first.outputs):
+                for reader in list(dup.outputs):
+                    for i, t in enumerate(reader.inputs):
+                        if t is dup:
+                            reader.inputs[i] = kept
+            node.outputs.clear()
+            node.inputs.clear()
+            merged += 1
+        return PassResult(graph, modified=bool(merged), stats={"nodes_merged": merged})
