@@ -130,6 +130,31 @@ def _absorb_into_split_columns(split: gs.Node, part: gs.Tensor):
     return fold
 
 
+def _bias_after_reshape(graph: gs.Graph) -> None:
+    """MatMul → Add(bias) → Reshape (last axis kept) becomes MatMul → Reshape → Add(bias): onnxruntime would
+    otherwise fuse MatMul + Add into a float Gemm before its QDQ rewrite, losing the integer kernel."""
+    for add in list(graph.nodes):
+        if not ir.is_op(add, "Add") or not add.outputs:
+            continue
+        bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+        mm_out = next((t for t in add.inputs if t is not bias), None)
+        if bias is None or mm_out is None or ir.producer(mm_out) is None or not ir.is_op(ir.producer(mm_out), "MatMul"):
+            continue
+        out = add.outputs[0]
+        if len(mm_out.outputs) != 1 or len(out.outputs) != 1 or out.name in ir.graph_outputs(graph):
+            continue
+        reshape = out.outputs[0]
+        after = reshape.outputs[0] if ir.is_op(reshape, "Reshape") else None
+        if after is None or (after.shape or [None])[-1] != (mm_out.shape or [None])[-1] or after.name in ir.graph_outputs(graph):
+            continue
+        moved = gs.Variable(after.name + "_nobias", dtype=after.dtype, shape=after.shape)
+        reshape.inputs[0] = mm_out
+        reshape.outputs[0] = moved
+        add.inputs.clear()
+        add.inputs.extend([moved, bias])
+        add.outputs[0] = after
+
+
 class QuantizeW8A8:
     name = "quantize-w8a8"
     kind = PassKind.APPROXIMATE
@@ -143,6 +168,31 @@ class QuantizeW8A8:
         self.rows = rows
         self.choices: list[GroupChoice] = []
 
+    @staticmethod
+    def _integer_with_bias(graph, m: gs.Node, q, sc, zp, names) -> bool:
+        """MatMul → Add(bias) would become a float Gemm in onnxruntime before its QDQ rewrite; emit the
+        integer kernel it would have chosen, ``com.microsoft.MatMulIntegerToFloat`` with the bias, directly."""
+        out = m.outputs[0]
+        if len(out.outputs) != 1 or out.name in ir.graph_outputs(graph):
+            return False
+        add = out.outputs[0]
+        bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None) if ir.is_op(add, "Add") else None
+        n = (out.shape or [None])[-1]
+        if bias is None or ir.const_value(bias).shape != (n,):
+            return False
+        dq = ir.producer(m.inputs[1])
+        if dq is None or not ir.is_op(dq, "DequantizeLinear") or len(m.inputs[1].outputs) != 1:
+            return False
+        wq, ws = dq.inputs[0], dq.inputs[1]
+        wz = gs.Constant(names.fresh(wq.name + "_zero"), np.zeros(ws.shape, dtype=np.int8))
+        result = add.outputs[0]
+        for node in (m, add):
+            node.inputs.clear()
+            node.outputs.clear()
+        graph.nodes.append(gs.Node("MatMulIntegerToFloat", name=names.fresh(m.name + "_int8"), domain=ir.MS_DOMAIN,
+                                   inputs=[q, wq, sc, ws, zp, wz, bias], outputs=[result]))
+        return True
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not self.calib_feeds:
             raise LmcError("--quantize w8a8 needs calibration data: give --calib FILE.npz")
@@ -152,6 +202,7 @@ class QuantizeW8A8:
             if (gemms and len(gemms) == len(const.outputs) and len(const.shape) == 2
                     and all(QuantizeWeights._plain_gemm(g) for g in gemms)):
                 QuantizeWeights._gemms_to_matmuls(graph, const, gemms, names)
+        _bias_after_reshape(graph)
         groups: dict[str, list[gs.Node]] = {}
         for node in graph.nodes:
             if (ir.is_op(node, "MatMul") and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2
@@ -189,7 +240,10 @@ class QuantizeW8A8:
             q = gs.Variable(names.fresh(act + "_q8"), dtype=np.int8, shape=x.shape)
             graph.nodes.append(gs.Node("QuantizeLinear", name=names.fresh(act + "_QuantizeLinear"),
                                        inputs=[x, sc, zp], outputs=[q]))
+            explicit = ctx.target is None or ctx.target.tuning.can_emit("MatMulIntegerToFloat", ir.MS_DOMAIN)
             for m in groups[act]:
+                if explicit and self._integer_with_bias(graph, m, q, sc, zp, names):
+                    continue
                 # onnxruntime runs DQ → MatMul as MatMulIntegerToFloat only when the activation feeds one
                 # MatMul (the pipeline merges parallel MatMuls first); a DQ per reader otherwise
                 dq = gs.Variable(names.fresh(act + "_dq8"), dtype=np.float32, shape=x.shape)
