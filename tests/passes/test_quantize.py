@@ -143,3 +143,20 @@ def test_int4_takes_gemm_weights_as_matmulnbits(tmp_path):
     assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
     feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     assert compare(run_ort(model, feed)[0], run_ort(tmp_path / "out" / "model.onnx", feed)[0], "y").cosine > 0.99
+
+
+def test_w8a8_hf_style_gpt2_biases_stay_integer(tmp_path):
+    import onnxruntime as ort
+
+    from lmc.models import Gpt2Config, build_gpt2
+
+    path = tmp_path / "gpt2.onnx"
+    onnx.save(build_gpt2(Gpt2Config(hf_style=True, layers=2)), str(path))
+    np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(0).integers(0, 256, (8, 16)))
+    build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 16)}, quantize=QuantizeMode.W8A8,
+                             calib=str(tmp_path / "calib.npz")), tmp_path / "out")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 4 * 2 and "Gemm" not in ops
