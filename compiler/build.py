@@ -95,7 +95,8 @@ class BuildResult:
 
 
 def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: str | Path = "out",
-          on_pass: Callable[[PassRecord], None] | None = None) -> BuildResult:
+          on_pass: Callable[[PassRecord], None] | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``."""
     options = options or BuildOptions()
     start = time.perf_counter()
@@ -112,7 +113,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     ir.require_static_inputs(graph)
     nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
 
-    manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]), PassContext(target=target, options=options),
+    manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]), PassContext(target=target, options=options, progress=progress),
                           peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
     graph, records = manager.run(graph)
 

@@ -108,9 +108,16 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, att
 
     def on_pass(record):
         if show:
-            click.echo(f"  {record.name:<28} {record.seconds:6.2f}s  {record.nodes:6d} nodes", err=True)
+            click.echo(f"\r\033[K  {record.name:<28} {record.seconds:6.2f}s  {record.nodes:6d} nodes", err=True)
 
-    result = run_build(model, options, out_dir, on_pass=on_pass)
+    def progress(label, done, total):
+        if show:
+            width = 30
+            filled = width * done // max(total, 1)
+            click.echo(f"\r\033[K  {label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                       err=True, nl=False)
+
+    result = run_build(model, options, out_dir, on_pass=on_pass, progress=progress)
     if as_json:
         _emit_json(result.to_dict())
         return

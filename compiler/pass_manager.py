@@ -54,10 +54,16 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Read-only facts passes may consult: the target, the build options; a logger-free message sink."""
+    """Read-only facts passes may consult (the target, the build options) and an optional progress sink
+    ``progress(label, done, total)`` for long work (calibration, quantization); the CLI draws it."""
 
     target: Any = None
     options: Any = None
+    progress: Callable[[str, int, int], None] | None = None
+
+    def report(self, label: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(label, done, total)
 
 
 @runtime_checkable

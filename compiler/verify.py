@@ -128,14 +128,18 @@ def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], s
     return feeds
 
 
-def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
-    """Feeds from an ``.npz``: one array per input; arrays with a leading sample axis give several feeds."""
+def load_inputs(path: str | Path, ranks: Mapping[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Feeds from an ``.npz``: one array per input. When every array has one more axis than its input
+    (``ranks``), the leading axis is the sample axis: sample i is arr[i]."""
     try:
         data = dict(np.load(str(path), allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise LmcError(f"{path}: cannot read inputs ({exc})") from exc
     if not data:
         raise LmcError(f"{path}: holds no arrays")
+    if ranks and all(name in ranks and arr.ndim == ranks[name] + 1 for name, arr in data.items()):
+        n = min(len(arr) for arr in data.values())
+        return [{name: arr[i] for name, arr in data.items()} for i in range(n)]
     return [data]
 
 
@@ -209,7 +213,9 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
     if inputs is not None:
-        feeds = load_inputs(inputs)
+        bundle_model = onnx.load(str(model_path), load_external_data=False)
+        ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in bundle_model.graph.input}
+        feeds = load_inputs(inputs, ranks)
     else:
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}

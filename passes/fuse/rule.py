@@ -109,7 +109,8 @@ class FuseRules:
                 reason = can_run(graph, result.emit, ctx)
                 if reason:
                     stats[rule.name].rejected[reason] += 1
-                    continue
+                    removed.update(id(n) for n in result.nodes)   # its inner nodes are not new matches
+                    break
                 result.apply(names)
                 removed.update(id(n) for n in result.nodes)
                 stats[rule.name].applied += 1

@@ -208,9 +208,11 @@ class QuantizeW8A8:
             if (ir.is_op(node, "MatMul") and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2
                     and not isinstance(node.inputs[0], gs.Constant) and len(node.inputs[1].outputs) == 1):
                 groups.setdefault(node.inputs[0].name, []).append(node)
-        stats = collect(graph, sorted(groups), self.calib_feeds, keep_rows=self.rows)
+        stats = collect(graph, sorted(groups), self.calib_feeds, keep_rows=self.rows,
+                        progress=lambda i, n: ctx.report("calibrating", i, n))
         act_scales: dict[str, float] = {}
-        for act, matmuls in groups.items():
+        for done, (act, matmuls) in enumerate(groups.items()):
+            ctx.report("choosing smoothing and clips", done, len(groups))
             st = stats[act]
             x = matmuls[0].inputs[0]
             weights = [ir.const_value(m.inputs[1]).astype(np.float32) for m in matmuls]

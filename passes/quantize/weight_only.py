@@ -130,17 +130,21 @@ class QuantizeWeights:
         if wanted:
             log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
             self.config.stats = collect(graph, wanted, self.config.calib_feeds,
+                                        progress=lambda i, n: self._ctx.report("calibrating", i, n),
                                         gram=self.config.bits == WeightBits.INT4 and self.config.gptq)
             if self.config.table_bits is None and self.config.bits == WeightBits.INT4:
                 self.config.table_bits = 4     # GPTQ keeps a 4-bit tied table accurate
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self._ctx = ctx
         if self.config.calib_feeds and not self.config.stats:
             self._calibrate(graph)
         names = ir.Namer(graph)
         counts = {"matmul": 0, "gemm": 0, "conv": 0, "table": 0, "tied_table": 0}
         notes: list[str] = []
-        for const in ir.constants(graph):
+        consts = ir.constants(graph)
+        for done, const in enumerate(consts):
+            ctx.report("quantizing weights", done, len(consts))
             size = int(np.prod(const.shape)) if const.shape else 1
             if size < self.config.min_elements or ir.onnx_dtype(const.dtype) != onnx.TensorProto.FLOAT:
                 continue
