@@ -215,8 +215,60 @@ def new_name(graph: gs.Graph, base: str) -> str:
 
 
 def topological_sort(graph: gs.Graph) -> None:
-    """Restore a valid topological order in place (stable: keeps the current order where it can)."""
-    graph.toposort()
+    """Restore a valid topological order in place — Kahn's algorithm, stable: among nodes that are ready,
+    the one earliest in the current order goes first, so an already sorted graph keeps its order.
+    Raises ValueError on a cycle. Precondition: no subgraph reads outer tensors it does not list."""
+    import heapq
+
+    nodes = list(graph.nodes)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    pending = {}
+    readers: dict[int, list[gs.Node]] = {}
+    for n in nodes:
+        deps = {id(t.inputs[0]) for t in n.inputs if len(t.inputs) == 1 and id(t.inputs[0]) in position}
+        deps.discard(id(n))
+        pending[id(n)] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(n)
+    ready = [position[id(n)] for n in nodes if pending[id(n)] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = nodes[heapq.heappop(ready)]
+        order.append(n)
+        for r in readers.get(id(n), ()):
+            pending[id(r)] -= 1
+            if pending[id(r)] == 0:
+                heapq.heappush(ready, position[id(r)])
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    graph.nodes = order
+
+
+def remove_dead_nodes(graph: gs.Graph) -> int:
+    """Drop nodes none of whose outputs reaches a graph output (reverse reachability); returns how many.
+    Nodes with subgraphs are kept when live like any other."""
+    live: set[int] = set()
+    stack = [t.inputs[0] for t in graph.outputs if len(t.inputs) == 1]
+    while stack:
+        n = stack.pop()
+        if id(n) in live:
+            continue
+        live.add(id(n))
+        for t in n.inputs:
+            if len(t.inputs) == 1 and id(t.inputs[0]) not in live:
+                stack.append(t.inputs[0])
+        for value in n.attrs.values():
+            if isinstance(value, gs.Graph):        # outer tensors a subgraph reads keep their producers
+                for t in value.tensors().values():
+                    if len(t.inputs) == 1 and id(t.inputs[0]) not in live and t.inputs[0] not in value.nodes:
+                        stack.append(t.inputs[0])
+    dead = [n for n in graph.nodes if id(n) not in live]
+    for n in dead:
+        n.inputs.clear()
+        n.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) in live]
+    return len(dead)
 
 
 def constant_bytes(const: gs.Constant) -> bytes:

@@ -152,7 +152,7 @@ class PassManager:
         result = pass_.run(graph, self.ctx)
         graph = result.graph
         if result.modified:
-            graph.cleanup(remove_unused_graph_inputs=False)
+            ir.remove_dead_nodes(graph)
             ir.topological_sort(graph)
             ir.ensure_unique_names(graph)
             if not getattr(pass_, "preserves_shapes", False):

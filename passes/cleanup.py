@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 
@@ -19,11 +20,8 @@ class Cleanup:
     preserves_shapes = True   # every tensor it leaves or creates has its dtype and shape set
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        nodes_before = len(graph.nodes)
-        consts_before = {id(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
-        consts_after = {id(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-        removed_nodes = nodes_before - len(graph.nodes)
-        removed_consts = len(consts_before - consts_after)
+        consts_before = {id(t) for t in ir.constants(graph)}
+        removed_nodes = ir.remove_dead_nodes(graph)
+        removed_consts = len(consts_before - {id(t) for t in ir.constants(graph)})
         return PassResult(graph, modified=bool(removed_nodes or removed_consts),
                           stats={"nodes_removed": removed_nodes, "initializers_removed": removed_consts})

@@ -126,12 +126,19 @@ class ShareTransposedWeights:
             by_key.setdefault((ir.onnx_dtype(c.dtype), tuple(sorted(c.shape))), []).append(c)
         shared, saved, notes = 0, 0, []
         used: set[int] = set()
+        loaded: dict[int, np.ndarray] = {}
+
+        def value(c: gs.Constant) -> np.ndarray:   # each candidate decoded once per run
+            if id(c) not in loaded:
+                loaded[id(c)] = ir.const_value(c)
+            return loaded[id(c)]
+
         for members in by_key.values():
             for i, a in enumerate(members):
                 for b in members[i + 1:]:
                     if id(a) in used or id(b) in used or tuple(a.shape) != tuple(b.shape)[::-1]:
                         continue
-                    if not is_transpose(ir.const_value(a), ir.const_value(b)):
+                    if not is_transpose(value(a), value(b)):
                         continue
                     # Prefer keeping the copy a Gather reads (the [rows, features] table layout).
                     a_gathered = any(ir.is_op(n, "Gather") for n in a.outputs)
