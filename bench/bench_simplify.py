@@ -50,8 +50,8 @@ def arena_of(path: Path, shapes: dict) -> int:
     return plan_memory(graph, target).arena_bytes
 
 
-def run_lmc(model: Path, out: Path, shapes: dict, disabled=()) -> Path:
-    build(model, BuildOptions(target="cortex-a55", input_shapes=shapes, disabled_passes=disabled), out)
+def run_lmc(model: Path, out: Path, shapes: dict, disabled=(), verify: bool = True) -> Path:
+    build(model, BuildOptions(target="cortex-a55", input_shapes=shapes, disabled_passes=disabled, verify=verify), out)
     return out / "model.onnx"
 
 
@@ -96,6 +96,7 @@ def main() -> None:
         feeds = random_inputs(model, shapes, samples=1, seed=0)
         tools = [
             ("lmc", lambda: run_lmc(model, tmp / "lmc", shapes)),
+            ("lmc, no verification (like onnxsim)", lambda: run_lmc(model, tmp / "lmc-nv", shapes, verify=False)),
             ("lmc without fusion (fold, simplify, dedup, share)", lambda: run_lmc(model, tmp / "lmc-nf", shapes, FUSION)),
             ("lmc fold+cleanup only", lambda: run_lmc(model, tmp / "lmc-fold", shapes, OPTIONAL)),
             ("onnxsim", lambda: run_onnxsim(model, tmp, shapes)),
