@@ -99,6 +99,8 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
           progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``."""
     options = options or BuildOptions()
+    if options.block_size not in (16, 32, 64, 128, 256):
+        raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
     start = time.perf_counter()
     target = load_target(options.target)
     out_dir = Path(out_dir)

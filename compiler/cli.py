@@ -77,8 +77,9 @@ def cli(debug: bool, verbose: int) -> None:
               help="Bind a dynamic input's dims, e.g. input_ids=1x256 (repeatable).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4", "w8a8"]), default="none",
               show_default=True,
-              help="none keeps the model exact; int8: weights per channel; int4: weights in blocks "
-                   "(embedding/tied head at int8); w8a8: int8 weights and activations (needs --calib).")
+              help="none keeps the model exact; int8: weights per channel; int4: weights in blocks (with --calib: "
+                   "GPTQ, and the embedding/tied head at 4 bits too; without: that table at int8); w8a8: int8 "
+                   "weights and activations (needs --calib).")
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (power of two, 16..256).")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
