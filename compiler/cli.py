@@ -31,8 +31,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
             parsed = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             raise LmcError(f"--input-shape '{value}': dims must be integers separated by 'x'") from None
-        if any(d <= 0 for d in parsed):
-            raise LmcError(f"--input-shape '{value}': dims must be positive")
+        if any(d < 0 for d in parsed):
+            raise LmcError(f"--input-shape '{value}': dims must be ≥ 0 (0 for an empty cache)")
         shapes[name] = parsed
     return shapes
 

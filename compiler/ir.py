@@ -369,8 +369,8 @@ def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None
             for axis, (old, new) in enumerate(zip(var.shape, dims)):
                 if isinstance(old, int) and old >= 0 and old != new:
                     raise ShapeError(f"input '{name}' dim {axis} is fixed at {old}; --input-shape gives {new}")
-        if any(d <= 0 for d in dims):
-            raise ShapeError(f"input '{name}': dims must be positive, got {_fmt(dims)}")
+        if any(d < 0 for d in dims):
+            raise ShapeError(f"input '{name}': dims must be ≥ 0, got {_fmt(dims)}")
         var.shape = dims
 
 
