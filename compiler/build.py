@@ -48,6 +48,7 @@ class BuildOptions:
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: AttentionMode = AttentionMode.DENSE
+    max_ram: int | None = None           # bytes; None: the target's RAM budget
     block_size: int = 32
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
@@ -123,6 +124,14 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     problems = check_plan(plan)
     if problems:
         raise RuntimeError(f"arena plan is unsound: {problems[0]}")
+    budget = options.max_ram if options.max_ram is not None else target.memory.ram_bytes
+    if plan.peak_ram_bytes > budget:
+        source = "--max-ram" if options.max_ram is not None else f"target {target.name}"
+        hint = "; a smaller --input-shape lowers the arena"
+        if plan.weights_bytes.get("ram") and options.quantize is QuantizeMode.NONE:
+            hint += ", --quantize int8/int4 the RAM-resident weights"
+        raise LmcError(f"planned peak RAM {plan.peak_ram_bytes} bytes ({plan.peak_ram_bytes / 2**20:.2f} MiB) exceeds "
+                       f"the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}){hint}")
 
     bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)

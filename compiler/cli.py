@@ -20,6 +20,20 @@ from lmc.compiler.errors import ExitCode, LmcError
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
 
+def parse_size(text: str | None) -> int | None:
+    """``64MiB``, ``512KiB``, ``1GB``, ``1048576`` → bytes (binary units for KiB/MiB/GiB, decimal for KB/MB/GB)."""
+    if text is None:
+        return None
+    m = SIZE_RE.match(text)
+    if not m:
+        raise LmcError(f"--max-ram '{text}': expected a size such as 64MiB, 512KiB or 1048576")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper().rstrip("B") or "B"
+    factor = {"B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "KI": 2**10, "MI": 2**20, "GI": 2**30}.get(unit)
+    if factor is None:
+        raise LmcError(f"--max-ram '{text}': unknown unit")
+    return int(value * factor)
+
+
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """``NAME=DxDx…`` (repeatable) -> {NAME: dims}."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -85,14 +99,16 @@ def cli(debug: bool, verbose: int) -> None:
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
               help="Attention implementation; dense keeps the model exact.")
+@click.option("--max-ram", metavar="SIZE",
+              help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME",
               help="Leave a pass out (repeatable), e.g. share-transposed.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the original.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, quantize, block_size, calib, attention, disabled, no_verify,
-          tolerance, as_json):
+def build(model, out_dir, target, input_shapes, quantize, block_size, calib, attention, max_ram, disabled,
+          no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -103,7 +119,7 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, att
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
-                           attention=AttentionMode(attention),
+                           attention=AttentionMode(attention), max_ram=parse_size(max_ram),
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 

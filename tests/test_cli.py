@@ -89,3 +89,14 @@ def test_existing_foreign_folder_is_not_overwritten(model_dir, tmp_path, capsys)
     code, _, err = run(["build", str(model_dir / "small-cnn.onnx"), "-o", str(out),
                         "--input-shape", "image=1x3x32x32"], capsys)
     assert code == 2 and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_max_ram_budget(model_dir, tmp_path, capsys):
+    m = str(model_dir / "tiny-llama.onnx")
+    code, _, err = run(["build", m, "--input-shape", "input_ids=1x32", "--max-ram", "16KiB", "-o",
+                        str(tmp_path / "o")], capsys)
+    assert code == 2 and "exceeds the budget" in err and not (tmp_path / "o").exists()
+    code, out, _ = run(["build", m, "--input-shape", "input_ids=1x32", "--max-ram", "8MiB", "-o",
+                        str(tmp_path / "o"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["peak_ram_bytes"] <= 8 * 2**20
+    assert run(["build", m, "--max-ram", "much", "-o", str(tmp_path / "p")], capsys)[0] == 2
