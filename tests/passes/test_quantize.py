@@ -160,3 +160,13 @@ def test_w8a8_hf_style_gpt2_biases_stay_integer(tmp_path):
     ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulIntegerToFloat") == 4 * 2 and "Gemm" not in ops
+
+
+def test_quantized_builds_are_byte_identical(tiny_llama, tmp_path):
+    path, calib = tiny_llama
+    opts = BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.INT4,
+                        calib=str(calib))
+    build(path, opts, tmp_path / "a")
+    build(path, opts, tmp_path / "b")
+    for f in ("model.onnx", "model.weights", "plan.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
