@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 
 from lmc.compiler import ir
+from lmc.compiler import shapes as shape_ops
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.pass_manager import FixedPoint, PassContext, PassManager
@@ -44,8 +45,8 @@ def disk_bytes(path: Path) -> int:
 def arena_of(path: Path, shapes: dict) -> int:
     target = load_target("cortex-a55")
     graph = ir.to_graph(onnx.load(str(path)))
-    ir.bind_input_shapes(graph, shapes)
-    ir.infer_shapes(graph)
+    shape_ops.bind_input_shapes(graph, shapes)
+    shape_ops.infer_shapes(graph)
     graph, _ = PassManager([FixedPoint("fold", [FoldConstants(), Cleanup()])], PassContext(target=target)).run(graph)
     return plan_memory(graph, target).arena_bytes
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
+from lmc.compiler import ir, shapes
 from lmc.compiler.errors import ShapeError
 from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
@@ -75,7 +75,7 @@ def io_bytes(graph: gs.Graph) -> int:
 
 def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
     """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor."""
-    ir.require_static_shapes(graph)
+    shapes.require_static_shapes(graph)
     alignment = target.memory.alignment
     flow = dataflow_of(graph)
     order, scheduler = choose_schedule(flow, alignment)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmc.compiler import ir
+from lmc.compiler import ir, shapes
 from lmc.compiler.backend import estimate_peak, plan_memory
 from lmc.compiler.errors import LmcError
 from lmc.compiler.model_io import load_model
@@ -111,9 +111,9 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     model = load_model(model_path)
     graph = ir.to_graph(model)
     del model
-    ir.bind_input_shapes(graph, dict(options.input_shapes))
-    ir.infer_shapes(graph)
-    ir.require_static_inputs(graph)
+    shapes.bind_input_shapes(graph, dict(options.input_shapes))
+    shapes.infer_shapes(graph)
+    shapes.require_static_inputs(graph)
     nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
 
     manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]), PassContext(target=target, options=options, progress=progress),

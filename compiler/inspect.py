@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
+from lmc.compiler import ir, shapes
 from lmc.compiler.errors import LmcError
 from lmc.compiler.model_io import load_model
 
@@ -71,7 +71,7 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
     del model
     summary = summarize(graph, str(path), opsets)
     if input_shapes:
-        ir.bind_input_shapes(graph, dict(input_shapes))
+        shapes.bind_input_shapes(graph, dict(input_shapes))
     if not plan or any(ir.static_shape(t) is None for t in graph.inputs):
         return summary
     from lmc.compiler.backend import plan_memory
@@ -82,7 +82,7 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
 
     tgt = load_target(target)
     options = BuildOptions(target=target, input_shapes=dict(input_shapes or {}))
-    ir.infer_shapes(graph)
+    shapes.infer_shapes(graph)
     graph, _ = PassManager(default_pipeline(options, tgt), PassContext(target=tgt, options=options)).run(graph)
     try:
         mem = plan_memory(graph, tgt)

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
+from lmc.compiler import ir, shapes
 from lmc.compiler.errors import PassPreconditionError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def check_requirements(graph: gs.Graph, pass_: Pass, sorted_already: bool = Fals
     for req in pass_.requires:
         if req is Requirement.STATIC_SHAPES:
             try:
-                ir.require_static_shapes(graph, where=f"pass '{pass_.name}'")
+                shapes.require_static_shapes(graph, where=f"pass '{pass_.name}'")
             except Exception as exc:
                 raise PassPreconditionError(f"pass '{pass_.name}' requires static shapes: {exc}") from exc
         elif req is Requirement.UNIQUE_NODE_NAMES:
@@ -156,7 +156,7 @@ class PassManager:
             ir.topological_sort(graph)
             ir.ensure_unique_names(graph)
             if not getattr(pass_, "preserves_shapes", False):
-                ir.infer_shapes(graph)
+                shapes.infer_shapes(graph)
             self._sorted = True
         seconds = time.perf_counter() - start
         records.append(self._record(graph, pass_.name + suffix, seconds, result))

@@ -10,27 +10,27 @@ from __future__ import annotations
 from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import FixedPoint
 from lmc.passes.cleanup import Cleanup
+from lmc.passes.cse import EliminateCommonSubexpressions
 from lmc.passes.dedup_weights import DedupWeights
 from lmc.passes.eliminate_noops import EliminateNoops
 from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
-from lmc.passes.share_transposed import ShareTransposedWeights
-from lmc.passes.simplify_repeat import SimplifyRepeat
-from lmc.passes.simplify_reshapes import SimplifyReshapes
-from lmc.passes.upgrade_opset import UpgradeOpset
-from lmc.passes.cse import EliminateCommonSubexpressions
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
 from lmc.passes.fuse.conv_activation import ConvActivationRule
 from lmc.passes.fuse.conv_bn import ConvBatchNormRule
-from lmc.passes.fuse.matmul_add import MatMulAddRule
 from lmc.passes.fuse.gelu import GeluRule
 from lmc.passes.fuse.layer_norm import LayerNormRule
+from lmc.passes.fuse.matmul_add import MatMulAddRule
 from lmc.passes.fuse.rms_norm import RmsNormRule
 from lmc.passes.fuse.rotary import RotaryRule
 from lmc.passes.fuse.rule import FuseRules
 from lmc.passes.fuse.silu import SiluRule
+from lmc.passes.share_transposed import ShareTransposedWeights
+from lmc.passes.simplify_repeat import SimplifyRepeat
+from lmc.passes.simplify_reshapes import SimplifyReshapes
+from lmc.passes.upgrade_opset import UpgradeOpset
 
 REQUIRED = frozenset({"cleanup", "fold-constants"})
 

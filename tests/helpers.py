@@ -85,12 +85,13 @@ def independent_plan_check(bundle: Path) -> dict:
 def apply_passes(model: onnx.ModelProto, passes, shapes: dict | None = None, target: str = "x86-64"):
     """Import ``model``, bind ``shapes``, run ``passes`` through the PassManager; return (graph, records)."""
     from lmc.compiler import ir
+    from lmc.compiler import shapes as shape_ops
     from lmc.compiler.pass_manager import PassContext, PassManager
     from lmc.targets.target import load_target
 
     graph = ir.to_graph(model)
-    ir.bind_input_shapes(graph, shapes or {})
-    ir.infer_shapes(graph)
+    shape_ops.bind_input_shapes(graph, shapes or {})
+    shape_ops.infer_shapes(graph)
     return PassManager(list(passes), PassContext(target=load_target(target))).run(graph)
 
 

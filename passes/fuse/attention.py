@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext
-from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph, sole_reader
+from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph
 
 ATTENTION = OpRef("Attention", "", 23)
 MASKED = -1e30

@@ -21,7 +21,7 @@ LAYER_NORM = OpRef("LayerNormalization", "", 17)
 
 def _affine(graph: gs.Graph, anchor: gs.Node, width: int):
     """(normalised tensor, γ, β, nodes) for y = n·γ + β, y = n·γ or y = n + β... ending at anchor."""
-    gamma = beta = None
+    beta = None
     nodes = []
     node = anchor
     if ir.is_op(node, "Add"):

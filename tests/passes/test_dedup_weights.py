@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_pass_exact
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from lmc.compiler import ir
 from lmc.passes.cleanup import Cleanup
