@@ -34,6 +34,15 @@ def decoded_weight(node: gs.Node) -> bool:
             and all(ir.is_op(r, FUSABLE_WEIGHT_READERS) for r in node.outputs[0].outputs))
 
 
+def _implicit_inputs(node: gs.Node) -> tuple[str, ...]:
+    """Outer-scope tensors a subgraph (If/Loop/Scan body) reads: they must stay alive through the node."""
+    names: list[str] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            names += [n for n, t in value._foreign_tensors().items() if isinstance(t, gs.Variable) and n]
+    return tuple(dict.fromkeys(names))
+
+
 def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
     """The backend view of ``graph``. With ``strict``, a tensor without a static size is a ShapeError;
     otherwise it is left out (for estimates on partly dynamic graphs). Outputs of ``decoded_weight`` nodes
@@ -42,7 +51,7 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
     steps: list[Step] = []
     sizes: dict[str, int] = {}
     for node in graph.nodes:
-        ins = tuple(t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name)
+        ins = tuple(t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name) + _implicit_inputs(node)
         outs = tuple(t.name for t in node.outputs if t.name)
         for t in node.outputs:
             if not t.name or t.name in outputs or decoded_weight(node):

@@ -29,9 +29,5 @@ class ShapeError(LmcError):
     """A shape could not be bound or stayed dynamic where a static one is needed."""
 
 
-class PassPreconditionError(LmcError):
-    """A pass's requirement does not hold on the graph it was given."""
-
-
 class TargetError(LmcError):
     """The target name is unknown or its description is invalid."""

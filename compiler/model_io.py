@@ -57,6 +57,27 @@ def check_external_locations(model: onnx.ModelProto, base_dir: Path, source: str
                 f"the end of '{location}' ({size} bytes)")
 
 
+UNSUPPORTED_OPS = frozenset({
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt", "SequenceLength",
+    "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
+})
+
+
+def check_tensor_graph(model: onnx.ModelProto, source: str) -> None:
+    """lmc plans tensors: graph inputs/outputs must be tensors, and no node may build sequences or
+    optionals (their sizes are not static)."""
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            which = v.type.WhichOneof("value")
+            if which not in (None, "tensor_type"):
+                raise ModelLoadError(f"{source}: {kind} '{v.name}' is a {which.replace('_type', '')}; lmc compiles "
+                                     "graphs whose inputs and outputs are tensors")
+    for node in model.graph.node:
+        if node.op_type in UNSUPPORTED_OPS and node.domain in ("", "ai.onnx"):
+            raise ModelLoadError(f"{source}: node '{node.name or node.op_type}' ({node.op_type}) builds a "
+                                 "sequence/optional value; lmc plans tensor graphs only")
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and validate an ONNX model; see the module docstring for the checks."""
     p = Path(path)
@@ -82,6 +103,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{source}: not a valid ONNX model (no graph or no opset import)")
     if not model.graph.output:
         raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
+    check_tensor_graph(model, source)
     check_external_locations(model, p.parent, source)
     external = _external_tensors(model)
     if external:

@@ -26,7 +26,6 @@ from typing import Any, Protocol, runtime_checkable
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
-from lmc.compiler.errors import PassPreconditionError
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +105,7 @@ PeakEstimator = Callable[[gs.Graph], "int | None"]
 def check_requirements(graph: gs.Graph, pass_: Pass, sorted_already: bool = False) -> None:
     for req in pass_.requires:
         if req is Requirement.STATIC_SHAPES:
-            try:
-                shapes.require_static_shapes(graph, where=f"pass '{pass_.name}'")
-            except Exception as exc:
-                raise PassPreconditionError(f"pass '{pass_.name}' requires static shapes: {exc}") from exc
+            shapes.require_static_shapes(graph, where=f"needed by pass '{pass_.name}'")
         elif req is Requirement.UNIQUE_NODE_NAMES:
             ir.ensure_unique_names(graph)
         elif req is Requirement.TOPOLOGICAL_ORDER and not sorted_already:

@@ -36,6 +36,7 @@ class OutputError:
     max_abs: float
     max_rel: float
     cosine: float
+    tolerance: float | None = None     # this output's tolerance when it differs from the report's (fp16)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(o.max_rel <= self.tolerance for o in self.outputs)
+        return all(o.max_rel <= (o.tolerance or self.tolerance) for o in self.outputs)
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance,
@@ -117,6 +118,10 @@ def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], s
                     raise LmcError(f"input '{inp.name}' has dynamic dims; give --input-shape or --inputs")
                 shape = [d.dim_value for d in dims]
             elem = inp.type.tensor_type.elem_type
+            if elem == onnx.TensorProto.STRING:
+                words = np.array(["lmc", "onnx", "arena", "", "ß", "token"], dtype=object)
+                feed[inp.name] = words[rng.integers(0, len(words), size=shape)]
+                continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
             if np.issubdtype(dtype, np.integer):
                 feed[inp.name] = rng.integers(0, rows.get(inp.name, 2), size=shape).astype(dtype)
@@ -144,10 +149,25 @@ def load_inputs(path: str | Path, ranks: Mapping[str, int] | None = None) -> lis
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputError:
-    r = np.asarray(reference, dtype=np.float64).ravel()
-    c = np.asarray(candidate, dtype=np.float64).ravel()
-    if r.shape != c.shape:
+    """Errors of ``candidate`` against ``reference``. Non-finite values must match exactly (NaN where NaN,
+    ±inf where ±inf — a mismatch is an infinite error); the statistics cover the finite positions.
+    Non-numeric outputs (strings) compare by equality."""
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if reference.shape != candidate.shape:
         raise LmcError(f"output '{name}': shapes differ ({reference.shape} vs {candidate.shape})")
+    if reference.dtype.kind in "OSU" or candidate.dtype.kind in "OSU":
+        same = bool(np.array_equal(reference, candidate))
+        return OutputError(name, 0.0 if same else np.inf, 0.0 if same else np.inf, 1.0 if same else 0.0)
+    r = reference.astype(np.float64).ravel()
+    c = candidate.astype(np.float64).ravel()
+    finite_r, finite_c = np.isfinite(r), np.isfinite(c)
+
+    def codes(x: np.ndarray) -> np.ndarray:      # NaN → 2, +inf → 1, −inf → −1
+        return np.where(np.isnan(x), 2.0, np.sign(x))
+
+    if not (np.array_equal(finite_r, finite_c) and np.array_equal(codes(r[~finite_r]), codes(c[~finite_c]))):
+        return OutputError(name, np.inf, np.inf, 0.0)
+    r, c = r[finite_r], c[finite_c]
     diff = np.abs(r - c)
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(r).max()) if r.size else 0.0
@@ -155,6 +175,16 @@ def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputEr
     denom = float(np.linalg.norm(r) * np.linalg.norm(c))
     cosine = float(np.dot(r, c) / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
     return OutputError(name, max_abs, max_rel, cosine)
+
+
+# Reassociation error grows with the element type's epsilon: the tolerance is at least this per dtype.
+DTYPE_TOLERANCE = {np.dtype(np.float16): 4e-3}
+
+
+def output_tolerance(tolerance: float, dtype: np.dtype) -> float:
+    if str(dtype) == "bfloat16":
+        return max(tolerance, 3e-2)
+    return max(tolerance, DTYPE_TOLERANCE.get(np.dtype(dtype), 0.0)) if np.dtype(dtype).kind == "f" else tolerance
 
 
 def _run_all(path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], names: list[str] | None = None):
@@ -174,8 +204,10 @@ def _run_all(path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], names:
             raise LmcError(f"inputs missing a value: {', '.join(absent)}")
         try:
             results.append(sess.run(names, {k: v for k, v in feed.items() if k in inputs}))
-        except Exception as exc:  # wrong dtype/shape in user-given inputs
-            raise LmcError(f"onnxruntime could not run the inputs: {str(exc).strip().splitlines()[0][:300]}") from exc
+        except Exception as exc:  # wrong dtype/shape/values in the inputs
+            raise LmcError(f"onnxruntime could not run {path} on the verification inputs "
+                           f"({str(exc).strip().splitlines()[0][:200]}); give representative inputs with --inputs, "
+                           "or skip the check with --no-verify") from exc
     return names, results
 
 
@@ -189,6 +221,9 @@ def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence
     for r_out, c_out in zip(ref_out, cand_out):
         for name, r, c in zip(names, r_out, c_out):
             err = compare(r, c, name)
+            tol = output_tolerance(tolerance, np.asarray(r).dtype)
+            if tol != tolerance:
+                err = OutputError(err.name, err.max_abs, err.max_rel, err.cosine, tol)
             old = worst.get(name)
             if old is None or err.max_rel > old.max_rel:
                 worst[name] = err

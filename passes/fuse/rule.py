@@ -83,7 +83,7 @@ class FuseRules:
     """Apply ``rules`` (in order of priority) to every anchor; exact when every rule is."""
 
     kind = PassKind.EXACT
-    requires = frozenset({Requirement.TOPOLOGICAL_ORDER, Requirement.STATIC_SHAPES})
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})   # rules check the static shapes they need
     in_place = True
     preserves_shapes = False
 
