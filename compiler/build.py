@@ -152,7 +152,8 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         verification = None
         if options.verify:
             feeds = random_inputs(staged / emit.MODEL_FILE, bound, samples=1, seed=options.seed)
-            verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance)
+            verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance,
+                                          candidate_is_ours=True)
             if options.quantize is QuantizeMode.NONE and not verification.passed:
                 raise RuntimeError(f"the compiled model differs from the original: max relative error "
                                    f"{verification.max_rel:.3g} > {options.tolerance:g}")

@@ -227,7 +227,7 @@ class FoldConstants:
                 readers_outside = [c for c in o.outputs if c.name not in folded_names]
                 if readers_outside:
                     value = values[o.name]
-                    const = gs.Constant(names.fresh(o.name + "_folded"), np.ascontiguousarray(value))
+                    const = gs.Constant(names.fresh(o.name + "_folded"), np.array(value, order="C"))
                     ir.replace_tensor(graph, o, const)
             node.outputs.clear()
             node.inputs.clear()

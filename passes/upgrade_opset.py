@@ -28,8 +28,11 @@ UNCHANGED_MEANING = frozenset({
     "HardSwish", "ScatterND", "ScatterElements", "ThresholdedRelu", "Det", "RoiAlign", "GridSample",
     "ReduceSum", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "CenterCropPad", "Col2Im",
     "Multinomial", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-    "EyeLike", "GRU", "LSTM", "RNN", "DFT", "Gelu",
+    "EyeLike", "GRU", "LSTM", "RNN", "Gelu",
 })
+# The two sets above were derived for upgrades starting at opset 17 (the torch exporter's default); older
+# graphs keep their opset.
+MIN_SOURCE_OPSET = 17
 
 
 def blockers(graph: gs.Graph, target_opset: int) -> list[str]:
@@ -66,6 +69,9 @@ class UpgradeOpset:
         current = int(graph.opset)
         if target <= current:
             return PassResult(graph, modified=False)
+        if current < MIN_SOURCE_OPSET:
+            return PassResult(graph, modified=False, notes=[
+                f"opset kept at {current}: upgrades are validated from opset {MIN_SOURCE_OPSET} up"])
         blocked = blockers(graph, target)
         if blocked:
             return PassResult(graph, modified=False, notes=[

@@ -226,12 +226,11 @@ class QuantizeWeights:
         if self.config.bits == WeightBits.INT4 and block:
             zero = None
             stats = self.config.stats.get(matmuls[0].inputs[0].name)
-            if self.config.gptq and stats is not None and stats.gram is not None:
-                qt, st, zt = gptq_blocks(w.T, stats.gram, block, 4, batch=_gptq_batch(k, block))
-                centred = qt.astype(np.float32).reshape(n, k // block, block) - zt[..., None]
-                zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
-            elif self.config.asymmetric:
-                qt, st, zt = quantize_blocks_asymmetric(w.T, block, 4, h, self.config.search)
+            if self.config.gptq and stats is not None and stats.gram is not None or self.config.asymmetric:
+                if self.config.gptq and stats is not None and stats.gram is not None:
+                    qt, st, zt = gptq_blocks(w.T, stats.gram, block, 4, batch=_gptq_batch(k, block))
+                else:
+                    qt, st, zt = quantize_blocks_asymmetric(w.T, block, 4, h, self.config.search)
                 centred = qt.astype(np.float32).reshape(n, k // block, block) - zt[..., None]
                 zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
             else:
