@@ -64,7 +64,7 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
                 continue
             sizes[t.name] = n
         scratch = scratch_bytes(node) + sum(
-            decode_scratch(ir.producer(t)) for t in node.inputs
+            decode_scratch(ir.producer(t), node) for t in node.inputs
             if isinstance(t, gs.Variable) and ir.producer(t) is not None and decoded_weight(ir.producer(t)))
         steps.append(Step(node.name, ins, outs, scratch))
     return Dataflow(tuple(steps), sizes)

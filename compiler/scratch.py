@@ -4,8 +4,9 @@ The plan places them as buffers alive for that one step, so fusing never hides m
 kernels, onnxruntime 1.32 CPU; B batch, H query heads, Sq/Skv query/key lengths, Dh head dim):
 - ``Attention`` (ONNX 23), ``com.microsoft.MultiHeadAttention`` / ``GroupQueryAttention``: the score
   matrix B·H·Sq·Skv·4 bytes (softmax is computed in place on it);
-- ``com.microsoft.MatMulNBits`` / ``GatherBlockQuantized``: one dequantized block row of B,
-  N·block·4 bytes for MatMulNBits (K-blocks are dequantized one at a time), 0 for the gather;
+- ``com.microsoft.MatMulNBits`` (and a DequantizeLinear → MatMul pair onnxruntime fuses into one): the
+  activation A [M, K] quantized block-wise to int8 for the integer path, M·K·(1 + 4/block) bytes (the
+  weights are prepacked at load, not expanded per run); 0 for ``GatherBlockQuantized``;
 - everything else: 0.
 """
 
@@ -31,17 +32,22 @@ def scratch_bytes(node: gs.Node) -> int:
             skv = k[1]
         return b * heads * sq * skv * 4
     if ir.is_op(node, "MatMulNBits", ir.MS_DOMAIN):
-        n = int(node.attrs.get("N", 0))
-        block = int(node.attrs.get("block_size", 32))
-        return n * block * 4
+        return _quantized_activation_bytes(node.inputs[0], int(node.attrs.get("block_size", 32)))
     return 0
 
 
-def decode_scratch(dq: gs.Node) -> int:
-    """Working bytes of a MatMulNBits-fused DequantizeLinear: one block column of the float weight,
-    N·block·4 (N output features; block = block_size, or 32 for per-channel), as MatMulNBits estimates."""
-    shape = ir.static_shape(dq.outputs[0])
-    if shape is None or len(shape) != 2:
+def _quantized_activation_bytes(a: gs.Tensor, block: int) -> int:
+    shape = ir.static_shape(a)
+    if shape is None:
         return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel + numel * 4 // max(block, 1)
+
+
+def decode_scratch(dq: gs.Node, consumer: gs.Node) -> int:
+    """Working bytes of a DequantizeLinear that onnxruntime fuses with its MatMul (into MatMulNBits): the
+    consumer's activation quantized as above (block = block_size, or 32 for per-channel weights)."""
     block = int(dq.attrs.get("block_size", 0)) or 32
-    return shape[1] * block * 4
+    return _quantized_activation_bytes(consumer.inputs[0], block)
