@@ -110,12 +110,18 @@ def stage_model(model: onnx.ModelProto, out_dir: str | Path, alignment: int,
     """Write ``model.onnx`` (+ weights) into a fresh temporary folder beside ``out_dir``; return it.
     ``model`` is consumed: its large tensors are moved to the weights file."""
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.lmc-tmp-", dir=out_dir.parent))
+    try:
+        _prepare_out_dir(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.lmc-tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise LmcError(f"{out_dir}: cannot write the bundle there ({exc.strerror or exc})") from exc
     try:
         _externalize(model, tmp / WEIGHTS_FILE, alignment, external_data_threshold, tensor_bytes)
         with open(tmp / MODEL_FILE, "wb") as f:
             f.write(model.SerializeToString(deterministic=True))
+    except OSError as exc:
+        discard(tmp)
+        raise LmcError(f"{out_dir}: writing the bundle failed ({exc.strerror or exc})") from exc
     except BaseException:
         discard(tmp)
         raise
