@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 
+def peak_live_set(plan) -> tuple[int, list]:
+    """(step with the largest live set, the planned tensors live there, largest first)."""
+    if not plan.tensors:
+        return 0, []
+    horizon = len(plan.schedule) + 1
+    delta = [0] * (horizon + 1)
+    for t in plan.tensors:
+        delta[t.first] += t.size
+        delta[t.last + 1] -= t.size
+    best_step, best, running = 0, -1, 0
+    for step in range(len(plan.schedule)):
+        running += delta[step]
+        if running > best:
+            best_step, best = step, running
+    live = sorted((t for t in plan.tensors if t.first <= best_step <= t.last), key=lambda t: -t.size)
+    return best_step, live
+
+
 def mib(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:.2f} MiB"
 
@@ -44,6 +62,12 @@ def render_report(result, model_name: str) -> str:
         "- weights: " + ", ".join(f"{k} {v} bytes" for k, v in sorted(plan.weights_bytes.items()) if v),
         f"- peak RAM (arena + io + RAM-resident weights): {plan.peak_ram_bytes} bytes ({mib(plan.peak_ram_bytes)})",
     ]
+    peak_step, live = peak_live_set(plan)
+    if live:
+        lines += ["", f"At the busiest step ({peak_step}: `{plan.schedule[peak_step]}`) these tensors are live "
+                      "(largest first):", "", "| tensor | bytes | live steps |", "|---|---:|---|"]
+        for t in live[:8]:
+            lines.append(f"| `{t.name}` | {t.size} | {t.first}–{t.last} |")
     if result.verification is not None:
         v = result.verification
         lines += ["", "## Verification (onnxruntime, bundle vs original)", "",
