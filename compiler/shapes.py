@@ -88,8 +88,9 @@ def require_static_shapes(graph: gs.Graph, where: str = "planning") -> None:
         for out in node.outputs:
             if static_shape(out) is None and not _is_unused(out, graph):
                 raise ShapeError(f"tensor '{out.name}' (output of {node.op} node '{node.name}') has no static "
-                                 f"shape ({_fmt(out.shape)}) after binding the inputs: its size depends on input "
-                                 f"values, which a static memory plan cannot know ({where})")
+                                 f"shape ({_fmt(out.shape)}) after binding the inputs: either the model does not "
+                                 f"accept these input shapes, or the size depends on input values, which a static "
+                                 f"memory plan cannot know ({where})")
 
 
 def _is_unused(var: gs.Tensor, graph: gs.Graph) -> bool:
