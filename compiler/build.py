@@ -53,6 +53,7 @@ class BuildOptions:
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
     calib_samples: int = 32
+    calib_method: str = "mse"            # w8a8 activation clip: mse | minmax | percentile | entropy
     disabled_passes: tuple[str, ...] = ()
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE

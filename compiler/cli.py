@@ -97,6 +97,10 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (power of two, 16..256).")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
+@click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile", "entropy"]), default="mse",
+              show_default=True, help="w8a8 activation ranges: searched by measured error (mse) or a fixed "
+                                      "statistic.")
+@click.option("--calib-samples", default=32, show_default=True, help="Calibration samples used from --calib.")
 @click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
               help="Attention implementation; dense keeps the model exact.")
 @click.option("--max-ram", metavar="SIZE",
@@ -107,8 +111,8 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, quantize, block_size, calib, attention, max_ram, disabled,
-          no_verify, tolerance, as_json):
+def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
+          max_ram, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -119,6 +123,7 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, att
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
+                           calib_method=calib_method, calib_samples=calib_samples,
                            attention=AttentionMode(attention), max_ram=parse_size(max_ram),
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()

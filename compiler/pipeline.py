@@ -77,9 +77,10 @@ def quantize_passes(options, target, graph_inputs: list[str]) -> list:
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":
         from lmc.passes.merge_matmuls import MergeParallelMatMuls
-        from lmc.passes.quantize.w8a8 import QuantizeW8A8
+        from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
 
-        return [MergeParallelMatMuls(), QuantizeW8A8(feeds), Cleanup()]
+        method = CalibMethod(getattr(options, "calib_method", "mse"))
+        return [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()]
     raise LmcError(f"--quantize {mode} is not available")
 
 

@@ -6,7 +6,8 @@ norm, gate/up, down, o):
 1. Smoothing (SmoothQuant): x' = x / s, W_j' = diag(s) W_j with s_k = max|x_k|^α / max_j max|W_j[k, :]|^(1−α);
    the division is folded into x's producer — a norm's scale (and bias), or the up-projection columns of
    a SwiGLU product — so no op is added. Groups whose producer cannot absorb it use α = 0.
-2. Activation scale, per tensor, symmetric int8: s_x = c · max|x'| / 127 with clip ratio c.
+2. Activation scale, per tensor, symmetric int8: s_x = c · max|x'| / 127 with clip ratio c — searched
+   (``CalibMethod.MSE``, the default) or fixed by MinMax / percentile / entropy statistics of x'.
 3. (α, c) are chosen per group *by measurement*: on calibration rows X the group's output error
    Σ_j ‖X W_j − Q(X/s)·Q(diag(s) W_j)‖² / ‖X W_j‖² is evaluated for every candidate and the smallest kept.
 4. A group whose best error is still above ``max_error`` keeps float activations (weights int8): the few
@@ -19,6 +20,7 @@ which onnxruntime runs as QuantizeLinear + MatMulIntegerToFloat (integer GEMM). 
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -52,9 +54,58 @@ def _fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
-def _best_choice(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray], alphas) -> tuple[float, float, float]:
+class CalibMethod(enum.Enum):
+    """How the activation clip is chosen: ``MSE`` searches clip ratios by measured output error (default);
+    the others fix the clip from a statistic of the (smoothed) activation: ``MINMAX`` its absolute maximum,
+    ``PERCENTILE`` the 99.99th percentile of |x|, ``ENTROPY`` the threshold minimising the KL divergence
+    between the |x| histogram and its 128-level quantization (TensorRT-style)."""
+
+    MSE = "mse"
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
+def entropy_threshold(x: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
+    """|x| threshold minimising KL(P || Q) where P is the clipped histogram and Q its ``levels``-bin
+    requantization (the calibration onnxruntime and TensorRT call entropy)."""
+    a = np.abs(x).ravel()
+    top = float(a.max()) if a.size else 0.0
+    if top == 0.0:
+        return 0.0
+    hist, edges = np.histogram(a, bins=bins, range=(0.0, top))
+    hist = hist.astype(np.float64)
+    best_kl, best_t = np.inf, top
+    for i in range(levels, bins + 1, max(1, (bins - levels) // 64)):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()                     # outliers clipped into the last bin
+        if p.sum() == 0:
+            continue
+        chunks = np.array_split(hist[:i], levels)
+        q = np.concatenate([np.where(c > 0, c.sum() / max((c > 0).sum(), 1), 0.0) for c in chunks])
+        p, q = p / p.sum(), q / max(q.sum(), 1e-30)
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_t = kl, float(edges[i])
+    return best_t
+
+
+def _fixed_clip(method: CalibMethod, x: np.ndarray, top: float) -> float:
+    """The clip ratio (of ``top`` = max |x|) a fixed calibration method gives."""
+    if top <= 0:
+        return 1.0
+    if method is CalibMethod.PERCENTILE:
+        return min(1.0, float(np.percentile(np.abs(x), 99.99)) / top)
+    if method is CalibMethod.ENTROPY:
+        return min(1.0, entropy_threshold(x) / top)
+    return 1.0
+
+
+def _best_choice(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray], alphas,
+                 method: CalibMethod = CalibMethod.MSE) -> tuple[float, float, float]:
     """(error, α, c) minimising the group's mean relative output error on calibration rows, where the error
-    of one weight is ‖X W − Q(X/s)·Q(diag(s) W)‖² / ‖X W‖²."""
+    of one weight is ‖X W − Q(X/s)·Q(diag(s) W)‖² / ‖X W‖²; c is searched (``MSE``) or fixed by ``method``."""
     refs = [rows @ w for w in weights]
     norms = [max(float(np.sum(y ** 2)), 1e-30) for y in refs]
     best = (np.inf, 0.0, 1.0)
@@ -66,7 +117,8 @@ def _best_choice(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray]
             deq.append(q.astype(np.float32) * sw[None, :])
         x = rows / s
         top = float((absmax / s).max())
-        for clip in CLIPS:
+        clips = CLIPS if method is CalibMethod.MSE else (_fixed_clip(method, x, top),)
+        for clip in clips:
             xq = _fake_quant(x, max(clip * top / 127.0, 1e-12))
             err = float(np.mean([np.sum((y - xq @ d) ** 2) / n for y, d, n in zip(refs, deq, norms)]))
             if err < best[0]:
@@ -162,8 +214,10 @@ class QuantizeW8A8:
     in_place = True
     preserves_shapes = True
 
-    def __init__(self, calib_feeds: list[dict] | None, max_error: float = 0.02, rows: int = 1024):
+    def __init__(self, calib_feeds: list[dict] | None, max_error: float = 0.02, rows: int = 1024,
+                 method: CalibMethod = CalibMethod.MSE):
         self.calib_feeds = calib_feeds
+        self.method = method
         self.max_error = max_error
         self.rows = rows
         self.choices: list[GroupChoice] = []
@@ -219,7 +273,7 @@ class QuantizeW8A8:
             absorb = _absorber(graph, x, matmuls)
             alphas = ALPHAS if absorb is not None else (0.0,)
             rows = st.rows.astype(np.float32)
-            err, alpha, clip = _best_choice(rows, st.absmax, weights, alphas)
+            err, alpha, clip = _best_choice(rows, st.absmax, weights, alphas, self.method)
             quantize_act = err <= self.max_error
             self.choices.append(GroupChoice(act, alpha, clip, err, quantize_act))
             if alpha and quantize_act:

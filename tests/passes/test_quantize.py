@@ -170,3 +170,15 @@ def test_quantized_builds_are_byte_identical(tiny_llama, tmp_path):
     build(path, opts, tmp_path / "b")
     for f in ("model.onnx", "model.weights", "plan.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_calibration_statistics_clip_outliers():
+    from lmc.passes.quantize.w8a8 import CalibMethod, _fixed_clip, entropy_threshold
+
+    x = np.random.default_rng(0).standard_normal(200_000)
+    x[:5] = 60.0                                              # a few outliers
+    t = entropy_threshold(x)
+    assert 2.0 < t < 30.0
+    assert _fixed_clip(CalibMethod.MINMAX, x, 60.0) == 1.0
+    assert _fixed_clip(CalibMethod.PERCENTILE, x, 60.0) < 0.2
+    assert _fixed_clip(CalibMethod.ENTROPY, x, 60.0) < 0.5
