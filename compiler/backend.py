@@ -17,7 +17,8 @@ from lmc.compiler.errors import ShapeError
 from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
-from lmc.targets.liveness import compute_liveness, lower_bound
+from lmc.targets.inplace import merge_inplace
+from lmc.targets.liveness import align_up, compute_liveness, lower_bound
 from lmc.targets.plan import MemoryPlan, PlannedTensor
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
@@ -66,8 +67,32 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
         scratch = scratch_bytes(node) + sum(
             decode_scratch(ir.producer(t), node) for t in node.inputs
             if isinstance(t, gs.Variable) and ir.producer(t) is not None and decoded_weight(ir.producer(t)))
-        steps.append(Step(node.name, ins, outs, scratch))
+        steps.append(Step(node.name, ins, outs, scratch, _inplace_pairs(node, sizes)))
     return Dataflow(tuple(steps), sizes)
+
+
+# Ops whose output may overwrite an input of the same shape as it is computed (element i reads element i).
+ELEMENTWISE = frozenset({"Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt",
+                         "Reciprocal", "Softplus", "LeakyRelu", "Elu", "HardSigmoid", "HardSwish", "Clip", "Cast",
+                         "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Softmax"})
+MS_ELEMENTWISE = frozenset({"QuickGelu", "FastGelu", "Gelu"})
+VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _inplace_pairs(node: gs.Node, sizes: dict[str, int]) -> tuple[tuple[str, str], ...]:
+    """(input, output) pairs the kernel may compute in place: an elementwise op's input with the output's
+    shape and byte size, or a view op's input (same bytes)."""
+    if len(node.outputs) != 1 or not node.outputs[0].name:
+        return ()
+    out = node.outputs[0]
+    if not (ir.is_op(node, ELEMENTWISE | VIEWS) or ir.is_op(node, MS_ELEMENTWISE, ir.MS_DOMAIN)):
+        return ()
+    pairs = []
+    for t in node.inputs[:1] if ir.is_op(node, VIEWS) else node.inputs:
+        if (isinstance(t, gs.Variable) and t.name in sizes and sizes.get(out.name) == sizes[t.name]
+                and (ir.is_op(node, VIEWS) or ir.static_shape(t) == ir.static_shape(out))):
+            pairs.append((t.name, out.name))
+    return tuple(pairs)
 
 
 def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
@@ -82,8 +107,9 @@ def io_bytes(graph: gs.Graph) -> int:
     return sum(ir.tensor_nbytes(t) or 0 for t in list(graph.inputs) + list(graph.outputs))
 
 
-def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
-    """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor."""
+def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False) -> MemoryPlan:
+    """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor. With ``inplace``,
+    outputs of elementwise/view ops take their dying input's bytes (``lmc.targets.inplace``)."""
     shapes.require_static_shapes(graph)
     alignment = target.memory.alignment
     flow = dataflow_of(graph)
@@ -93,11 +119,21 @@ def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
     flow = Dataflow(tuple(flow.steps[i] for i in order), flow.sizes)
     live = compute_liveness(flow, list(range(len(flow.steps))))
     planner = ArenaPlanner(alignment)
-    for iv in live.intervals:
-        planner.add_buffer(iv.size, iv.first, iv.last)
-    arena = planner.plan()
-    tensors = tuple(PlannedTensor(iv.name, size, off, iv.first, iv.last)
-                    for iv, size, off in zip(live.intervals, arena.sizes, arena.offsets))
+    merged: list[tuple[str, str]] = []
+    if inplace:
+        pairs_at = {pos: step.inplace for pos, step in enumerate(flow.steps) if step.inplace}
+        buffers, owner, merged = merge_inplace(live.intervals, pairs_at, alignment)
+        for b in buffers:
+            planner.add_buffer(b.size, b.first, b.last)
+        arena = planner.plan()
+        tensors = tuple(PlannedTensor(iv.name, align_up(iv.size, alignment), arena.offsets[owner[iv.name]],
+                                      iv.first, iv.last) for iv in live.intervals)
+    else:
+        for iv in live.intervals:
+            planner.add_buffer(iv.size, iv.first, iv.last)
+        arena = planner.plan()
+        tensors = tuple(PlannedTensor(iv.name, size, off, iv.first, iv.last)
+                        for iv, size, off in zip(live.intervals, arena.sizes, arena.offsets))
     placement = target.memory.weights_placement
     weights = {p.value: 0 for p in WeightsPlacement}
     weights[placement.value] = ir.weight_bytes(graph)
@@ -107,4 +143,4 @@ def plan_memory(graph: gs.Graph, target: Target) -> MemoryPlan:
         target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
         lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph),
         scheduler=scheduler, placement_strategy=arena.strategy,
-        schedule=tuple(s.name for s in flow.steps), tensors=tensors)
+        schedule=tuple(s.name for s in flow.steps), tensors=tensors, inplace=tuple(merged))

@@ -49,6 +49,7 @@ class BuildOptions:
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: AttentionMode = AttentionMode.DENSE
     max_ram: int | None = None           # bytes; None: the target's RAM budget
+    inplace: bool = False                # plan elementwise/view outputs over their dying inputs
     block_size: int = 32
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
@@ -121,7 +122,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
                           peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
     graph, records = manager.run(graph)
 
-    plan = plan_memory(graph, target)
+    plan = plan_memory(graph, target, inplace=options.inplace)
     problems = check_plan(plan)
     if problems:
         raise RuntimeError(f"arena plan is unsound: {problems[0]}")

@@ -5,7 +5,9 @@ Fields: ``schema``, ``target``, ``alignment``, ``arena_bytes``, ``lower_bound_by
 ``peak_ram_bytes`` = arena + io + weights placed in RAM, ``scheduler``, ``placement_strategy``,
 ``schedule`` (node names in run order) and ``tensors`` (``name``, ``size`` (aligned bytes), ``offset``,
 ``first``, ``last`` — step indices into ``schedule``, inclusive) and ``decoded_weights`` (outputs of
-DequantizeLinear nodes the runtime fuses into their MatMul: no arena buffer).
+DequantizeLinear nodes the runtime fuses into their MatMul: no arena buffer) and ``inplace`` (pairs
+[input, output] planned in place: the output is written over the input at the step where the input dies;
+empty unless ``--in-place``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MemoryPlan:
     schedule: tuple[str, ...]
     tensors: tuple[PlannedTensor, ...]
     decoded_weights: tuple[str, ...] = ()   # weights dequantized inside their consumer (no arena buffer)
+    inplace: tuple[tuple[str, str], ...] = ()  # (input, output): output written over its dying input
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -58,6 +61,7 @@ class MemoryPlan:
             "schedule": list(self.schedule),
             "tensors": [t.__dict__ for t in self.tensors],
             "decoded_weights": list(self.decoded_weights),
+            "inplace": [list(p) for p in self.inplace],
         }
 
     def to_json(self) -> str:
@@ -73,17 +77,26 @@ class MemoryPlan:
             io_bytes=int(data["io_bytes"]), scheduler=data.get("scheduler", ""),
             placement_strategy=data.get("placement_strategy", ""), schedule=tuple(data["schedule"]),
             tensors=tuple(PlannedTensor(**t) for t in data["tensors"]),
-            decoded_weights=tuple(data.get("decoded_weights", ())))
+            decoded_weights=tuple(data.get("decoded_weights", ())),
+            inplace=tuple(tuple(p) for p in data.get("inplace", ())))
+
+
+def _handover(a: PlannedTensor, b: PlannedTensor, inplace: set) -> bool:
+    """a and b are an in-place pair sharing exactly the step where one becomes the other."""
+    return ((a.name, b.name) in inplace and a.last == b.first and a.offset == b.offset) or \
+        ((b.name, a.name) in inplace and b.last == a.first and a.offset == b.offset)
 
 
 def check_plan(plan: MemoryPlan, readers: dict[str, tuple[int, list[int]]] | None = None) -> list[str]:
     """Independent checks of a plan; returns the violations (empty when sound).
 
     - no tensor beyond the arena, offsets aligned;
-    - no two tensors overlapping in both bytes and lifetime;
+    - no two tensors overlapping in both bytes and lifetime, except an in-place pair (input, output) at the
+      one step where the output is written over the dying input;
     - with ``readers`` (name -> (producer step, consumer steps)): lifetimes cover producer and last consumer.
     """
     problems: list[str] = []
+    inplace = {tuple(p) for p in plan.inplace}
     for t in plan.tensors:
         if t.offset < 0 or t.offset + t.size > plan.arena_bytes:
             problems.append(f"{t.name}: [{t.offset}, {t.offset + t.size}) outside arena {plan.arena_bytes}")
@@ -96,7 +109,7 @@ def check_plan(plan: MemoryPlan, readers: dict[str, tuple[int, list[int]]] | Non
         for b in ordered[i + 1:]:
             if b.offset >= a.offset + a.size:
                 break
-            if a.first <= b.last and b.first <= a.last:
+            if a.first <= b.last and b.first <= a.last and not _handover(a, b, inplace):
                 problems.append(f"{a.name} and {b.name} overlap in bytes and lifetime")
     if readers is not None:
         by_name = {t.name: t for t in plan.tensors}

@@ -73,12 +73,19 @@ def independent_plan_check(bundle: Path) -> dict:
     for t in plan["tensors"]:
         assert 0 <= t["offset"] and t["offset"] + t["size"] <= plan["arena_bytes"], t["name"]
         assert t["offset"] % align == 0
+    inplace = {tuple(p) for p in plan.get("inplace", [])}
+
+    def handover(a, b):   # an in-place pair overlaps only at the step the output replaces the input
+        return any(p in inplace and x["last"] == y["first"] and x["offset"] == y["offset"] and x["name"] == p[0]
+                   and y["name"] == p[1] for x, y in ((a, b), (b, a)) for p in [(x["name"], y["name"])])
+
     items = sorted(plan["tensors"], key=lambda t: t["offset"])
     for i, a in enumerate(items):
         for b in items[i + 1:]:
             if b["offset"] >= a["offset"] + a["size"]:
                 break
-            assert not (a["first"] <= b["last"] and b["first"] <= a["last"]), f"{a['name']} overlaps {b['name']}"
+            assert not (a["first"] <= b["last"] and b["first"] <= a["last"]) or handover(a, b), \
+                f"{a['name']} overlaps {b['name']}"
     return plan
 
 

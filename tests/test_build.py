@@ -104,3 +104,16 @@ def test_llama_code_exact_bundle(llama_code, tmp_path):
     tokens = np.random.default_rng(1).integers(0, 8192, (1, 256)).astype(np.int64)
     got = ArenaExecutor(out).run({"input_ids": tokens})
     assert_close(run_ort(llama_code, {"input_ids": tokens}), list(got.values()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_in_place_plan_is_sound_smaller_and_executes(name, bundles, model_dir, tmp_path):
+    shapes, make_feed = CASES[name]
+    out = tmp_path / "inplace"
+    result = build(model_dir / f"{name}.onnx", BuildOptions(target="x86-64", input_shapes=shapes, inplace=True), out)
+    plan = independent_plan_check(out)
+    assert plan["inplace"], "elementwise outputs should reuse their inputs' bytes"
+    assert result.plan.arena_bytes <= bundles[name][0].plan.arena_bytes
+    feed = make_feed()
+    got = ArenaExecutor(out).run(feed)
+    assert_close(run_ort(model_dir / f"{name}.onnx", feed), list(got.values()), rel=1e-4)
