@@ -97,6 +97,27 @@ class BuildResult:
         }
 
 
+METADATA_PREFIX = "lmc."
+
+
+def _stamp(model, options: BuildOptions, target: Target) -> None:
+    """Record how the bundle was built in the model's metadata (deterministic: no times, no paths)."""
+    from lmc import __version__
+
+    entries = {"version": __version__, "target": target.name, "quantize": options.quantize.value,
+               "attention": options.attention.value,
+               "input_shapes": ",".join(f"{k}={'x'.join(str(d) for d in v)}"
+                                        for k, v in sorted(options.input_shapes.items()))}
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = METADATA_PREFIX + key, str(value)
+
+
+def build_metadata(model) -> dict[str, str]:
+    """The ``lmc.*`` metadata of a bundle's model (empty for models lmc did not build)."""
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
 def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: str | Path = "out",
           on_pass: Callable[[PassRecord], None] | None = None,
           progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
@@ -142,12 +163,14 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     if weights_after > emit.SMALL_MODEL_BYTES:
         # weights are streamed from the graph's constants into the weights file, one at a time
         model = ir.export_skeleton(graph, inline_bytes=threshold - 1)
+        _stamp(model, options, target)
         by_name = {c.name: c for c in ir.constants(graph)}
         staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold,
                                   lambda name: ir.constant_bytes(by_name[name]))
         del by_name
     else:
         model = ir.to_model(graph)
+        _stamp(model, options, target)
         staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold)
     del model, graph
     try:

@@ -193,8 +193,25 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
             click.echo(f"perplexity: original {p['original']:.4f}  bundle {p['bundle']:.4f}  "
                        f"({p['relative_change'] * 100:+.2f}%)")
         click.echo(f"{'PASS' if report.passed else 'FAIL'} (tolerance {tolerance:g}, {report.samples} sample(s))")
+        if not report.passed:
+            mode = _bundle_quantize(bundle)
+            if mode and mode != "none":
+                click.echo(f"note: this bundle was built with --quantize {mode}, so it is approximate; judge it "
+                           "by --tokens perplexity or pass a --tolerance for it")
     if not report.passed:
         sys.exit(ExitCode.VERIFY_FAILED)
+
+
+def _bundle_quantize(bundle: str) -> str | None:
+    import onnx
+
+    from lmc.compiler.build import build_metadata
+    from lmc.compiler.verify import bundle_model_path
+
+    try:
+        return build_metadata(onnx.load(str(bundle_model_path(bundle)), load_external_data=False)).get("quantize")
+    except Exception:  # a best-effort hint only
+        return None
 
 
 @cli.command()
@@ -217,6 +234,8 @@ def inspect(model, input_shapes, target, as_json):
     for t in summary.outputs:
         click.echo(f"  output {t['name']}: {t['dtype']} {t['shape']}")
     click.echo("  dynamic dims: " + (", ".join(summary.dynamic_dims) or "none"))
+    if summary.built_with:
+        click.echo("  built by lmc: " + ", ".join(f"{k}={v}" for k, v in summary.built_with.items()))
     click.echo(f"  parameters: {_mib(summary.weight_bytes)}")
     for dtype, e in summary.params_by_dtype.items():
         click.echo(f"    {dtype:<8} {e['tensors']:5d} tensors {e['elements']:12d} elements {_mib(e['bytes'])}")

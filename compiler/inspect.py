@@ -32,6 +32,7 @@ class ModelSummary:
     outputs: list[dict]
     dynamic_dims: list[str]
     plan: dict | None = field(default=None)
+    built_with: dict[str, str] = field(default_factory=dict)   # lmc.* metadata of a bundle
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -67,9 +68,13 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
     """Summarize the model; with static (or bound) input shapes also plan it in memory (nothing written)."""
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    from lmc.compiler.build import build_metadata
+
+    built_with = build_metadata(model)
     graph = ir.to_graph(model)
     del model
     summary = summarize(graph, str(path), opsets)
+    summary.built_with = built_with
     if input_shapes:
         shapes.bind_input_shapes(graph, dict(input_shapes))
     if not plan or any(ir.static_shape(t) is None for t in graph.inputs):
