@@ -50,6 +50,7 @@ class BuildOptions:
     attention: AttentionMode = AttentionMode.DENSE
     max_ram: int | None = None           # bytes; None: the target's RAM budget
     inplace: bool = False                # plan elementwise/view outputs over their dying inputs
+    ort_format: bool = False             # also write ORT Mobile files (model.ort + required_operators.config)
     block_size: int = 32
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
@@ -182,6 +183,15 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
             if options.quantize is QuantizeMode.NONE and not verification.passed:
                 raise RuntimeError(f"the compiled model differs from the original: max relative error "
                                    f"{verification.max_rel:.3g} > {options.tolerance:g}")
+        if options.ort_format:
+            from lmc.targets.ort_mobile import write_ort_files
+
+            ort_path, _ = write_ort_files(staged)
+            if options.verify:
+                ort_check = compare_models(staged / emit.MODEL_FILE, ort_path, feeds, options.tolerance,
+                                           candidate_is_ours=True)
+                if not ort_check.passed:
+                    raise RuntimeError(f"model.ort differs from model.onnx: max relative error {ort_check.max_rel:.3g}")
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,

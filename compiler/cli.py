@@ -105,6 +105,9 @@ def cli(debug: bool, verbose: int) -> None:
               help="Attention implementation; dense keeps the model exact.")
 @click.option("--max-ram", metavar="SIZE",
               help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
+@click.option("--ort", "ort_format", is_flag=True,
+              help="Also write ORT Mobile files: model.ort and required_operators.config (for onnxruntime "
+                   "mobile/minimal builds).")
 @click.option("--in-place", "inplace", is_flag=True,
               help="Plan elementwise and reshape outputs over their dying inputs (lower peak; plan.json lists "
                    "the pairs under 'inplace').")
@@ -115,7 +118,7 @@ def cli(debug: bool, verbose: int) -> None:
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
-          max_ram, inplace, disabled, no_verify, tolerance, as_json):
+          max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -128,6 +131,7 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=AttentionMode(attention), max_ram=parse_size(max_ram), inplace=inplace,
+                           ort_format=ort_format,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 

@@ -117,3 +117,12 @@ def test_in_place_plan_is_sound_smaller_and_executes(name, bundles, model_dir, t
     feed = make_feed()
     got = ArenaExecutor(out).run(feed)
     assert_close(run_ort(model_dir / f"{name}.onnx", feed), list(got.values()), rel=1e-4)
+
+
+def test_ort_mobile_files(model_dir, tmp_path):
+    out = tmp_path / "out"
+    build(model_dir / "tiny-llama.onnx", BuildOptions(input_shapes={"input_ids": (1, 16)}, ort_format=True), out)
+    feed = token_feed(1, 16)
+    assert_close(run_ort(model_dir / "tiny-llama.onnx", feed), run_ort(out / "model.ort", feed), rel=1e-4)
+    config = (out / "required_operators.config").read_text()
+    assert "ai.onnx;23;" in config and "Attention" in config and str(tmp_path) not in config
