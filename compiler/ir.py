@@ -115,6 +115,13 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
+def sole_reader(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The single node reading ``t`` (None when several read it, none does, or it is a graph output)."""
+    if len(t.outputs) != 1 or t.name in graph_outputs(graph):
+        return None
+    return t.outputs[0]
+
+
 def graph_outputs(graph: gs.Graph) -> set[str]:
     return {t.name for t in graph.outputs}
 

@@ -19,16 +19,13 @@ from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Require
 MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
-def _sole(t: gs.Tensor, graph: gs.Graph) -> bool:
-    return len(t.outputs) == 1 and t.name not in ir.graph_outputs(graph)
-
 
 def _columns_source(graph: gs.Graph, t: gs.Tensor):
     """(gemm node, weight slot, bias tensor or None, bias node or None, (lo, hi)) for the GEMM whose output
     columns [lo, hi) ``t`` re-arranges; None when the path has anything else on it."""
     cols = None
     while True:
-        if not _sole(t, graph):
+        if ir.sole_reader(t, graph) is None:
             return None
         node = ir.producer(t)
         if node is None:
@@ -50,10 +47,10 @@ def _columns_source(graph: gs.Graph, t: gs.Tensor):
                 return None
             # a Reshape that keeps the last axis (e.g. [B·S, N] → [B, S, N]) may precede the Split
             pre = ir.producer(t)
-            if pre is not None and ir.is_op(pre, "Reshape") and _sole(t, graph) and \
+            if pre is not None and ir.is_op(pre, "Reshape") and ir.sole_reader(t, graph) is not None and \
                     (pre.inputs[0].shape or [None])[-1] == (t.shape or [None])[-1]:
                 t = pre.inputs[0]
-            if not _sole(t, graph):
+            if ir.sole_reader(t, graph) is None:
                 return None
             node = ir.producer(t)
             if node is None:
@@ -65,7 +62,7 @@ def _columns_source(graph: gs.Graph, t: gs.Tensor):
                 return None
             bias, bias_node = consts[0], node
             t = node.inputs[1] if node.inputs[0] is bias else node.inputs[0]
-            if not _sole(t, graph):
+            if ir.sole_reader(t, graph) is None:
                 return None
             node = ir.producer(t)
             if node is None:
@@ -82,6 +79,7 @@ def _columns_source(graph: gs.Graph, t: gs.Tensor):
                 return None
             return node, 1, gbias if bias is None else bias, bias_node, cols
         return None
+
 
 
 class FoldScoreScale:
@@ -101,7 +99,7 @@ class FoldScoreScale:
                 continue
             mm_out = node.inputs[1 - idx]
             mm = ir.producer(mm_out)
-            if mm is None or not ir.is_op(mm, "MatMul") or not _sole(mm_out, graph):
+            if mm is None or not ir.is_op(mm, "MatMul") or ir.sole_reader(mm_out, graph) is None:
                 continue
             c = ir.scalar_value(node.inputs[idx])
             factor = c if ir.is_op(node, "Mul") else 1.0 / c

@@ -16,12 +16,6 @@ from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 
-def _single_consumer(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
-    if len(t.outputs) != 1 or t.name in ir.graph_outputs(graph):
-        return None
-    return t.outputs[0]
-
-
 def match_repeat(graph: gs.Graph, reshape: gs.Node) -> tuple[gs.Tensor, int, int, int] | str:
     """(x, axis, n, r) when ``reshape`` ends a repeat chain, else the reason it does not."""
     if not ir.is_op(reshape, "Reshape"):
@@ -32,7 +26,7 @@ def match_repeat(graph: gs.Graph, reshape: gs.Node) -> tuple[gs.Tensor, int, int
     unsq = ir.producer(mid.inputs[0])
     if unsq is None or not ir.is_op(unsq, "Unsqueeze"):
         return "Tile/Expand input is not produced by Unsqueeze"
-    if _single_consumer(unsq.outputs[0], graph) is not mid or _single_consumer(mid.outputs[0], graph) is not reshape:
+    if ir.sole_reader(unsq.outputs[0], graph) is not mid or ir.sole_reader(mid.outputs[0], graph) is not reshape:
         return "intermediate tensors have other readers"
     x, u, t, out = unsq.inputs[0], unsq.outputs[0], mid.outputs[0], reshape.outputs[0]
     xs, us, ts, os_ = (ir.static_shape(v) for v in (x, u, t, out))

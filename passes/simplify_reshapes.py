@@ -20,14 +20,12 @@ UNARY = ("Relu", "Sigmoid", "Tanh", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Gelu", 
 MS_UNARY = ("QuickGelu", "FastGelu", "Gelu")
 
 
-def _sole(t: gs.Tensor, graph: gs.Graph) -> bool:
-    return len(t.outputs) == 1 and t.name not in ir.graph_outputs(graph)
-
 
 def _is_unary(node: gs.Node) -> bool:
     if ir.is_op(node, UNARY):
         return len([t for t in node.inputs if t.name]) == 1
     return ir.is_op(node, MS_UNARY, ir.MS_DOMAIN) and len([t for t in node.inputs if t.name]) == 1
+
 
 
 class SimplifyReshapes:
@@ -46,13 +44,13 @@ class SimplifyReshapes:
             if shape is None or (0 in shape.tolist() and not int(node.attrs.get("allowzero", 0))):
                 continue
             inner = ir.producer(node.inputs[0])
-            if inner is not None and ir.is_op(inner, "Reshape") and _sole(node.inputs[0], graph):
+            if inner is not None and ir.is_op(inner, "Reshape") and ir.sole_reader(node.inputs[0], graph) is not None:
                 node.inputs[0] = inner.inputs[0]
                 collapsed += 1
                 continue
-            if inner is not None and _is_unary(inner) and _sole(node.inputs[0], graph):
+            if inner is not None and _is_unary(inner) and ir.sole_reader(node.inputs[0], graph) is not None:
                 first = ir.producer(inner.inputs[0])
-                if (first is not None and ir.is_op(first, "Reshape") and _sole(inner.inputs[0], graph)
+                if (first is not None and ir.is_op(first, "Reshape") and ir.sole_reader(inner.inputs[0], graph) is not None
                         and ir.static_shape(first.inputs[0]) is not None
                         and ir.static_shape(first.inputs[0]) == ir.static_shape(node.outputs[0])):
                     x, out = first.inputs[0], node.outputs[0]

@@ -129,11 +129,7 @@ class FuseRules:
 
 
 # ----------------------------------------------------------------------------------- match helpers
-def sole_reader(t: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
-    """The single node reading ``t`` (None when several read it or it is a graph output)."""
-    if len(t.outputs) != 1 or t.name in ir.graph_outputs(graph):
-        return None
-    return t.outputs[0]
+sole_reader = ir.sole_reader
 
 
 def produced_by(t: gs.Tensor, op: str | tuple[str, ...], domain=ir.DEFAULT_DOMAINS) -> gs.Node | None:
