@@ -33,6 +33,7 @@ from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Require
 from lmc.passes.quantize.calibration import collect
 from lmc.passes.quantize.scales import quantize_channels
 from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+from lmc.passes.weight_columns import find_columns
 
 log = logging.getLogger(__name__)
 
@@ -146,40 +147,12 @@ def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
                 if isinstance(t, gs.Constant):
                     node.inputs[i] = gs.Constant(t.name + "_smoothed", (ir.const_value(t) / s).astype(np.float32))
         return fold_norm
-    if ir.is_op(node, "Mul"):
+    if ir.is_op(node, "Mul"):   # x = a · up with up = x' W_up: divide W_up's columns (a SwiGLU product)
         for i in (0, 1):
-            split = ir.producer(node.inputs[i])
-            if split is not None and ir.is_op(split, "Split") and len(node.inputs[i].outputs) == 1:
-                fold = _absorb_into_split_columns(split, node.inputs[i])
-                if fold is not None:
-                    return fold
-            up = ir.producer(node.inputs[i])
-            if (up is not None and ir.is_op(up, "MatMul") and isinstance(up.inputs[1], gs.Constant)
-                    and len(up.outputs[0].outputs) == 1 and len(up.inputs[1].outputs) == 1):
-                def fold_up(s: np.ndarray, up=up) -> None:
-                    w = ir.const_value(up.inputs[1])
-                    up.inputs[1] = gs.Constant(up.inputs[1].name + "_smoothed", (w / s[None, :]).astype(np.float32))
-                return fold_up
+            src = find_columns(graph, node.inputs[i])
+            if src is not None and not src.permuted:
+                return lambda s, src=src: src.scale(1.0 / s, suffix="_smoothed")
     return None
-
-
-def _absorb_into_split_columns(split: gs.Node, part: gs.Tensor):
-    """Fold 1/s into the columns of a merged MatMul weight that produce Split output ``part``."""
-    mm = ir.producer(split.inputs[0])
-    sizes = ir.const_value(split.inputs[1]) if len(split.inputs) > 1 else None
-    if (mm is None or not ir.is_op(mm, "MatMul") or not isinstance(mm.inputs[1], gs.Constant) or sizes is None
-            or int(split.attrs.get("axis", 0)) not in (-1, len(mm.outputs[0].shape or []) - 1)
-            or len(mm.inputs[1].outputs) != 1):
-        return None
-    index = [o for o in split.outputs].index(part)
-    start = int(np.sum(sizes[:index]))
-    stop = start + int(sizes[index])
-
-    def fold(s: np.ndarray) -> None:
-        w = ir.const_value(mm.inputs[1]).copy()
-        w[:, start:stop] /= s[None, :]
-        mm.inputs[1] = gs.Constant(mm.inputs[1].name + "_smoothed", w.astype(np.float32))
-    return fold
 
 
 def _bias_after_reshape(graph: gs.Graph) -> None:
