@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from lmc.targets.liveness import peak_live
+
 
 def peak_live_set(plan) -> tuple[int, list]:
     """(step with the largest live set, the planned tensors live there, largest first)."""
     if not plan.tensors:
         return 0, []
-    horizon = len(plan.schedule) + 1
-    delta = [0] * (horizon + 1)
-    for t in plan.tensors:
-        delta[t.first] += t.size
-        delta[t.last + 1] -= t.size
-    best_step, best, running = 0, -1, 0
-    for step in range(len(plan.schedule)):
-        running += delta[step]
-        if running > best:
-            best_step, best = step, running
+    _, best_step = peak_live((t.size, t.first, t.last) for t in plan.tensors)
     live = sorted((t for t in plan.tensors if t.first <= best_step <= t.last), key=lambda t: -t.size)
     return best_step, live
 

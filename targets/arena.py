@@ -17,7 +17,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from lmc.targets.liveness import align_up
+from lmc.targets.liveness import align_up, peak_live
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,7 @@ class ArenaPlanner:
 
     # ------------------------------------------------------------------------------------------------
     def lower_bound(self) -> int:
-        if not self._sizes:
-            return 0
-        horizon = max(self._last) + 2
-        delta = [0] * horizon
-        for s, f, l in zip(self._sizes, self._first, self._last):
-            delta[f] += s
-            delta[l + 1] -= s
-        best = running = 0
-        for d in delta:
-            running += d
-            best = max(best, running)
-        return best
+        return peak_live(zip(self._sizes, self._first, self._last))[0]
 
     def _place(self, order: list[int]) -> tuple[list[int], int]:
         """Best-fit placement in the given order; returns offsets and arena size."""

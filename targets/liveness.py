@@ -11,7 +11,7 @@ placement can use less.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lmc.targets.dataflow import Dataflow
@@ -66,18 +66,23 @@ def compute_liveness(flow: Dataflow, schedule: Sequence[int]) -> Liveness:
     return Liveness(tuple(intervals), tuple(schedule))
 
 
+def peak_live(spans: Iterable[tuple[int, int, int]]) -> tuple[int, int]:
+    """(max over steps p of Σ size for (size, first, last) with first ≤ p ≤ last, the first such p)."""
+    spans = list(spans)
+    if not spans:
+        return 0, 0
+    delta = [0] * (max(last for _, _, last in spans) + 2)
+    for size, first, last in spans:
+        delta[first] += size
+        delta[last + 1] -= size
+    best = best_step = running = 0
+    for step, d in enumerate(delta):
+        running += d
+        if running > best:
+            best, best_step = running, step
+    return best, best_step
+
+
 def lower_bound(intervals: Sequence[Interval], alignment: int) -> int:
     """max_p sum_{t live at p} align_up(size_t) — the largest live set."""
-    if not intervals:
-        return 0
-    horizon = max(iv.last for iv in intervals) + 2
-    delta = [0] * horizon
-    for iv in intervals:
-        size = align_up(iv.size, alignment)
-        delta[iv.first] += size
-        delta[iv.last + 1] -= size
-    best = running = 0
-    for d in delta:
-        running += d
-        best = max(best, running)
-    return best
+    return peak_live((align_up(iv.size, alignment), iv.first, iv.last) for iv in intervals)[0]
