@@ -124,7 +124,7 @@ def main() -> None:
         rss_child(args.rss)
         return
     from lmc.compiler.perplexity import load_tokens, perplexity
-    from lmc.compiler.verify import session
+    from lmc.compiler.runtime import session
 
     windows = load_tokens(VAL, 256, args.windows)
     calib_tokens = np.fromfile(str(CALIB), dtype="<u2").reshape(-1, 256)[: args.calib_samples].astype(np.int64)

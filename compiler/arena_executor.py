@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
+from lmc.compiler.runtime import session
 from lmc.targets.liveness import scratch_name
 from lmc.targets.plan import MemoryPlan
 
@@ -72,11 +73,7 @@ class ArenaExecutor:
             graph = onnx.helper.make_graph([node], node.name or "step", inputs, outputs, weights)
             model = onnx.helper.make_model(graph, opset_imports=self.opsets)
             model.ir_version = self.model.ir_version
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.intra_op_num_threads = 1
-            self._sessions[node.name] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                             providers=["CPUExecutionProvider"])
+            self._sessions[node.name] = session(model, threads=1)
         return self._sessions[node.name]
 
     def _view(self, arena: np.ndarray, name: str) -> np.ndarray:

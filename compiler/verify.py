@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
 
 from lmc.compiler.errors import LmcError
+from lmc.compiler.runtime import session
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +60,7 @@ class VerifyReport:
                 "outputs": [o.__dict__ for o in self.outputs], "perplexity": self.perplexity}
 
 
-def session(model: str | Path | bytes, threads: int = 0, optimize: bool = True,
-            low_memory: bool = False) -> ort.InferenceSession:
-    """An onnxruntime CPU session; ``low_memory`` turns weight prepacking off (no second copy of the
-    weights; used for verification, where speed matters less than fitting)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if low_memory:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-
-
-def _load_session(path: str | Path, low_memory: bool = False) -> ort.InferenceSession:
+def _load_session(path: str | Path, low_memory: bool = False):
     try:
         return session(path, low_memory=low_memory)
     except Exception as exc:  # onnxruntime raises several exception types for unloadable models

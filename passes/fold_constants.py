@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from lmc.compiler import ir
+from lmc.compiler.runtime import session
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], wanted: list[str]) -> dict[
     g = onnx.helper.make_graph(protos, "fold", [], outputs, list(inits.values()))
     model = onnx.helper.make_model(g, opset_imports=ir.opset_imports(graph))
     model.ir_version = min(model.ir_version, 10)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session(model, optimize=False, log_level=4)
     names = [o.name for o in outputs]
     return dict(zip(names, sess.run(names, {})))
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from lmc.compiler import ir
 from lmc.compiler.errors import LmcError
+from lmc.compiler.runtime import session
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
     for name in tensors:
         if name not in present:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session(model)
     del model
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}

@@ -11,7 +11,8 @@ from helpers import independent_plan_check, run_ort, token_feed
 from lmc.compiler.arena_executor import ArenaExecutor
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.perplexity import load_tokens, perplexity
-from lmc.compiler.verify import compare, session
+from lmc.compiler.runtime import session
+from lmc.compiler.verify import compare
 from lmc.models import LlamaConfig, build_llama
 from lmc.passes.quantize.scales import gptq_blocks, quantize_blocks, quantize_blocks_asymmetric, quantize_channels
 
