@@ -29,10 +29,14 @@ UNCHANGED_MEANING = frozenset({
     "ReduceSum", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "CenterCropPad", "Col2Im",
     "Multinomial", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
     "EyeLike", "GRU", "LSTM", "RNN", "Gelu",
+    # changed between 14 and 17 only by new types or attributes whose defaults keep the old behaviour
+    "Add", "Sub", "Mul", "Div", "Pow", "Relu", "LeakyRelu", "PRelu", "Where", "BatchNormalization", "CumSum",
+    "ScatterElements", "ScatterND", "GreaterOrEqual", "LessOrEqual",
 })
-# The two sets above were derived for upgrades starting at opset 17 (the torch exporter's default); older
-# graphs keep their opset.
-MIN_SOURCE_OPSET = 17
+# The sets above were derived from the operator histories of opsets 14–23 (RoiAlign, whose default
+# coordinate mode changed at 16, blocks); graphs older than 13 (Softmax, Split, Squeeze changed there) keep
+# their opset.
+MIN_SOURCE_OPSET = 13
 
 
 def blockers(graph: gs.Graph, target_opset: int) -> list[str]:

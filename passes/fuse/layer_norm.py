@@ -1,4 +1,4 @@
-"""LayerNorm → ``LayerNormalization`` (opset 17).
+"""LayerNorm → ``LayerNormalization`` (opset 17; below it, onnxruntime's contrib schema of the same name).
 
 Pattern (anchor: the bias Add, or the gain Mul when there is no bias):
     μ = ReduceMean(x, -1); c = x − μ; σ² = ReduceMean(c², -1)
@@ -14,9 +14,10 @@ import onnx_graphsurgeon as gs
 from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext
 from lmc.passes.fuse.norms import last_axis_mean, match_inverse_rms, weight_vector
-from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph, sole_reader
+from lmc.passes.fuse.rule import Match, OpRef, Reject, first_runnable, produced_by, replace_subgraph, sole_reader
 
-LAYER_NORM = OpRef("LayerNormalization", "", 17)
+# ONNX's LayerNormalization (17); below 17, the contrib schema onnxruntime registers under the same name.
+LAYER_NORM_CHOICES = (OpRef("LayerNormalization", "", 17), OpRef("LayerNormalization", "", 1))
 
 
 def _affine(graph: gs.Graph, anchor: gs.Node, width: int):
@@ -85,4 +86,4 @@ class LayerNormRule:
             replace_subgraph(graph, nodes, lambda: [
                 gs.Node("LayerNormalization", name=names.fresh(anchor.name + "_layernorm"),
                         attrs={"axis": -1, "epsilon": eps}, inputs=[x, g, b], outputs=[out])])
-        return Match(nodes, LAYER_NORM, apply)
+        return Match(nodes, first_runnable(graph, ctx, LAYER_NORM_CHOICES), apply)

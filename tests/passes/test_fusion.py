@@ -145,3 +145,21 @@ def test_target_without_kernels_rejects_with_reason():
     late = next(r for r in records if r.name == "late")
     assert late.stats["attention.matched"] > 0 and late.stats["attention.applied"] == 0
     assert any("Attention" in n and "opset" in n for n in late.notes)
+
+
+def test_older_opset_export_is_upgraded_then_fused():
+    model = build_gpt2()
+    model.opset_import[0].version = 14
+    passes = [FOLD, UpgradeOpset(), FuseRules("fuse", [LayerNormRule(), GeluRule()]), FoldMatMulScale(),
+              FuseRules("late", [AttentionRule()]), Cleanup()]
+    graph, records = assert_pass_exact(model, passes, token_feed(1, 8), {"input_ids": (1, 8)}, rel=1e-4)
+    assert int(graph.opset) == 23
+    assert op_count(graph, "LayerNormalization") == 5 and op_count(graph, "Attention") == 2
+
+
+def test_layer_norm_without_an_upgrade_uses_the_runtime_schema():
+    model = build_gpt2()
+    model.opset_import[0].version = 14
+    graph, _ = assert_pass_exact(model, [FOLD, FuseRules("fuse", [LayerNormRule()]), Cleanup()], token_feed(1, 8),
+                                 {"input_ids": (1, 8)}, rel=1e-4)
+    assert int(graph.opset) == 14 and op_count(graph, "LayerNormalization") == 5
