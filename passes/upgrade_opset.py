@@ -3,7 +3,8 @@ ops the runtime has kernels for (Attention, RMSNormalization, RotaryEmbedding at
 
 Exact. Between the two versions each op either keeps its meaning (new versions that only add types or
 optional attributes whose defaults keep the old behaviour — listed in ``UNCHANGED_MEANING``) or has an
-adapter here: the Reduce* ops moved ``axes`` from an attribute to an input at opset 18. An op with a
+adapter here: the Reduce* ops moved ``axes`` from an attribute to an input at opset 18, and a Split into
+equal parts must name ``num_outputs`` from 18 on. An op with a
 newer version that is in neither set (e.g. GroupNormalization, whose scale/bias shapes changed at 21)
 blocks the upgrade: the graph keeps its opset and the report says which op blocked it.
 """
@@ -83,6 +84,9 @@ class UpgradeOpset:
         names = ir.Namer(graph)
         moved = 0
         for node in graph.nodes:
+            if (current < 18 <= target and ir.is_op(node, "Split") and "num_outputs" not in node.attrs
+                    and (len(node.inputs) < 2 or not node.inputs[1].name)):
+                node.attrs["num_outputs"] = len(node.outputs)    # equal parts: named explicitly from 18 on
             if current < 18 <= target and ir.is_op(node, tuple(AXES_TO_INPUT_AT_18)) and "axes" in node.attrs:
                 axes = gs.Constant(names.fresh(node.name + "_axes"), np.asarray(node.attrs.pop("axes"), dtype=np.int64))
                 node.inputs.append(axes)
