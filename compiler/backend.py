@@ -18,7 +18,7 @@ from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
-from lmc.targets.liveness import align_up, compute_liveness, lower_bound
+from lmc.targets.liveness import align_up, compute_liveness, peak_live
 from lmc.targets.plan import MemoryPlan, PlannedTensor
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
@@ -96,11 +96,25 @@ def _inplace_pairs(node: gs.Node, sizes: dict[str, int]) -> tuple[tuple[str, str
 
 
 def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
-    """Live-set lower bound over the current node order; None when nothing is static."""
-    flow = dataflow_of(graph, strict=False)
-    if not flow.sizes:
+    """Live-set lower bound of the intermediates over the current node order (no scratch, no in-place);
+    None when no intermediate has a static size. A cheap sweep for the per-pass record."""
+    outputs = ir.graph_outputs(graph)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for step, node in enumerate(graph.nodes):
+        for t in node.inputs:
+            if t.name in first:
+                last[t.name] = step
+        for t in node.outputs:
+            if t.name and t.name not in outputs:
+                n = ir.tensor_nbytes(t)
+                if n is not None:
+                    first[t.name] = last[t.name] = step
+                    size[t.name] = align_up(n, alignment)
+    if not size:
         return None
-    return lower_bound(compute_liveness(flow, list(range(len(flow.steps)))).intervals, alignment)
+    return peak_live((size[n], first[n], last[n]) for n in size)[0]
 
 
 def io_bytes(graph: gs.Graph) -> int:
