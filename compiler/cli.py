@@ -101,8 +101,10 @@ def cli(debug: bool, verbose: int) -> None:
               show_default=True, help="w8a8 activation ranges: searched by measured error (mse) or a fixed "
                                       "statistic.")
 @click.option("--calib-samples", default=32, show_default=True, help="Calibration samples used from --calib.")
-@click.option("--attention", type=click.Choice(["dense"]), default="dense", show_default=True,
-              help="Attention implementation; dense keeps the model exact.")
+@click.option("--attention", default="dense", show_default=True, metavar="MODE",
+              help="dense; chunked[:Q] (exact: fused attention run in chunks of Q query rows, score memory "
+                   "Q·S instead of S·S); sliding:W[,sinks=S] (approximate: each row sees the last W keys and "
+                   "the first S).")
 @click.option("--max-ram", metavar="SIZE",
               help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
 @click.option("--ort", "ort_format", is_flag=True,
@@ -125,12 +127,12 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
     Example:
       lmc build llama.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
     """
-    from lmc.compiler.build import AttentionMode, BuildOptions, QuantizeMode, build as run_build
+    from lmc.compiler.build import BuildOptions, QuantizeMode, build as run_build
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
-                           attention=AttentionMode(attention), max_ram=parse_size(max_ram), inplace=inplace,
+                           attention=attention, max_ram=parse_size(max_ram), inplace=inplace,
                            ort_format=ort_format,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
@@ -158,11 +160,13 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                f"peak RAM {_mib(plan.peak_ram_bytes)}")
     if result.verification:
         v = result.verification
-        if options.quantize.value == "none":
+        approx = [m for m in (options.quantize.value, options.attention) if m not in ("none", "dense")
+                  and not m.startswith("chunked")]
+        if not approx:
             click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
         else:
             o = v.outputs[0]
-            click.echo(f"  approximate ({options.quantize.value}): {o.name} max abs {o.max_abs:.3g}, "
+            click.echo(f"  approximate ({', '.join(approx)}): {o.name} max abs {o.max_abs:.3g}, "
                        f"cosine {o.cosine:.6f} vs the original (judge with lmc verify --tokens)")
 
 

@@ -103,5 +103,16 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
         FixedPoint("simplify", simplify),
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
+        *attention_passes(options),
         *quantize_passes(options, target, graph_inputs or []),
     ]
+
+
+def attention_passes(options) -> list:
+    """``--attention chunked[:Q]`` (exact) or ``sliding:W[,sinks=S]`` (approximate) on fused attention."""
+    from lmc.passes.sparse_attention import AttentionKind, AttentionSpec, SparseAttention
+
+    spec = AttentionSpec.parse(str(getattr(options, "attention", "dense") or "dense"))
+    if spec.kind is AttentionKind.DENSE:
+        return []
+    return [SparseAttention(spec), DedupWeights(), Cleanup()]   # layers share their chunk masks
