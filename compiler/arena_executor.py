@@ -23,7 +23,6 @@ import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
 from lmc.compiler.runtime import session
-from lmc.targets.liveness import scratch_name
 from lmc.targets.plan import MemoryPlan
 
 _POISON = 0xA5
@@ -55,6 +54,7 @@ class ArenaExecutor:
         self.nodes = {n.name: n for n in self.model.graph.node}
         self.opsets = list(self.model.opset_import)
         self.placement = {t.name: t for t in self.plan.tensors}
+        self.scratch = {t.name: t for t in self.plan.scratch}
         missing = [name for name in self.plan.schedule if name not in self.nodes]
         if missing:
             raise LmcError(f"plan schedules unknown nodes: {', '.join(missing[:5])}")
@@ -91,7 +91,7 @@ class ArenaExecutor:
         graph_outputs = [o.name for o in self.model.graph.output]
         for name in self.plan.schedule:
             node = self.nodes[name]
-            scratch = self.placement.get(scratch_name(name))
+            scratch = self.scratch.get(name)
             if scratch is not None:
                 arena[scratch.offset:scratch.offset + scratch.size] = _POISON
             feed = {}

@@ -18,7 +18,7 @@ from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
-from lmc.targets.liveness import align_up, compute_liveness, peak_live
+from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, peak_live
 from lmc.targets.plan import MemoryPlan, PlannedTensor
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
@@ -152,9 +152,12 @@ def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False) -> Memor
     weights = {p.value: 0 for p in WeightsPlacement}
     weights[placement.value] = ir.weight_bytes(graph)
     decoded = tuple(n.outputs[0].name for n in graph.nodes if decoded_weight(n))
+    scratch = tuple(PlannedTensor(t.name[: -len(SCRATCH_SUFFIX)], t.size, t.offset, t.first, t.last)
+                    for t in tensors if t.name.endswith(SCRATCH_SUFFIX))
+    tensors = tuple(t for t in tensors if not t.name.endswith(SCRATCH_SUFFIX))
     return MemoryPlan(
         decoded_weights=decoded,
         target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
         lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph),
         scheduler=scheduler, placement_strategy=arena.strategy,
-        schedule=tuple(s.name for s in flow.steps), tensors=tensors, inplace=tuple(merged))
+        schedule=tuple(s.name for s in flow.steps), tensors=tensors, scratch=scratch, inplace=tuple(merged))

@@ -9,8 +9,9 @@ def peak_live_set(plan) -> tuple[int, list]:
     """(step with the largest live set, the planned tensors live there, largest first)."""
     if not plan.tensors:
         return 0, []
-    _, best_step = peak_live((t.size, t.first, t.last) for t in plan.tensors)
-    live = sorted((t for t in plan.tensors if t.first <= best_step <= t.last), key=lambda t: -t.size)
+    everything = plan.tensors + plan.scratch
+    _, best_step = peak_live((t.size, t.first, t.last) for t in everything)
+    live = sorted((t for t in everything if t.first <= best_step <= t.last), key=lambda t: -t.size)
     return best_step, live
 
 
@@ -50,7 +51,7 @@ def render_report(result, model_name: str) -> str:
         f"- schedule: {len(plan.schedule)} steps ({plan.scheduler})",
         f"- arena: {plan.arena_bytes} bytes ({mib(plan.arena_bytes)}), lower bound {plan.lower_bound_bytes} "
         f"({ratio:.4f}×), alignment {plan.alignment}, placement {plan.placement_strategy}",
-        f"- tensors in arena: {len(plan.tensors)}",
+        f"- tensors in arena: {len(plan.tensors)}, kernel scratch buffers: {len(plan.scratch)}",
         f"- inputs + outputs: {plan.io_bytes} bytes",
         "- weights: " + ", ".join(f"{k} {v} bytes" for k, v in sorted(plan.weights_bytes.items()) if v),
         f"- peak RAM (arena + io + RAM-resident weights): {plan.peak_ram_bytes} bytes ({mib(plan.peak_ram_bytes)})",

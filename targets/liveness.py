@@ -35,8 +35,11 @@ class Liveness:
     schedule: tuple[int, ...]
 
 
+SCRATCH_SUFFIX = "::scratch"
+
+
 def scratch_name(step_name: str) -> str:
-    return f"{step_name}::scratch"
+    return step_name + SCRATCH_SUFFIX
 
 
 def compute_liveness(flow: Dataflow, schedule: Sequence[int]) -> Liveness:

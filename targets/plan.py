@@ -4,7 +4,8 @@ Fields: ``schema``, ``target``, ``alignment``, ``arena_bytes``, ``lower_bound_by
 (bytes by placement: ``mmap`` | ``flash`` | ``ram``), ``io_bytes`` (graph inputs + outputs),
 ``peak_ram_bytes`` = arena + io + weights placed in RAM, ``scheduler``, ``placement_strategy``,
 ``schedule`` (node names in run order) and ``tensors`` (``name``, ``size`` (aligned bytes), ``offset``,
-``first``, ``last`` — step indices into ``schedule``, inclusive) and ``decoded_weights`` (outputs of
+``first``, ``last`` — step indices into ``schedule``, inclusive), ``scratch`` (the same fields for a fused
+kernel's working memory: ``name`` is the node, ``first`` = ``last`` its step) and ``decoded_weights`` (outputs of
 DequantizeLinear nodes the runtime fuses into their MatMul: no arena buffer) and ``inplace`` (pairs
 [input, output] planned in place: the output is written over the input at the step where the input dies;
 empty unless ``--in-place``).
@@ -40,6 +41,7 @@ class MemoryPlan:
     schedule: tuple[str, ...]
     tensors: tuple[PlannedTensor, ...]
     decoded_weights: tuple[str, ...] = ()   # weights dequantized inside their consumer (no arena buffer)
+    scratch: tuple[PlannedTensor, ...] = ()  # kernel working memory, named by node, alive for its step
     inplace: tuple[tuple[str, str], ...] = ()  # (input, output): output written over its dying input
 
     @property
@@ -60,6 +62,7 @@ class MemoryPlan:
             "placement_strategy": self.placement_strategy,
             "schedule": list(self.schedule),
             "tensors": [t.__dict__ for t in self.tensors],
+            "scratch": [t.__dict__ for t in self.scratch],
             "decoded_weights": list(self.decoded_weights),
             "inplace": [list(p) for p in self.inplace],
         }
@@ -77,6 +80,7 @@ class MemoryPlan:
             io_bytes=int(data["io_bytes"]), scheduler=data.get("scheduler", ""),
             placement_strategy=data.get("placement_strategy", ""), schedule=tuple(data["schedule"]),
             tensors=tuple(PlannedTensor(**t) for t in data["tensors"]),
+            scratch=tuple(PlannedTensor(**t) for t in data.get("scratch", ())),
             decoded_weights=tuple(data.get("decoded_weights", ())),
             inplace=tuple(tuple(p) for p in data.get("inplace", ())))
 
@@ -97,14 +101,14 @@ def check_plan(plan: MemoryPlan, readers: dict[str, tuple[int, list[int]]] | Non
     """
     problems: list[str] = []
     inplace = {tuple(p) for p in plan.inplace}
-    for t in plan.tensors:
+    for t in plan.tensors + plan.scratch:
         if t.offset < 0 or t.offset + t.size > plan.arena_bytes:
             problems.append(f"{t.name}: [{t.offset}, {t.offset + t.size}) outside arena {plan.arena_bytes}")
         if t.offset % plan.alignment:
             problems.append(f"{t.name}: offset {t.offset} not aligned to {plan.alignment}")
         if not 0 <= t.first <= t.last < len(plan.schedule):
             problems.append(f"{t.name}: lifetime [{t.first}, {t.last}] outside schedule")
-    ordered = sorted(plan.tensors, key=lambda t: t.offset)
+    ordered = sorted(plan.tensors + plan.scratch, key=lambda t: t.offset)
     for i, a in enumerate(ordered):
         for b in ordered[i + 1:]:
             if b.offset >= a.offset + a.size:

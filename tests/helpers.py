@@ -70,7 +70,7 @@ def independent_plan_check(bundle: Path) -> dict:
         numel = int(np.prod([d.dim_value for d in vi.shape.dim], dtype=np.int64))
         nbytes = numel * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.elem_type)).itemsize
         assert t["size"] >= (nbytes + align - 1) // align * align, name
-    for t in plan["tensors"]:
+    for t in plan["tensors"] + plan.get("scratch", []):
         assert 0 <= t["offset"] and t["offset"] + t["size"] <= plan["arena_bytes"], t["name"]
         assert t["offset"] % align == 0
     inplace = {tuple(p) for p in plan.get("inplace", [])}
@@ -79,7 +79,7 @@ def independent_plan_check(bundle: Path) -> dict:
         return any(p in inplace and x["last"] == y["first"] and x["offset"] == y["offset"] and x["name"] == p[0]
                    and y["name"] == p[1] for x, y in ((a, b), (b, a)) for p in [(x["name"], y["name"])])
 
-    items = sorted(plan["tensors"], key=lambda t: t["offset"])
+    items = sorted(plan["tensors"] + plan.get("scratch", []), key=lambda t: t["offset"])
     for i, a in enumerate(items):
         for b in items[i + 1:]:
             if b["offset"] >= a["offset"] + a["size"]:

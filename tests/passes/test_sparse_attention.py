@@ -25,7 +25,7 @@ def llama(tmp_path_factory):
 
 def _scratch(out) -> int:
     plan = json.loads((out / "plan.json").read_text())
-    return max(t["size"] for t in plan["tensors"] if t["name"].endswith("::scratch"))
+    return max(t["size"] for t in plan["scratch"])
 
 
 def test_chunked_is_exact_with_smaller_scores(llama, tmp_path):
