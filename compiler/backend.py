@@ -106,6 +106,8 @@ def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
         for t in node.inputs:
             if t.name in first:
                 last[t.name] = step
+        if ir.is_op(node, "DequantizeLinear") and decoded_weight(node):
+            continue
         for t in node.outputs:
             if t.name and t.name not in outputs:
                 n = ir.tensor_nbytes(t)
