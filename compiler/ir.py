@@ -83,10 +83,6 @@ def is_op(node: gs.Node, op: str | Sequence[str], domain: str | Sequence[str] = 
     return node.op in ops and (node.domain or "") in domains
 
 
-def is_const(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant)
-
-
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The numpy value of a constant tensor, or None for a variable. Lazy (file-backed) values are decoded
     for this call only and *not* cached on the constant, so reading a large weight never leaves a second
