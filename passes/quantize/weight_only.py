@@ -31,6 +31,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.compiler.perplexity import log_softmax
+from lmc.compiler.runtime import session
 from lmc.passes.quantize.calibration import ChannelStats, collect
 from lmc.passes.quantize.scales import (gptq_blocks, pack_int4, pack_uint4, pack_uint4_flat, quantize_blocks,
                                        quantize_blocks_asymmetric, quantize_channels)
@@ -79,6 +81,13 @@ def _rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, feature_a
         shape[feature_axis] = -1
         diff2, ref2 = diff2 * h.reshape(shape), ref2 * h.reshape(shape)
     return float(np.sqrt(diff2.sum() / max(ref2.sum(), 1e-30)))
+
+
+# A tied table goes to 4 bits only if that moves the model's output distribution by at most this KL
+# divergence (nats per token) on the calibration data — roughly the log-perplexity it would cost (0.04 ≈ 4%),
+# leaving room for the other int4 weights within a ~6% perplexity budget.
+TABLE_KL_BUDGET = 0.04
+KL_SAMPLES = 8
 
 
 def _gptq_batch(k: int, block: int) -> int:
@@ -143,6 +152,7 @@ class QuantizeWeights:
         counts = {"matmul": 0, "gemm": 0, "conv": 0, "table": 0, "tied_table": 0}
         notes: list[str] = []
         consts = ir.constants(graph)
+        tables = []
         for done, const in enumerate(consts):
             ctx.report("quantizing weights", done, len(consts))
             size = int(np.prod(const.shape)) if const.shape else 1
@@ -153,9 +163,7 @@ class QuantizeWeights:
                        and int(n.attrs.get("axis", 0)) == 0]
             heads = [n for n in readers if n not in gathers and self._is_transposed_head(n, const)]
             if gathers and len(gathers) + len(heads) == len(readers) and len(const.shape) == 2:
-                kind = self._quantize_table(graph, const, gathers, heads, ctx, names, notes)
-                if kind:
-                    counts[kind] += 1
+                tables.append((const, gathers, heads))    # last: its precision is measured on the rest
                 continue
             matmuls = [n for n in readers if ir.is_op(n, "MatMul") and n.inputs[1] is const and n.inputs[0] is not const]
             if matmuls and len(matmuls) == len(readers) and len(const.shape) == 2:
@@ -175,6 +183,10 @@ class QuantizeWeights:
             if convs and len(convs) == len(readers):
                 self._dequantized(graph, const, convs, 1, *self._int8(const, axis=0), axis=0, names=names)
                 counts["conv"] += 1
+        for const, gathers, heads in tables:
+            kind = self._quantize_table(graph, const, gathers, heads, ctx, names, notes)
+            if kind:
+                counts[kind] += 1
         q_bytes = sum(ir.tensor_nbytes(c) or 0 for c in ir.constants(graph))
         stats: dict[str, int | float] = {f"{k}_weights": v for k, v in counts.items() if v}
         if self.reports:
@@ -186,6 +198,35 @@ class QuantizeWeights:
         return PassResult(graph, modified=bool(self.reports), stats=stats, notes=notes)
 
     # ------------------------------------------------------------------------------------ pieces
+    def _token_distribution_shift(self, graph: gs.Graph, const: gs.Constant, w_hat: np.ndarray,
+                                  heads: list[gs.Node]) -> float | None:
+        """Mean KL(p_table ‖ p_table′) per output row on calibration samples, where p is the softmax of the
+        output the tied head feeds (the next-token distribution) with the table in float vs dequantized.
+        None when there is no calibration data or the output is not the head's vocabulary axis."""
+        feeds = (self.config.calib_feeds or [])[:KL_SAMPLES]
+        out = graph.outputs[0] if graph.outputs else None
+        if not feeds or out is None or (out.shape or [None])[-1] != const.shape[0]:
+            return None
+
+        def logits() -> list[np.ndarray]:
+            sess = session(ir.to_model(graph))
+            inputs = {i.name for i in sess.get_inputs()}
+            return [sess.run([out.name], {k: v for k, v in f.items() if k in inputs})[0] for f in feeds]
+
+        reference = logits()
+        original = const._values
+        const._values = w_hat.astype(np.float32)
+        try:
+            candidate = logits()
+        finally:
+            const._values = original
+        total, rows = 0.0, 0
+        for r, c in zip(reference, candidate):
+            lp, lq = log_softmax(r.reshape(-1, r.shape[-1])), log_softmax(c.reshape(-1, c.shape[-1]))
+            total += float((np.exp(lp) * (lp - lq)).sum())
+            rows += lp.shape[0]
+        return total / max(rows, 1)
+
     @staticmethod
     def _is_transposed_head(node: gs.Node, const: gs.Constant) -> bool:
         if ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN):
@@ -305,7 +346,16 @@ class QuantizeWeights:
             w_hat = ((unsigned.reshape(v, d // block, block).astype(np.float32) - zeros[..., None])
                      * s[..., None]).reshape(v, d)
             unsigned = unsigned.reshape(v, d // block, block)
-        else:
+            shift = self._token_distribution_shift(graph, const, w_hat, heads) if heads else None
+            if shift is not None and shift > TABLE_KL_BUDGET:
+                notes.append(f"{const.name}: kept at 8 bits — at 4 bits the model's next-token distribution "
+                             f"moves by {shift:.4f} nats/token on calibration data (budget {TABLE_KL_BUDGET})")
+                bits, zeros = 8, None
+                block = _pow2_block(d, 256)
+            elif shift is not None:
+                notes.append(f"{const.name}: 4 bits moves the next-token distribution by {shift:.4f} nats/token "
+                             f"on calibration data (budget {TABLE_KL_BUDGET})")
+        if bits == 8:
             q, s = quantize_blocks(w, block, bits, h, self.config.search)          # [V, D], [V, D/B]
             w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
             unsigned = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(v, d // block, block)

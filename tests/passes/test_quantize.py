@@ -183,3 +183,18 @@ def test_calibration_statistics_clip_outliers():
     assert _fixed_clip(CalibMethod.MINMAX, x, 60.0) == 1.0
     assert _fixed_clip(CalibMethod.PERCENTILE, x, 60.0) < 0.2
     assert _fixed_clip(CalibMethod.ENTROPY, x, 60.0) < 0.5
+
+
+@pytest.mark.parametrize("budget, bits", [(0.0, 8), (10.0, 4)])
+def test_tied_table_precision_is_chosen_by_measured_shift(tiny_llama, tmp_path, monkeypatch, budget, bits):
+    import lmc.passes.quantize.weight_only as wo
+
+    monkeypatch.setattr(wo, "TABLE_KL_BUDGET", budget)
+    path, calib = tiny_llama
+    result = build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.INT4,
+                                      calib=str(calib)), tmp_path / "out")
+    notes = [n for r in result.records for n in r.notes if "nats/token" in n]
+    assert len(notes) == 1 and ("kept at 8 bits" in notes[0]) == (bits == 8)
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert next(a.i for a in head.attribute if a.name == "bits") == bits
