@@ -136,6 +136,7 @@ def main() -> None:
         base_rss = peak_rss(one_node_model(tmp / "one.onnx"))
         variants = [
             ("fp32 original", lambda: MODEL),
+            ("lmc exact (--quantize none)", lambda: lmc_variant("none", tmp / "exact", calib, 32)),
             ("lmc --quantize int8", lambda: lmc_variant("int8", tmp / "int8", calib, 32)),
             (f"lmc --quantize int4 --block-size {args.int4_block}",
              lambda: lmc_variant("int4", tmp / "int4", calib, args.int4_block)),
