@@ -58,6 +58,13 @@ class BuildOptions:
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
 
+    @property
+    def approximations(self) -> list[str]:
+        """The options that change the model's numerics (quantization, sliding attention); empty = exact."""
+        found = [self.quantize.value] if self.quantize is not QuantizeMode.NONE else []
+        spec = AttentionSpec.parse(self.attention)
+        return found + ([] if spec.exact else [str(spec)])
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -121,7 +128,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
           progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
     """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``."""
     options = options or BuildOptions()
-    approximate = options.quantize is not QuantizeMode.NONE or not AttentionSpec.parse(options.attention).exact
+    approximate = bool(options.approximations)
     if options.block_size not in (16, 32, 64, 128, 256):
         raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
     start = time.perf_counter()

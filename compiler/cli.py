@@ -16,6 +16,7 @@ import traceback
 import click
 
 from lmc.compiler.errors import ExitCode, LmcError
+from lmc.compiler.report import mib
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -53,10 +54,6 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
-
-
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.2f} MiB"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -155,13 +152,12 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
     plan = result.plan
     click.echo(f"built {result.out_dir}/ for {result.target.name} in {result.seconds:.1f}s")
     click.echo(f"  nodes    {result.nodes_before} -> {result.nodes_after}")
-    click.echo(f"  weights  {_mib(result.weight_bytes_before)} -> {_mib(result.weight_bytes_after)}")
-    click.echo(f"  arena    {_mib(plan.arena_bytes)} (lower bound {_mib(plan.lower_bound_bytes)}), "
-               f"peak RAM {_mib(plan.peak_ram_bytes)}")
+    click.echo(f"  weights  {mib(result.weight_bytes_before)} -> {mib(result.weight_bytes_after)}")
+    click.echo(f"  arena    {mib(plan.arena_bytes)} (lower bound {mib(plan.lower_bound_bytes)}), "
+               f"peak RAM {mib(plan.peak_ram_bytes)}")
     if result.verification:
         v = result.verification
-        approx = [m for m in (options.quantize.value, options.attention) if m not in ("none", "dense")
-                  and not m.startswith("chunked")]
+        approx = options.approximations
         if not approx:
             click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
         else:
@@ -244,15 +240,15 @@ def inspect(model, input_shapes, target, as_json):
     click.echo("  dynamic dims: " + (", ".join(summary.dynamic_dims) or "none"))
     if summary.built_with:
         click.echo("  built by lmc: " + ", ".join(f"{k}={v}" for k, v in summary.built_with.items()))
-    click.echo(f"  parameters: {_mib(summary.weight_bytes)}")
+    click.echo(f"  parameters: {mib(summary.weight_bytes)}")
     for dtype, e in summary.params_by_dtype.items():
-        click.echo(f"    {dtype:<8} {e['tensors']:5d} tensors {e['elements']:12d} elements {_mib(e['bytes'])}")
+        click.echo(f"    {dtype:<8} {e['tensors']:5d} tensors {e['elements']:12d} elements {mib(e['bytes'])}")
     click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in sorted(summary.ops.items(), key=lambda x: -x[1])))
     if summary.plan:
         p = summary.plan
         click.echo(f"  planned ({p['target']}, after exact passes): {p['nodes_after_passes']} nodes, arena "
-                   f"{_mib(p['arena_bytes'])} (lower bound {_mib(p['lower_bound_bytes'])}), "
-                   f"peak RAM {_mib(p['peak_ram_bytes'])}")
+                   f"{mib(p['arena_bytes'])} (lower bound {mib(p['lower_bound_bytes'])}), "
+                   f"peak RAM {mib(p['peak_ram_bytes'])}")
     else:
         click.echo("  planned peak: needs static shapes (bind with --input-shape)")
 
@@ -271,13 +267,13 @@ def diff(a, b, input_shapes, as_json):
         _emit_json(d.to_dict())
         return
     click.echo(f"nodes   {d.a.nodes} -> {d.b.nodes}")
-    click.echo(f"weights {_mib(d.a.weight_bytes)} -> {_mib(d.b.weight_bytes)}")
+    click.echo(f"weights {mib(d.a.weight_bytes)} -> {mib(d.b.weight_bytes)}")
     for op, (x, y) in d.ops.items():
         click.echo(f"  {op:<32} {x:5d} -> {y:5d} ({y - x:+d})")
     click.echo(f"initializers: {len(d.initializers_only_a)} only in A, {len(d.initializers_only_b)} only in B, "
                f"{len(d.initializers_changed)} changed")
     if d.a.plan and d.b.plan:
-        click.echo(f"arena   {_mib(d.a.plan['arena_bytes'])} -> {_mib(d.b.plan['arena_bytes'])}")
+        click.echo(f"arena   {mib(d.a.plan['arena_bytes'])} -> {mib(d.b.plan['arena_bytes'])}")
 
 
 @cli.command()
@@ -296,7 +292,7 @@ def targets(as_json):
         click.echo(f"  isa      {t.isa.arch} [{', '.join(sorted(t.isa.features))}]")
         click.echo(f"  runtime  {t.tuning.runtime} {t.tuning.runtime_version}, opset <= {t.tuning.max_opset}, "
                    f"fused ops: {', '.join(sorted(t.tuning.fused_ops))}")
-        click.echo(f"  memory   RAM {_mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}, "
+        click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}, "
                    f"cache line {m.cache_line}")
 
 

@@ -66,6 +66,11 @@ def summarize(graph: gs.Graph, path: str, opsets: Mapping[str, int]) -> ModelSum
 def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
                   target: str = "cortex-a55", plan: bool = True) -> ModelSummary:
     """Summarize the model; with static (or bound) input shapes also plan it in memory (nothing written)."""
+    return _inspect(path, input_shapes, target, plan)[0]
+
+
+def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[ModelSummary, dict[str, tuple]]:
+    """(summary, initializer digests of the model as loaded — only when ``digests``)."""
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     from lmc.compiler.build import build_metadata
@@ -75,10 +80,11 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
     del model
     summary = summarize(graph, str(path), opsets)
     summary.built_with = built_with
+    found = _initializer_digest(graph) if digests else {}
     if input_shapes:
         shapes.bind_input_shapes(graph, dict(input_shapes))
     if not plan or any(ir.static_shape(t) is None for t in graph.inputs):
-        return summary
+        return summary, found
     from lmc.compiler.backend import plan_memory
     from lmc.compiler.build import BuildOptions
     from lmc.compiler.pass_manager import PassContext, PassManager
@@ -92,11 +98,11 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
     try:
         mem = plan_memory(graph, tgt)
     except LmcError:
-        return summary
+        return summary, found
     summary.plan = {"target": tgt.name, "nodes_after_passes": len(graph.nodes), "arena_bytes": mem.arena_bytes,
                     "lower_bound_bytes": mem.lower_bound_bytes, "io_bytes": mem.io_bytes,
                     "weights_bytes_after_passes": ir.weight_bytes(graph), "peak_ram_bytes": mem.peak_ram_bytes}
-    return summary
+    return summary, found
 
 
 @dataclass(frozen=True)
@@ -129,10 +135,8 @@ def _initializer_digest(graph: gs.Graph) -> dict[str, tuple]:
 def diff_models(a: str | Path, b: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
                 target: str = "cortex-a55") -> ModelDiff:
     """Compare two models: op counts, initializers by name (added/removed/changed), sizes and plans."""
-    sa = inspect_model(a, input_shapes, target)
-    sb = inspect_model(b, input_shapes, target)
-    ga, gb = ir.to_graph(load_model(a)), ir.to_graph(load_model(b))
-    da, db = _initializer_digest(ga), _initializer_digest(gb)
+    sa, da = _inspect(a, input_shapes, target, plan=True, digests=True)
+    sb, db = _inspect(b, input_shapes, target, plan=True, digests=True)
     ops = {op: (sa.ops.get(op, 0), sb.ops.get(op, 0)) for op in sorted(set(sa.ops) | set(sb.ops))
            if sa.ops.get(op, 0) != sb.ops.get(op, 0)}
     return ModelDiff(sa, sb, ops, sorted(set(da) - set(db)), sorted(set(db) - set(da)),

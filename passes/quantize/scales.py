@@ -115,10 +115,7 @@ def pack_uint4_flat(values: np.ndarray) -> bytes:
 
 def pack_int4(values: np.ndarray) -> bytes:
     """Pack signed 4-bit values (flattened, row-major) two per byte, low nibble first (ONNX INT4 layout)."""
-    flat = values.astype(np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    return pack_uint4(flat.astype(np.uint8) & 0x0F).tobytes()
+    return pack_uint4_flat(values.astype(np.int8).astype(np.uint8) & 0x0F)   # two's complement nibbles
 
 
 def gptq_blocks(w_t: np.ndarray, gram: np.ndarray, block: int, bits: int = 4, damp: float = 0.01,
