@@ -26,3 +26,7 @@ def llama_code() -> Path:
     if not LLAMA_CODE.is_file():
         pytest.skip("shared/models/llama-code.onnx is not present")
     return LLAMA_CODE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "packaging: builds the wheel with pip (a few seconds; under 60 s)")
