@@ -6,12 +6,18 @@ target's alignment (so it can be mmap'd and read in place), and the tensor keeps
 ``location/offset/length`` entries. Tensors are written one at a time: no second copy of all weights.
 
 Atomicity: everything is written into a hidden temporary folder beside ``out_dir`` and renamed into place;
-an existing bundle at ``out_dir`` is replaced only after the new one is complete. A folder that exists and
-is not an lmc bundle (no ``plan.json``) and is not empty is refused.
+an existing bundle at ``out_dir`` is replaced only after the new one is complete.
+
+Ownership: every bundle holds a marker file, ``.lmc-bundle``, listing the files lmc wrote into it. An existing
+``out_dir`` is replaced only when it is such a bundle — it holds the marker and every entry in it is a regular
+file the marker lists — and then only the listed files are deleted. Any other non-empty folder (a
+``plan.json`` alone proves nothing: it may be the user's) is refused with an ``LmcError`` naming it; an
+empty folder is fine.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +37,11 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.weights"
 PLAN_FILE = "plan.json"
 REPORT_FILE = "report.md"
+MARKER_FILE = ".lmc-bundle"
+MARKER_HEADER = "# lmc bundle: files written by lmc (an lmc build replaces this folder only while it holds just these)"
 SMALL_MODEL_BYTES = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,13 +106,62 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
         e.key == "location" and e.value == STUB_LOCATION for e in tensor.external_data)
 
 
+def bundle_files(folder: Path) -> list[str] | None:
+    """The files lmc wrote into ``folder`` (its marker included) when ``folder`` is a bundle lmc wrote and
+    nothing else was added to it since; None otherwise."""
+    marker = folder / MARKER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        lines = marker.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0] != MARKER_HEADER:
+        return None
+    listed = {line for line in lines[1:] if line} | {MARKER_FILE}
+    if any("/" in name or os.sep in name or name in (".", "..") for name in listed):
+        return None
+    for entry in os.scandir(folder):
+        if entry.name not in listed or entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            return None
+    return sorted(listed)
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise LmcError(f"{out_dir}: exists and is not a folder")
-        if any(out_dir.iterdir()) and not (out_dir / PLAN_FILE).exists():
-            raise LmcError(f"{out_dir}: exists, is not empty and holds no lmc bundle; refusing to overwrite it")
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir() or out_dir.is_symlink():
+            raise LmcError(f"{out_dir}: exists and is not a folder; refusing to replace it")
+        if any(out_dir.iterdir()) and bundle_files(out_dir) is None:
+            entries = sorted(os.listdir(out_dir))
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            why = ("it holds files lmc did not write" if (out_dir / MARKER_FILE).is_file()
+                   else f"it has no {MARKER_FILE} marker")
+            raise LmcError(f"{out_dir}: exists, is not empty ({shown}) and is not a bundle lmc wrote ({why}); "
+                           "refusing to overwrite it — pass an empty or new folder to -o")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_marker(staged: Path) -> None:
+    names = sorted(name for name in os.listdir(staged) if name != MARKER_FILE)
+    (staged / MARKER_FILE).write_text("\n".join([MARKER_HEADER, *names, MARKER_FILE]) + "\n", encoding="utf-8")
+
+
+def _remove_old_bundle(old: Path) -> None:
+    """Delete the files an old bundle's marker lists, then the folder; anything else found there by now
+    is left in place (with the folder) rather than deleted."""
+    listed = bundle_files(old)
+    if listed is None:
+        log.warning("%s: the replaced bundle changed while it was being replaced; left in place", old)
+        return
+    for name in listed:
+        try:
+            (old / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("%s: the replaced bundle holds files lmc did not write; left in place", old)
 
 
 def stage_model(model: onnx.ModelProto, out_dir: str | Path, alignment: int,
@@ -138,13 +197,19 @@ def commit_bundle(staged: Path, out_dir: str | Path, files: dict[str, str]) -> B
     try:
         for name, text in files.items():
             (staged / name).write_text(text)
+        _write_marker(staged)
         os.chmod(staged, 0o755)
         _prepare_out_dir(out_dir)
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.lmc-old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(staged, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if not any(out_dir.iterdir()):
+                os.rmdir(out_dir)              # an empty folder: nothing to keep
+                os.rename(staged, out_dir)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.lmc-old-", dir=out_dir.parent))
+                old.rmdir()
+                os.rename(out_dir, old)
+                os.rename(staged, out_dir)
+                _remove_old_bundle(old)
         else:
             os.rename(staged, out_dir)
     except BaseException:
