@@ -1,0 +1,184 @@
+"""Token-by-token drivers over onnxruntime: ``StateDecoder`` runs a generation bundle (its cache state bound
+in place with IOBinding: the same OrtValue is the ``past`` input and the ``present`` output, so no step
+copies the cache), ``PastDecoder`` runs an original past/present export the plain way (each ``present``
+fed back as the next ``past``, the attention mask grown by one) — the reference a bundle is judged by.
+
+Both expose ``forward(ids [B, S]) -> logits [B, S, V]`` (advancing the position by S) and ``reset()``;
+``greedy(decoder, prompt, n)`` generates n tokens. Preconditions: batch rows advance together (the
+bundle also takes per-row positions, see ``passes.static_cache``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lmc.compiler.errors import LmcError
+
+GENERATION_KEY = "lmc.generation"
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What a driver needs to know about a generation bundle (stored as JSON in the model's metadata)."""
+
+    context: int
+    batch: int
+    input_ids: str
+    position_ids: str
+    logits: str
+    state: tuple[tuple[str, str], ...]      # (input, output) pairs bound to one buffer
+    window: int = 0                          # sliding window (0: full attention)
+    sinks: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
+                           "position_ids": self.position_ids, "logits": self.logits,
+                           "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationInfo":
+        d = json.loads(text)
+        return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
+                   tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)))
+
+
+def generation_info(model_path: str | Path) -> GenerationInfo | None:
+    """The generation metadata of a bundle's model, or None for a one-shot model."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == GENERATION_KEY:
+            return GenerationInfo.from_json(prop.value)
+    return None
+
+
+def _options(threads: int, session_options: dict | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    for key, value in (session_options or {}).items():
+        if key == "config_entries":
+            for k, v in value.items():
+                opts.add_session_config_entry(k, str(v))
+        else:
+            setattr(opts, key, value)
+    return opts
+
+
+class StateDecoder:
+    """A generation bundle under onnxruntime, its cache state held in place between steps."""
+
+    def __init__(self, model_path: str | Path, threads: int = 0, session_options: dict | None = None):
+        info = generation_info(model_path)
+        if info is None:
+            raise LmcError(f"{model_path}: not a generation bundle (build it with lmc build --context N)")
+        self.info = info
+        self.session = ort.InferenceSession(str(model_path), _options(threads, session_options),
+                                            providers=["CPUExecutionProvider"])
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.state = {}
+        for name, _ in info.state:
+            dtype = np.float16 if "float16" in types[name] else np.int8 if "int8" in types[name] else np.float32
+            self.state[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[name], dtype))
+        self.binding = self.session.io_binding()
+        self.binding.bind_output(info.logits)       # first: its index in get_outputs() stays 0
+        for src, dst in info.state:
+            self.binding.bind_ortvalue_input(src, self.state[src])
+            self.binding.bind_ortvalue_output(dst, self.state[src])
+        self.length = 0
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(v.numpy().nbytes for v in self.state.values())
+
+    def reset(self) -> None:
+        for value in self.state.values():
+            value.update_inplace(np.zeros(value.shape(), value.numpy().dtype))
+        self.length = 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(self.info.batch, -1)
+        s = ids.shape[1]
+        limit = self.info.context if not self.info.window else None
+        if limit is not None and self.length + s > limit:
+            raise LmcError(f"the bundle holds {limit} tokens of context; {self.length + s} requested "
+                           f"(rebuild with a larger --context)")
+        positions = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64), ids.shape)
+        self.binding.bind_cpu_input(self.info.input_ids, ids)
+        self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
+        self.binding.bind_output(self.info.logits)
+        self.session.run_with_iobinding(self.binding)
+        self.length += s
+        outputs = self.binding.get_outputs()
+        assert len(outputs) == len(self.info.state) + 1, "logits re-bound at a new index"
+        return outputs[0].numpy()
+
+
+class PastDecoder:
+    """An original past/present export driven the plain way: present → past, attention mask grown."""
+
+    def __init__(self, model_path: str | Path, threads: int = 0, batch: int = 1):
+        self.session = ort.InferenceSession(str(model_path), _options(threads), providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.pairs = {}
+        for name in self.inputs:
+            if name.startswith("past"):
+                out = name.replace("past_key_values", "present")
+                if out in outputs:
+                    self.pairs[name] = out
+        self.logits = next(o for o in outputs if o not in self.pairs.values())
+        self.batch = batch
+        self.reset()
+
+    def reset(self) -> None:
+        self.past = {}
+        for name in self.pairs:
+            shape = self.inputs[name].shape
+            self.past[name] = np.zeros((self.batch, int(shape[1]), 0, int(shape[3])), np.float32)
+        self.length = 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(self.batch, -1)
+        s = ids.shape[1]
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((self.batch, self.length + s), np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64),
+                                                    ids.shape).copy()
+        feeds.update(self.past)
+        names = [self.logits] + list(self.pairs.values())
+        values = self.session.run(names, feeds)
+        self.past = {src: v for src, v in zip(self.pairs, values[1:])}
+        self.length += s
+        return values[0]
+
+
+Decoder = StateDecoder | PastDecoder
+
+
+def greedy(decoder: Decoder, prompt: Sequence[int], new_tokens: int,
+           on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Greedy decoding: prefill ``prompt`` in one step, then one token per step; returns the new tokens."""
+    decoder.reset()
+    logits = decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :])
+    out: list[int] = []
+    for i in range(new_tokens):
+        token = int(np.argmax(logits[0, -1]))
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i + 1 < new_tokens:
+            logits = decoder.forward(np.array([[token]], dtype=np.int64))
+    return out

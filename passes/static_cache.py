@@ -1,0 +1,489 @@
+"""Static KV cache: a decoder exported with past/present key-values becomes one whose cache is a fixed-size
+state updated in place.
+
+Precondition (as optimum / transformers / torch.onnx export decoders): for every layer a *cache pair* — a
+graph input ``past`` [B, Hkv, P, D] and a graph output ``present = Concat(past, new, axis=2)`` — feeding
+one scaled-dot-product attention, written in any of the exporters' forms:
+    K' = repeat_kv(present_k)            Unsqueeze(2)→Expand→Reshape, Gather(axis 1, repeat(arange)), or none
+    s  = MatMul(Q·c_q, Transpose(K')·c_k) · c_s      (the scalars c may sit on either side, as Mul or Div)
+    s  = s + M  |  Where(C, s, f)        M or (C, f) a causal mask built at run time from ``attention_mask``
+    p  = Softmax(s, axis=-1) [→ Where(IsNaN(p), 0, p)] [Cast]
+    y  = MatMul(p, repeat_kv(present_v))
+The mask's construction is not matched op by op: its cone is evaluated under onnxruntime for several
+(batch, past, sequence) probes with a full ``attention_mask`` and must equal the causal mask
+(key j visible from query i iff j ≤ P + i); any exporter's way of building it (Trilu, Range and
+comparisons, Where, Expand, −inf or finfo.min) passes.
+
+Rewrite, with N = context (cache slots) and ``position_ids`` [B, S] the absolute positions of the new
+tokens (slot = position):
+    present_k = TensorScatter(past_k [B, Hkv, N, D], k_new, write_indices = position_ids[:, 0])
+    y = Attention(Q, present_k, present_v, attn_mask = (j ≤ position_ids[b, i]),
+                  nonpad_kv_seqlen = position_ids[:, -1] + 1, scale = c_q·c_k·c_s)        (opset 24)
+Bound to one buffer for ``past`` and ``present``, onnxruntime writes the new rows in place: no step
+copies the cache and memory does not grow with the number of tokens. Exact: for a full attention_mask
+the original and the rewritten graph compute the same scores over the same keys. The ``attention_mask``
+input is dropped (a reader left elsewhere, e.g. positions from its cumulative sum, gets an all-ones mask
+of length position_ids[:, -1] + 1); ``Shape`` readers of ``past``/``present`` get the shapes the
+original would have seen ([B, Hkv, P, D] / [B, Hkv, P + S, D]).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.errors import LmcError
+from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+
+log = logging.getLogger(__name__)
+
+STATE_OPSET = 24
+MASKED = -1e4            # an additive mask entry at or below this removes the key (softmax weight 0)
+
+
+@dataclass
+class CachePair:
+    past: gs.Variable
+    present: gs.Variable
+    concat: gs.Node
+    new: gs.Tensor
+
+
+@dataclass
+class AttentionSite:
+    q: gs.Tensor
+    key: CachePair
+    value: CachePair
+    scale: float
+    out: gs.Tensor
+    mask: gs.Tensor          # additive mask, or the boolean condition of a Where
+    mask_kind: str           # "additive" | "keep-where-true" | "keep-where-false"
+    nodes: list[gs.Node] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The decoder's interface: which graph inputs are ids, positions, mask."""
+
+    input_ids: str
+    position_ids: str | None
+    attention_mask: str | None
+
+
+def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
+    """Graph outputs written as Concat(graph input, new, axis=2 | -2) of 4-D tensors."""
+    inputs = {t.name for t in graph.inputs}
+    pairs = []
+    for out in graph.outputs:
+        node = ir.producer(out)
+        if node is None or not ir.is_op(node, "Concat") or len(node.inputs) != 2:
+            continue
+        past = node.inputs[0]
+        rank = len(past.shape) if past.shape is not None else 0
+        if past.name in inputs and rank == 4 and int(node.attrs.get("axis", 0)) % 4 == 2:
+            pairs.append(CachePair(past, out, node, node.inputs[1]))
+    return pairs
+
+
+def find_roles(graph: gs.Graph) -> Roles:
+    def named(*keys: str) -> str | None:
+        for t in graph.inputs:
+            if any(k in t.name for k in keys):
+                return t.name
+        return None
+    ids = named("input_ids")
+    if ids is None:
+        raise LmcError("--context: the model has cache inputs but no 'input_ids' input")
+    return Roles(ids, named("position_ids"), named("attention_mask"))
+
+
+# ------------------------------------------------------------------------------------------ matching
+def _scalar_factor(node: gs.Node, t: gs.Tensor) -> float | None:
+    """For Mul/Div of ``t`` by a scalar constant: the factor it applies to ``t``."""
+    if ir.is_op(node, "Mul"):
+        other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+        return ir.scalar_value(other)
+    if ir.is_op(node, "Div") and node.inputs[0] is t:
+        c = ir.scalar_value(node.inputs[1])
+        return None if not c else 1.0 / c
+    return None
+
+
+def _through_scalars(t: gs.Tensor) -> tuple[gs.Tensor, float, list[gs.Node]]:
+    """Walk back through Mul/Div by scalar constants and same-type Casts."""
+    scale, nodes = 1.0, []
+    while True:
+        node = ir.producer(t)
+        if node is None:
+            return t, scale, nodes
+        if ir.is_op(node, ("Mul", "Div")):
+            for x in node.inputs:
+                if ir.const_value(x) is None:
+                    c = _scalar_factor(node, x)
+                    break
+            else:
+                c = None
+            if c is None:
+                return t, scale, nodes
+            scale *= c
+            nodes.append(node)
+            t = next(x for x in node.inputs if ir.const_value(x) is None)
+        elif ir.is_op(node, "Cast") and node.inputs[0].dtype == t.dtype and t.dtype is not None:
+            nodes.append(node)
+            t = node.inputs[0]
+        else:
+            return t, scale, nodes
+
+
+def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, int, float, list[gs.Node]] | str:
+    """Walk from an attention operand back to a cache ``present``: (pair, transposes of the last two axes,
+    scalar factor, nodes) or the reason it is not one."""
+    transposes, scale, nodes = 0, 1.0, []
+    for _ in range(12):
+        if t.name in presents:
+            return presents[t.name], transposes, scale, nodes
+        node = ir.producer(t)
+        if node is None:
+            return f"'{t.name}' does not come from a cache present"
+        if ir.is_op(node, "Transpose"):
+            if list(node.attrs.get("perm", [])) != [0, 1, 3, 2]:
+                return f"transpose {list(node.attrs.get('perm', []))} is not a swap of the last two axes"
+            transposes += 1
+        elif ir.is_op(node, ("Mul", "Div")):
+            src = next((x for x in node.inputs if ir.const_value(x) is None), None)
+            c = _scalar_factor(node, src) if src is not None else None
+            if c is None:
+                return f"{node.op} '{node.name}' is not a scalar scale"
+            scale *= c
+            t = src
+            nodes.append(node)
+            continue
+        elif ir.is_op(node, "Reshape"):
+            inner = ir.producer(node.inputs[0])
+            expand = inner if inner is not None and ir.is_op(inner, "Expand") else None
+            unsq = ir.producer(expand.inputs[0]) if expand is not None else None
+            axes = _axes(unsq) if unsq is not None and ir.is_op(unsq, "Unsqueeze") else None
+            if axes != [2]:
+                return "a Reshape that is not repeat_kv (Unsqueeze(2) → Expand → Reshape)"
+            nodes += [node, expand]
+            t = unsq.inputs[0]
+            node = unsq
+        elif ir.is_op(node, "Gather") and int(node.attrs.get("axis", 0)) == 1:
+            idx = ir.const_value(node.inputs[1])
+            if idx is None or idx.ndim != 1 or idx.size == 0 or idx[0] != 0 or np.any(np.diff(idx) < 0):
+                return "a head Gather that is not repeat_kv"
+            r = int(np.sum(idx == 0))
+            if not np.array_equal(idx, np.repeat(np.arange(idx.size // r), r)):
+                return "a head Gather that is not repeat_kv"
+        elif ir.is_op(node, "Cast") and node.inputs[0].dtype == t.dtype:
+            pass
+        else:
+            return f"{node.op} '{node.name}' between the cache and the attention"
+        nodes.append(node)
+        t = node.inputs[0]
+    return "too long a chain between the cache and the attention"
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if v is None else [int(a) for a in v.reshape(-1)]
+
+
+def _probabilities(t: gs.Tensor) -> tuple[gs.Node, list[gs.Node]] | None:
+    """The Softmax behind an attention's probabilities, through Where(IsNaN(p), 0, p) and Casts."""
+    nodes = []
+    for _ in range(4):
+        node = ir.producer(t)
+        if node is None:
+            return None
+        if ir.is_op(node, "Softmax"):
+            return node, nodes
+        if ir.is_op(node, "Cast"):
+            t = node.inputs[0]
+        elif ir.is_op(node, "Where"):
+            isnan = ir.producer(node.inputs[0])
+            if isnan is None or not ir.is_op(isnan, "IsNaN") or ir.scalar_value(node.inputs[1]) != 0.0:
+                return None
+            t = node.inputs[2]
+            if isnan.inputs[0] is not t:
+                return None
+            nodes.append(isnan)
+        else:
+            return None
+        nodes.append(node)
+    return None
+
+
+def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite | str | None:
+    """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable)."""
+    if not ir.is_op(anchor, "MatMul"):
+        return None
+    found = _probabilities(anchor.inputs[0])
+    if found is None:
+        return None
+    softmax, prob_nodes = found
+    if int(softmax.attrs.get("axis", -1)) not in (-1, 3):
+        return "softmax is not over the key axis"
+    value = _to_cache(anchor.inputs[1], presents)
+    if isinstance(value, str):
+        return f"values: {value}"
+    v_pair, v_transposes, v_scale, v_nodes = value
+    if v_transposes or v_scale != 1.0:
+        return "values are transposed or scaled"
+    s = softmax.inputs[0]
+    node = ir.producer(s)
+    mask, kind, mask_nodes = None, "", []
+    if node is not None and ir.is_op(node, "Add"):
+        for i in (0, 1):
+            inner, _, _ = _through_scalars(node.inputs[i])
+            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul"):
+                mask, kind, s = node.inputs[1 - i], "additive", node.inputs[i]
+                mask_nodes = [node]
+                break
+    elif node is not None and ir.is_op(node, "Where"):
+        for i, keep in ((1, "keep-where-true"), (2, "keep-where-false")):
+            inner, _, _ = _through_scalars(node.inputs[i])
+            fill = ir.scalar_value(node.inputs[3 - i])
+            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul") and fill is not None \
+                    and fill <= MASKED:
+                mask, kind, s = node.inputs[0], keep, node.inputs[i]
+                mask_nodes = [node]
+                break
+    if mask is None:
+        return "the scores carry no mask (a causal mask is required)"
+    scores, s_scale, s_nodes = _through_scalars(s)
+    qk = ir.producer(scores)
+    if qk is None or not ir.is_op(qk, "MatMul"):
+        return "scores are not a MatMul of queries and keys"
+    q, q_scale, q_nodes = _through_scalars(qk.inputs[0])
+    key = _to_cache(qk.inputs[1], presents)
+    if isinstance(key, str):
+        return f"keys: {key}"
+    k_pair, k_transposes, k_scale, k_nodes = key
+    if k_transposes != 1:
+        return "keys are not transposed once"
+    nodes = [anchor, softmax, qk] + prob_nodes + mask_nodes + s_nodes + q_nodes + k_nodes + v_nodes
+    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, anchor.outputs[0], mask, kind, nodes)
+
+
+# ------------------------------------------------------------------------------------ mask evaluation
+def _cone_model(graph: gs.Graph, outputs: list[gs.Tensor]) -> onnx.ModelProto:
+    """A model computing ``outputs`` from the graph's inputs (only the nodes they depend on)."""
+    seen, order, stack = set(), [], [ir.producer(t) for t in outputs if ir.producer(t) is not None]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        order.append(n)
+        stack += [ir.producer(t) for t in n.inputs if ir.producer(t) is not None]
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    order.sort(key=lambda n: position[id(n)])
+    cone = gs.Graph(nodes=order, inputs=list(graph.inputs), outputs=list(outputs),
+                    opset=graph.opset, import_domains=graph.import_domains)
+    model = gs.export_onnx(cone, do_type_check=False)
+    del model.graph.output[:]
+    for t in outputs:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t.name))
+    return model
+
+
+def _probe_feeds(graph: gs.Graph, roles: Roles, pairs: list[CachePair], b: int, p: int, s: int) -> dict:
+    past_names = {pair.past.name for pair in pairs}
+    feeds = {}
+    for t in graph.inputs:
+        dtype = np.dtype(t.dtype) if t.dtype is not None else np.float32
+        if t.name == roles.input_ids:
+            feeds[t.name] = np.zeros((b, s), dtype)
+        elif t.name == roles.position_ids:
+            feeds[t.name] = np.broadcast_to(np.arange(p, p + s, dtype=dtype), (b, s)).copy()
+        elif t.name == roles.attention_mask:
+            feeds[t.name] = np.ones((b, p + s), dtype)
+        elif t.name in past_names:
+            feeds[t.name] = np.zeros((b, int(t.shape[1]), p, int(t.shape[3])), dtype)
+        else:
+            raise LmcError(f"--context: input '{t.name}' is neither ids, positions, attention mask nor cache; "
+                           f"lmc cannot drive it during generation")
+    return feeds
+
+
+PROBES = ((1, 0, 5), (1, 3, 1), (2, 4, 3))   # (batch, past, sequence)
+
+
+def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:
+    """Evaluate every site's mask on the probes; raise LmcError unless each is the causal mask."""
+    from lmc.compiler.runtime import session
+
+    masks = list({id(s.mask): s.mask for s in sites}.values())
+    sess = session(_cone_model(graph, masks), optimize=False)
+    for b, p, s in PROBES:
+        values = sess.run([m.name for m in masks], _probe_feeds(graph, roles, pairs, b, p, s))
+        allowed = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]          # [S, P+S]
+        for site_mask, value in zip(masks, values):
+            kind = next(x.mask_kind for x in sites if x.mask is site_mask)
+            value = np.asarray(value)
+            try:
+                full = np.broadcast_to(value, value.shape[:-2] + (s, p + s)) if value.ndim >= 2 else None
+            except ValueError:
+                full = None
+            if full is None:
+                raise LmcError(f"--context: attention mask '{site_mask.name}' has shape {value.shape}, "
+                               f"not [.., {s}, {p + s}] for sequence {s} after {p} cached tokens")
+            if kind == "additive":
+                keep = full > MASKED
+                ok = np.all(full[..., allowed] == 0) and not np.any(keep[..., ~allowed])
+            else:
+                keep = full.astype(bool) if kind == "keep-where-true" else ~full.astype(bool)
+                ok = np.all(keep == allowed)
+            if not ok:
+                raise LmcError(f"--context: the attention mask '{site_mask.name}' is not causal over the cache "
+                               f"(probe: batch {b}, past {p}, sequence {s}); lmc cannot replace it exactly")
+
+
+# ------------------------------------------------------------------------------------------- rewrite
+class StaticKVCache:
+    """Rewrite past/present cache pairs into fixed-size, in-place state of ``context`` slots."""
+
+    name = "static-kv-cache"
+    kind = PassKind.EXACT
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
+    in_place = True
+    preserves_shapes = False
+
+    def __init__(self, context: int, batch: int = 1):
+        self.context = int(context)
+        self.batch = int(batch)
+
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
+        pairs = find_cache_pairs(graph)
+        if not pairs:
+            raise LmcError("--context: the model has no past/present key-value inputs and outputs "
+                           "(a decoder exported with past, e.g. optimum's text-generation-with-past)")
+        roles = find_roles(graph)
+        presents = {p.present.name: p for p in pairs}
+        sites, reasons = [], []
+        for node in list(graph.nodes):
+            site = match_site(node, presents)
+            if isinstance(site, AttentionSite):
+                sites.append(site)
+            elif isinstance(site, str):
+                reasons.append(site)
+        used = [id(s.key) for s in sites] + [id(s.value) for s in sites]
+        missing = [p.present.name for p in pairs if id(p) not in used]
+        if missing or len(set(used)) != len(used):
+            why = f" ({reasons[0]})" if reasons else ""
+            raise LmcError(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
+                           f"{why}")
+        check_masks(graph, roles, pairs, sites)
+        names = ir.Namer(graph)
+        positions = self._positions(graph, roles, names)
+        i64 = np.int64
+        c = lambda name, v: gs.Constant(names.fresh(name), np.asarray(v, dtype=i64))  # noqa: E731
+        nodes: list[gs.Node] = []
+
+        def var(name, dtype, shape=None):
+            return gs.Variable(names.fresh(name), dtype=dtype, shape=shape)
+
+        def add(op, inputs, out, **attrs):
+            nodes.append(gs.Node(op, name=names.fresh(out.name), attrs=attrs, inputs=inputs, outputs=[out]))
+            return out
+
+        b = self.batch
+        write = add("Gather", [positions, c("lmc_first", 0)], var("lmc_write_index", i64, [b]), axis=1)
+        last = add("Gather", [positions, c("lmc_last", -1)], var("lmc_last_position", i64, [b]), axis=1)
+        total = add("Add", [last, c("lmc_one", 1)], var("lmc_kv_length", i64, [b]))
+        qpos = add("Unsqueeze", [positions, c("lmc_axes13", [1, 3])], var("lmc_query_position", i64))
+        slots = c("lmc_slots", np.arange(self.context))
+        mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
+        # Shape readers of past/present see the shapes of the original: [B, Hkv, P, D], [B, Hkv, P+S, D]
+        past_len = add("Unsqueeze", [write, c("lmc_axis0", [0])], var("lmc_past_length", i64))
+        total_len = add("Unsqueeze", [total, c("lmc_axis0b", [0])], var("lmc_total_length", i64))
+        for site in sites:
+            for n in site.nodes:
+                n.inputs.clear()
+                n.outputs.clear()
+            nodes.append(gs.Node("Attention", name=names.fresh(site.out.name + "_attention"),
+                                 attrs={"scale": float(site.scale)},
+                                 inputs=[site.q, site.key.present, site.value.present, mask, gs.Variable.empty(),
+                                         gs.Variable.empty(), total],
+                                 outputs=[site.out]))
+        for pair in pairs:
+            d = pair.past.shape
+            heads, depth = int(d[1]), int(d[3])
+            pair.past.shape = [b, heads, self.context, depth]
+            pair.concat.inputs.clear()
+            pair.concat.outputs.clear()
+            for length, tensor in ((past_len, pair.past), (total_len, pair.present)):
+                self._redirect_shapes(tensor, length, b, heads, depth, add, c, var)
+            add("TensorScatter", [pair.past, pair.new, write], pair.present, axis=2, mode="linear")
+            pair.present.shape = list(pair.past.shape)
+        graph.nodes.extend(nodes)
+        if roles.attention_mask is not None:
+            self._replace_attention_mask(graph, roles, total, names, c, var)
+        graph.opset = max(int(graph.opset), STATE_OPSET)
+        ir.topological_sort(graph)
+        ir.remove_dead_nodes(graph)
+        return PassResult(graph, modified=True, stats={"cache_pairs": len(pairs), "attention_sites": len(sites)},
+                          notes=[f"{len(pairs)} cache pairs → fixed state of {self.context} slots, "
+                                 f"{len(sites)} attentions → Attention-24"])
+
+    def _positions(self, graph, roles: Roles, names: ir.Namer) -> gs.Tensor:
+        inputs = {t.name: t for t in graph.inputs}
+        if roles.position_ids is not None:
+            return inputs[roles.position_ids]
+        ids = inputs[roles.input_ids]
+        pos = gs.Variable(names.fresh("position_ids"), dtype=np.int64, shape=list(ids.shape))
+        graph.inputs.append(pos)
+        return pos
+
+    @staticmethod
+    def _redirect_shapes(tensor, length, b, heads, d, add, c, var):
+        """Shape readers of a resized cache tensor get the shape the original graph gave them."""
+        readers = [n for n in tensor.outputs if ir.is_op(n, "Shape")]
+        others = [n for n in tensor.outputs if not ir.is_op(n, ("Shape", "Attention"))]
+        if others:
+            raise LmcError(f"--context: cache tensor '{tensor.name}' is read by {others[0].op} "
+                           f"'{others[0].name}' outside its attention")
+        if not readers:
+            return
+        shape = add("Concat", [c("lmc_bh", [b, heads]), length, c("lmc_d", [d])],
+                    var(tensor.name + "_orig_shape", np.int64, [4]), axis=0)
+        for r in readers:
+            start, end = int(r.attrs.get("start", 0)), r.attrs.get("end")
+            out = r.outputs[0]
+            r.inputs.clear()
+            r.outputs.clear()
+            if start == 0 and end is None:
+                add("Identity", [shape], out)
+            else:
+                add("Slice", [shape, c("lmc_s0", [start]), c("lmc_s1", [end if end is not None else 4])], out)
+
+    @staticmethod
+    def _replace_attention_mask(graph, roles: Roles, total, names, c, var) -> None:
+        mask = next(t for t in graph.inputs if t.name == roles.attention_mask)
+        graph.inputs.remove(mask)
+        if not mask.outputs:
+            return
+        b_len = gs.Variable(names.fresh("lmc_mask_shape"), dtype=np.int64, shape=[2])
+        ones = gs.Variable(names.fresh("attention_mask_full"), dtype=mask.dtype, shape=None)
+        first = gs.Variable(names.fresh("lmc_kv_length0"), dtype=np.int64, shape=[1])
+        graph.nodes += [
+            gs.Node("Slice", name=names.fresh("lmc_kv_length0"), inputs=[total, c("z", [0]), c("o", [1])],
+                    outputs=[first]),
+            gs.Node("Concat", name=names.fresh("lmc_mask_shape"), attrs={"axis": 0},
+                    inputs=[c("lmc_batch", [int(mask.shape[0]) if isinstance(mask.shape[0], int) else 1]), first],
+                    outputs=[b_len]),
+            gs.Node("ConstantOfShape", name=names.fresh("attention_mask_full"),
+                    attrs={"value": onnx.numpy_helper.from_array(np.ones(1, dtype=np.dtype(mask.dtype)))},
+                    inputs=[b_len], outputs=[ones])]
+        for reader in list(mask.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is mask:
+                    reader.inputs[i] = ones
