@@ -10,6 +10,8 @@ to it, compute liveness, place buffers with the arena planner, and return a ``Me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
@@ -19,7 +21,7 @@ from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
 from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, peak_live
-from lmc.targets.plan import MemoryPlan, PlannedTensor
+from lmc.targets.plan import MemoryPlan, PlannedTensor, StateBuffer
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
 
@@ -119,13 +121,17 @@ def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
     return peak_live((size[n], first[n], last[n]) for n in size)[0]
 
 
-def io_bytes(graph: gs.Graph) -> int:
-    return sum(ir.tensor_nbytes(t) or 0 for t in list(graph.inputs) + list(graph.outputs))
+def io_bytes(graph: gs.Graph, state: Sequence[tuple[str, str]] = ()) -> int:
+    """Bytes of the graph's inputs and outputs, less the ``state`` pairs (counted once, as state)."""
+    held = {name for pair in state for name in pair}
+    return sum(ir.tensor_nbytes(t) or 0 for t in list(graph.inputs) + list(graph.outputs) if t.name not in held)
 
 
-def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False) -> MemoryPlan:
+def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False,
+                state: Sequence[tuple[str, str]] = ()) -> MemoryPlan:
     """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor. With ``inplace``,
-    outputs of elementwise/view ops take their dying input's bytes (``lmc.targets.inplace``)."""
+    outputs of elementwise/view ops take their dying input's bytes (``lmc.targets.inplace``). ``state``
+    (input, output) pairs share one buffer (a generation bundle's cache) and are planned as state."""
     shapes.require_static_shapes(graph)
     alignment = target.memory.alignment
     flow = dataflow_of(graph)
@@ -154,12 +160,14 @@ def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False) -> Memor
     weights = {p.value: 0 for p in WeightsPlacement}
     weights[placement.value] = ir.weight_bytes(graph)
     decoded = tuple(n.outputs[0].name for n in graph.nodes if decoded_weight(n))
+    by_name = {t.name: t for t in graph.inputs}
     scratch = tuple(PlannedTensor(t.name[: -len(SCRATCH_SUFFIX)], t.size, t.offset, t.first, t.last)
                     for t in tensors if t.name.endswith(SCRATCH_SUFFIX))
     tensors = tuple(t for t in tensors if not t.name.endswith(SCRATCH_SUFFIX))
     return MemoryPlan(
         decoded_weights=decoded,
         target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
-        lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph),
+        lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph, state),
+        state=tuple(StateBuffer(i, o, align_up(ir.tensor_nbytes(by_name[i]) or 0, alignment)) for i, o in state),
         scheduler=scheduler, placement_strategy=arena.strategy,
         schedule=tuple(s.name for s in flow.steps), tensors=tensors, scratch=scratch, inplace=tuple(merged))

@@ -7,12 +7,15 @@ Nothing is written to ``out_dir`` unless every stage succeeded; the input file i
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
 from lmc.compiler.backend import estimate_peak, plan_memory
@@ -54,6 +57,8 @@ class BuildOptions:
     calib_samples: int = 32
     calib_method: str = "mse"            # w8a8 activation clip: mse | minmax | percentile | entropy
     disabled_passes: tuple[str, ...] = ()
+    context: int | None = None           # generation bundle: cache slots (past/present decoders only)
+    batch: int = 1                       # generation bundle: batch rows
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
@@ -137,6 +142,8 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     if out_dir.resolve() == Path(model_path).resolve().parent:
         raise LmcError(f"{out_dir}: output folder is the model's own folder; choose another -o")
 
+    if options.context:
+        return _build_generation(model_path, options, target, out_dir, on_pass, progress, start)
     model = load_model(model_path)
     graph = ir.to_graph(model)
     del model
@@ -153,32 +160,13 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     problems = check_plan(plan)
     if problems:
         raise RuntimeError(f"arena plan is unsound: {problems[0]}")
-    budget = options.max_ram if options.max_ram is not None else target.memory.ram_bytes
-    if plan.peak_ram_bytes > budget:
-        source = "--max-ram" if options.max_ram is not None else f"target {target.name}"
-        hint = "; a smaller --input-shape lowers the arena"
-        if plan.weights_bytes.get("ram") and options.quantize is QuantizeMode.NONE:
-            hint += ", --quantize int8/int4 the RAM-resident weights"
-        raise LmcError(f"planned peak RAM {plan.peak_ram_bytes} bytes ({plan.peak_ram_bytes / 2**20:.2f} MiB) exceeds "
-                       f"the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}){hint}")
+    _check_budget(plan, options, target)
 
     bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
-    threshold = target.memory.external_data_threshold
-    if weights_after > emit.SMALL_MODEL_BYTES:
-        # weights are streamed from the graph's constants into the weights file, one at a time
-        model = ir.export_skeleton(graph, inline_bytes=threshold - 1)
-        _stamp(model, options, target)
-        by_name = {c.name: c for c in ir.constants(graph)}
-        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold,
-                                  lambda name: ir.constant_bytes(by_name[name]))
-        del by_name
-    else:
-        model = ir.to_model(graph)
-        _stamp(model, options, target)
-        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold)
-    del model, graph
+    staged = _stage(graph, options, target, out_dir)
+    del graph
     try:
         verification = None
         if options.verify:
@@ -200,6 +188,101 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
+        emit.commit_bundle(staged, out_dir, {
+            emit.PLAN_FILE: plan.to_json(),
+            emit.REPORT_FILE: render_report(result, Path(model_path).name),
+        })
+    except BaseException:
+        emit.discard(staged)
+        raise
+    return result
+
+
+def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path,
+           metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the graph as a staged bundle model (weights streamed one at a time into the aligned file)."""
+    threshold = target.memory.external_data_threshold
+    if ir.weight_bytes(graph) > emit.SMALL_MODEL_BYTES:
+        model = ir.export_skeleton(graph, inline_bytes=threshold - 1)
+        by_name = {c.name: c for c in ir.constants(graph)}
+        source = lambda name: ir.constant_bytes(by_name[name])  # noqa: E731
+    else:
+        model, source = ir.to_model(graph), None
+    _stamp(model, options, target)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    if source is None:
+        return emit.stage_model(model, out_dir, target.memory.alignment, threshold)
+    return emit.stage_model(model, out_dir, target.memory.alignment, threshold, source)
+
+
+def _check_budget(plan: MemoryPlan, options: BuildOptions, target: Target) -> None:
+    budget = options.max_ram if options.max_ram is not None else target.memory.ram_bytes
+    if plan.peak_ram_bytes > budget:
+        source = "--max-ram" if options.max_ram is not None else f"target {target.name}"
+        hint = "; a smaller --input-shape lowers the arena"
+        if plan.weights_bytes.get("ram") and options.quantize is QuantizeMode.NONE:
+            hint += ", --quantize int8/int4 the RAM-resident weights"
+        raise LmcError(f"planned peak RAM {plan.peak_ram_bytes} bytes ({plan.peak_ram_bytes / 2**20:.2f} MiB) exceeds "
+                       f"the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}){hint}")
+
+
+def _build_generation(model_path, options: BuildOptions, target: Target, out_dir: Path, on_pass, progress,
+                      start: float) -> BuildResult:
+    """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
+    from lmc.compiler.generate import GENERATION_KEY
+    from lmc.compiler.generation import bind_sequence, compile_generation
+    from lmc.compiler.verify import compare_generation
+    from lmc.targets.plan import Profile
+
+    if options.input_shapes:
+        raise LmcError("--context binds the sequence and cache lengths itself; drop --input-shape")
+    if options.context < 2:
+        raise LmcError(f"--context must be at least 2 tokens, got {options.context}")
+    if options.batch < 1:
+        raise LmcError(f"--batch must be at least 1, got {options.batch}")
+    before: list[tuple[int, int]] = []
+
+    def run_passes(graph: gs.Graph):
+        before.append((len(graph.nodes), ir.weight_bytes(graph)))
+        manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
+                              PassContext(target=target, options=options, progress=progress),
+                              peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
+                              on_pass=on_pass if len(before) > 1 else None)
+        return manager.run(graph)
+
+    graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
+    nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
+    by_dtype = ir.bytes_by_dtype(graph)
+    vocab = int(templates[info.logits][-1][1])
+    staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
+    try:
+        plans = []
+        for name, length in (("decode", 1), ("prefill", options.context)):
+            bind_sequence(graph, length, templates)
+            plan = plan_memory(graph, target, inplace=options.inplace, state=info.state)
+            problems = check_plan(plan)
+            if problems:
+                raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
+            plans.append((name, length, plan))
+        del graph
+        profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes)
+                         for n, s, p in plans)
+        plan = dataclasses.replace(max((p for _, _, p in plans), key=lambda p: p.peak_ram_bytes), profiles=profiles)
+        _check_budget(plan, options, target)
+        verification = None
+        if options.verify:
+            verification = compare_generation(model_path, staged / emit.MODEL_FILE, vocab,
+                                              prompt=min(8, options.context // 2),
+                                              steps=min(8, options.context - min(8, options.context // 2)),
+                                              tolerance=options.tolerance, seed=options.seed)
+            if not options.approximations and not verification.passed:
+                raise RuntimeError(f"the compiled model differs from the original: max relative error "
+                                   f"{verification.max_rel:.3g} > {options.tolerance:g}")
+        result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
+                             verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
+                             weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
                              seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
         emit.commit_bundle(staged, out_dir, {
             emit.PLAN_FILE: plan.to_json(),

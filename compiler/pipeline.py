@@ -98,9 +98,16 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
     if disabled & REQUIRED:
         raise LmcError(f"--disable-pass: {', '.join(sorted(disabled & REQUIRED))} cannot be disabled")
     simplify = [FoldConstants()] + ([EliminateNoops()] if "eliminate-noops" not in disabled else []) + [Cleanup()]
+    state = []
+    if getattr(options, "context", None):
+        from lmc.passes.static_cache import StaticKVCache
+
+        # shape chains are constants once the bound dims fold; the cache rewrite then sees plain scalars
+        state = [StaticKVCache(options.context, options.batch), FixedPoint("simplify-state", simplify)]
     return [
         Cleanup(),
         FixedPoint("simplify", simplify),
+        *state,
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
         *attention_passes(options),

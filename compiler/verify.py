@@ -256,3 +256,25 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
         report = VerifyReport(report.outputs, report.samples, report.tolerance, ppl)
     return report
+
+
+def compare_generation(reference: str | Path, candidate: str | Path, vocab: int, prompt: int = 8, steps: int = 8,
+                       tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
+                       tokens: Sequence[int] | None = None) -> VerifyReport:
+    """A generation bundle against the original past/present export: the same random prompt prefilled in
+    both, then ``steps`` tokens one at a time (the original driven present → past, the bundle with its
+    state in place); logits compared at every position."""
+    from lmc.compiler.generate import PastDecoder, StateDecoder
+
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, vocab, prompt + steps)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    ref, cand = PastDecoder(reference), StateDecoder(candidate)
+    worst = [compare(ref.forward(tokens[None, :prompt]), cand.forward(tokens[None, :prompt]), "logits (prefill)")]
+    decode = None
+    for t in tokens[prompt:]:
+        err = compare(ref.forward(np.array([[t]])), cand.forward(np.array([[t]])), "logits (decode)")
+        decode = err if decode is None or err.max_rel > decode.max_rel else decode
+    if decode is not None:
+        worst.append(decode)
+    return VerifyReport(tuple(worst), 1 + len(tokens) - prompt, tolerance)

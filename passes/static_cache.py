@@ -273,6 +273,26 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite
     return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, anchor.outputs[0], mask, kind, nodes)
 
 
+def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
+    """One attention per layer, reading one key pair and one value pair; LmcError naming the first cache
+    output no recognised attention reads (with the first reason a candidate was refused)."""
+    presents = {p.present.name: p for p in pairs}
+    sites, reasons = [], []
+    for node in list(graph.nodes):
+        site = match_site(node, presents)
+        if isinstance(site, AttentionSite):
+            sites.append(site)
+        elif isinstance(site, str):
+            reasons.append(site)
+    used = [id(s.key) for s in sites] + [id(s.value) for s in sites]
+    missing = [p.present.name for p in pairs if id(p) not in used]
+    if missing or len(set(used)) != len(used):
+        why = f" ({reasons[0]})" if reasons else ""
+        raise LmcError(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
+                       f"{why}")
+    return sites
+
+
 # ------------------------------------------------------------------------------------ mask evaluation
 def _cone_model(graph: gs.Graph, outputs: list[gs.Tensor]) -> onnx.ModelProto:
     """A model computing ``outputs`` from the graph's inputs (only the nodes they depend on)."""
@@ -289,6 +309,11 @@ def _cone_model(graph: gs.Graph, outputs: list[gs.Tensor]) -> onnx.ModelProto:
     cone = gs.Graph(nodes=order, inputs=list(graph.inputs), outputs=list(outputs),
                     opset=graph.opset, import_domains=graph.import_domains)
     model = gs.export_onnx(cone, do_type_check=False)
+    del model.graph.value_info[:]
+    for vi in model.graph.input:        # probes choose their own batch / past / sequence lengths
+        for k, dim in enumerate(vi.type.tensor_type.shape.dim):
+            dim.Clear()
+            dim.dim_param = f"d{k}"
     del model.graph.output[:]
     for t in outputs:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t.name))
@@ -314,7 +339,7 @@ def _probe_feeds(graph: gs.Graph, roles: Roles, pairs: list[CachePair], b: int, 
     return feeds
 
 
-PROBES = ((1, 0, 5), (1, 3, 1), (2, 4, 3))   # (batch, past, sequence)
+PROBES = ((1, 0, 5), (1, 3, 1), (2, 4, 3))   # (batch, past, sequence); bound dims keep their value
 
 
 def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:
@@ -323,7 +348,10 @@ def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: li
 
     masks = list({id(s.mask): s.mask for s in sites}.values())
     sess = session(_cone_model(graph, masks), optimize=False)
-    for b, p, s in PROBES:
+    ids = next(t for t in graph.inputs if t.name == roles.input_ids)
+    bound = [d if isinstance(d, int) else None for d in (ids.shape or [None, None])]
+    probes = [(bound[0] or b, p, bound[1] or s) for b, p, s in PROBES]
+    for b, p, s in dict.fromkeys(probes):
         values = sess.run([m.name for m in masks], _probe_feeds(graph, roles, pairs, b, p, s))
         allowed = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]          # [S, P+S]
         for site_mask, value in zip(masks, values):
@@ -367,21 +395,9 @@ class StaticKVCache:
             raise LmcError("--context: the model has no past/present key-value inputs and outputs "
                            "(a decoder exported with past, e.g. optimum's text-generation-with-past)")
         roles = find_roles(graph)
-        presents = {p.present.name: p for p in pairs}
-        sites, reasons = [], []
-        for node in list(graph.nodes):
-            site = match_site(node, presents)
-            if isinstance(site, AttentionSite):
-                sites.append(site)
-            elif isinstance(site, str):
-                reasons.append(site)
-        used = [id(s.key) for s in sites] + [id(s.value) for s in sites]
-        missing = [p.present.name for p in pairs if id(p) not in used]
-        if missing or len(set(used)) != len(used):
-            why = f" ({reasons[0]})" if reasons else ""
-            raise LmcError(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
-                           f"{why}")
+        sites = find_sites(graph, pairs)
         check_masks(graph, roles, pairs, sites)
+        self._require_opset(graph, ctx)
         names = ir.Namer(graph)
         positions = self._positions(graph, roles, names)
         i64 = np.int64
@@ -427,12 +443,25 @@ class StaticKVCache:
         graph.nodes.extend(nodes)
         if roles.attention_mask is not None:
             self._replace_attention_mask(graph, roles, total, names, c, var)
-        graph.opset = max(int(graph.opset), STATE_OPSET)
         ir.topological_sort(graph)
         ir.remove_dead_nodes(graph)
         return PassResult(graph, modified=True, stats={"cache_pairs": len(pairs), "attention_sites": len(sites)},
                           notes=[f"{len(pairs)} cache pairs → fixed state of {self.context} slots, "
                                  f"{len(sites)} attentions → Attention-24"])
+
+    @staticmethod
+    def _require_opset(graph: gs.Graph, ctx: PassContext | None) -> None:
+        """TensorScatter and Attention with ``nonpad_kv_seqlen`` are opset 24: upgrade, or say why not."""
+        from lmc.passes.upgrade_opset import UpgradeOpset
+
+        target = getattr(ctx, "target", None)
+        if target is not None and "TensorScatter" not in target.tuning.fused_ops:
+            raise LmcError(f"--context: target {target.name} has no in-place cache kernel (TensorScatter-24); "
+                           f"generation bundles need an onnxruntime target")
+        result = UpgradeOpset(STATE_OPSET).run(graph, ctx or PassContext())
+        if int(graph.opset) < STATE_OPSET:
+            raise LmcError(f"--context: the model cannot move to opset {STATE_OPSET}: "
+                           f"{'; '.join(result.notes) or 'unknown reason'}")
 
     def _positions(self, graph, roles: Roles, names: ir.Namer) -> gs.Tensor:
         inputs = {t.name: t for t in graph.inputs}

@@ -9,6 +9,12 @@ kernel's working memory: ``name`` is the node, ``first`` = ``last`` its step) an
 DequantizeLinear nodes the runtime fuses into their MatMul: no arena buffer) and ``inplace`` (pairs
 [input, output] planned in place: the output is written over the input at the step where the input dies;
 empty unless ``--in-place``).
+
+Generation bundles add ``state`` (the cache: ``bytes``, ``placement`` and its ``buffers`` — ``input``,
+``output`` (the same buffer, updated in place), ``size``), counted in ``peak_ram_bytes`` and not in
+``io_bytes``, and ``profiles``: the plan at each bound sequence length (``decode``: 1, ``prefill``: the
+context) with its ``arena_bytes``, ``lower_bound_bytes``, ``io_bytes`` and ``peak_ram_bytes``; the
+top-level fields are those of the profile with the highest peak.
 """
 
 from __future__ import annotations
@@ -29,6 +35,23 @@ class PlannedTensor:
 
 
 @dataclass(frozen=True)
+class StateBuffer:
+    input: str
+    output: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    sequence: int
+    arena_bytes: int
+    lower_bound_bytes: int
+    io_bytes: int
+    peak_ram_bytes: int
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     target: str
     alignment: int
@@ -43,10 +66,16 @@ class MemoryPlan:
     decoded_weights: tuple[str, ...] = ()   # weights dequantized inside their consumer (no arena buffer)
     scratch: tuple[PlannedTensor, ...] = ()  # kernel working memory, named by node, alive for its step
     inplace: tuple[tuple[str, str], ...] = ()  # (input, output): output written over its dying input
+    state: tuple[StateBuffer, ...] = ()      # generation bundles: cache buffers updated in place
+    profiles: tuple[Profile, ...] = ()       # generation bundles: the plan per bound sequence length
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(b.size for b in self.state)
 
     @property
     def peak_ram_bytes(self) -> int:
-        return self.arena_bytes + self.io_bytes + self.weights_bytes.get("ram", 0)
+        return self.arena_bytes + self.io_bytes + self.weights_bytes.get("ram", 0) + self.state_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +94,9 @@ class MemoryPlan:
             "scratch": [t.__dict__ for t in self.scratch],
             "decoded_weights": list(self.decoded_weights),
             "inplace": [list(p) for p in self.inplace],
+            **({"state": {"bytes": self.state_bytes, "placement": "ram",
+                          "buffers": [b.__dict__ for b in self.state]},
+                "profiles": [p.__dict__ for p in self.profiles]} if self.state else {}),
         }
 
     def to_json(self) -> str:
@@ -82,7 +114,9 @@ class MemoryPlan:
             tensors=tuple(PlannedTensor(**t) for t in data["tensors"]),
             scratch=tuple(PlannedTensor(**t) for t in data.get("scratch", ())),
             decoded_weights=tuple(data.get("decoded_weights", ())),
-            inplace=tuple(tuple(p) for p in data.get("inplace", ())))
+            inplace=tuple(tuple(p) for p in data.get("inplace", ())),
+            state=tuple(StateBuffer(**b) for b in data.get("state", {}).get("buffers", ())),
+            profiles=tuple(Profile(**p) for p in data.get("profiles", ())))
 
 
 def _handover(a: PlannedTensor, b: PlannedTensor, inplace: set) -> bool:

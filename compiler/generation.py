@@ -1,0 +1,201 @@
+"""Generation builds (``lmc build --context N``): a past/present decoder becomes one model that serves prefill
+(sequence = prompt ≤ N) and decode (sequence = 1) with its cache as fixed state.
+
+The passes work on static shapes, so the model is compiled twice, with the sequence length bound to two
+probe values s₁ ≠ s₂, and the results are compared (*specialise twice, generalise*):
+- the two graphs must have the same nodes, names and edges (no decision may depend on the length);
+- every constant must be equal in both, except Reshape targets, where a differing entry k becomes 0
+  (copy the input's dim k, which differs in the same way) or −1 (at most one per target);
+- anything else that differs (a constant mask of length S, a Range of S) is an error naming the tensor.
+The second graph, so generalised, is the bundle; its plan is made per profile by binding the sequence
+length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` names the pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir, shapes
+from lmc.compiler.errors import LmcError
+from lmc.compiler.generate import GenerationInfo
+from lmc.compiler.model_io import load_model
+from lmc.compiler.pass_manager import PassContext, PassRecord
+from lmc.passes.static_cache import find_cache_pairs, find_roles
+
+log = logging.getLogger(__name__)
+
+PROBE_LENGTHS = (3, 5)
+SEQUENCE_DIM = "sequence_length"
+SMALL_CONSTANT = 64          # elements: constants up to this size are compared by value
+
+
+@dataclass
+class Snapshot:
+    """What is compared between the two specialisations."""
+
+    signature: list[tuple]
+    constants: dict[str, tuple[tuple[int, ...], np.ndarray | None]]
+    shapes: dict[str, tuple | None]
+
+
+def _signature(graph: gs.Graph) -> list[tuple]:
+    return [(n.op, n.name, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in graph.nodes]
+
+
+def snapshot(graph: gs.Graph) -> Snapshot:
+    consts = {}
+    for c in ir.constants(graph):
+        shape = tuple(int(d) for d in c.shape)
+        small = int(np.prod(shape)) <= SMALL_CONSTANT
+        consts[c.name] = (shape, np.array(ir.const_value(c)) if small else None)
+    tensors = {name: (tuple(t.shape) if t.shape is not None else None) for name, t in graph.tensors().items()
+               if isinstance(t, gs.Variable)}
+    return Snapshot(_signature(graph), consts, tensors)
+
+
+def _seq_dims(first: tuple | None, second: tuple | None) -> list[int]:
+    if first is None or second is None or len(first) != len(second):
+        return []
+    return [k for k, (a, b) in enumerate(zip(first, second)) if a != b]
+
+
+def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int]) -> int:
+    """Turn ``graph`` (compiled at ``lengths[1]``) into the graph for any length, given the snapshot of
+    the compile at ``lengths[0]``; returns how many Reshape targets were generalised."""
+    if _signature(graph) != first.signature:
+        raise LmcError("--context: the compiled graph depends on the sequence length (different rewrites "
+                       "at two lengths); lmc cannot emit one model for prefill and decode")
+    second = snapshot(graph)
+    by_name = {c.name: c for c in ir.constants(graph)}
+    changed = 0
+    for name, (shape2, value2) in second.constants.items():
+        shape1, value1 = first.constants.get(name, (None, None))
+        if shape1 == shape2 and (value2 is None or np.array_equal(value1, value2)):
+            continue
+        const = by_name[name]
+        readers = list(const.outputs)
+        if shape1 != shape2 or not readers or not all(ir.is_op(r, "Reshape") and r.inputs[1] is const
+                                                      for r in readers):
+            what = readers[0].op if readers else "nothing"
+            raise LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
+                           f"lmc cannot emit it for variable lengths")
+        target = value2.astype(np.int64).copy()
+        for k in np.flatnonzero(value1 != value2):
+            ok = all(int(r.attrs.get("allowzero", 0)) == 0 and k in _seq_dims(first.shapes.get(r.inputs[0].name),
+                                                                               second.shapes.get(r.inputs[0].name))
+                     and second.shapes[r.inputs[0].name][k] == value2[k] for r in readers)
+            target[k] = 0 if ok else -1
+        if np.sum(target == -1) > 1:
+            raise LmcError(f"--context: reshape target '{name}' has two dims that depend on the sequence length")
+        const.values = target
+        changed += 1
+    return changed
+
+
+Template = dict[str, list[tuple[int, int]] | None]    # tensor -> per dim (a, b): size = a·S + b
+
+
+def shape_templates(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int]) -> Template:
+    """Every variable's dims as affine functions of the sequence length S, from its shapes at the two
+    probe lengths (shape inference cannot see through contrib ops; the two compiles already did)."""
+    (s1, s2), out = lengths, {}
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Variable):
+            continue
+        a_shape, b_shape = first.shapes.get(name), ir.static_shape(t)
+        if a_shape is None or b_shape is None or len(a_shape) != len(b_shape) or \
+                not all(isinstance(d, int) for d in a_shape):
+            out[name] = None
+            continue
+        dims = []
+        for d1, d2 in zip(a_shape, b_shape):
+            slope = (d2 - d1) // (s2 - s1)
+            dims.append((slope, d1 - slope * s1))
+        out[name] = dims
+    return out
+
+
+def bind_sequence(graph: gs.Graph, length: int | str, templates: Template) -> None:
+    """Give every tensor its shape at sequence length ``length``: an int, or a dim name for the emitted
+    model (dims that are not exactly S are then left unnamed)."""
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Variable) or name not in templates:
+            continue
+        dims = templates[name]
+        if dims is None:
+            t.shape = None
+        elif isinstance(length, int):
+            t.shape = [a * length + b for a, b in dims]
+        else:
+            t.shape = [b if a == 0 else length if (a, b) == (1, 0) else f"{length}*{a}+{b}" for a, b in dims]
+
+
+def _info(graph: gs.Graph, context: int, batch: int) -> GenerationInfo:
+    pairs = []
+    for t in graph.inputs:
+        for node in t.outputs:
+            if ir.is_op(node, "TensorScatter") and node.inputs[0] is t and node.outputs[0].name in ir.graph_outputs(graph):
+                pairs.append((t.name, node.outputs[0].name))
+    roles = find_roles(graph)
+    state = {name for pair in pairs for name in pair}
+    logits = [t.name for t in graph.outputs if t.name not in state]
+    if len(logits) != 1:
+        raise LmcError(f"--context: expected one output besides the cache, found {logits}")
+    return GenerationInfo(context, batch, roles.input_ids, roles.position_ids or "position_ids", logits[0],
+                          tuple(sorted(pairs)))
+
+
+def check_generation_model(graph: gs.Graph) -> None:
+    """A model ``--context`` can take: cache pairs present."""
+    if not find_cache_pairs(graph):
+        raise LmcError("--context needs a decoder exported with past key/values (inputs past_key_values.*, "
+                       "outputs present.*), e.g. optimum's text-generation-with-past")
+
+
+def precheck_masks(model_path) -> None:
+    """Check every attention mask of the unbound model on all probes (decode included): the compiles
+    themselves can only probe their own bound sequence length."""
+    from lmc.passes.fold_constants import FoldConstants
+    from lmc.passes.static_cache import check_masks, find_sites
+
+    graph = ir.to_graph(load_model(model_path))
+    check_generation_model(graph)
+    shapes.infer_shapes(graph)
+    FoldConstants().run(graph, PassContext())
+    pairs = find_cache_pairs(graph)
+    check_masks(graph, find_roles(graph), pairs, find_sites(graph, pairs))
+
+
+def compile_generation(model_path, context: int, batch: int,
+                       run_passes: Callable[[gs.Graph], tuple[gs.Graph, list[PassRecord]]]
+                       ) -> tuple[gs.Graph, list[PassRecord], GenerationInfo, Template]:
+    """Compile at both probe lengths, generalise, and return (graph with a symbolic sequence dim, the
+    records of the second compile, the generation info, the shape templates)."""
+    precheck_masks(model_path)
+    first: Snapshot | None = None
+    for length in PROBE_LENGTHS:
+        model = load_model(model_path)
+        graph = ir.to_graph(model)
+        del model
+        check_generation_model(graph)
+        roles = find_roles(graph)
+        inputs = {t.name: t for t in graph.inputs}
+        for name in (roles.input_ids, roles.position_ids):
+            if name is not None:
+                inputs[name].shape = [batch, length]
+        shapes.infer_shapes(graph)
+        graph, records = run_passes(graph)
+        if first is None:
+            first = snapshot(graph)
+            del graph
+    info = _info(graph, context, batch)
+    templates = shape_templates(graph, first, PROBE_LENGTHS)
+    generalised = generalise(graph, first, PROBE_LENGTHS)
+    log.info("generalised %d reshape targets over the sequence length", generalised)
+    bind_sequence(graph, SEQUENCE_DIM, templates)
+    return graph, records, info, templates
