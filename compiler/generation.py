@@ -25,7 +25,7 @@ from lmc.compiler.errors import LmcError
 from lmc.compiler.generate import GenerationInfo
 from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassRecord
-from lmc.passes.static_cache import find_cache_pairs, find_roles
+from lmc.passes.static_cache import find_cache_pairs, find_roles, state_pairs
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,7 @@ def bind_sequence(graph: gs.Graph, length: int | str, templates: Template) -> No
 
 
 def _info(graph: gs.Graph, context: int, batch: int) -> GenerationInfo:
-    pairs = []
-    for t in graph.inputs:
-        for node in t.outputs:
-            if ir.is_op(node, "TensorScatter") and node.inputs[0] is t and node.outputs[0].name in ir.graph_outputs(graph):
-                pairs.append((t.name, node.outputs[0].name))
+    pairs = state_pairs(graph)
     roles = find_roles(graph)
     state = {name for pair in pairs for name in pair}
     logits = [t.name for t in graph.outputs if t.name not in state]

@@ -21,10 +21,12 @@ from lmc.passes.fuse.attention_mask import AttentionMaskRule
 from lmc.passes.fuse.conv_activation import ConvActivationRule
 from lmc.passes.fuse.conv_bn import ConvBatchNormRule
 from lmc.passes.fuse.gelu import GeluRule
+from lmc.passes.fuse.group_query_attention import GroupQueryAttentionRule
 from lmc.passes.fuse.layer_norm import LayerNormRule
 from lmc.passes.fuse.matmul_add import MatMulAddRule
 from lmc.passes.fuse.rms_norm import RmsNormRule
 from lmc.passes.fuse.rotary import RotaryRule
+from lmc.passes.fuse.rotary_positions import RotaryPositionsRule
 from lmc.passes.fuse.rule import FuseRules
 from lmc.passes.fuse.silu import SiluRule
 from lmc.passes.share_transposed import ShareTransposedWeights
@@ -44,10 +46,10 @@ def optional_passes(options, target) -> list:
         ShareTransposedWeights(),
         UpgradeOpset(),
         FuseRules("fuse", [ConvBatchNormRule(), LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(),
-                           RotaryRule(), MatMulAddRule()]),
+                           RotaryRule(), RotaryPositionsRule(), MatMulAddRule()]),
         FoldMatMulScale(),
         # Conv+BN must fold before the activation joins the Conv: the second group sees the folded Conv.
-        FuseRules("fuse-late", [AttentionRule(), ConvActivationRule()]),
+        FuseRules("fuse-late", [AttentionRule(), GroupQueryAttentionRule(), ConvActivationRule()]),
         # attention left unfused (a run-time mask): one mask tensor for all layers, scale into the weights
         FuseRules("fuse-mask", [AttentionMaskRule()]),
         FoldScoreScale(),

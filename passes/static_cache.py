@@ -90,6 +90,21 @@ def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
     return pairs
 
 
+# In-place state writers: op -> {input index: output index} of buffers updated in place.
+STATE_WRITERS = {("TensorScatter", ""): {0: 0}, ("GroupQueryAttention", ir.MS_DOMAIN): {3: 1, 4: 2}}
+
+
+def state_pairs(graph: gs.Graph) -> list[tuple[str, str]]:
+    """(graph input, graph output) pairs a node updates in place: the generation bundle's state."""
+    inputs, outputs = {t.name for t in graph.inputs}, ir.graph_outputs(graph)
+    pairs = []
+    for node in graph.nodes:
+        for i, o in STATE_WRITERS.get((node.op, node.domain or ""), {}).items():
+            if len(node.inputs) > i and node.inputs[i].name in inputs and node.outputs[o].name in outputs:
+                pairs.append((node.inputs[i].name, node.outputs[o].name))
+    return sorted(pairs)
+
+
 def find_roles(graph: gs.Graph) -> Roles:
     def named(*keys: str) -> str | None:
         for t in graph.inputs:
