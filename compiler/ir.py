@@ -167,11 +167,37 @@ def ensure_unique_names(graph: gs.Graph) -> None:
         used.add(name)
 
 
+# Attribute of an imported gs.Graph: the initializers the model also listed as graph inputs (the layout of
+# IR version < 4), by name, with their position among the inputs and their declared value info.
+INITIALIZER_INPUTS = "lmc_initializer_inputs"
+INPUT_ORDER = "lmc_input_order"     # every graph input's name -> its position in the model
+# IR version 4 is the first where an initializer need not be a graph input.
+_MIN_IR_VERSION = 4
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into gs with unique node names."""
+    """Import a model into gs with unique node names.
+
+    Initializers the model also lists as graph inputs (IR version < 4 required it; old model zoos keep it)
+    are weights: they are constants of the graph, not inputs, and the graph is raised to IR version 4 so
+    that its export is valid without them among the inputs. They are remembered (``initializer_inputs``):
+    ``shapes.bind_input_shapes`` turns one back into a run-time input when the user binds it by name."""
+    init_names = {t.name for t in model.graph.initializer}
+    listed = {vi.name: (i, vi) for i, vi in enumerate(model.graph.input) if vi.name in init_names}
     graph = gs.import_onnx(model)
+    if listed:
+        graph.inputs = [t for t in graph.inputs if t.name not in listed]     # gs already leaves them out
+        if graph.ir_version is not None and graph.ir_version < _MIN_IR_VERSION:
+            graph.ir_version = _MIN_IR_VERSION
+    setattr(graph, INITIALIZER_INPUTS, listed)
+    setattr(graph, INPUT_ORDER, {vi.name: i for i, vi in enumerate(model.graph.input)})
     ensure_unique_names(graph)
     return graph
+
+
+def initializer_inputs(graph: gs.Graph) -> dict[str, tuple[int, onnx.ValueInfoProto]]:
+    """The initializers the imported model also listed as graph inputs (see ``to_graph``)."""
+    return getattr(graph, INITIALIZER_INPUTS, None) or {}
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:

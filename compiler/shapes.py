@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lmc.compiler.errors import ShapeError
-from lmc.compiler.ir import export_skeleton, graph_outputs, static_shape
+from lmc.compiler.ir import INPUT_ORDER, export_skeleton, graph_outputs, initializer_inputs, static_shape
 
 
 def infer_shapes(graph: gs.Graph) -> None:
@@ -52,7 +52,10 @@ def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None
     """Set the shapes of named graph inputs. Unknown input names and rank mismatches are user errors;
     a bound dim must agree with a dim that was already static."""
     inputs = {t.name: t for t in graph.inputs}
+    overridable = initializer_inputs(graph)
     for name, dims in shapes.items():
+        if name not in inputs and name in overridable:
+            inputs[name] = _initializer_to_input(graph, name)
         if name not in inputs:
             raise ShapeError(
                 f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
@@ -68,6 +71,29 @@ def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None
         if any(d < 0 for d in dims):
             raise ShapeError(f"input '{name}': dims must be ≥ 0, got {_fmt(dims)}")
         var.shape = dims
+
+
+def _initializer_to_input(graph: gs.Graph, name: str) -> gs.Variable:
+    """Make the initializer ``name``, which the model also listed as a graph input, a run-time input again
+    (the user bound its shape): its readers read a new input variable, placed where the model listed it."""
+    _, info = initializer_inputs(graph)[name]
+    const = next((t for t in graph.tensors().values() if t.name == name and isinstance(t, gs.Constant)), None)
+    ttype = info.type.tensor_type
+    dtype = const.dtype if const is not None else onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+    if ttype.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+    else:
+        shape = list(const.shape) if const is not None else None
+    var = gs.Variable(name, dtype=dtype, shape=shape)
+    if const is not None:
+        for node in list(const.outputs):
+            for i, t in enumerate(node.inputs):
+                if t is const:
+                    node.inputs[i] = var
+    graph.inputs.append(var)
+    order = getattr(graph, INPUT_ORDER, None) or {}
+    graph.inputs.sort(key=lambda t: order.get(t.name, len(order)))    # stable: where the model listed it
+    return var
 
 
 def require_static_inputs(graph: gs.Graph, where: str = "planning") -> None:
