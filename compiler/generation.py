@@ -153,18 +153,30 @@ def check_generation_model(graph: gs.Graph) -> None:
                        "outputs present.*), e.g. optimum's text-generation-with-past")
 
 
-def precheck_masks(model_path) -> None:
-    """Check every attention mask of the unbound model on all probes (decode included): the compiles
-    themselves can only probe their own bound sequence length."""
+def precheck_masks(model_path, batch: int) -> None:
+    """Check every attention mask at a decode step (sequence 1 after a few cached tokens): the compiles
+    themselves probe only their own bound sequence lengths."""
     from lmc.passes.fold_constants import FoldConstants
-    from lmc.passes.static_cache import check_masks, find_sites
+    from lmc.passes.static_cache import DECODE_PROBE_PAST, check_masks, find_sites
 
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)
-    shapes.infer_shapes(graph)
-    FoldConstants().run(graph, PassContext())
+    roles = find_roles(graph)
     pairs = find_cache_pairs(graph)
-    check_masks(graph, find_roles(graph), pairs, find_sites(graph, pairs))
+    for t in graph.inputs:
+        if t.name in (roles.input_ids, roles.position_ids):
+            t.shape = [batch, 1]
+        elif t.name == roles.attention_mask:
+            t.shape = [batch, DECODE_PROBE_PAST + 1]
+        elif t.name in {p.past.name for p in pairs}:
+            t.shape = [batch, int(t.shape[1]), DECODE_PROBE_PAST, int(t.shape[3])]
+    shapes.infer_shapes(graph)
+    for _ in range(4):
+        if not FoldConstants().run(graph, PassContext()).modified:
+            break
+        ir.remove_dead_nodes(graph)
+        shapes.infer_shapes(graph)
+    check_masks(graph, roles, pairs, find_sites(graph, pairs))
 
 
 def compile_generation(model_path, context: int, batch: int,
@@ -172,7 +184,7 @@ def compile_generation(model_path, context: int, batch: int,
                        ) -> tuple[gs.Graph, list[PassRecord], GenerationInfo, Template]:
     """Compile at both probe lengths, generalise, and return (graph with a symbolic sequence dim, the
     records of the second compile, the generation info, the shape templates)."""
-    precheck_masks(model_path)
+    precheck_masks(model_path, batch)
     first: Snapshot | None = None
     for length in PROBE_LENGTHS:
         model = load_model(model_path)
@@ -180,10 +192,11 @@ def compile_generation(model_path, context: int, batch: int,
         del model
         check_generation_model(graph)
         roles = find_roles(graph)
-        inputs = {t.name: t for t in graph.inputs}
-        for name in (roles.input_ids, roles.position_ids):
-            if name is not None:
-                inputs[name].shape = [batch, length]
+        for t in graph.inputs:
+            if t.name in (roles.input_ids, roles.position_ids):
+                t.shape = [batch, length]
+            elif t.shape:                 # cache and attention mask: the batch is bound, their lengths not yet
+                t.shape = [batch] + list(t.shape[1:])
         shapes.infer_shapes(graph)
         graph, records = run_passes(graph)
         if first is None:

@@ -58,6 +58,7 @@ def _fold_shapes(graph: gs.Graph, stats: FoldStats, names: ir.Namer) -> None:
         if ir.is_op(node, "Shape"):
             shape = ir.static_shape(node.inputs[0])
             if shape is None:
+                stats.shapes += _fold_known_dims(graph, node, names, outputs)
                 continue
             rank = len(shape)
             start = int(node.attrs.get("start", 0))
@@ -78,6 +79,52 @@ def _fold_shapes(graph: gs.Graph, stats: FoldStats, names: ir.Namer) -> None:
         if ir.replace_tensor(graph, out, const):
             node.outputs.clear()
             stats.shapes += 1
+
+
+def _known_dims(node: gs.Node) -> list[int | None] | None:
+    """The dims a Shape node outputs (with its start/end), None for the unknown ones."""
+    dims = node.inputs[0].shape
+    if dims is None:
+        return None
+    rank = len(dims)
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+    return [d if isinstance(d, int) and d >= 0 else None for d in dims[max(0, start):min(rank, end)]]
+
+
+def _fold_known_dims(graph: gs.Graph, node: gs.Node, names: ir.Namer, outputs: set[str]) -> int:
+    """Readers of a partly known Shape that select only known dims — Gather with a constant index, Slice
+    with constant bounds and step 1 — become constants (as onnxslim does); returns how many."""
+    dims = _known_dims(node)
+    if dims is None:
+        return 0
+    folded = 0
+    for reader in list(node.outputs[0].outputs):
+        out = reader.outputs[0] if reader.outputs else None
+        if out is None or out.name in outputs or reader.inputs[0] is not node.outputs[0]:
+            continue
+        picked = None
+        if ir.is_op(reader, "Gather") and int(reader.attrs.get("axis", 0)) == 0:
+            idx = ir.const_value(reader.inputs[1])
+            if idx is not None and np.all((idx >= -len(dims)) & (idx < len(dims))):
+                picked = np.asarray([dims[int(i)] for i in idx.reshape(-1)], dtype=object).reshape(idx.shape)
+        elif ir.is_op(reader, "Slice") and len(reader.inputs) >= 3:
+            params = [ir.const_value(t) for t in reader.inputs[1:]]
+            if all(p is not None and p.size == 1 for p in params):
+                axes_ok = len(params) < 3 or int(params[2].reshape(-1)[0]) in (0, -1)
+                step_ok = len(params) < 4 or int(params[3].reshape(-1)[0]) == 1
+                if axes_ok and step_ok:
+                    start, end = (int(p.reshape(-1)[0]) for p in params[:2])
+                    picked = np.asarray(dims[slice(max(-len(dims), min(start, len(dims))),
+                                                   max(-len(dims) - 1, min(end, len(dims))))], dtype=object)
+        if picked is None or any(d is None for d in picked.reshape(-1)):
+            continue
+        const = gs.Constant(names.fresh(out.name + "_value"), picked.astype(np.int64))
+        if ir.replace_tensor(graph, out, const):
+            reader.inputs.clear()
+            reader.outputs.clear()
+            folded += 1
+    return folded
 
 
 def _is_input_constant(t: gs.Tensor, folded_outputs: set[str]) -> bool:

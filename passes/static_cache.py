@@ -178,6 +178,12 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
             t = src
             nodes.append(node)
             continue
+        elif ir.is_op(node, "Reshape") and _folded_transpose(node) is not None:
+            inner, y = _folded_transpose(node)
+            nodes += [node, inner]
+            transposes += 1
+            t = y
+            continue
         elif ir.is_op(node, "Reshape"):
             inner = ir.producer(node.inputs[0])
             expand = inner if inner is not None and ir.is_op(inner, "Expand") else None
@@ -202,6 +208,25 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
         nodes.append(node)
         t = node.inputs[0]
     return "too long a chain between the cache and the attention"
+
+
+def _folded_transpose(node: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
+    """For Reshape(Transpose₀₂₁(Reshape(y [B, H, T, D] → [B·H, T, D])) → [B, H, D, T]) — the last two axes of
+    y swapped through 3-D, as the dynamo exporter writes kᵀ: (the transpose, y)."""
+    tr = ir.producer(node.inputs[0])
+    if tr is None or not ir.is_op(tr, "Transpose") or list(tr.attrs.get("perm", [])) != [0, 2, 1]:
+        return None
+    flat = ir.producer(tr.inputs[0])
+    if flat is None or not ir.is_op(flat, "Reshape"):
+        return None
+    y, mid, out = flat.inputs[0].shape, flat.outputs[0].shape, node.outputs[0].shape
+    if y is None or mid is None or out is None or (len(y), len(mid), len(out)) != (4, 3, 4):
+        return None
+    fixed = lambda d: isinstance(d, int) and d >= 0  # noqa: E731  (the key length may still be free)
+    if not all(fixed(d) for d in (y[0], y[1], y[3], out[0], out[1], out[2], mid[2])) or \
+            (out[0], out[1], out[2], mid[2]) != (y[0], y[1], y[3], y[3]) or (fixed(mid[0]) and mid[0] != y[0] * y[1]):
+        return None
+    return tr, flat.inputs[0]
 
 
 def _axes(node: gs.Node) -> list[int] | None:
@@ -354,19 +379,26 @@ def _probe_feeds(graph: gs.Graph, roles: Roles, pairs: list[CachePair], b: int, 
     return feeds
 
 
-PROBES = ((1, 0, 5), (1, 3, 1), (2, 4, 3))   # (batch, past, sequence); bound dims keep their value
+PROBE_PAST = (0, 3, 4)
+DECODE_PROBE_PAST = 4
+
+
+def _bound(t: gs.Tensor, axis: int) -> int | None:
+    d = t.shape[axis] if t.shape is not None and len(t.shape) > axis else None
+    return d if isinstance(d, int) and d >= 0 else None
 
 
 def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:
-    """Evaluate every site's mask on the probes; raise LmcError unless each is the causal mask."""
+    """Evaluate every site's mask on probes (batch, past, sequence) — the graph's bound dims, and past
+    lengths 0, 3, 4 where the cache length is free; raise LmcError unless each is the causal mask."""
     from lmc.compiler.runtime import session
 
     masks = list({id(s.mask): s.mask for s in sites}.values())
     sess = session(_cone_model(graph, masks), optimize=False)
     ids = next(t for t in graph.inputs if t.name == roles.input_ids)
-    bound = [d if isinstance(d, int) else None for d in (ids.shape or [None, None])]
-    probes = [(bound[0] or b, p, bound[1] or s) for b, p, s in PROBES]
-    for b, p, s in dict.fromkeys(probes):
+    past = _bound(pairs[0].past, 2)
+    probes = [(_bound(ids, 0) or 1, p, _bound(ids, 1) or 1) for p in ((past,) if past is not None else PROBE_PAST)]
+    for b, p, s in probes:
         values = sess.run([m.name for m in masks], _probe_feeds(graph, roles, pairs, b, p, s))
         allowed = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]          # [S, P+S]
         for site_mask, value in zip(masks, values):
