@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
@@ -180,6 +181,27 @@ def _bias_after_reshape(graph: gs.Graph) -> None:
         add.outputs[0] = after
 
 
+def _refuse_non_float32(graph: gs.Graph) -> None:
+    """W8A8 smooths and calibrates in float32 and emits float32 activation scales (MatMulIntegerToFloat):
+    a model whose MatMul/Gemm weights are another float dtype (float16, bfloat16) is refused, not left as is."""
+    found: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if not ir.is_op(node, ("MatMul", "Gemm")) or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        dtype = ir.onnx_dtype(w.dtype)
+        if isinstance(w, gs.Constant) and dtype != onnx.TensorProto.FLOAT:
+            name = onnx.helper.tensor_dtype_to_string(dtype).replace("TensorProto.", "").lower()
+            found.setdefault(name, []).append(w.name)
+    if found:
+        kinds = "/".join(sorted(found))
+        names = [n for ns in found.values() for n in ns]
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        raise LmcError(f"--quantize w8a8 needs float32 weights; {len(names)} MatMul/Gemm weights are {kinds} "
+                       f"({shown}) — use --quantize int8 or int4 (float16 weights are supported there), or convert "
+                       "the model to float32")
+
+
 class QuantizeW8A8:
     name = "quantize-w8a8"
     kind = PassKind.APPROXIMATE
@@ -223,6 +245,7 @@ class QuantizeW8A8:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not self.calib_feeds:
             raise LmcError("--quantize w8a8 needs calibration data: give --calib FILE.npz")
+        _refuse_non_float32(graph)
         names = ir.Namer(graph)
         for const in ir.constants(graph):   # Gemm(x, W) + C → MatMul + Add: the QDQ MatMul form runs as integer GEMM
             gemms = [n for n in const.outputs if ir.is_op(n, "Gemm") and n.inputs[1] is const]

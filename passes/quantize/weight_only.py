@@ -15,7 +15,13 @@ weighted by calibration second moments of the input features when calibration da
   shared, and no float copy of it exists at run time. Without those kernels on the target, the gather
   falls back to DequantizeLinear + Gather (whose float table the memory plan counts).
 
-Each quantized weight's relative error ‖W − Ŵ‖_h / ‖W‖_h (h-weighted) is recorded in the pass stats.
+Weights may be float32 or float16: a float16 weight's scales are float16, so its DequantizeLinear yields
+float16 as its readers expect (a float16 table takes the int8 DequantizeLinear + Gather form; a tied float16
+table stays float). bfloat16 (or double) weights are refused with an ``LmcError``: onnxruntime has no CPU
+DequantizeLinear producing them.
+
+Each quantized weight's relative error ‖W − Ŵ‖_h / ‖W‖_h (h-weighted) is recorded in the pass stats, and
+the notes name every float weight left unquantized, with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lmc.compiler import ir
+from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.compiler.perplexity import log_softmax
 from lmc.compiler.runtime import session
@@ -38,6 +45,21 @@ from lmc.passes.quantize.scales import (gptq_blocks, pack_int4, pack_uint4, pack
                                        quantize_blocks_asymmetric, quantize_channels)
 
 log = logging.getLogger(__name__)
+
+
+# Weight dtypes quantized (DequantizeLinear yields the scale's dtype: float32 or float16 on onnxruntime's CPU).
+QUANTIZABLE_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+FLOAT_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE)
+
+
+def _dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
+
+
+def _np_dtype(const: gs.Constant):
+    """The numpy dtype of a float32/float16 constant (what its scales and dequantized values use)."""
+    return np.float16 if ir.onnx_dtype(const.dtype) == onnx.TensorProto.FLOAT16 else np.float32
 
 
 class WeightBits(enum.IntEnum):
@@ -152,11 +174,16 @@ class QuantizeWeights:
         counts = {"matmul": 0, "gemm": 0, "conv": 0, "table": 0, "tied_table": 0}
         notes: list[str] = []
         consts = ir.constants(graph)
+        self._check_dtypes(consts)
         tables = []
+        small: list[str] = []
         for done, const in enumerate(consts):
             ctx.report("quantizing weights", done, len(consts))
             size = int(np.prod(const.shape)) if const.shape else 1
-            if size < self.config.min_elements or ir.onnx_dtype(const.dtype) != onnx.TensorProto.FLOAT:
+            if ir.onnx_dtype(const.dtype) not in QUANTIZABLE_DTYPES:
+                continue                        # integer constants (shapes, ids) are not weights
+            if size < self.config.min_elements:
+                small.append(const.name)
                 continue
             readers = list(const.outputs)
             gathers = [n for n in readers if ir.is_op(n, "Gather") and n.inputs[0] is const
@@ -183,6 +210,13 @@ class QuantizeWeights:
             if convs and len(convs) == len(readers):
                 self._dequantized(graph, const, convs, 1, *self._int8(const, axis=0), axis=0, names=names)
                 counts["conv"] += 1
+                continue
+            notes.append(f"{const.name} {list(const.shape)} {_dtype_name(ir.onnx_dtype(const.dtype))}: left "
+                         f"unquantized — read by {self._describe_readers(const)}, not only as the weight of "
+                         "MatMul, Gemm, Conv or an embedding Gather")
+        if small:
+            notes.append(f"{len(small)} weights under {self.config.min_elements} elements left unquantized "
+                         f"(too small to pay for their scales): {', '.join(small)}")
         for const, gathers, heads in tables:
             kind = self._quantize_table(graph, const, gathers, heads, ctx, names, notes)
             if kind:
@@ -198,6 +232,23 @@ class QuantizeWeights:
         return PassResult(graph, modified=bool(self.reports), stats=stats, notes=notes)
 
     # ------------------------------------------------------------------------------------ pieces
+    def _check_dtypes(self, consts: list[gs.Constant]) -> None:
+        """Refuse float weights of a dtype no onnxruntime CPU DequantizeLinear yields (bfloat16, double)."""
+        refused = [c for c in consts if ir.onnx_dtype(c.dtype) in FLOAT_DTYPES
+                   and ir.onnx_dtype(c.dtype) not in QUANTIZABLE_DTYPES
+                   and (int(np.prod(c.shape)) if c.shape else 1) >= self.config.min_elements]
+        if refused:
+            kinds = sorted({_dtype_name(ir.onnx_dtype(c.dtype)) for c in refused})
+            shown = ", ".join(c.name for c in refused[:5]) + (f" (+{len(refused) - 5} more)" if len(refused) > 5 else "")
+            raise LmcError(f"--quantize int{int(self.config.bits)}: {len(refused)} weights are {'/'.join(kinds)} "
+                           f"({shown}); onnxruntime has no CPU DequantizeLinear producing {'/'.join(kinds)}, so "
+                           "they cannot be quantized — convert the model to float32 or float16 first")
+
+    @staticmethod
+    def _describe_readers(const: gs.Constant) -> str:
+        ops = sorted({n.op for n in const.outputs})
+        return ", ".join(ops) if ops else "no node"
+
     def _token_distribution_shift(self, graph: gs.Graph, const: gs.Constant, w_hat: np.ndarray,
                                   heads: list[gs.Node]) -> float | None:
         """Mean KL(p_table ‖ p_table′) per output row on calibration samples, where p is the softmax of the
@@ -242,13 +293,15 @@ class QuantizeWeights:
         q, s = quantize_channels(w, axis, importance, self.config.search)
         shape = [1] * w.ndim
         shape[axis] = -1
-        w_hat = q.astype(np.float32) * s.reshape(shape)
+        s = s.astype(_np_dtype(const))      # float16 weights: float16 scales (the dequantized dtype)
+        w_hat = q.astype(np.float32) * s.astype(np.float32).reshape(shape)
         feat = 1 - axis if w.ndim == 2 else axis
-        self.reports.append(WeightReport(const.name, tuple(w.shape), 8, _rel_error(w, w_hat, importance, feat)))
+        self.reports.append(WeightReport(const.name, tuple(w.shape), 8,
+                                         _rel_error(w.astype(np.float32), w_hat, importance, feat)))
         return gs.Constant(const.name + "_q", q), gs.Constant(const.name + "_scale", s)
 
     def _dequantized(self, graph, const, consumers, slot, q, scale, axis, names, block_size=None, zero=None):
-        out = gs.Variable(names.fresh(const.name + "_dq"), dtype=np.float32, shape=list(const.shape))
+        out = gs.Variable(names.fresh(const.name + "_dq"), dtype=_np_dtype(const), shape=list(const.shape))
         q.name, scale.name = names.fresh(q.name), names.fresh(scale.name)
         attrs = {"axis": axis}
         if block_size:
@@ -277,8 +330,9 @@ class QuantizeWeights:
             else:
                 qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
                 centred = qt.astype(np.float32).reshape(n, k // block, block)
-            w_hat = (centred * st[..., None]).reshape(n, k).T
-            self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w, w_hat, h, 0)))
+            st = st.astype(_np_dtype(const))    # float16 weights: float16 scales
+            w_hat = (centred * st.astype(np.float32)[..., None]).reshape(n, k).T
+            self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w.astype(np.float32), w_hat, h, 0)))
             q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T), unsigned=zero is not None)
             scale = gs.Constant(const.name + "_scale", np.ascontiguousarray(st.T))
             self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block, zero=zero)
@@ -325,9 +379,13 @@ class QuantizeWeights:
         block = _pow2_block(d, self.config.block_size if bits == 4 else 256)
         can = ctx.target is not None and ctx.target.tuning.can_emit("GatherBlockQuantized", ir.MS_DOMAIN) and \
             (not heads or ctx.target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN))
-        if not can or block is None:
+        half = ir.onnx_dtype(const.dtype) == onnx.TensorProto.FLOAT16
+        if not can or block is None or half:
             if heads:
-                notes.append(f"{const.name}: tied table left in float (no block-quantized kernels or block)")
+                why = ("its block-quantized kernels are emitted for float32 tables only" if half
+                       else "no block-quantized kernels or block")
+                notes.append(f"{const.name} {list(const.shape)} {_dtype_name(ir.onnx_dtype(const.dtype))}: tied "
+                             f"table left unquantized ({why})")
                 return None
             q, scale = self._int8(const, axis=0)
             self._dequantized(graph, const, gathers, 0, q, scale, axis=0, names=names)

@@ -198,3 +198,80 @@ def test_tied_table_precision_is_chosen_by_measured_shift(tiny_llama, tmp_path, 
     model = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     assert next(a.i for a in head.attribute if a.name == "bits") == bits
+
+
+# ---- float16 / bfloat16 models: quantized (fp16) or refused (bf16), never silently left as they were
+
+
+def _half_model(elem=None, np_dtype=np.float16):
+    """ids → Gather(table) → MatMul(w1) + b → Relu → MatMul(w2) · gain (a Mul reads a large weight) → y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = TensorProto.FLOAT16 if elem is None else elem
+    rng = np.random.default_rng(0)
+
+    def init(name, shape):
+        value = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        if elem == TensorProto.BFLOAT16:
+            return helper.make_tensor(name, elem, list(shape), (value.view(np.uint32) >> 16).astype(np.uint16).tobytes(),
+                                      raw=True)
+        return numpy_helper.from_array(value.astype(np_dtype), name)
+
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["z"]),
+             helper.make_node("Mul", ["z", "gain"], ["y"])]
+    inits = [init("table", (256, 64)), init("w1", (64, 128)), init("b1", (128,)), init("w2", (128, 64)),
+             init("gain", (16, 64, 64))]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("ids", TensorProto.INT64, [16, 64])],
+                              [helper.make_tensor_value_info("y", elem, [16, 64, 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("mode", [QuantizeMode.INT8, QuantizeMode.INT4])
+def test_float16_weights_are_quantized_with_float16_scales(tmp_path, mode):
+    onnx.save(_half_model(), str(tmp_path / "half.onnx"))
+    result = build(tmp_path / "half.onnx", BuildOptions(target="x86-64", quantize=mode), tmp_path / "out")
+    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    inits = {t.name: t for t in out.graph.initializer}
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3                                       # w1, w2 and the (untied) table
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in dq)
+    assert {"w1", "w2", "table"}.isdisjoint(inits)           # no float copy left
+    assert result.weight_bytes_after < result.weight_bytes_before
+    feed = {"ids": np.random.default_rng(1).integers(0, 256, (16, 64))}
+    err = compare(run_ort(tmp_path / "half.onnx", feed)[0], run_ort(tmp_path / "out" / "model.onnx", feed)[0], "y")
+    assert err.cosine > (0.999 if mode is QuantizeMode.INT8 else 0.98)
+    notes = [n for r in result.records if r.name.startswith("quantize") for n in r.notes]
+    # every weight left in float is named with its reason
+    assert any(n.startswith("gain ") and "Mul" in n and "unquantized" in n for n in notes)
+    assert any("b1" in n and "under 4096 elements" in n for n in notes)
+
+
+def test_bfloat16_weights_are_refused(tmp_path):
+    from onnx import TensorProto
+
+    from lmc.compiler.errors import LmcError
+
+    onnx.save(_half_model(TensorProto.BFLOAT16), str(tmp_path / "bf16.onnx"))
+    with pytest.raises(LmcError, match="bfloat16.*w1|bfloat16.*table"):
+        build(tmp_path / "bf16.onnx", BuildOptions(target="x86-64", quantize=QuantizeMode.INT8, verify=False),
+              tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_w8a8_refuses_float16_weights(tmp_path):
+    from lmc.compiler.errors import LmcError
+
+    onnx.save(_half_model(), str(tmp_path / "half.onnx"))
+    np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 256, (4, 16, 64)))
+    with pytest.raises(LmcError, match="w8a8.*float16"):
+        build(tmp_path / "half.onnx", BuildOptions(target="x86-64", quantize=QuantizeMode.W8A8,
+                                                   calib=str(tmp_path / "calib.npz")), tmp_path / "out")
+
+
+def test_float32_notes_name_weights_left_unquantized(tmp_path):
+    onnx.save(_half_model(np_dtype=np.float32, elem=onnx.TensorProto.FLOAT), str(tmp_path / "f32.onnx"))
+    result = build(tmp_path / "f32.onnx", BuildOptions(target="x86-64", quantize=QuantizeMode.INT8), tmp_path / "out")
+    notes = [n for r in result.records if r.name.startswith("quantize") for n in r.notes]
+    assert any(n.startswith("gain ") and "unquantized" in n for n in notes)
