@@ -66,6 +66,8 @@ def cli(debug: bool, verbose: int) -> None:
     \b
     Typical use:
       lmc build model.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
+      lmc build decoder-with-past.onnx --context 512 -o gen/   (a generation bundle)
+      lmc generate gen/ --prompt-tokens prompt.txt --max-new-tokens 200
       lmc verify out/ --against model.onnx
       lmc inspect model.onnx
       lmc targets
@@ -102,6 +104,11 @@ def cli(debug: bool, verbose: int) -> None:
               help="dense; chunked[:Q] (exact: fused attention run in chunks of Q query rows, score memory "
                    "Q·S instead of S·S); sliding:W[,sinks=S] (approximate: each row sees the last W keys and "
                    "the first S).")
+@click.option("--context", type=int, metavar="N",
+              help="Generation bundle from a decoder exported with past key/values (optimum "
+                   "text-generation-with-past, torch.onnx): the cache becomes fixed state of N tokens updated in "
+                   "place; one model serves prefill (prompt ≤ N) and decode. Run it with `lmc generate`.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch rows of a --context bundle.")
 @click.option("--max-ram", metavar="SIZE",
               help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
 @click.option("--ort", "ort_format", is_flag=True,
@@ -117,12 +124,13 @@ def cli(debug: bool, verbose: int) -> None:
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
-          max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
-    Example:
+    Examples:
       lmc build llama.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
+      lmc build decoder-with-past.onnx --context 512 -o gen/ && lmc generate gen/ --prompt-tokens p.txt
     """
     from lmc.compiler.build import BuildOptions, QuantizeMode, build as run_build
 
@@ -130,7 +138,7 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), inplace=inplace,
-                           ort_format=ort_format,
+                           ort_format=ort_format, context=context, batch=batch,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 
@@ -155,6 +163,10 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
     click.echo(f"  weights  {mib(result.weight_bytes_before)} -> {mib(result.weight_bytes_after)}")
     click.echo(f"  arena    {mib(plan.arena_bytes)} (lower bound {mib(plan.lower_bound_bytes)}), "
                f"peak RAM {mib(plan.peak_ram_bytes)}")
+    if plan.state:
+        click.echo(f"  state    {mib(plan.state_bytes)} KV cache in place ({len(plan.state)} buffers, "
+                   f"{options.context} tokens); " + ", ".join(f"{p.name} peak {mib(p.peak_ram_bytes)}"
+                                                            for p in plan.profiles))
     if result.verification:
         v = result.verification
         approx = options.approximations
@@ -216,6 +228,46 @@ def _bundle_quantize(bundle: str) -> str | None:
         return build_metadata(onnx.load(str(bundle_model_path(bundle)), load_external_data=False)).get("quantize")
     except Exception:  # a best-effort hint only
         return None
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt-tokens", type=click.Path(dir_okay=False), help="Text file of whitespace-separated token ids.")
+@click.option("--prompt", help="Prompt text (needs --tokenizer).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="Hugging Face tokenizer.json for --prompt.")
+@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …} on stdout.')
+def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, as_json):
+    """Generate greedily with a bundle built by `lmc build --context N`.
+
+    \b
+    The cache stays in place between steps (onnxruntime IOBinding): memory does not grow per token.
+    Examples:
+      lmc generate gen/ --prompt-tokens prompt.txt --max-new-tokens 200
+      lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
+    """
+    from lmc.compiler.generate import generate as run_generate, load_tokenizer, read_prompt_tokens
+
+    if (prompt_tokens is None) == (prompt is None):
+        raise LmcError("give exactly one of --prompt-tokens FILE or --prompt TEXT (with --tokenizer)")
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if prompt is not None:
+        if tok is None:
+            raise LmcError("--prompt needs --tokenizer tokenizer.json (or pass ids with --prompt-tokens)")
+        ids = tok.encode(prompt).ids
+    else:
+        ids = read_prompt_tokens(prompt_tokens)
+    result = run_generate(bundle, ids, max_new_tokens, threads=threads)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(" ".join(str(t) for t in result.tokens))
+    if tok is not None:
+        click.echo(tok.decode(result.tokens))
+    click.echo(f"{len(result.tokens)} tokens, prefill {result.prompt_tokens} in {result.prefill_seconds:.3f}s, "
+               f"decode {result.tokens_per_s:.1f} tokens/s, peak RSS {mib(result.peak_rss_bytes)}", err=True)
 
 
 @cli.command()

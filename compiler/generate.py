@@ -182,3 +182,94 @@ def greedy(decoder: Decoder, prompt: Sequence[int], new_tokens: int,
         if i + 1 < new_tokens:
             logits = decoder.forward(np.array([[token]], dtype=np.int64))
     return out
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """New tokens and how fast and how large the run was (``tokens_per_s``: decode steps per second
+    after the prefill; ``peak_rss_bytes``: the process's peak resident set)."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 3),
+                "peak_rss_bytes": self.peak_rss_bytes, "prompt_tokens": self.prompt_tokens,
+                "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4)}
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
+
+
+def bundle_model(bundle: str | Path) -> Path:
+    p = Path(bundle)
+    p = p / "model.onnx" if p.is_dir() else p
+    if not p.is_file():
+        raise LmcError(f"{bundle}: no bundle here (expected model.onnx)")
+    return p
+
+
+def generate(bundle: str | Path, prompt: Sequence[int], max_new_tokens: int = 32, threads: int = 0,
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Greedy generation with a bundle built by ``lmc build --context N``: the prompt is prefilled in one
+    step, then one token per step with the cache held in place."""
+    import time
+
+    if max_new_tokens < 1:
+        raise LmcError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise LmcError("the prompt is empty")
+    decoder = StateDecoder(bundle_model(bundle), threads=threads)
+    if len(prompt) + max_new_tokens - 1 > decoder.info.context and not decoder.info.window:
+        raise LmcError(f"prompt ({len(prompt)}) + {max_new_tokens} new tokens exceed the bundle's context of "
+                       f"{decoder.info.context} tokens (rebuild with a larger --context)")
+    start = time.perf_counter()
+    logits = decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :])
+    prefill = time.perf_counter() - start
+    tokens: list[int] = []
+    start = time.perf_counter()
+    for i in range(max_new_tokens):
+        token = int(np.argmax(logits[0, -1]))
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i + 1 < max_new_tokens:
+            logits = decoder.forward(np.array([[token]], dtype=np.int64))
+    return GenerationResult(tokens, len(prompt), prefill, time.perf_counter() - start, peak_rss_bytes())
+
+
+def read_prompt_tokens(path: str | Path) -> list[int]:
+    """Whitespace-separated token ids from a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise LmcError(f"{path}: no such prompt file")
+    try:
+        return [int(t) for t in p.read_text().split()]
+    except ValueError:
+        raise LmcError(f"{path}: expected whitespace-separated integer token ids") from None
+
+
+def load_tokenizer(path: str | Path):
+    """A Hugging Face ``tokenizers`` tokenizer.json (needs the optional ``tokenizers`` package)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise LmcError("--tokenizer needs the 'tokenizers' package: pip install 'lmc[text]'") from None
+    if not Path(path).is_file():
+        raise LmcError(f"{path}: no such tokenizer file")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own exception types
+        raise LmcError(f"{path}: not a tokenizer.json ({str(exc).splitlines()[0][:200]})") from None

@@ -49,18 +49,31 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def window_perplexity(logits_of, tokens: np.ndarray) -> Perplexity:
+    """Perplexity over token windows [N, L], given ``logits_of(window [L]) -> logits [L, vocab]``."""
+    total, count = 0.0, 0
+    for window in tokens:
+        lp = log_softmax(np.asarray(logits_of(window))[:-1])
+        targets = window[1:]
+        total += float(-lp[np.arange(targets.size), targets].sum())
+        count += targets.size
+    nll = total / count
+    return Perplexity(nll, math.exp(nll), len(tokens), tokens.shape[1], count)
+
+
 def perplexity(session, tokens: np.ndarray) -> Perplexity:
     """Evaluate ``session`` (an onnxruntime InferenceSession) on token windows [N, L]."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise LmcError(f"perplexity needs a model with one token input; this one has {len(inputs)}")
     name = inputs[0].name
-    total, count = 0.0, 0
-    for window in tokens:
-        logits = session.run(None, {name: window[None, :]})[0][0]
-        lp = log_softmax(logits[:-1])
-        targets = window[1:]
-        total += float(-lp[np.arange(targets.size), targets].sum())
-        count += targets.size
-    nll = total / count
-    return Perplexity(nll, math.exp(nll), len(tokens), tokens.shape[1], count)
+    return window_perplexity(lambda w: session.run(None, {name: w[None, :]})[0][0], tokens)
+
+
+def streaming_perplexity(decoder, tokens: np.ndarray, chunk: int = 1) -> Perplexity:
+    """Perplexity of a token-by-token decoder (``lmc.compiler.generate``): each window from an empty cache,
+    fed ``chunk`` tokens per step (1: pure decoding, as generation runs)."""
+    def logits_of(window):
+        decoder.reset()
+        return np.concatenate([decoder.forward(window[None, i:i + chunk])[0] for i in range(0, len(window), chunk)])
+    return window_perplexity(logits_of, tokens)

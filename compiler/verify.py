@@ -238,6 +238,11 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     model_path = bundle_model_path(bundle)
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
+    from lmc.compiler.generate import generation_info
+
+    info = generation_info(model_path)
+    if info is not None:
+        return verify_generation(model_path, against, info, tolerance, seed, tokens, seq_len, windows)
     if inputs is not None:
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in bundle_model.graph.input}
@@ -278,3 +283,26 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     if decode is not None:
         worst.append(decode)
     return VerifyReport(tuple(worst), 1 + len(tokens) - prompt, tolerance)
+
+
+def verify_generation(model_path: Path, against: str | Path, info, tolerance: float, seed: int,
+                      tokens: str | Path | None, seq_len: int, windows: int) -> VerifyReport:
+    """A generation bundle against its past/present original: prefill + token-by-token logits; with
+    ``tokens`` the original's full-window perplexity next to the bundle's streaming (token-by-token) one."""
+    from lmc.compiler.generate import PastDecoder, StateDecoder
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
+    prompt = min(8, info.context // 2)
+    report = compare_generation(against, model_path, vocab, prompt=prompt, steps=min(24, info.context - prompt),
+                                tolerance=tolerance, seed=seed)
+    if tokens is None:
+        return report
+    from lmc.compiler.perplexity import load_tokens, streaming_perplexity
+
+    length = min(seq_len, info.context) if not info.window else seq_len
+    windows_arr = load_tokens(tokens, length, windows)
+    ppl = {"original": streaming_perplexity(PastDecoder(against), windows_arr, chunk=length).perplexity,
+           "bundle": streaming_perplexity(StateDecoder(model_path), windows_arr, chunk=1).perplexity}
+    ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
+    return VerifyReport(report.outputs, report.samples, report.tolerance, ppl)

@@ -7,11 +7,14 @@ The public Python API is re-exported here lazily::
     import lmc
     result = lmc.build("model.onnx", lmc.BuildOptions(target="cortex-a55",
                        input_shapes={"input_ids": (1, 256)}), "out/")
+    lmc.build("decoder-with-past.onnx", lmc.BuildOptions(context=512), "gen/")
+    print(lmc.generate("gen/", [1, 2, 3], max_new_tokens=20).tokens)
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["build", "BuildOptions", "BuildResult", "verify", "inspect_model", "LmcError", "__version__"]
+__all__ = ["build", "BuildOptions", "BuildResult", "verify", "inspect_model", "generate", "GenerationResult",
+           "LmcError", "__version__"]
 
 _LAZY = {
     "build": "lmc.compiler.build",
@@ -19,6 +22,8 @@ _LAZY = {
     "BuildResult": "lmc.compiler.build",
     "verify": "lmc.compiler.verify",
     "inspect_model": "lmc.compiler.inspect",
+    "generate": "lmc.compiler.generate",
+    "GenerationResult": "lmc.compiler.generate",
     "LmcError": "lmc.compiler.errors",
 }
 
