@@ -228,11 +228,25 @@ def _check_budget(plan: MemoryPlan, options: BuildOptions, target: Target) -> No
                        f"the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}){hint}")
 
 
+def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: Target, progress, on_pass):
+    from lmc.compiler.generation import calibration_feeds
+    from lmc.compiler.pipeline import quantize_passes
+    from lmc.passes.quantize.calibration import load_calibration
+
+    feeds = None
+    if options.calib:
+        feeds = calibration_feeds(load_calibration(options.calib, [info.input_ids], options.calib_samples),
+                                  info, graph)
+    manager = PassManager(quantize_passes(options, target, [info.input_ids], feeds),
+                          PassContext(target=target, options=options, progress=progress), on_pass=on_pass)
+    return manager.run(graph)
+
+
 def _build_generation(model_path, options: BuildOptions, target: Target, out_dir: Path, on_pass, progress,
                       start: float) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
     from lmc.compiler.generate import GENERATION_KEY
-    from lmc.compiler.generation import bind_sequence, compile_generation
+    from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
     from lmc.compiler.verify import compare_generation
     from lmc.targets.plan import Profile
 
@@ -253,6 +267,11 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         return manager.run(graph)
 
     graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
+    if options.quantize is not QuantizeMode.NONE:
+        # quantized once, on the generalised graph: calibration runs at its own lengths (prefills)
+        graph, more = _quantize_generation(graph, info, options, target, progress, on_pass)
+        records = list(records) + more
+        extend_templates(graph, templates)
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])

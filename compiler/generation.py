@@ -120,6 +120,27 @@ def shape_templates(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int]) 
     return out
 
 
+def extend_templates(graph: gs.Graph, templates: Template) -> None:
+    """Add templates for tensors created after generalisation (e.g. by quantization) from their symbolic
+    dims: ints stay, ``sequence_length`` is S, ``sequence_length*a+b`` is a·S + b."""
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Variable) or name in templates or t.shape is None:
+            continue
+        dims = []
+        for d in t.shape:
+            if isinstance(d, int) and d >= 0:
+                dims.append((0, d))
+            elif d == SEQUENCE_DIM:
+                dims.append((1, 0))
+            elif isinstance(d, str) and d.startswith(SEQUENCE_DIM + "*"):
+                a, b = d[len(SEQUENCE_DIM) + 1:].split("+")
+                dims.append((int(a), int(b)))
+            else:
+                dims = None
+                break
+        templates[name] = dims
+
+
 def bind_sequence(graph: gs.Graph, length: int | str, templates: Template) -> None:
     """Give every tensor its shape at sequence length ``length``: an int, or a dim name for the emitted
     model (dims that are not exactly S are then left unnamed)."""
@@ -208,3 +229,22 @@ def compile_generation(model_path, context: int, batch: int,
     log.info("generalised %d reshape targets over the sequence length", generalised)
     bind_sequence(graph, SEQUENCE_DIM, templates)
     return graph, records, info, templates
+
+
+def calibration_feeds(samples: list[dict], info: GenerationInfo, graph: gs.Graph) -> list[dict]:
+    """Full feeds for a generation graph from calibration samples holding only token ids ([L] or [1, L]
+    each): positions 0…L−1 and an empty (zero) cache, i.e. each sample is a prefill."""
+    state = {t.name: t for t in graph.inputs if t.name in {i for i, _ in info.state}}
+    feeds = []
+    for sample in samples:
+        ids = np.asarray(sample[info.input_ids], dtype=np.int64)
+        ids = ids.reshape(info.batch, -1) if ids.size % info.batch == 0 else ids
+        if ids.ndim != 2 or ids.shape[1] > info.context:
+            raise LmcError(f"calibration '{info.input_ids}' samples must be [L] or [{info.batch}, L] with "
+                           f"L ≤ --context {info.context}; got {list(np.shape(sample[info.input_ids]))}")
+        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        feed = {info.input_ids: ids, info.position_ids: positions}
+        for name, t in state.items():
+            feed[name] = np.zeros([int(d) for d in t.shape], dtype=np.dtype(t.dtype))
+        feeds.append(feed)
+    return feeds

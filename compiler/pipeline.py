@@ -60,8 +60,9 @@ def optional_passes(options, target) -> list:
     ]
 
 
-def quantize_passes(options, target, graph_inputs: list[str]) -> list:
-    """The approximating passes the options ask for (none by default)."""
+def quantize_passes(options, target, graph_inputs: list[str], feeds: list[dict] | None = None) -> list:
+    """The approximating passes the options ask for (none by default); calibration ``feeds`` default to
+    ``options.calib`` read for ``graph_inputs``."""
     mode = getattr(options, "quantize", None)
     mode = getattr(mode, "value", mode)
     if mode in (None, "none"):
@@ -69,8 +70,7 @@ def quantize_passes(options, target, graph_inputs: list[str]) -> list:
     from lmc.passes.quantize.calibration import load_calibration
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
-    feeds = None
-    if options.calib:
+    if feeds is None and options.calib:
         feeds = load_calibration(options.calib, graph_inputs, options.calib_samples)
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
@@ -113,7 +113,7 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
         *attention_passes(options),
-        *quantize_passes(options, target, graph_inputs or []),
+        *([] if getattr(options, "context", None) else quantize_passes(options, target, graph_inputs or [])),
     ]
 
 

@@ -450,7 +450,8 @@ class QuantizeWeights:
             gather.inputs.clear()
             gather.inputs.extend([data, ids, scales3] + ([gather_zeros] if gather_zeros is not None else []))
             gather.outputs[0] = blocks
+            # [*ids, blocks, block] → [*ids, d]: 0 copies each index dim, so any (run-time) ids shape works
+            rows = np.array([0] * (len(out.shape) - 1) + [d], np.int64)
             graph.nodes.append(gs.Node("Reshape", name=names.fresh(gather.name + "_rows"), inputs=[
-                blocks, gs.Constant(names.fresh(out.name + "_shape"), np.array(list(out.shape), np.int64))],
-                outputs=[out]))
+                blocks, gs.Constant(names.fresh(out.name + "_shape"), rows)], outputs=[out]))
         return "tied_table" if heads else "table"
