@@ -1,0 +1,212 @@
+"""Generation bundles (``lmc build --context N``) from real exporters' past/present decoders: exact against the
+original's own present→past loop, cache in place, one model for prefill and decode, and the near misses
+the cache rewrite must refuse."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from lmc.compiler.build import BuildOptions, QuantizeMode, build
+from lmc.compiler.cli import main
+from lmc.compiler.errors import LmcError
+from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+from lmc.compiler.verify import compare_generation, verify
+
+FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"
+EXPORTS = ["llama-past-optimum.onnx", "qwen2-past-optimum.onnx", "gpt2-past-optimum.onnx",
+           "llama-past-torchscript.onnx", "llama-past-dynamo.onnx"]
+CONTEXT = 32
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _layers(path: Path) -> int:
+    return sum(1 for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.endswith(".key"))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name in EXPORTS:
+        d = tmp_path_factory.mktemp(name.split(".")[0]) / "gen"
+        build(FIXTURES / name, BuildOptions(target="cortex-a55", context=CONTEXT), d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_bundle_is_exact_and_fully_fused(bundles, name):
+    bundle = bundles[name] / "model.onnx"
+    ops = _ops(bundle)
+    layers = _layers(FIXTURES / name)
+    assert ops["GroupQueryAttention"] == layers, ops          # attention + rotary + cache write in one kernel
+    assert not {"Softmax", "Concat", "Expand", "Transpose"} & set(ops), ops
+    info = generation_info(bundle)
+    assert len(info.state) == 2 * layers and info.context == CONTEXT
+    report = compare_generation(FIXTURES / name, bundle, vocab=256, prompt=6, steps=12)
+    assert report.passed and report.max_rel < 1e-5, report
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_greedy_tokens_equal_the_original_loop(bundles, name):
+    prompt = np.random.default_rng(1).integers(0, 256, 7)
+    ours = greedy(StateDecoder(bundles[name] / "model.onnx"), prompt, 20)
+    theirs = greedy(PastDecoder(FIXTURES / name), prompt, 20)
+    assert ours == theirs
+
+
+def test_plan_has_state_and_both_profiles(bundles):
+    plan = json.loads((bundles[EXPORTS[0]] / "plan.json").read_text())
+    state = plan["state"]
+    # 2 layers × (k, v) × [1, 2 kv heads, 32 slots, 16] float32
+    assert state["bytes"] == 4 * 2 * CONTEXT * 16 * 4 and len(state["buffers"]) == 4
+    profiles = {p["name"]: p for p in plan["profiles"]}
+    assert profiles["decode"]["sequence"] == 1 and profiles["prefill"]["sequence"] == CONTEXT
+    assert profiles["decode"]["arena_bytes"] < profiles["prefill"]["arena_bytes"]
+    assert plan["peak_ram_bytes"] == max(p["peak_ram_bytes"] for p in plan["profiles"])
+    assert plan["peak_ram_bytes"] >= state["bytes"] + plan["arena_bytes"]
+
+
+def test_cache_is_updated_in_place_and_bounded(bundles):
+    decoder = StateDecoder(bundles[EXPORTS[0]] / "model.onnx")
+    buffers = {name: value for name, value in decoder.state.items()}
+    decoder.forward(np.arange(5)[None])
+    decoder.forward(np.array([[7]]))
+    for name, value in decoder.state.items():
+        assert value is buffers[name]                     # the same OrtValue the session wrote into
+        rows = value.numpy()[0, :, :, 0]
+        assert np.all(rows[:, :6] != 0) and np.all(rows[:, 6:] == 0)
+    with pytest.raises(LmcError, match="context"):
+        decoder.forward(np.zeros((1, CONTEXT), np.int64))
+
+
+def test_without_group_query_attention_the_standard_ops_serve(tmp_path):
+    """A target whose runtime lacks the contrib kernel gets TensorScatter + Attention-24, also exact."""
+    spec = tomllib.loads((Path(__file__).resolve().parents[1] / "targets" / "cortex_a55.toml").read_text())
+    text = (Path(__file__).resolve().parents[1] / "targets" / "cortex_a55.toml").read_text()
+    text = text.replace('"com.microsoft.GroupQueryAttention", ', "").replace(spec["name"], "no-gqa", 1)
+    target = tmp_path / "no-gqa.toml"
+    target.write_text(text)
+    out = tmp_path / "gen"
+    build(FIXTURES / EXPORTS[0], BuildOptions(target=str(target), context=CONTEXT), out)
+    ops = _ops(out / "model.onnx")
+    assert ops["TensorScatter"] == 4 and ops["Attention"] == 2 and "GroupQueryAttention" not in ops
+    prompt = [3, 1, 4, 1, 5]
+    assert greedy(StateDecoder(out / "model.onnx"), prompt, 10) == greedy(PastDecoder(FIXTURES / EXPORTS[0]), prompt, 10)
+
+
+def _edit(src: Path, dst: Path, edit) -> Path:
+    model = onnx.load(str(src))
+    edit(model.graph)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_non_causal_mask_is_refused(tmp_path):
+    """Near miss: the mask lets each query see its own key only from the next position (Less, not ≤)."""
+    def edit(graph):
+        node = next(n for n in graph.node if n.op_type == "LessOrEqual")
+        node.op_type = "Less"
+    model = _edit(FIXTURES / "llama-past-optimum.onnx", tmp_path / "m.onnx", edit)
+    with pytest.raises(LmcError, match="not causal"):
+        build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unscaled_by_a_tensor_is_refused(tmp_path):
+    """Near miss: the keys are scaled by a per-head tensor, not a scalar."""
+    def edit(graph):
+        node = next(n for n in graph.node if n.name == "/model/layers.1/self_attn/Mul_9")   # kᵀ · √scale
+        scale = onnx.numpy_helper.from_array(np.linspace(0.4, 0.6, 4).astype(np.float32).reshape(1, 4, 1, 1),
+                                             "per_head_scale")
+        graph.initializer.append(scale)
+        node.input[1] = "per_head_scale"
+    model = _edit(FIXTURES / "llama-past-optimum.onnx", tmp_path / "m.onnx", edit)
+    with pytest.raises(LmcError, match="scalar scale"):
+        build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
+
+
+def test_rotary_that_is_not_rotate_half_stays_unfused_and_exact(tmp_path):
+    """Near miss for the position-table rotary rule: the cos/sin angles differ between the halves."""
+    def edit(graph):
+        concat = next(n for n in graph.node if n.op_type == "Concat" and "rotary_emb" in n.name
+                      and len(n.input) == 2 and n.input[0] == n.input[1])
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.5, np.float32), "half_stretch"))
+        graph.node.insert(list(graph.node).index(concat), onnx.helper.make_node(
+            "Mul", [concat.input[1], "half_stretch"], ["stretched"], name="stretch"))
+        concat.input[1] = "stretched"
+    model = _edit(FIXTURES / "llama-past-optimum.onnx", tmp_path / "m.onnx", edit)
+    result = build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
+    notes = [n for r in result.records for n in r.notes]
+    assert any("rotary-positions" in n and "rotate-half" in n for n in notes), notes
+    assert "RotaryEmbedding" not in _ops(tmp_path / "out" / "model.onnx")
+    assert result.verification.passed
+
+
+def test_one_shot_model_is_refused_with_one_line(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(model_dir / "tiny-llama.onnx"), "--context", "16", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "past key/values" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generalise_turns_sequence_dims_into_copies_and_refuses_other_constants():
+    import onnx_graphsurgeon as gs
+
+    from lmc.compiler.generation import generalise, snapshot
+
+    def graph(s, expand_dim=None):
+        x = gs.Variable("x", np.float32, [1, s, 8])
+        y = gs.Variable("y", np.float32, [1, s, 2, 4])
+        nodes = [gs.Node("Reshape", "r", inputs=[x, gs.Constant("shape", np.array([1, s, 2, 4]))], outputs=[y])]
+        outputs = [y]
+        if expand_dim is not None:
+            z = gs.Variable("z", np.float32, [1, expand_dim, 8])
+            nodes.append(gs.Node("Expand", "e", inputs=[x, gs.Constant("eshape", np.array([1, expand_dim, 8]))],
+                                 outputs=[z]))
+            outputs.append(z)
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=outputs)
+
+    g = graph(5)
+    assert generalise(g, snapshot(graph(3)), (3, 5)) == 1
+    assert list(g.nodes[0].inputs[1].values) == [1, 0, 2, 4]
+    with pytest.raises(LmcError, match="eshape"):
+        generalise(graph(5, expand_dim=5), snapshot(graph(3, expand_dim=3)), (3, 5))
+
+
+def test_cli_generate_and_verify(bundles, tmp_path, capsys):
+    bundle = bundles[EXPORTS[0]]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("5 9 2 11\n7")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(bundle), "--prompt-tokens", str(prompt), "--max-new-tokens", "6", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0 and len(out["tokens"]) == 6 and out["tokens_per_s"] > 0 and out["peak_rss_bytes"] > 0
+    assert out["tokens"] == greedy(PastDecoder(FIXTURES / EXPORTS[0]), [5, 9, 2, 11, 7], 6)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(bundle), "--prompt-tokens", str(prompt), "--max-new-tokens", str(CONTEXT)])
+    assert exc.value.code == 2 and "context" in capsys.readouterr().err
+    report = verify(bundle, FIXTURES / EXPORTS[0])
+    assert report.passed and {o.name for o in report.outputs} == {"logits (prefill)", "logits (decode)"}
+
+
+def test_int4_generation_bundle_with_calibration(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 256, (4, 16))
+    np.savez(tmp_path / "calib.npz", input_ids=ids)
+    out = tmp_path / "gen4"
+    result = build(FIXTURES / EXPORTS[0], BuildOptions(context=CONTEXT, quantize=QuantizeMode.INT4, block_size=16,
+                                                       calib=str(tmp_path / "calib.npz")), out)
+    assert result.weight_bytes_after < result.weight_bytes_before / 3
+    ops = _ops(out / "model.onnx")
+    assert ops["GroupQueryAttention"] == 2 and ops["DequantizeLinear"] + ops["MatMulNBits"] >= 10
+    tokens = greedy(StateDecoder(out / "model.onnx"), [1, 2, 3], 8)
+    assert len(tokens) == 8 and result.verification.outputs[0].cosine > 0.9
