@@ -15,6 +15,7 @@ from lmc.passes.dedup_weights import DedupWeights
 from lmc.passes.eliminate_noops import EliminateNoops
 from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
+from lmc.passes.merge_matmuls import MergeParallelMatMuls
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
@@ -48,6 +49,7 @@ def optional_passes(options, target) -> list:
         FuseRules("fuse", [ConvBatchNormRule(), LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(),
                            RotaryRule(), RotaryPositionsRule(), MatMulAddRule()]),
         FoldMatMulScale(),
+        *([MergeParallelMatMuls()] if getattr(options, "context", None) else []),
         # Conv+BN must fold before the activation joins the Conv: the second group sees the folded Conv.
         FuseRules("fuse-late", [AttentionRule(), GroupQueryAttentionRule(), ConvActivationRule()]),
         # attention left unfused (a run-time mask): one mask tensor for all layers, scale into the weights

@@ -113,12 +113,18 @@ class GroupQueryAttentionRule:
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(anchor.attrs.get("scale", depth ** -0.5)),
                  "do_rotary": int(q_rot is not None), "rotary_interleaved": 0}
 
+        qkv = [v[0] for v in views]
+        split = _packed_split(qkv)
+        if split is not None:        # q, k, v are the parts of one merged projection: the kernel takes it packed
+            nodes.append(split)
+            qkv = [split.inputs[0], gs.Variable.empty(), gs.Variable.empty()]
+
         def apply(names: ir.Namer) -> None:
             seqlens, total_len = self._lengths(graph, positions, names)
             rotary = list(q_rot[:2]) if q_rot is not None else []
             replace_subgraph(graph, nodes, lambda: [gs.Node(
                 "GroupQueryAttention", domain=ir.MS_DOMAIN, name=names.fresh(anchor.name + "_gqa"), attrs=attrs,
-                inputs=[views[0][0], views[1][0], views[2][0], pasts[0], pasts[1], seqlens, total_len] + rotary,
+                inputs=qkv + [pasts[0], pasts[1], seqlens, total_len] + rotary,
                 outputs=[y, k_state, v_state])])
         return Match(nodes, GQA, apply)
 
@@ -140,6 +146,17 @@ class GroupQueryAttentionRule:
                         outputs=[total])]
             self.shared[positions.name] = (seqlens, total)
         return self.shared[positions.name]
+
+
+def _packed_split(parts: list[gs.Tensor]) -> gs.Node | None:
+    """The Split that makes q, k, v (in that order, last axis, read only here) from one tensor, else None."""
+    split = ir.producer(parts[0])
+    if split is None or not ir.is_op(split, "Split") or list(split.outputs) != parts:
+        return None
+    rank = len(parts[0].shape or [])
+    if int(split.attrs.get("axis", 0)) % max(rank, 1) != rank - 1 or any(len(p.outputs) != 1 for p in parts):
+        return None
+    return split
 
 
 def mask_positions(mask: gs.Tensor) -> gs.Tensor | None:
