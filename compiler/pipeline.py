@@ -73,7 +73,8 @@ def quantize_passes(options, target, graph_inputs: list[str], feeds: list[dict] 
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     if feeds is None and options.calib:
-        feeds = load_calibration(options.calib, graph_inputs, options.calib_samples)
+        feeds = load_calibration(options.calib, graph_inputs, options.calib_samples,
+                                 shapes=getattr(options, "input_shapes", None))
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
         table_bits = getattr(options, "table_bits", None)

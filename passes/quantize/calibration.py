@@ -9,7 +9,7 @@ arr[i]). The graph is exported with the requested tensors as extra outputs; weig
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +32,100 @@ class ChannelStats:
     rows: np.ndarray | None = None    # a deterministic sample of rows of x [R, features], when requested
 
 
-def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: int | None = None) -> list[dict]:
-    """Feeds from a calibration ``.npz``: one dict per sample."""
+def _describe(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def conform_sample(name: str, value, shape: Sequence[int] | None, dtype=None, source: str = "") -> np.ndarray:
+    """One calibration sample for input ``name`` shaped (and typed) as the model's input: ``value`` already
+    has the input's shape, or lacks only a leading batch dim of 1 (added). Raises ``LmcError`` naming the
+    input, the expected and the given shape/dtype."""
+    where = f"{source}: " if source else ""
+    arr = np.asarray(value)
+    if dtype is not None:
+        want = np.dtype(dtype)
+        if arr.dtype != want:
+            same_kind = (arr.dtype.kind in "iu" and want.kind in "iu") or (arr.dtype.kind == "f" and want.kind == "f") \
+                or (arr.dtype.kind == "b" and want.kind == "b")
+            if not same_kind:
+                raise LmcError(f"{where}calibration array '{name}' has dtype {arr.dtype}, but the model input is "
+                               f"{want}")
+            arr = arr.astype(want)
+    if shape is None:
+        return arr
+    expected = [int(d) for d in shape]
+    got = list(arr.shape)
+    if got == expected:
+        return arr
+    if expected and expected[0] == 1 and got == expected[1:]:
+        return arr[None]
+    raise LmcError(f"{where}calibration array '{name}': a sample is {_describe(got)}, but the model input is "
+                   f"{_describe(expected)}; give [N, {', '.join(str(d) for d in expected)}] (sample i is arr[i])"
+                   + (f" or [N, {', '.join(str(d) for d in expected[1:])}]" if expected and expected[0] == 1 else ""))
+
+
+def load_calibration(path: str | Path, input_names: Sequence[str], max_samples: int | None = None,
+                     shapes: Mapping[str, Sequence[int]] | None = None,
+                     dtypes: Mapping[str, object] | None = None) -> list[dict]:
+    """Feeds from a calibration ``.npz``: one dict per sample.
+
+    Each array is ``[N, *input_shape]`` (sample i is ``arr[i]``, batch dim included) or, when the input's
+    batch dim is 1, ``[N, *input_shape[1:]]`` (the batch dim is added). With ``shapes`` (and ``dtypes``) of
+    the model's bound inputs every array is checked and a mismatch is an ``LmcError`` naming the input, the
+    expected and the given shape; inputs without a known shape get ``arr[i]`` as is (e.g. generation
+    bundles' token ids, [L] or [1, L] per sample)."""
+    shapes = shapes or {}
+    dtypes = dtypes or {}
     try:
-        data = dict(np.load(str(path), allow_pickle=False))
-    except (OSError, ValueError) as exc:
-        raise LmcError(f"{path}: cannot read calibration data ({exc})") from exc
+        with np.load(str(path), allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise LmcError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0] if str(exc) else exc})") \
+            from exc
+    except Exception as exc:  # zipfile.BadZipFile and friends: a corrupt .npz is the user's
+        raise LmcError(f"{path}: cannot read calibration data ({type(exc).__name__})") from exc
+    if not isinstance(data, dict) or not data:
+        raise LmcError(f"{path}: holds no arrays")
     missing = [n for n in input_names if n not in data]
     if missing:
         raise LmcError(f"{path}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(data)})")
-    n = min(len(data[name]) for name in input_names)
+    for name in input_names:
+        arr = data[name]
+        if arr.ndim == 0 or len(arr) == 0:
+            raise LmcError(f"{path}: calibration array '{name}' is {_describe(arr.shape)}; expected [N, …] with "
+                           "N ≥ 1 samples")
+        if arr.dtype.kind not in "biuf":
+            raise LmcError(f"{path}: calibration array '{name}' has dtype {arr.dtype}; expected numbers")
+    counts = {name: len(data[name]) for name in input_names}
+    n = min(counts.values())
+    if len(set(counts.values())) > 1:
+        log.warning("%s: arrays hold different sample counts (%s); using %d", path,
+                    ", ".join(f"{k} {v}" for k, v in counts.items()), n)
     if max_samples:
         n = min(n, max_samples)
-    return [{name: data[name][i:i + 1] if data[name].ndim > 1 else data[name][i] for name in input_names}
-            for i in range(n)]
+    return [{name: conform_sample(name, data[name][i], shapes.get(name), dtypes.get(name), str(path))
+             for name in input_names} for i in range(n)]
+
+
+def _ort_dtype(type_str: str):
+    """``tensor(float)`` → float32 (None when numpy has no such type, e.g. bfloat16)."""
+    name = type_str[len("tensor("):-1] if type_str.startswith("tensor(") else type_str
+    name = {"float": "float32", "double": "float64", "bool": "bool"}.get(name, name)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def conform_feeds(feeds: Sequence[dict], inputs) -> None:
+    """Check (in place) ``feeds`` against onnxruntime session ``inputs`` (``sess.get_inputs()``): every
+    input has a value of its shape and dtype (a missing leading batch dim of 1 is added)."""
+    for feed in feeds:
+        for inp in inputs:
+            if inp.name not in feed:
+                raise LmcError(f"calibration data has no array for model input '{inp.name}'")
+            shape = inp.shape if all(isinstance(d, int) for d in inp.shape) else None
+            feed[inp.name] = conform_sample(inp.name, feed[inp.name], shape, _ort_dtype(inp.type))
 
 
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
@@ -66,6 +146,7 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
     grams: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {}
     per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
+    conform_feeds(feeds, sess.get_inputs())
     inputs = {i.name for i in sess.get_inputs()}
     for i, feed in enumerate(feeds):
         values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
