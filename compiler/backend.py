@@ -10,6 +10,7 @@ to it, compute liveness, place buffers with the arena planner, and return a ``Me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import onnx_graphsurgeon as gs
@@ -20,7 +21,7 @@ from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
-from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, peak_live
+from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, lower_bound, peak_live
 from lmc.targets.plan import MemoryPlan, PlannedTensor, StateBuffer
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
@@ -38,18 +39,45 @@ def decoded_weight(node: gs.Node) -> bool:
 
 
 def _implicit_inputs(node: gs.Node) -> tuple[str, ...]:
-    """Outer-scope tensors a subgraph (If/Loop/Scan body) reads: they must stay alive through the node."""
-    names: list[str] = []
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            names += [n for n, t in value._foreign_tensors().items() if isinstance(t, gs.Variable) and n]
-    return tuple(dict.fromkeys(names))
+    """Outer-scope tensors a subgraph (If/Loop/Scan body, at any depth) reads: they must stay alive through
+    the node, so they are inputs of its step."""
+    return tuple(dict.fromkeys(t.name for t in ir.outer_reads(node) if isinstance(t, gs.Variable) and t.name))
 
 
-def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
+# Bodies are planned at this alignment when the caller gives none (the largest any target uses: a body's
+# live set is then never under-counted).
+_BODY_ALIGNMENT = 64
+
+
+def _subgraph_scratch(node: gs.Node, strict: bool, alignment: int) -> int:
+    """Working memory of a node's subgraphs while it runs: the largest live set of a body's own
+    intermediates (the same liveness sweep as the main graph, over the body's node order, nested bodies
+    counted as scratch of their nodes), the maximum over the node's bodies (one If branch runs at a time).
+    A Loop/Scan body's outputs are per-iteration buffers beside the node's outputs, so they count too; an
+    If branch's outputs are the If's outputs, already planned."""
+    best = 0
+    for body in ir.subgraphs(node):
+        flow = dataflow_of(body, strict, alignment)
+        peak = lower_bound(compute_liveness(flow, list(range(len(flow.steps)))).intervals, alignment)
+        if not ir.is_op(node, "If"):
+            for t in body.outputs:
+                n = ir.tensor_nbytes(t)
+                if n is None and strict:
+                    raise ShapeError(f"tensor '{t.name}' (an output of the body of {node.op} node '{node.name}') "
+                                     f"has no static shape ({t.shape}); bind the model's dynamic input dims "
+                                     f"with --input-shape")
+                peak += align_up(n or 0, alignment)
+        best = max(best, peak)
+    return best
+
+
+def dataflow_of(graph: gs.Graph, strict: bool = True, alignment: int | None = None) -> Dataflow:
     """The backend view of ``graph``. With ``strict``, a tensor without a static size is a ShapeError;
     otherwise it is left out (for estimates on partly dynamic graphs). Outputs of ``decoded_weight`` nodes
-    are not arena tensors."""
+    are not arena tensors. A node holding subgraphs reads every outer tensor they read (at any depth), and
+    its step's scratch includes the peak of its bodies' own intermediates (``_subgraph_scratch``, planned at
+    ``alignment``, 64 bytes when not given)."""
+    body_alignment = alignment or _BODY_ALIGNMENT
     outputs = ir.graph_outputs(graph)
     steps: list[Step] = []
     sizes: dict[str, int] = {}
@@ -69,6 +97,8 @@ def dataflow_of(graph: gs.Graph, strict: bool = True) -> Dataflow:
         scratch = scratch_bytes(node) + sum(
             decode_scratch(ir.producer(t), node) for t in node.inputs
             if isinstance(t, gs.Variable) and ir.producer(t) is not None and decoded_weight(ir.producer(t)))
+        if ir.has_subgraph(node):
+            scratch += _subgraph_scratch(node, strict, body_alignment)
         steps.append(Step(node.name, ins, outs, scratch, _inplace_pairs(node, sizes)))
     return Dataflow(tuple(steps), sizes)
 
@@ -121,6 +151,32 @@ def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
     return peak_live((size[n], first[n], last[n]) for n in size)[0]
 
 
+def _reader_name(node: gs.Node) -> str:
+    return f"{node.domain}.{node.op}" if node.domain and node.domain not in ir.DEFAULT_DOMAINS else node.op
+
+
+def weight_readers(graph: gs.Graph) -> list[tuple[int, list[str]]]:
+    """(bytes, reader op names) per constant; a weight decoded inside its MatMul (``decoded_weight``) is
+    read by the fused kernel onnxruntime makes of the pair (com.microsoft.MatMulNBits)."""
+    out = []
+    for const in ir.constants(graph):
+        readers = []
+        for node in const.outputs:
+            if decoded_weight(node):
+                readers.append(f"{ir.MS_DOMAIN}.MatMulNBits")
+            else:
+                readers.append(_reader_name(node))
+        out.append((ir.tensor_nbytes(const) or 0, readers))
+    return out
+
+
+def predict_runtime(graph: gs.Graph, plan: MemoryPlan, target: Target) -> dict:
+    """The target runtime model's prediction for ``plan`` (see ``lmc.targets.runtime_model``)."""
+    model = target.runtime
+    prediction = model.predict(weight_readers(graph), plan.arena_bytes, plan.io_bytes, plan.state_bytes)
+    return {**prediction.to_dict(), "session_options": model.session_options or "runtime defaults"}
+
+
 def io_bytes(graph: gs.Graph, state: Sequence[tuple[str, str]] = ()) -> int:
     """Bytes of the graph's inputs and outputs, less the ``state`` pairs (counted once, as state)."""
     held = {name for pair in state for name in pair}
@@ -164,10 +220,11 @@ def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False,
     scratch = tuple(PlannedTensor(t.name[: -len(SCRATCH_SUFFIX)], t.size, t.offset, t.first, t.last)
                     for t in tensors if t.name.endswith(SCRATCH_SUFFIX))
     tensors = tuple(t for t in tensors if not t.name.endswith(SCRATCH_SUFFIX))
-    return MemoryPlan(
+    plan = MemoryPlan(
         decoded_weights=decoded,
         target=target.name, alignment=alignment, arena_bytes=arena.arena_bytes,
         lower_bound_bytes=arena.lower_bound_bytes, weights_bytes=weights, io_bytes=io_bytes(graph, state),
         state=tuple(StateBuffer(i, o, align_up(ir.tensor_nbytes(by_name[i]) or 0, alignment)) for i, o in state),
         scheduler=scheduler, placement_strategy=arena.strategy,
         schedule=tuple(s.name for s in flow.steps), tensors=tensors, scratch=scratch, inplace=tuple(merged))
+    return dataclasses.replace(plan, runtime=predict_runtime(graph, plan, target))

@@ -59,6 +59,7 @@ class BuildOptions:
     disabled_passes: tuple[str, ...] = ()
     context: int | None = None           # generation bundle: cache slots (past/present decoders only)
     batch: int = 1                       # generation bundle: batch rows
+    prefill_chunk: int = 64              # generation bundle: prompt tokens per step (bounds prefill memory)
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
@@ -256,6 +257,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         raise LmcError(f"--context must be at least 2 tokens, got {options.context}")
     if options.batch < 1:
         raise LmcError(f"--batch must be at least 1, got {options.batch}")
+    if options.prefill_chunk < 1:
+        raise LmcError(f"--prefill-chunk must be at least 1, got {options.prefill_chunk}")
     before: list[tuple[int, int]] = []
 
     def run_passes(graph: gs.Graph):
@@ -275,10 +278,12 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])
+    chunk = min(options.prefill_chunk, options.context)
+    info = dataclasses.replace(info, prefill_chunk=chunk)
     staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
     try:
         plans = []
-        for name, length in (("decode", 1), ("prefill", options.context)):
+        for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)
             plan = plan_memory(graph, target, inplace=options.inplace, state=info.state)
             problems = check_plan(plan)
@@ -286,8 +291,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
             plans.append((name, length, plan))
         del graph
-        profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes)
-                         for n, s, p in plans)
+        profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
+                                 p.runtime["predicted_peak_bytes"]) for n, s, p in plans)
         plan = dataclasses.replace(max((p for _, _, p in plans), key=lambda p: p.peak_ram_bytes), profiles=profiles)
         _check_budget(plan, options, target)
         verification = None

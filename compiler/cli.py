@@ -109,6 +109,9 @@ def cli(debug: bool, verbose: int) -> None:
                    "text-generation-with-past, torch.onnx): the cache becomes fixed state of N tokens updated in "
                    "place; one model serves prefill (prompt ≤ N) and decode. Run it with `lmc generate`.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch rows of a --context bundle.")
+@click.option("--prefill-chunk", type=int, default=64, show_default=True,
+              help="A --context bundle runs prompts in steps of at most this many tokens: the planned (and "
+                   "real) memory of a prefill is bounded whatever the prompt length.")
 @click.option("--max-ram", metavar="SIZE",
               help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
 @click.option("--ort", "ort_format", is_flag=True,
@@ -124,7 +127,7 @@ def cli(debug: bool, verbose: int) -> None:
               help="Max relative output error accepted by the built-in verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
-          context, batch, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -138,7 +141,7 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), inplace=inplace,
-                           ort_format=ort_format, context=context, batch=batch,
+                           ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and sys.stderr.isatty()
 
@@ -165,8 +168,11 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                f"peak RAM {mib(plan.peak_ram_bytes)}")
     if plan.state:
         click.echo(f"  state    {mib(plan.state_bytes)} KV cache in place ({len(plan.state)} buffers, "
-                   f"{options.context} tokens); " + ", ".join(f"{p.name} peak {mib(p.peak_ram_bytes)}"
-                                                            for p in plan.profiles))
+                   f"{options.context} tokens); " + ", ".join(f"{p.name} ({p.sequence} tokens) peak "
+                                                            f"{mib(p.peak_ram_bytes)}" for p in plan.profiles))
+    if plan.runtime:
+        click.echo(f"  runtime  predicted resident peak {mib(plan.runtime['predicted_peak_bytes'])} "
+                   f"(weights, prepacked copies, session, arena, io, state)")
     if result.verification:
         v = result.verification
         approx = options.approximations

@@ -36,18 +36,21 @@ class GenerationInfo:
     state: tuple[tuple[str, str], ...]      # (input, output) pairs bound to one buffer
     window: int = 0                          # sliding window (0: full attention)
     sinks: int = 0
+    prefill_chunk: int = 0                   # prompts run in steps of at most this many tokens (0: any)
 
     def to_json(self) -> str:
         return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
                            "position_ids": self.position_ids, "logits": self.logits,
-                           "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks},
+                           "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks,
+                           "prefill_chunk": self.prefill_chunk},
                           sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "GenerationInfo":
         d = json.loads(text)
         return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
-                   tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)))
+                   tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)),
+                   int(d.get("prefill_chunk", 0)))
 
 
 def generation_info(model_path: str | Path) -> GenerationInfo | None:
@@ -107,7 +110,15 @@ class StateDecoder:
         self.length = 0
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Logits [B, S, V] of the next S tokens; a prompt longer than the bundle's prefill chunk runs in
+        chunks (the plan's prefill profile holds at any prompt length)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(self.info.batch, -1)
+        chunk = self.info.prefill_chunk or ids.shape[1]
+        if ids.shape[1] > chunk:
+            return np.concatenate([self._step(ids[:, i:i + chunk]) for i in range(0, ids.shape[1], chunk)], axis=1)
+        return self._step(ids)
+
+    def _step(self, ids: np.ndarray) -> np.ndarray:
         s = ids.shape[1]
         limit = self.info.context if not self.info.window else None
         if limit is not None and self.length + s > limit:

@@ -14,7 +14,10 @@ Generation bundles add ``state`` (the cache: ``bytes``, ``placement`` and its ``
 ``output`` (the same buffer, updated in place), ``size``), counted in ``peak_ram_bytes`` and not in
 ``io_bytes``, and ``profiles``: the plan at each bound sequence length (``decode``: 1, ``prefill``: the
 context) with its ``arena_bytes``, ``lower_bound_bytes``, ``io_bytes`` and ``peak_ram_bytes``; the
-top-level fields are those of the profile with the highest peak.
+top-level fields are those of the profile with the highest peak. ``runtime`` is the target's runtime
+model's prediction (``lmc.targets.runtime_model``): ``predicted_peak_bytes`` — the runtime's resident
+peak above the process before the session — and its ``items`` (session, weights, prepacked copies,
+arena, io, state), with the ``session_options`` it assumes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Profile:
     lower_bound_bytes: int
     io_bytes: int
     peak_ram_bytes: int
+    predicted_peak_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class MemoryPlan:
     inplace: tuple[tuple[str, str], ...] = ()  # (input, output): output written over its dying input
     state: tuple[StateBuffer, ...] = ()      # generation bundles: cache buffers updated in place
     profiles: tuple[Profile, ...] = ()       # generation bundles: the plan per bound sequence length
+    runtime: dict | None = None              # the target's runtime model: predicted resident peak, itemised
 
     @property
     def state_bytes(self) -> int:
@@ -97,6 +102,7 @@ class MemoryPlan:
             **({"state": {"bytes": self.state_bytes, "placement": "ram",
                           "buffers": [b.__dict__ for b in self.state]},
                 "profiles": [p.__dict__ for p in self.profiles]} if self.state else {}),
+            **({"runtime": self.runtime} if self.runtime else {}),
         }
 
     def to_json(self) -> str:
@@ -116,7 +122,8 @@ class MemoryPlan:
             decoded_weights=tuple(data.get("decoded_weights", ())),
             inplace=tuple(tuple(p) for p in data.get("inplace", ())),
             state=tuple(StateBuffer(**b) for b in data.get("state", {}).get("buffers", ())),
-            profiles=tuple(Profile(**p) for p in data.get("profiles", ())))
+            profiles=tuple(Profile(**p) for p in data.get("profiles", ())),
+            runtime=data.get("runtime"))
 
 
 def _handover(a: PlannedTensor, b: PlannedTensor, inplace: set) -> bool:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import enum
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from lmc.targets.runtime_model import RuntimeModel
 from lmc.compiler.errors import TargetError
 
 
@@ -69,6 +70,7 @@ class Target:
     tuning: Tuning
     memory: MemoryMode
     source: str
+    runtime: RuntimeModel = field(default_factory=RuntimeModel)
 
     def as_dict(self) -> dict:
         return {
@@ -125,6 +127,7 @@ def _parse(data: dict, source: str) -> Target:
                 fold_max_bytes=int(memory.get("fold_max_bytes", 1 << 22)),
             ),
             source=source,
+            runtime=RuntimeModel.from_table(data.get("runtime")),
         )
     except KeyError as exc:
         raise TargetError(f"{source}: missing key {exc}") from exc

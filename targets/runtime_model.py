@@ -1,0 +1,69 @@
+"""What the runtime holds beyond lmc's exact placements: a per-target cost model (data in the target's
+``[runtime]`` table), graph-agnostic like the planner — it sees op names and byte counts only.
+
+Prediction of the runtime's peak resident memory, above the process before the session is created:
+    peak = session + Σ_w resident(w) + arena + io + state + scratch
+- ``session``: an empty session's own cost (allocators, kernel registry, thread pool), measured;
+- resident(w): every weight is read at every step, so all of it is resident (mapped or copied). A weight
+  read by a *prepacking* op (``prepack_ops``) is repacked at load: the packed copy replaces the original,
+  unless the op keeps its original too (``prepack_keeps_original``) or another, non-prepacking op reads
+  the same weight (a tied embedding's Gather) — then both are resident;
+- arena / io / state / scratch: lmc's plan (intermediates, graph inputs+outputs, in-place cache state,
+  kernel working memory).
+The default session options (weight prepacking on) are what the model describes; the numbers were
+measured with the runtime the target file names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    session_bytes: int = 0
+    prepack_ops: frozenset[str] = frozenset()
+    prepack_keeps_original: frozenset[str] = frozenset()
+    session_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: dict | None) -> "RuntimeModel":
+        table = table or {}
+        return cls(session_bytes=int(table.get("session_bytes", 0)),
+                   prepack_ops=frozenset(table.get("prepack_ops", [])),
+                   prepack_keeps_original=frozenset(table.get("prepack_keeps_original", [])),
+                   session_options=dict(table.get("session_options", {})))
+
+    def weight_resident(self, size: int, readers: Iterable[str]) -> tuple[int, int]:
+        """(resident bytes of the weight itself, bytes of prepacked copies) for a weight of ``size`` bytes
+        read by ops named ``readers``."""
+        readers = set(readers)
+        packed = readers & self.prepack_ops
+        if not packed:
+            return size, 0
+        keeps = bool(packed & self.prepack_keeps_original) or bool(readers - self.prepack_ops)
+        return (size if keeps else 0), size
+
+    def predict(self, weights: Iterable[tuple[int, Iterable[str]]], arena: int, io: int, state: int,
+                scratch: int = 0) -> "RuntimePrediction":
+        original = prepacked = 0
+        for size, readers in weights:
+            a, b = self.weight_resident(size, readers)
+            original += a
+            prepacked += b
+        items = {"session": self.session_bytes, "weights": original, "prepacked_weights": prepacked,
+                 "arena": arena, "io": io, "state": state, "scratch": scratch}
+        return RuntimePrediction(items)
+
+
+@dataclass(frozen=True)
+class RuntimePrediction:
+    items: dict[str, int]
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.items.values())
+
+    def to_dict(self) -> dict:
+        return {"predicted_peak_bytes": self.peak_bytes, "items": dict(self.items)}
