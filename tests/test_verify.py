@@ -1,0 +1,101 @@
+"""Verification that knows onnxruntime's own numerics: a bundle is held to max(tolerance, k × the original's
+spread between onnxruntime optimisation levels), and both numbers are reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lmc.compiler.errors import LmcError
+from lmc.compiler.verify import (SPREAD_FACTOR, OutputError, VerificationFailed, VerifyReport, compare_models,
+                                 measure_spread, verify)
+
+D = 768
+
+
+def _layer_norm(square: str = "Pow", eps: float = 1e-5) -> onnx.ModelProto:
+    """A decomposed LayerNorm. With ``Pow`` onnxruntime fuses it (all optimisations on) into its
+    LayerNormalization kernel, which rounds differently; with ``Mul`` (d·d) it is left as written."""
+    rng = np.random.default_rng(0)
+    square_node = (helper.make_node("Pow", ["d", "two"], ["d2"]) if square == "Pow"
+                   else helper.make_node("Mul", ["d", "d"], ["d2"]))
+    nodes = [helper.make_node("ReduceMean", ["x", "ax"], ["m"]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             square_node, helper.make_node("ReduceMean", ["d2", "ax"], ["v"]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "ax"),
+             numpy_helper.from_array(np.array(2, np.float32), "two"),
+             numpy_helper.from_array(np.array(eps, np.float32), "eps"),
+             numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), "b")]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.fixture
+def models(tmp_path):
+    paths = {}
+    for name, model in {"original": _layer_norm("Pow"), "unfused": _layer_norm("Mul"),
+                        "wrong": _layer_norm("Mul", eps=1e3)}.items():
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(paths[name]))
+    feeds = [{"x": (np.random.default_rng(1).standard_normal((4, D)) * 100 + 1000).astype(np.float32)}]
+    return paths, feeds
+
+
+def test_the_original_has_a_measurable_spread(models):
+    paths, feeds = models
+    spread = measure_spread(paths["original"], feeds)
+    assert 0 < spread["y"] < 1e-4
+
+
+def test_a_bundle_within_k_times_the_spread_passes_and_reports_both(models):
+    paths, feeds = models
+    spread = measure_spread(paths["original"], feeds)["y"]
+    tolerance = spread / 10          # tighter than onnxruntime agrees with itself
+    report = compare_models(paths["original"], paths["unfused"], feeds, tolerance)
+    out = report.outputs[0]
+    assert out.max_rel > tolerance                         # over the plain tolerance …
+    assert report.passed                                   # … but within k × the original's own spread
+    assert out.spread == pytest.approx(spread) and out.allowed == pytest.approx(SPREAD_FACTOR * spread)
+    data = report.to_dict()
+    assert data["spread"] == pytest.approx(spread) and data["spread_factor"] == SPREAD_FACTOR
+    assert data["outputs"][0]["spread"] == pytest.approx(spread) and data["outputs"][0]["limit"] >= out.max_rel
+
+
+def test_a_real_difference_still_fails_with_an_explanation(models):
+    paths, feeds = models
+    report = compare_models(paths["original"], paths["wrong"], feeds, 1e-4)
+    assert not report.passed and report.outputs[0].spread is not None
+    assert "'y'" in report.explain() and "spread" in report.explain() and "tolerance 0.0001" in report.explain()
+
+
+def test_spread_is_measured_lazily_unless_asked(models):
+    paths, feeds = models
+    lazy = compare_models(paths["original"], paths["original"], feeds, 1e-4)
+    assert lazy.passed and lazy.outputs[0].spread is None and lazy.to_dict()["spread"] is None
+    eager = compare_models(paths["original"], paths["original"], feeds, 1e-4, spread=True)
+    assert eager.outputs[0].spread is not None
+
+
+def test_verify_always_reports_the_spread(models, tmp_path):
+    paths, _ = models
+    report = verify(paths["unfused"], paths["original"])
+    assert report.passed and report.outputs[0].spread is not None and report.spread is not None
+
+
+def test_old_callers_keep_working():
+    err = OutputError("y", 1.0, 0.5, 0.9)                  # positional, as before
+    report = VerifyReport((err,), 1, 1e-4)
+    assert not report.passed and report.max_rel == 0.5 and report.spread is None
+    assert VerifyReport((OutputError("y", 0.0, 3e-3, 1.0, 4e-3),), 1, 1e-4).passed   # fp16 tolerance
+
+
+def test_verification_failed_is_a_user_facing_error():
+    report = VerifyReport((OutputError("y", 1.0, 0.5, 0.9),), 1, 1e-4)
+    exc = VerificationFailed(report.explain(), report)
+    assert isinstance(exc, LmcError) and exc.report is report and "0.5" in str(exc)
