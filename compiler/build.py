@@ -279,7 +279,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])
     chunk = min(options.prefill_chunk, options.context)
-    info = dataclasses.replace(info, prefill_chunk=chunk)
+    spec = AttentionSpec.parse(options.attention)
+    info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks)
     staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
     try:
         plans = []

@@ -120,10 +120,9 @@ class StateDecoder:
 
     def _step(self, ids: np.ndarray) -> np.ndarray:
         s = ids.shape[1]
-        limit = self.info.context if not self.info.window else None
-        if limit is not None and self.length + s > limit:
-            raise LmcError(f"the bundle holds {limit} tokens of context; {self.length + s} requested "
-                           f"(rebuild with a larger --context)")
+        if self.length + s > self.info.context:
+            raise LmcError(f"the bundle takes positions below {self.info.context} (its --context); "
+                           f"{self.length + s} requested (rebuild with a larger --context)")
         positions = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64), ids.shape)
         self.binding.bind_cpu_input(self.info.input_ids, ids)
         self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
@@ -243,7 +242,7 @@ def generate(bundle: str | Path, prompt: Sequence[int], max_new_tokens: int = 32
     if not prompt:
         raise LmcError("the prompt is empty")
     decoder = StateDecoder(bundle_model(bundle), threads=threads)
-    if len(prompt) + max_new_tokens - 1 > decoder.info.context and not decoder.info.window:
+    if len(prompt) + max_new_tokens - 1 > decoder.info.context:
         raise LmcError(f"prompt ({len(prompt)}) + {max_new_tokens} new tokens exceed the bundle's context of "
                        f"{decoder.info.context} tokens (rebuild with a larger --context)")
     start = time.perf_counter()

@@ -105,17 +105,20 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
     simplify = [FoldConstants()] + ([EliminateNoops()] if "eliminate-noops" not in disabled else []) + [Cleanup()]
     state = []
     if getattr(options, "context", None):
+        from lmc.passes.sparse_attention import AttentionSpec
         from lmc.passes.static_cache import StaticKVCache
 
         # shape chains are constants once the bound dims fold; the cache rewrite then sees plain scalars
-        state = [StaticKVCache(options.context, options.batch), FixedPoint("simplify-state", simplify)]
+        spec = AttentionSpec.parse(str(getattr(options, "attention", "dense") or "dense"))
+        state = [StaticKVCache(options.context, options.batch, spec.window, spec.sinks,
+                               getattr(options, "prefill_chunk", 1)), FixedPoint("simplify-state", simplify)]
     return [
         Cleanup(),
         FixedPoint("simplify", simplify),
         *state,
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
-        *attention_passes(options),
+        *([] if getattr(options, "context", None) else attention_passes(options)),
         *([] if getattr(options, "context", None) else quantize_passes(options, target, graph_inputs or [])),
     ]
 

@@ -91,7 +91,8 @@ def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
 
 
 # In-place state writers: op -> {input index: output index} of buffers updated in place.
-STATE_WRITERS = {("TensorScatter", ""): {0: 0}, ("GroupQueryAttention", ir.MS_DOMAIN): {3: 1, 4: 2}}
+STATE_WRITERS = {("TensorScatter", ""): {0: 0}, ("ScatterND", ""): {0: 0},
+                 ("GroupQueryAttention", ir.MS_DOMAIN): {3: 1, 4: 2}}
 
 
 def state_pairs(graph: gs.Graph) -> list[tuple[str, str]]:
@@ -432,9 +433,18 @@ class StaticKVCache:
     in_place = True
     preserves_shapes = False
 
-    def __init__(self, context: int, batch: int = 1):
+    def __init__(self, context: int, batch: int = 1, window: int = 0, sinks: int = 0, chunk: int = 1):
         self.context = int(context)
         self.batch = int(batch)
+        self.window, self.sinks = int(window), int(sinks)
+        # a ring of sinks + W + (chunk − 1) slots: a prefill chunk never overwrites a key an earlier
+        # query of the same chunk still sees; decoding one token at a time needs exactly sinks + W
+        ring = self.sinks + self.window + max(1, int(chunk)) - 1
+        self.slots = ring if self.window and ring < self.context else self.context
+
+    @property
+    def ring(self) -> bool:
+        return self.slots < self.context
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
         pairs = find_cache_pairs(graph)
@@ -448,7 +458,9 @@ class StaticKVCache:
         names = ir.Namer(graph)
         positions = self._positions(graph, roles, names)
         i64 = np.int64
-        c = lambda name, v: gs.Constant(names.fresh(name), np.asarray(v, dtype=i64))  # noqa: E731
+        def c(name, v):    # an int64 constant (booleans stay boolean)
+            v = np.asarray(v)
+            return gs.Constant(names.fresh(name), v if v.dtype == np.bool_ else v.astype(i64))
         nodes: list[gs.Node] = []
 
         def var(name, dtype, shape=None):
@@ -463,8 +475,13 @@ class StaticKVCache:
         last = add("Gather", [positions, c("lmc_last", -1)], var("lmc_last_position", i64, [b]), axis=1)
         total = add("Add", [last, c("lmc_one", 1)], var("lmc_kv_length", i64, [b]))
         qpos = add("Unsqueeze", [positions, c("lmc_axes13", [1, 3])], var("lmc_query_position", i64))
-        slots = c("lmc_slots", np.arange(self.context))
-        mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
+        nonpad = total
+        if self.ring:        # the slots are not in position order: the mask alone says what is valid
+            mask, indices = self._ring(positions, last, qpos, add, c, var)
+            nonpad = gs.Variable.empty()
+        else:
+            slots = c("lmc_slots", np.arange(self.context))
+            mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
         # Shape readers of past/present see the shapes of the original: [B, Hkv, P, D], [B, Hkv, P+S, D]
         past_len = add("Unsqueeze", [write, c("lmc_axis0", [0])], var("lmc_past_length", i64))
         total_len = add("Unsqueeze", [total, c("lmc_axis0b", [0])], var("lmc_total_length", i64))
@@ -475,17 +492,20 @@ class StaticKVCache:
             nodes.append(gs.Node("Attention", name=names.fresh(site.out.name + "_attention"),
                                  attrs={"scale": float(site.scale)},
                                  inputs=[site.q, site.key.present, site.value.present, mask, gs.Variable.empty(),
-                                         gs.Variable.empty(), total],
+                                         gs.Variable.empty(), nonpad],
                                  outputs=[site.out]))
         for pair in pairs:
             d = pair.past.shape
             heads, depth = int(d[1]), int(d[3])
-            pair.past.shape = [b, heads, self.context, depth]
+            pair.past.shape = [b, heads, self.slots, depth]
             pair.concat.inputs.clear()
             pair.concat.outputs.clear()
             for length, tensor in ((past_len, pair.past), (total_len, pair.present)):
                 self._redirect_shapes(tensor, length, b, heads, depth, add, c, var)
-            add("TensorScatter", [pair.past, pair.new, write], pair.present, axis=2, mode="linear")
+            if self.ring:
+                add("ScatterND", [pair.past, indices(heads), pair.new], pair.present)
+            else:
+                add("TensorScatter", [pair.past, pair.new, write], pair.present, axis=2, mode="linear")
             pair.present.shape = list(pair.past.shape)
         graph.nodes.extend(nodes)
         if roles.attention_mask is not None:
@@ -493,8 +513,59 @@ class StaticKVCache:
         ir.topological_sort(graph)
         ir.remove_dead_nodes(graph)
         return PassResult(graph, modified=True, stats={"cache_pairs": len(pairs), "attention_sites": len(sites)},
-                          notes=[f"{len(pairs)} cache pairs → fixed state of {self.context} slots, "
-                                 f"{len(sites)} attentions → Attention-24"])
+                          notes=[f"{len(pairs)} cache pairs → fixed state of {self.slots} slots"
+                                 + (f" (ring: {self.sinks} sinks + window {self.window})" if self.ring else "")
+                                 + f", {len(sites)} attentions → Attention-24"])
+
+    def _ring(self, positions, last, qpos, add, c, var):
+        """Ring-buffer masking and write indices (StreamingLLM: ``sinks`` first tokens kept, the rest in a
+        ring). Position p lives in slot(p) = p if p < sinks else sinks + (p − sinks) mod r, r = slots − sinks.
+        After writing up to position L (= p[:, −1]), ring slot j = sinks + k holds
+        p_j = sinks + k + r·⌊(L − sinks − k) / r⌋ (written iff L − sinks − k ≥ 0); sink slot j holds j
+        (iff j ≤ L). Query q sees slot j iff written, p_j ≤ q, and (j < sinks or q − p_j < window)."""
+        i64, b, r, sinks = np.int64, self.batch, self.slots - self.sinks, self.sinks
+        j = np.arange(self.slots)
+        last2 = add("Unsqueeze", [last, c("lmc_ax1", [1])], var("lmc_last_2d", i64, [b, 1]))
+        num = add("Sub", [last2, c("lmc_ring_offset", sinks + np.maximum(j - sinks, 0))], var("lmc_ring_num", i64))
+        written_ring = add("GreaterOrEqual", [num, c("lmc_zero", 0)], var("lmc_ring_written", np.bool_))
+        laps = add("Div", [add("Max", [num, c("lmc_zero_b", 0)], var("lmc_ring_num0", i64)), c("lmc_r", r)],
+                   var("lmc_ring_laps", i64))
+        p_ring = add("Add", [add("Mul", [laps, c("lmc_r_b", r)], var("lmc_ring_base", i64)),
+                             c("lmc_ring_first", sinks + np.maximum(j - sinks, 0))], var("lmc_ring_pos", i64))
+        is_sink = c("lmc_is_sink", j < sinks)
+        written_sink = add("LessOrEqual", [c("lmc_sink_pos", j), last2], var("lmc_sink_written", np.bool_))
+        p_slot = add("Where", [is_sink, c("lmc_sink_pos_b", j), p_ring], var("lmc_slot_position", i64))   # [B, R]
+        written = add("Or", [add("And", [written_sink, is_sink], var("lmc_sink_seen", np.bool_)),
+                             add("And", [written_ring, c("lmc_is_ring", j >= sinks)], var("lmc_ring_seen0", np.bool_))],
+                      var("lmc_slot_written", np.bool_))        # onnxruntime has no boolean Where
+        p4 = add("Unsqueeze", [p_slot, c("lmc_ax12", [1, 2])], var("lmc_slot_position_4d", i64))   # [B,1,1,R]
+        w4 = add("Unsqueeze", [written, c("lmc_ax12b", [1, 2])], var("lmc_slot_written_4d", np.bool_))
+        causal = add("LessOrEqual", [p4, qpos], var("lmc_ring_causal", np.bool_))                  # [B,1,S,R]
+        age = add("Sub", [qpos, p4], var("lmc_ring_age", i64))
+        recent = add("Less", [age, c("lmc_window", self.window)], var("lmc_ring_recent", np.bool_))
+        keep = add("Or", [recent, c("lmc_is_sink_4d", (j < sinks).reshape(1, 1, 1, -1))], var("lmc_ring_keep", np.bool_))
+        mask = add("And", [add("And", [w4, causal], var("lmc_ring_seen", np.bool_)), keep],
+                   var("lmc_attn_mask", np.bool_))
+        # write slots of the new tokens, as ScatterND indices (b, head, slot) per row
+        rel = add("Sub", [positions, c("lmc_sinks", sinks)], var("lmc_rel", i64))
+        wrapped = add("Add", [add("Mod", [rel, c("lmc_r_c", r)], var("lmc_rel_mod", i64)), c("lmc_sinks_b", sinks)],
+                      var("lmc_wrapped", i64))
+        slot = add("Where", [add("Less", [positions, c("lmc_sinks_c", sinks)], var("lmc_in_sink", np.bool_)),
+                             positions, wrapped], var("lmc_write_slot", i64))                    # [B, S]
+        made: dict[int, gs.Tensor] = {}
+
+        def indices(heads: int) -> gs.Tensor:
+            """[B, H, S, 3] (b, h, slot) by broadcasting arithmetic alone: no shape depends on S."""
+            if heads not in made:
+                s4 = add("Unsqueeze", [slot, c("lmc_ax13b", [1, 3])], var("lmc_slot_4d", i64))          # [B,1,S,1]
+                full = add("Add", [s4, c(f"lmc_zero_h{heads}", np.zeros((1, heads, 1, 1), np.int64))],
+                           var(f"lmc_slot_{heads}h", i64))                                            # [B,H,S,1]
+                zero = add("Mul", [full, c("lmc_zero_c", 0)], var(f"lmc_zeros_{heads}h", i64))
+                grid = [add("Add", [zero, c(f"lmc_grid_{k}_{heads}", g)], var(f"lmc_grid_{k}_{heads}h", i64))
+                        for k, g in enumerate((np.arange(b).reshape(b, 1, 1, 1), np.arange(heads).reshape(1, heads, 1, 1)))]
+                made[heads] = add("Concat", grid + [full], var(f"lmc_scatter_index_{heads}h", i64), axis=3)
+            return made[heads]
+        return mask, indices
 
     @staticmethod
     def _require_opset(graph: gs.Graph, ctx: PassContext | None) -> None:
