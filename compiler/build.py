@@ -60,6 +60,7 @@ class BuildOptions:
     context: int | None = None           # generation bundle: cache slots (past/present decoders only)
     batch: int = 1                       # generation bundle: batch rows
     prefill_chunk: int = 64              # generation bundle: prompt tokens per step (bounds prefill memory)
+    kv_cache: str = "float"              # generation bundle: cache precision, float | int8 (approximate)
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
@@ -69,7 +70,8 @@ class BuildOptions:
         """The options that change the model's numerics (quantization, sliding attention); empty = exact."""
         found = [self.quantize.value] if self.quantize is not QuantizeMode.NONE else []
         spec = AttentionSpec.parse(self.attention)
-        return found + ([] if spec.exact else [str(spec)])
+        kv = ["kv-cache int8"] if self.kv_cache == "int8" else []
+        return found + ([] if spec.exact else [str(spec)]) + kv
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         raise LmcError(f"--context must be at least 2 tokens, got {options.context}")
     if options.batch < 1:
         raise LmcError(f"--batch must be at least 1, got {options.batch}")
+    if options.kv_cache not in ("float", "int8"):
+        raise LmcError(f"--kv-cache must be float or int8, got {options.kv_cache!r}")
     if options.prefill_chunk < 1:
         raise LmcError(f"--prefill-chunk must be at least 1, got {options.prefill_chunk}")
     before: list[tuple[int, int]] = []

@@ -1,14 +1,17 @@
 """The ``lmc`` command line.
 
 Exit codes: 0 ok; 2 user error (one line on stderr; ``--debug`` adds the traceback); 1 internal error;
-3 verification over tolerance (``lmc verify``). Every command takes ``--json`` for machine-readable output
-on stdout.
+3 verification over tolerance (``lmc verify``, and ``lmc build`` of an exact model). Every command takes
+``--json`` for machine-readable output on stdout; under ``--json`` an error is also a JSON object on stdout,
+``{"error": …, "exit_code": …}``. ``--debug``, ``-v``/``--verbose`` and ``-q``/``--quiet`` are accepted
+anywhere on the line. Progress is shown only on a terminal; ``NO_COLOR`` turns terminal control sequences off.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import traceback
@@ -48,6 +51,9 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
             raise LmcError(f"--input-shape '{value}': dims must be integers separated by 'x'") from None
         if any(d < 0 for d in parsed):
             raise LmcError(f"--input-shape '{value}': dims must be ≥ 0 (0 for an empty cache)")
+        if name in shapes:
+            raise LmcError(f"--input-shape: '{name}' is given twice ({'x'.join(map(str, shapes[name]))} and "
+                           f"{dims}); give each input once")
         shapes[name] = parsed
     return shapes
 
@@ -56,11 +62,30 @@ def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
 
+def _no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def _status(text: str, nl: bool = True) -> None:
+    """A progress line on stderr, overwriting the previous one (plain padding under NO_COLOR)."""
+    clear = "\r" if _no_color() else "\r\033[K"
+    click.echo(f"{clear}{text:<79}" if _no_color() else f"{clear}{text}", err=True, nl=nl, color=not _no_color())
+
+
+class _State:
+    quiet = False
+    json_emitted = False     # the command already printed its JSON (lmc verify's failed report)
+
+
+POSITIVE = click.IntRange(min=1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors (accepted anywhere on the line).")
-@click.option("-v", "--verbose", count=True, help="Log what the compiler does (-vv for more).")
+@click.option("-v", "--verbose", count=True, help="Log what the compiler does (-vv for more; accepted anywhere).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (unless --json; accepted anywhere).")
 @click.version_option(package_name="lmc")
-def cli(debug: bool, verbose: int) -> None:
+def cli(debug: bool, verbose: int, quiet: bool) -> None:
     """lmc — compile ONNX models for low-memory devices.
 
     \b
@@ -76,7 +101,10 @@ def cli(debug: bool, verbose: int) -> None:
     intermediate tensor into one arena, checks the result against the original under onnxruntime and
     writes a bundle: model.onnx (+ model.weights), plan.json, report.md.
     """
+    _State.quiet = quiet
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    if quiet and verbose == 0:
+        level = logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -93,25 +121,30 @@ def cli(debug: bool, verbose: int) -> None:
               help="none keeps the model exact; int8: weights per channel; int4: weights in blocks (with --calib: "
                    "GPTQ, and the embedding/tied head at 4 bits too; without: that table at int8); w8a8: int8 "
                    "weights and activations (needs --calib).")
-@click.option("--block-size", default=32, show_default=True, help="int4 block size (power of two, 16..256).")
+@click.option("--block-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="int4 block size (power of two, 16..256).")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile", "entropy"]), default="mse",
               show_default=True, help="w8a8 activation ranges: searched by measured error (mse) or a fixed "
                                       "statistic.")
-@click.option("--calib-samples", default=32, show_default=True, help="Calibration samples used from --calib.")
+@click.option("--calib-samples", default=32, show_default=True, type=POSITIVE,
+              help="Calibration samples used from --calib.")
 @click.option("--attention", default="dense", show_default=True, metavar="MODE",
               help="dense; chunked[:Q] (exact: fused attention run in chunks of Q query rows, score memory "
                    "Q·S instead of S·S); sliding:W[,sinks=S] (approximate: each row sees the last W keys and "
                    "the first S).")
-@click.option("--context", type=int, metavar="N",
+@click.option("--context", type=click.IntRange(min=2), metavar="N",
               help="Generation bundle from a decoder exported with past key/values (optimum "
                    "text-generation-with-past, torch.onnx): the cache becomes fixed state of N tokens updated in "
                    "place; one model serves prefill (prompt ≤ N) and decode. Run it with `lmc generate`.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch rows of a --context bundle.")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Batch rows of a --context bundle.")
 @click.option("--prefill-chunk", type=int, default=64, show_default=True,
               help="A --context bundle runs prompts in steps of at most this many tokens: the planned (and "
                    "real) memory of a prefill is bounded whatever the prompt length.")
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="Precision of a --context bundle's cache: int8 keeps int8 rows with one scale per token and "
+                   "head (about a quarter of the memory; approximate, its error is reported).")
 @click.option("--max-ram", metavar="SIZE",
               help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
 @click.option("--ort", "ort_format", is_flag=True,
@@ -123,11 +156,12 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME",
               help="Leave a pass out (repeatable), e.g. share-transposed.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the original.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="Max relative output error accepted by the built-in verification.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Max relative output error accepted by the built-in verification (at least twice the "
+                   "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
-          context, batch, prefill_chunk, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, kv_cache, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -141,24 +175,25 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), inplace=inplace,
-                           ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk,
+                           ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
-    show = not as_json and sys.stderr.isatty()
+    show = not as_json and not _State.quiet and sys.stderr.isatty()
 
     def on_pass(record):
         if show:
-            click.echo(f"\r\033[K  {record.name:<28} {record.seconds:6.2f}s  {record.nodes:6d} nodes", err=True)
+            _status(f"  {record.name:<28} {record.seconds:6.2f}s  {record.nodes:6d} nodes")
 
     def progress(label, done, total):
         if show:
             width = 30
             filled = width * done // max(total, 1)
-            click.echo(f"\r\033[K  {label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
-                       err=True, nl=False)
+            _status(f"  {label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False)
 
     result = run_build(model, options, out_dir, on_pass=on_pass, progress=progress)
     if as_json:
         _emit_json(result.to_dict())
+        return
+    if _State.quiet:
         return
     plan = result.plan
     click.echo(f"built {result.out_dir}/ for {result.target.name} in {result.seconds:.1f}s")
@@ -188,40 +223,60 @@ def build(model, out_dir, target, input_shapes, quantize, block_size, calib, cal
 @click.argument("bundle", type=click.Path())
 @click.option("--against", required=True, type=click.Path(dir_okay=False), help="The original model.")
 @click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input name.")
-@click.option("--samples", default=1, show_default=True, help="Random samples when --inputs is not given.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative error.")
+@click.option("--samples", default=1, show_default=True, type=POSITIVE,
+              help="Random samples when --inputs is not given.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Max relative error (raised to twice the original's own spread between onnxruntime "
+                   "optimisation levels when that is larger).")
 @click.option("--tokens", type=click.Path(dir_okay=False),
               help="uint16 token file: also report perplexity of both models (e.g. code-val.u16).")
-@click.option("--seq-len", default=256, show_default=True, help="Window length for --tokens.")
-@click.option("--windows", default=64, show_default=True, help="Windows evaluated for --tokens.")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Window length for --tokens.")
+@click.option("--windows", default=64, show_default=True, type=POSITIVE, help="Windows evaluated for --tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows, as_json):
     """Compare BUNDLE (a folder or model.onnx) with the original under onnxruntime.
 
-    Prints max abs / relative error and cosine per output; exits 3 when over --tolerance.
-    Quantized bundles are approximate: pass a looser --tolerance and judge them by --tokens perplexity.
+    Prints max abs / relative error and cosine per output, and the original's own spread between onnxruntime
+    optimisation levels; an output passes when its max relative error is within max(--tolerance, 2 × that
+    spread). Exits 3 when one is over. Quantized bundles are approximate: pass a looser --tolerance and judge
+    them by --tokens perplexity.
     """
-    from lmc.compiler.verify import verify as run_verify
+    from lmc.compiler.verify import VerificationFailed, verify as run_verify
 
     report = run_verify(bundle, against, inputs=inputs, tolerance=tolerance, samples=samples, tokens=tokens,
                         seq_len=seq_len, windows=windows)
+    note = None
+    if not report.passed:
+        mode = _bundle_quantize(bundle)
+        if mode and mode != "none":
+            note = (f"this bundle was built with --quantize {mode}, so it is approximate; judge it by --tokens "
+                    "perplexity or pass a --tolerance for it")
     if as_json:
-        _emit_json(report.to_dict())
-    else:
+        data = report.to_dict()
+        if not report.passed:
+            data.update(error=f"verification failed: {report.explain()}", exit_code=int(ExitCode.VERIFY_FAILED))
+            if note:
+                data["note"] = note
+        _emit_json(data)
+        _State.json_emitted = True
+    elif not _State.quiet:
         for o in report.outputs:
-            click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}")
+            spread = f"  (original's spread {o.spread:.1e})" if o.spread else ""
+            click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}{spread}")
         if report.perplexity:
             p = report.perplexity
             click.echo(f"perplexity: original {p['original']:.4f}  bundle {p['bundle']:.4f}  "
                        f"({p['relative_change'] * 100:+.2f}%)")
-        click.echo(f"{'PASS' if report.passed else 'FAIL'} (tolerance {tolerance:g}, {report.samples} sample(s))")
-        if not report.passed:
-            mode = _bundle_quantize(bundle)
-            if mode and mode != "none":
-                click.echo(f"note: this bundle was built with --quantize {mode}, so it is approximate; judge it "
-                           "by --tokens perplexity or pass a --tolerance for it")
+        spread = report.spread
+        accepted = (f", accepting up to {report.spread_factor:g} × the original's own spread {spread:.2e}"
+                    if spread and report.spread_factor * spread > tolerance else "")
+        click.echo(f"{'PASS' if report.passed else 'FAIL'} (tolerance {tolerance:g}{accepted}, "
+                   f"{report.samples} sample(s))")
+        if note:
+            click.echo(f"note: {note}")
     if not report.passed:
-        sys.exit(ExitCode.VERIFY_FAILED)
+        raise VerificationFailed(report.explain(), report)
 
 
 def _bundle_quantize(bundle: str) -> str | None:
@@ -241,8 +296,9 @@ def _bundle_quantize(bundle: str) -> str | None:
 @click.option("--prompt-tokens", type=click.Path(dir_okay=False), help="Text file of whitespace-separated token ids.")
 @click.option("--prompt", help="Prompt text (needs --tokenizer).")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), help="Hugging Face tokenizer.json for --prompt.")
-@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate.")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=POSITIVE, help="Tokens to generate.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="onnxruntime intra-op threads (0: its default).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …} on stdout.')
 def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, as_json):
@@ -272,8 +328,9 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
     click.echo(" ".join(str(t) for t in result.tokens))
     if tok is not None:
         click.echo(tok.decode(result.tokens))
-    click.echo(f"{len(result.tokens)} tokens, prefill {result.prompt_tokens} in {result.prefill_seconds:.3f}s, "
-               f"decode {result.tokens_per_s:.1f} tokens/s, peak RSS {mib(result.peak_rss_bytes)}", err=True)
+    if not _State.quiet:
+        click.echo(f"{len(result.tokens)} tokens, prefill {result.prompt_tokens} in {result.prefill_seconds:.3f}s, "
+                   f"decode {result.tokens_per_s:.1f} tokens/s, peak RSS {mib(result.peak_rss_bytes)}", err=True)
 
 
 @cli.command()
@@ -354,36 +411,79 @@ def targets(as_json):
                    f"cache line {m.cache_line}")
 
 
+GLOBAL_FLAGS = {"--debug", "-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
+
+
+def _split_global(args: list[str]) -> tuple[list[str], list[str]]:
+    """(global flags, the rest): ``--debug``, ``-v``… and ``--quiet`` are accepted anywhere before ``--``."""
+    flags, rest = [], []
+    for i, a in enumerate(args):
+        if a == "--":
+            rest.extend(args[i:])
+            break
+        (flags if a in GLOBAL_FLAGS else rest).append(a)
+    return flags, rest
+
+
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's own (coloured) warnings would precede lmc's one-line messages: errors only."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # noqa: BLE001 — a missing or odd onnxruntime is reported where it is used
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (see module docstring)."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    args = [a for a in args if a != "--debug"]      # accepted anywhere on the line
+    from lmc.compiler.verify import VerificationFailed
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    flags, args = _split_global(args)
+    debug = "--debug" in flags
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+    _State.quiet = _State.json_emitted = False
+    _quiet_onnxruntime()
+    front = [f for f in flags if f != "--debug"]
+
+    def fail(code: int, message: str, extra: dict | None = None, kind: str = "error"):
+        """One line on stderr (``lmc: KIND: message``); under --json also {"error", "exit_code"} on stdout."""
+        click.echo(f"lmc: {kind + ': ' if kind else ''}{message}", err=True)
+        if as_json and not _State.json_emitted:
+            _emit_json({"error": message, "exit_code": int(code), **(extra or {})})
+        sys.exit(code)
+
+    def first_line(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
     try:
-        cli.main(args=args, prog_name="lmc", standalone_mode=False)
+        cli.main(args=front + args, prog_name="lmc", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("lmc: aborted", err=True)
-        sys.exit(130)
+        fail(130, "aborted", kind="")
     except click.exceptions.ClickException as exc:
-        click.echo(f"lmc: error: {exc.format_message()}", err=True)
-        sys.exit(ExitCode.USER_ERROR)
+        fail(ExitCode.USER_ERROR, (exc.format_message().strip() or type(exc).__name__).splitlines()[0])
+    except VerificationFailed as exc:
+        if debug:
+            traceback.print_exc()
+        # (lmc verify --json has already printed its report with the error in it)
+        extra = {"verification": exc.report.to_dict()} if exc.report is not None else {}
+        fail(ExitCode.VERIFY_FAILED, first_line(exc), extra, kind="verification failed")
     except LmcError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"lmc: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
-        sys.exit(ExitCode.USER_ERROR)
+        fail(ExitCode.USER_ERROR, first_line(exc))
     except KeyboardInterrupt:
-        click.echo("lmc: interrupted", err=True)
-        sys.exit(130)
+        fail(130, "interrupted", kind="")
     except Exception as exc:  # an internal bug: one line unless --debug
         if debug:
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"lmc: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(ExitCode.INTERNAL_ERROR)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(ExitCode.INTERNAL_ERROR, f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+             kind="internal error")
     sys.exit(ExitCode.OK)
 
 

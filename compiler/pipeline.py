@@ -111,7 +111,8 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
         # shape chains are constants once the bound dims fold; the cache rewrite then sees plain scalars
         spec = AttentionSpec.parse(str(getattr(options, "attention", "dense") or "dense"))
         state = [StaticKVCache(options.context, options.batch, spec.window, spec.sinks,
-                               getattr(options, "prefill_chunk", 1)), FixedPoint("simplify-state", simplify)]
+                               getattr(options, "prefill_chunk", 1), getattr(options, "kv_cache", "float") == "int8"),
+                 FixedPoint("simplify-state", simplify)]
     return [
         Cleanup(),
         FixedPoint("simplify", simplify),

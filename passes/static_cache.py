@@ -433,8 +433,10 @@ class StaticKVCache:
     in_place = True
     preserves_shapes = False
 
-    def __init__(self, context: int, batch: int = 1, window: int = 0, sinks: int = 0, chunk: int = 1):
+    def __init__(self, context: int, batch: int = 1, window: int = 0, sinks: int = 0, chunk: int = 1,
+                 kv_int8: bool = False):
         self.context = int(context)
+        self.kv_int8 = bool(kv_int8)
         self.batch = int(batch)
         self.window, self.sinks = int(window), int(sinks)
         # a ring of sinks + W + (chunk − 1) slots: a prefill chunk never overwrites a key an earlier
@@ -471,7 +473,7 @@ class StaticKVCache:
             return out
 
         b = self.batch
-        write = add("Gather", [positions, c("lmc_first", 0)], var("lmc_write_index", i64, [b]), axis=1)
+        write_at = add("Gather", [positions, c("lmc_first", 0)], var("lmc_write_index", i64, [b]), axis=1)
         last = add("Gather", [positions, c("lmc_last", -1)], var("lmc_last_position", i64, [b]), axis=1)
         total = add("Add", [last, c("lmc_one", 1)], var("lmc_kv_length", i64, [b]))
         qpos = add("Unsqueeze", [positions, c("lmc_axes13", [1, 3])], var("lmc_query_position", i64))
@@ -483,7 +485,7 @@ class StaticKVCache:
             slots = c("lmc_slots", np.arange(self.context))
             mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
         # Shape readers of past/present see the shapes of the original: [B, Hkv, P, D], [B, Hkv, P+S, D]
-        past_len = add("Unsqueeze", [write, c("lmc_axis0", [0])], var("lmc_past_length", i64))
+        past_len = add("Unsqueeze", [write_at, c("lmc_axis0", [0])], var("lmc_past_length", i64))
         total_len = add("Unsqueeze", [total, c("lmc_axis0b", [0])], var("lmc_total_length", i64))
         for site in sites:
             for n in site.nodes:
@@ -502,10 +504,18 @@ class StaticKVCache:
             pair.concat.outputs.clear()
             for length, tensor in ((past_len, pair.past), (total_len, pair.present)):
                 self._redirect_shapes(tensor, length, b, heads, depth, add, c, var)
-            if self.ring:
-                add("ScatterND", [pair.past, indices(heads), pair.new], pair.present)
+            def write(past, update, present):
+                if self.ring:
+                    return add("ScatterND", [past, indices(heads), update], present)
+                return add("TensorScatter", [past, update, write_at], present, axis=2, mode="linear")
+            if self.kv_int8:
+                readable = self._int8_state(graph, pair, heads, depth, write, add, c, var)
+                for n in nodes:
+                    for i, t in enumerate(n.inputs):
+                        if ir.is_op(n, "Attention") and t is pair.present:
+                            n.inputs[i] = readable
             else:
-                add("TensorScatter", [pair.past, pair.new, write], pair.present, axis=2, mode="linear")
+                write(pair.past, pair.new, pair.present)
             pair.present.shape = list(pair.past.shape)
         graph.nodes.extend(nodes)
         if roles.attention_mask is not None:
@@ -566,6 +576,29 @@ class StaticKVCache:
                 made[heads] = add("Concat", grid + [full], var(f"lmc_scatter_index_{heads}h", i64), axis=3)
             return made[heads]
         return mask, indices
+
+    @staticmethod
+    def _int8_state(graph, pair, heads, depth, write, add, c, var) -> gs.Tensor:
+        """``--kv-cache int8``: the state holds int8 rows q = round(x / s) with one scale per (token, head),
+        s = max|x| / 127, in a second state buffer; attention reads q · s. Returns that float tensor."""
+        f32, shape = np.float32, [pair.past.shape[0], heads, pair.past.shape[2]]
+        pair.past.dtype, pair.present.dtype = np.int8, np.int8
+        past_s = gs.Variable(pair.past.name + "_scale", dtype=f32, shape=shape + [1])
+        present_s = gs.Variable(pair.present.name + "_scale", dtype=f32, shape=shape + [1])
+        graph.inputs.insert(graph.inputs.index(pair.past) + 1, past_s)
+        graph.outputs.insert(graph.outputs.index(pair.present) + 1, present_s)
+        x = pair.new
+        amax = add("ReduceMax", [add("Abs", [x], var(x.name + "_abs", f32)), c("lmc_last_axis", [-1])],
+                   var(x.name + "_amax", f32), keepdims=1)
+        scale = add("Max", [add("Div", [amax, gs.Constant(x.name + "_127", np.array(127.0, f32))],
+                                var(x.name + "_scale0", f32)), gs.Constant(x.name + "_tiny", np.array(1e-12, f32))],
+                    var(x.name + "_scale", f32))
+        q = add("Cast", [add("Round", [add("Div", [x, scale], var(x.name + "_scaled", f32))], var(x.name + "_round", f32))],
+                var(x.name + "_int8", np.int8), to=onnx.TensorProto.INT8)
+        write(pair.past, q, pair.present)
+        write(past_s, scale, present_s)
+        wide = add("Cast", [pair.present], var(pair.present.name + "_float", f32), to=onnx.TensorProto.FLOAT)
+        return add("Mul", [wide, present_s], var(pair.present.name + "_dequantized", f32))
 
     @staticmethod
     def _require_opset(graph: gs.Graph, ctx: PassContext | None) -> None:

@@ -257,3 +257,15 @@ def test_sliding_ring_buffer_equals_windowed_attention_at_bounded_memory(tmp_pat
     decoder.reset()
     stepped = np.concatenate([decoder.forward(tokens[None, i:i + 1]) for i in range(60)], axis=1)
     assert np.abs(chunked - stepped).max() < 1e-5
+
+
+def test_int8_kv_cache_quarter_state_small_error(bundles, tmp_path):
+    out = tmp_path / "kv8"
+    result = build(FIXTURES / EXPORTS[0], BuildOptions(context=CONTEXT, kv_cache="int8"), out)
+    float_plan = json.loads((bundles[EXPORTS[0]] / "plan.json").read_text())
+    assert result.plan.state_bytes < float_plan["state"]["bytes"] / 2          # int8 rows + one scale per row
+    info = generation_info(out / "model.onnx")
+    assert len(info.state) == 8 and any(name.endswith("_scale") for name, _ in info.state)
+    report = compare_generation(FIXTURES / EXPORTS[0], out / "model.onnx", vocab=256, prompt=6, steps=12)
+    assert all(o.cosine > 0.9999 for o in report.outputs) and not result.verification.passed is None
+    assert "kv-cache int8" in BuildOptions(kv_cache="int8").approximations
