@@ -100,3 +100,130 @@ def test_max_ram_budget(model_dir, tmp_path, capsys):
                         str(tmp_path / "o"), "--json"], capsys)
     assert code == 0 and json.loads(out)["peak_ram_bytes"] <= 8 * 2**20
     assert run(["build", m, "--max-ram", "much", "-o", str(tmp_path / "p")], capsys)[0] == 2
+
+
+# --- rough edges: JSON errors, option ranges, repeated shapes, flags anywhere, quiet, exit 3 -------------
+
+def test_errors_under_json_are_json_on_stdout_and_one_line_on_stderr(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    code, out, err = run(["build", str(bad), "-o", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("lmc: error: ")
+    data = json.loads(out)
+    assert data["exit_code"] == 2 and "bad.onnx" in data["error"]
+    code, out, _ = run(["build", str(bad), "--json", "--samples-typo", "1"], capsys)     # a usage error too
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+
+
+@pytest.fixture(scope="module")
+def gpt2_bundle(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    from lmc.compiler.build import BuildOptions, build
+
+    build(model_dir / "tiny-gpt2.onnx", BuildOptions(input_shapes={"input_ids": (1, 8)}), out)
+    return out
+
+
+@pytest.mark.parametrize("args, option", [
+    (["verify", "{out}", "--against", "{m}", "--samples", "0"], "--samples"),
+    (["verify", "{out}", "--against", "{m}", "--windows", "0"], "--windows"),
+    (["verify", "{out}", "--against", "{m}", "--tolerance", "-1e-4"], "--tolerance"),
+    (["build", "{m}", "--input-shape", "input_ids=1x8", "--calib-samples", "0"], "--calib-samples"),
+    (["build", "{m}", "--input-shape", "input_ids=1x8", "--tolerance", "-1"], "--tolerance"),
+    (["generate", "{out}", "--prompt-tokens", "{m}", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_zero_counts_and_negative_tolerances_are_usage_errors(model_dir, gpt2_bundle, tmp_path, capsys, args,
+                                                              option):
+    m = str(model_dir / "tiny-gpt2.onnx")
+    args = [a.format(out=str(gpt2_bundle), m=m) for a in args]
+    code, out, err = run(args + ["-o", str(tmp_path / "o")] if args[0] == "build" else args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert option in err and not (tmp_path / "o").exists()
+
+
+def test_repeated_input_shape_is_an_error(model_dir, tmp_path, capsys):
+    code, _, err = run(["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=1x8",
+                        "--input-shape", "input_ids=1x16", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "input_ids" in err and "twice" in err and not (tmp_path / "o").exists()
+
+
+def test_verbose_and_quiet_after_the_subcommand(model_dir, tmp_path, capsys):
+    m = str(model_dir / "tiny-gpt2.onnx")
+    code, out, err = run(["build", m, "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "a"), "-v"], capsys)
+    assert code == 0 and "built" in out
+    code, out, err = run(["build", m, "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "b"), "--quiet"],
+                         capsys)
+    assert code == 0 and out == "" and (tmp_path / "b" / "model.onnx").is_file()
+    code, out, _ = run(["build", m, "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "c"), "-q", "--json"],
+                       capsys)
+    assert code == 0 and json.loads(out)["verification"]["passed"]
+    code, out, _ = run(["-q", "verify", str(tmp_path / "c"), "--against", m], capsys)
+    assert code == 0 and out == ""
+
+
+def test_onnxruntime_logs_errors_only(monkeypatch, capsys):
+    import onnxruntime
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "set_default_logger_severity", calls.append)
+    assert run(["targets", "--json"], capsys)[0] == 0
+    assert calls == [3]
+
+
+def test_no_color_progress_has_no_control_sequences(monkeypatch, capsys):
+    from lmc.compiler.cli import _status
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    _status("  fold-constants   0.01s", nl=False)
+    assert "\033" not in capsys.readouterr().err
+    monkeypatch.delenv("NO_COLOR")
+    _status("  fold-constants   0.01s", nl=False)
+
+
+def test_the_build_check_does_not_suggest_options_build_lacks(model_dir, gpt2_bundle):
+    import numpy as np
+
+    from lmc.compiler.errors import LmcError
+    from lmc.compiler.verify import compare_models, verify
+
+    m = model_dir / "tiny-gpt2.onnx"
+    wrong = [{"input_ids": np.zeros((1, 8), np.float32)}]       # inputs the original cannot run on
+    with pytest.raises(LmcError) as exc:                        # as lmc build's check calls it
+        compare_models(m, gpt2_bundle / "model.onnx", wrong, candidate_is_ours=True)
+    assert "--inputs" not in str(exc.value) and "--no-verify" in str(exc.value)
+    bad = gpt2_bundle.parent / "wrong.npz"
+    np.savez(bad, input_ids=wrong[0]["input_ids"])
+    with pytest.raises(LmcError) as exc:                        # lmc verify has --inputs, and no --no-verify
+        verify(gpt2_bundle, m, inputs=bad)
+    assert "--inputs" in str(exc.value) and "--no-verify" not in str(exc.value)
+
+
+def test_a_failed_build_verification_is_exit_3(model_dir, tmp_path, capsys, monkeypatch):
+    import lmc.compiler.build as build_module
+    from lmc.compiler.verify import OutputError, VerificationFailed, VerifyReport
+
+    report = VerifyReport((OutputError("logits", 1.0, 0.5, 0.9, None, 1e-6, 1e-4),), 1, 1e-4)
+
+    def failing_build(*args, **kwargs):
+        raise VerificationFailed(f"the compiled model differs from the original: {report.explain()}", report)
+
+    monkeypatch.setattr(build_module, "build", failing_build)
+    m = str(model_dir / "tiny-gpt2.onnx")
+    code, out, err = run(["build", m, "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "o"), "--json"], capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1 and "verification failed" in err and "logits" in err
+    data = json.loads(out)
+    assert data["exit_code"] == 3 and data["verification"]["outputs"][0]["spread"] == 1e-6
+
+
+def test_verify_failure_explains_itself(model_dir, tmp_path, capsys):
+    from lmc.models import build_gpt2
+    import onnx
+
+    other = tmp_path / "other.onnx"
+    onnx.save(build_gpt2(seed=7), str(other))
+    out = tmp_path / "out"
+    assert run(["build", str(other), "-o", str(out), "--input-shape", "input_ids=1x8"], capsys)[0] == 0
+    code, stdout, err = run(["verify", str(out), "--against", str(model_dir / "tiny-gpt2.onnx"), "--json"], capsys)
+    data = json.loads(stdout)          # one JSON document: the report, with the error in it
+    assert code == 3 and not data["passed"] and data["exit_code"] == 3 and "logits" in data["error"]
+    assert data["spread"] is not None and "spread" in err and len(err.strip().splitlines()) == 1
