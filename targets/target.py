@@ -44,6 +44,7 @@ class Tuning:
     fused_ops: frozenset[str]
     preferred_quantization: str
     int4_block_size: int
+    nbits_accuracy_level: int = 0   # MatMulNBits compute: 4 = int8 activations (dot-product units), 0 = float
 
     def can_emit(self, op: str, domain: str = "") -> bool:
         """True when the runtime has a kernel for ``domain.op`` (plain ``op`` for the ONNX domain)."""
@@ -85,6 +86,7 @@ class Target:
                 "fused_ops": sorted(self.tuning.fused_ops),
                 "preferred_quantization": self.tuning.preferred_quantization,
                 "int4_block_size": self.tuning.int4_block_size,
+                "nbits_accuracy_level": self.tuning.nbits_accuracy_level,
             },
             "memory": {
                 "ram_bytes": self.memory.ram_bytes,
@@ -116,6 +118,7 @@ def _parse(data: dict, source: str) -> Target:
                 fused_ops=frozenset(tuning.get("fused_ops", [])),
                 preferred_quantization=str(tuning.get("preferred_quantization", "int8")),
                 int4_block_size=int(tuning.get("int4_block_size", 32)),
+                nbits_accuracy_level=int(tuning.get("nbits_accuracy_level", 0)),
             ),
             memory=MemoryMode(
                 ram_bytes=int(memory["ram_bytes"]),

@@ -434,6 +434,9 @@ class QuantizeWeights:
             x = head.inputs[0]
             head.op, head.domain = "MatMulNBits", ir.MS_DOMAIN
             head.attrs = {"K": d, "N": v, "bits": bits, "block_size": block}
+            level = ctx.target.tuning.nbits_accuracy_level      # ctx.target is set: checked above
+            if level:
+                head.attrs["accuracy_level"] = int(level)
             head.inputs.clear()
             head.inputs.extend([x, data, scales] + ([head_zeros] if head_zeros is not None else []))
         scales3 = gs.Variable(names.fresh(const.name + "_block_scales_3d"), dtype=np.float32,
