@@ -8,8 +8,12 @@ The passes edit a ``gs.Graph``. This module holds the small, exact helpers they 
 - graph surgery: topological sort, dead-node removal, tensor replacement, fresh names;
 - predicates (``is_op`` checks domain as well as op type), constant access, byte sizes.
 
-Preconditions: the graph is a single (top-level) graph; subgraph-carrying ops (If/Loop/Scan) are left
-untouched by the passes that use these helpers.
+Subgraphs (If branches, Loop/Scan bodies) share tensor objects with the outer graph: a body that reads an
+outer tensor ``h`` holds the very ``gs.Variable`` the outer node wrote, and ``h.outputs`` lists the body's
+reading node. For every helper here a read inside a subgraph, at any depth, is a *use by the node holding
+the subgraph*: ``outer_reads(node)`` lists them, and the sort, dead-code removal and ``replace_tensor``
+honour them. ``to_graph`` gives every subgraph output its own producer inside the subgraph (an Identity
+where a body returned an outer tensor or a constant directly), so rewiring a tensor's readers is enough.
 """
 
 from __future__ import annotations
@@ -104,7 +108,84 @@ def scalar_value(tensor: gs.Tensor) -> float | None:
 
 
 def has_subgraph(node: gs.Node) -> bool:
-    return any(isinstance(v, gs.Graph) for v in node.attrs.values())
+    return bool(subgraphs(node))
+
+
+def subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The graphs a node holds as attributes (If branches, a Loop/Scan body; lists of graphs too)."""
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += [v for v in value if isinstance(v, gs.Graph)]
+    return found
+
+
+def _defined_in(graph: gs.Graph) -> set[int]:
+    """ids of the tensors a graph defines itself: its inputs and its nodes' outputs."""
+    defined = {id(t) for t in graph.inputs}
+    for n in graph.nodes:
+        defined.update(id(t) for t in n.outputs)
+    return defined
+
+
+def _reads_from_outside(graph: gs.Graph, out: dict[int, gs.Tensor]) -> None:
+    """Tensors read (as node inputs or listed as outputs) anywhere in ``graph`` and its nested subgraphs
+    that ``graph`` does not define, into ``out`` (by id, in first-read order)."""
+    defined = _defined_in(graph)
+    for n in graph.nodes:
+        for t in n.inputs:
+            if t.name and id(t) not in defined:
+                out.setdefault(id(t), t)
+        for sub in subgraphs(n):
+            inner: dict[int, gs.Tensor] = {}
+            _reads_from_outside(sub, inner)
+            for key, t in inner.items():
+                if key not in defined:
+                    out.setdefault(key, t)
+    for t in graph.outputs:
+        if t.name and id(t) not in defined:
+            out.setdefault(id(t), t)
+
+
+def outer_reads(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors the node's subgraphs read from enclosing scopes (at any depth), constants included: a use
+    of each by ``node``. Empty for a node without subgraphs."""
+    out: dict[int, gs.Tensor] = {}
+    for sub in subgraphs(node):
+        _reads_from_outside(sub, out)
+    return list(out.values())
+
+
+def all_reads(node: gs.Node) -> list[gs.Tensor]:
+    """The node's inputs followed by its subgraphs' outer reads: everything it needs before it runs."""
+    return list(node.inputs) + outer_reads(node) if has_subgraph(node) else list(node.inputs)
+
+
+def nested_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """Every subgraph held by a node of ``graph``, at any depth (outer before inner)."""
+    found: list[gs.Graph] = []
+    stack = [sub for n in reversed(graph.nodes) for sub in reversed(subgraphs(n))]
+    while stack:
+        sub = stack.pop()
+        found.append(sub)
+        stack += [s for n in reversed(sub.nodes) for s in reversed(subgraphs(n))]
+    return found
+
+
+def all_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name used in ``graph`` and its subgraphs, at any depth."""
+    names: set[str] = set()
+    for g in [graph, *nested_graphs(graph)]:
+        names.update(t.name for t in g.inputs)
+        names.update(t.name for t in g.outputs)
+        for n in g.nodes:
+            names.add(n.name)
+            names.update(t.name for t in n.inputs)
+            names.update(t.name for t in n.outputs)
+    names.discard("")
+    return names
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -123,15 +204,8 @@ def graph_outputs(graph: gs.Graph) -> set[str]:
 
 
 def weight_bytes(graph: gs.Graph) -> int:
-    """Bytes of all distinct constants referenced by the graph's nodes."""
-    seen: set[int] = set()
-    total = 0
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) and id(t) not in seen:
-                seen.add(id(t))
-                total += tensor_nbytes(t) or 0
-    return total
+    """Bytes of all distinct constants referenced by the graph's nodes (subgraphs included)."""
+    return sum(tensor_nbytes(c) or 0 for c in constants(graph))
 
 
 def bytes_by_dtype(graph: gs.Graph) -> dict[str, int]:
@@ -143,13 +217,21 @@ def bytes_by_dtype(graph: gs.Graph) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def constants(graph: gs.Graph) -> list[gs.Constant]:
-    """Distinct constants used by nodes, in first-use order."""
+def constants(graph: gs.Graph, nested: bool = True) -> list[gs.Constant]:
+    """Distinct constants used by nodes, in first-use order; with ``nested`` (the default) also those read
+    inside subgraphs (a node's outer reads right after its inputs, then the subgraphs' own constants)."""
     seen: dict[int, gs.Constant] = {}
     for node in graph.nodes:
-        for t in node.inputs:
+        for t in (all_reads(node) if nested else node.inputs):
             if isinstance(t, gs.Constant) and id(t) not in seen:
                 seen[id(t)] = t
+        if nested:
+            for sub in subgraphs(node):
+                for c in constants(sub):
+                    seen.setdefault(id(c), c)
+                for t in sub.outputs:
+                    if isinstance(t, gs.Constant):
+                        seen.setdefault(id(t), t)
     return list(seen.values())
 
 
@@ -189,10 +271,34 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         graph.inputs = [t for t in graph.inputs if t.name not in listed]     # gs already leaves them out
         if graph.ir_version is not None and graph.ir_version < _MIN_IR_VERSION:
             graph.ir_version = _MIN_IR_VERSION
+    own_subgraph_outputs(graph)
     setattr(graph, INITIALIZER_INPUTS, listed)
     setattr(graph, INPUT_ORDER, {vi.name: i for i, vi in enumerate(model.graph.input)})
     ensure_unique_names(graph)
     return graph
+
+
+def own_subgraph_outputs(graph: gs.Graph) -> int:
+    """Give every subgraph output (at any depth) a producer inside that subgraph: where a body lists an
+    outer tensor, one of its own inputs, or a constant as an output, an Identity inside the body writes a
+    fresh tensor instead. Then rewiring an outer tensor's readers (``replace_tensor``) never has to look
+    at body output lists. Returns how many Identity nodes were added."""
+    added = 0
+    subs = nested_graphs(graph)
+    if not subs:
+        return 0
+    names = Namer(graph)
+    for sub in subs:
+        produced = {id(t) for n in sub.nodes for t in n.outputs}
+        for i, t in enumerate(sub.outputs):
+            if id(t) in produced:
+                continue
+            out = gs.Variable(names.fresh(f"{t.name}_out"), dtype=t.dtype, shape=t.shape)
+            sub.nodes.append(gs.Node("Identity", names.fresh(f"{t.name}_identity"), inputs=[t], outputs=[out]))
+            produced.add(id(out))
+            sub.outputs[i] = out
+            added += 1
+    return added
 
 
 def initializer_inputs(graph: gs.Graph) -> dict[str, tuple[int, onnx.ValueInfoProto]]:
@@ -226,6 +332,8 @@ class Namer:
 
     def __init__(self, graph: gs.Graph):
         self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        if any(has_subgraph(n) for n in graph.nodes):
+            self.used |= all_names(graph)     # names in subgraphs must not be shadowed either
 
     def fresh(self, base: str) -> str:
         name, k = base, 0
@@ -244,7 +352,8 @@ def new_name(graph: gs.Graph, base: str) -> str:
 def topological_sort(graph: gs.Graph) -> None:
     """Restore a valid topological order in place — Kahn's algorithm, stable: among nodes that are ready,
     the one earliest in the current order goes first, so an already sorted graph keeps its order.
-    Raises ValueError on a cycle. Precondition: no subgraph reads outer tensors it does not list."""
+    A node depends on the producers of its inputs *and* of every outer tensor its subgraphs read (at any
+    depth); subgraph bodies are sorted the same way. Raises ValueError on a cycle."""
     import heapq
 
     nodes = list(graph.nodes)
@@ -252,7 +361,7 @@ def topological_sort(graph: gs.Graph) -> None:
     pending = {}
     readers: dict[int, list[gs.Node]] = {}
     for n in nodes:
-        deps = {id(t.inputs[0]) for t in n.inputs if len(t.inputs) == 1 and id(t.inputs[0]) in position}
+        deps = {id(t.inputs[0]) for t in all_reads(n) if len(t.inputs) == 1 and id(t.inputs[0]) in position}
         deps.discard(id(n))
         pending[id(n)] = len(deps)
         for d in deps:
@@ -270,32 +379,37 @@ def topological_sort(graph: gs.Graph) -> None:
     if len(order) != len(nodes):
         raise ValueError("the graph has a cycle")
     graph.nodes = order
+    for n in order:
+        for sub in subgraphs(n):
+            topological_sort(sub)
 
 
 def remove_dead_nodes(graph: gs.Graph) -> int:
-    """Drop nodes none of whose outputs reaches a graph output (reverse reachability); returns how many.
-    Nodes with subgraphs are kept when live like any other."""
+    """Drop nodes none of whose outputs reaches a graph output (reverse reachability); returns how many,
+    subgraphs included. A tensor read inside a subgraph (at any depth) is a use by the node holding it, so
+    its producer lives when that node does; inside each live body, nodes that reach no body output go too."""
+    nodes = list(graph.nodes)
+    mine = {id(n) for n in nodes}      # a body's outer reads have producers outside it: not walked here
     live: set[int] = set()
     stack = [t.inputs[0] for t in graph.outputs if len(t.inputs) == 1]
     while stack:
         n = stack.pop()
-        if id(n) in live:
+        if id(n) in live or id(n) not in mine:
             continue
         live.add(id(n))
-        for t in n.inputs:
+        for t in all_reads(n):
             if len(t.inputs) == 1 and id(t.inputs[0]) not in live:
                 stack.append(t.inputs[0])
-        for value in n.attrs.values():
-            if isinstance(value, gs.Graph):        # outer tensors a subgraph reads keep their producers
-                for t in value.tensors().values():
-                    if len(t.inputs) == 1 and id(t.inputs[0]) not in live and t.inputs[0] not in value.nodes:
-                        stack.append(t.inputs[0])
-    dead = [n for n in graph.nodes if id(n) not in live]
+    dead = [n for n in nodes if id(n) not in live]
     for n in dead:
         n.inputs.clear()
         n.outputs.clear()
-    graph.nodes = [n for n in graph.nodes if id(n) in live]
-    return len(dead)
+    graph.nodes = [n for n in nodes if id(n) in live]
+    removed = len(dead)
+    for n in graph.nodes:
+        for sub in subgraphs(n):
+            removed += remove_dead_nodes(sub)
+    return removed
 
 
 def constant_bytes(const: gs.Constant) -> bytes:
@@ -340,12 +454,25 @@ def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES)
     finally:
         for const, values in originals:
             const._values = values
-    for i, init in enumerate(model.graph.initializer):
-        if init.name in stubs:
-            model.graph.initializer[i].CopyFrom(stubs[init.name])
+    _swap_stubs(model.graph, stubs)
     del model.opset_import[:]
     model.opset_import.extend(opset_imports(graph))
     return model
+
+
+def _swap_stubs(graph: onnx.GraphProto, stubs: dict[str, onnx.TensorProto]) -> None:
+    """Put the stubs in place of the placeholder initializers of ``graph`` and of its subgraphs (gs writes
+    an outer constant a body reads among that body's initializers as well)."""
+    for i, init in enumerate(graph.initializer):
+        if init.name in stubs:
+            graph.initializer[i].CopyFrom(stubs[init.name])
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _swap_stubs(attr.g, stubs)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _swap_stubs(g, stubs)
 
 
 # ----------------------------------------------------------------------------------------- rewriting
@@ -355,7 +482,7 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     when that would rename a graph input, a constant, or another graph output."""
     out_names = graph_outputs(graph)
     if old.name in out_names:
-        if isinstance(new, gs.Constant) or new in graph.inputs or new.name in out_names:
+        if isinstance(new, gs.Constant) or any(t is new for t in graph.inputs) or new.name in out_names:
             return False
     for consumer in list(old.outputs):
         for i, t in enumerate(consumer.inputs):
@@ -382,3 +509,4 @@ def bypass(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: i
     node.outputs.clear()
     node.inputs.clear()
     return True
+

@@ -3,13 +3,16 @@
 ``infer_shapes`` runs onnx shape inference (data propagation on) on ``ir.export_skeleton(graph)`` — large
 constants are dtype+dims stubs, so no weight is copied and graphs over 2 GB infer — and writes the inferred
 dtypes/shapes back onto the graph's variables. Any dim still dynamic when planning is a ``ShapeError``
-naming the tensor (or the input and the dim).
+naming the tensor (or the input and the dim). Subgraph tensors (If branches, Loop/Scan bodies) get their
+inferred shapes too. ``bind_input_values`` fixes an input's *value* (e.g. a sample-rate scalar that picks an
+If branch): the input becomes a constant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -29,23 +32,53 @@ def infer_shapes(graph: gs.Graph) -> None:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
         raise ShapeError(f"shape inference failed: {str(exc).splitlines()[0]}") from exc
-    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    _write_back(graph, inferred.graph)
+
+
+def _write_back(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Copy inferred dtypes/shapes from ``proto`` (the export of ``graph``, same node order) onto the
+    graph's variables, then into each subgraph from the matching node attribute; a Loop's loop-carried
+    outputs get the shape their initial value and the body's output agree on."""
+    infos = {vi.name: vi for vi in list(proto.value_info) + list(proto.output)}
     for name, var in graph.tensors().items():
-        if not isinstance(var, gs.Variable) or name not in infos:
-            continue
-        ttype = infos[name].type.tensor_type
-        if not ttype.HasField("elem_type") or ttype.elem_type == 0:
-            continue
-        if ttype.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
-            old = var.shape
-            if old is None or static_shape(var) is None or all(isinstance(d, int) for d in dims):
-                var.shape = dims
-        if var.dtype is None:
-            try:
-                var.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-            except (KeyError, TypeError):
-                var.dtype = ttype.elem_type
+        if isinstance(var, gs.Variable) and name in infos:
+            _apply(var, infos[name].type.tensor_type)
+    for var in graph.outputs:
+        if isinstance(var, gs.Variable) and var.name in infos:
+            _apply(var, infos[var.name].type.tensor_type)
+    if len(proto.node) != len(graph.nodes):
+        return
+    for node, node_proto in zip(graph.nodes, proto.node):
+        attrs = {a.name: a for a in node_proto.attribute}
+        for key, value in node.attrs.items():
+            if isinstance(value, gs.Graph) and key in attrs and attrs[key].type == onnx.AttributeProto.GRAPH:
+                _write_back(value, attrs[key].g)
+        if node.op == "Loop" and (node.domain or "") in ("", "ai.onnx") and isinstance(node.attrs.get("body"), gs.Graph):
+            body = node.attrs["body"]
+            for i, out in enumerate(node.outputs[:max(0, len(node.inputs) - 2)]):
+                initial = node.inputs[2 + i]
+                body_out = body.outputs[1 + i] if 1 + i < len(body.outputs) else None
+                shape = static_shape(initial)
+                if (shape is not None and body_out is not None and static_shape(body_out) == shape
+                        and static_shape(out) is None):
+                    out.shape = list(shape)
+                    if out.dtype is None:
+                        out.dtype = initial.dtype
+
+
+def _apply(var: gs.Variable, ttype) -> None:
+    if not ttype.HasField("elem_type") or ttype.elem_type == 0:
+        return
+    if ttype.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        old = var.shape
+        if old is None or static_shape(var) is None or all(isinstance(d, int) for d in dims):
+            var.shape = dims
+    if var.dtype is None:
+        try:
+            var.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        except (KeyError, TypeError):
+            var.dtype = ttype.elem_type
 
 
 def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None:
@@ -71,6 +104,52 @@ def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None
         if any(d < 0 for d in dims):
             raise ShapeError(f"input '{name}': dims must be ≥ 0, got {_fmt(dims)}")
         var.shape = dims
+
+
+def bind_input_values(graph: gs.Graph, values: Mapping[str, np.ndarray]) -> None:
+    """Fix named graph inputs to the given values: each becomes a constant (same name) that every reader
+    reads instead — inside If/Loop/Scan bodies too — and leaves ``graph.inputs``. Constant folding then
+    folds what depends on it (an ``If`` on ``sr == 16000`` becomes its chosen branch).
+
+    A value is converted to the input's dtype (a value that changes when converted is refused) and must
+    have the input's rank, and its shape must match every static dim (dynamic dims take the value's).
+    Unknown names, inputs that are also graph outputs and mismatches raise ``ShapeError`` (a user error).
+    """
+    inputs = {t.name: t for t in graph.inputs}
+    bound: list[gs.Tensor] = []
+    for name, given in values.items():
+        if name not in inputs:
+            raise ShapeError(f"--input-value names '{name}', but the model's inputs are: "
+                             f"{', '.join(inputs) or '(none)'}")
+        var = inputs[name]
+        if name in graph_outputs(graph):
+            raise ShapeError(f"--input-value: input '{name}' is also a model output; it cannot be fixed")
+        raw = np.asarray(given)
+        dtype = np.dtype(var.dtype) if var.dtype is not None else raw.dtype
+        try:
+            value = raw.astype(dtype)
+            same = raw.dtype == dtype or bool(np.all(value.astype(raw.dtype) == raw))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ShapeError(f"--input-value {name}: {raw.tolist()!r} is not representable as the input's "
+                             f"dtype {dtype}")
+        if var.shape is not None:
+            if len(var.shape) != value.ndim:
+                raise ShapeError(f"--input-value {name}: the input has rank {len(var.shape)} ({_fmt(var.shape)}), "
+                                 f"the value has shape {_fmt(value.shape)}")
+            for axis, (dim, got) in enumerate(zip(var.shape, value.shape)):
+                if isinstance(dim, int) and dim >= 0 and dim != got:
+                    raise ShapeError(f"--input-value {name}: dim {axis} is fixed at {dim}, the value has "
+                                     f"shape {_fmt(value.shape)}")
+        const = gs.Constant(name, np.ascontiguousarray(value))
+        for reader in list(var.outputs):          # body nodes reading it are in var.outputs as well
+            for i, t in enumerate(reader.inputs):
+                if t is var:
+                    reader.inputs[i] = const
+        var.name = f"{name}__bound"
+        bound.append(var)
+    graph.inputs = [t for t in graph.inputs if not any(t is b for b in bound)]
 
 
 def _initializer_to_input(graph: gs.Graph, name: str) -> gs.Variable:

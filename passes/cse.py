@@ -3,7 +3,9 @@
 Exact. Two nodes are the same computation when they have the same op, domain and attributes and read the
 same tensors in the same order (constants compared by identity — dedup-weights has already merged equal
 ones). Nodes are visited in topological order, so chains of duplicates merge in one pass. Random ops and
-ops with subgraphs are never merged.
+ops with subgraphs are never merged. Readers of a merged duplicate's outputs are rewired wherever they
+are — inside If/Loop/Scan bodies too (a body reads the outer tensor object itself) — and each body is
+itself deduplicated within its own scope (its outputs kept, like the graph's).
 """
 
 from __future__ import annotations
@@ -33,28 +35,39 @@ class EliminateCommonSubexpressions:
     preserves_shapes = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        seen: dict[tuple, gs.Node] = {}
-        merged = 0
-        for node in list(graph.nodes):
-            if (not node.outputs or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
-                    or any(o.name in ir.graph_outputs(graph) for o in node.outputs)):
-                continue
-            try:
-                key = (node.op, node.domain or "", tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
-                       tuple(id(t) for t in node.inputs), len(node.outputs))
-                hash(key)
-            except TypeError:
-                continue
-            first = seen.get(key)
-            if first is None:
-                seen[key] = node
-                continue
-            for dup, kept in zip(list(node.outputs), first.outputs):
-                for reader in list(dup.outputs):
-                    for i, t in enumerate(reader.inputs):
-                        if t is dup:
-                            reader.inputs[i] = kept
-            node.outputs.clear()
-            node.inputs.clear()
-            merged += 1
+        merged = _merge(graph)
+        for sub in ir.nested_graphs(graph):
+            merged += _merge(sub)
         return PassResult(graph, modified=bool(merged), stats={"nodes_merged": merged})
+
+
+def _merge(graph: gs.Graph) -> int:
+    """Merge duplicate nodes of one graph (not its subgraphs); returns how many were removed."""
+    seen: dict[tuple, gs.Node] = {}
+    removed: set[int] = set()
+    outputs = ir.graph_outputs(graph)
+    for node in list(graph.nodes):
+        if (not node.outputs or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
+                or any(o.name in outputs for o in node.outputs)):
+            continue
+        try:
+            key = (node.op, node.domain or "", tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
+                   tuple(id(t) for t in node.inputs), len(node.outputs))
+            hash(key)
+        except TypeError:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        for dup, kept in zip(list(node.outputs), first.outputs):
+            for reader in list(dup.outputs):
+                for i, t in enumerate(reader.inputs):
+                    if t is dup:
+                        reader.inputs[i] = kept
+        node.outputs.clear()
+        node.inputs.clear()
+        removed.add(id(node))
+    if removed:
+        graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    return len(removed)

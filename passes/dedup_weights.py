@@ -4,6 +4,9 @@ Exact. Candidates are grouped by (dtype, shape); within a group each constant's 
 (SHA-256, one tensor loaded at a time), and equal digests are confirmed by comparing the bytes before the
 consumers of the duplicate are pointed at the kept constant (the first one in graph order). Works for
 every dtype, any size — from the scalar ``[1]`` vectors folding leaves behind to embedding tables.
+Constants read inside subgraphs (If branches, Loop/Scan bodies, at any depth) take part like any other:
+their readers are pointed at the kept constant as well (an exported subgraph lists the outer constants it
+reads among its own initializers, so any scope may read the kept one).
 """
 
 from __future__ import annotations
@@ -66,11 +69,12 @@ class DedupWeights:
         consts = ir.constants(graph)
         replace = find_duplicates(consts)
         saved = 0
-        for node in graph.nodes:
-            for i, t in enumerate(node.inputs):
-                kept = replace.get(id(t))
-                if kept is not None:
-                    node.inputs[i] = kept
+        for g in (graph, *ir.nested_graphs(graph)):      # constants read inside If/Loop/Scan bodies too
+            for node in g.nodes:
+                for i, t in enumerate(node.inputs):
+                    kept = replace.get(id(t))
+                    if kept is not None:
+                        node.inputs[i] = kept
         for c in consts:
             if id(c) in replace:
                 saved += ir.tensor_nbytes(c) or 0

@@ -16,7 +16,10 @@ Exact. One run does:
    in a scratch buffer. Each refused tensor is named in the notes.
 5. Outputs of folded nodes read by the remaining graph become ``gs.Constant`` tensors.
 A ``Where`` whose condition is a constant that is all true (or all false) becomes its X (or Y) input when
-that input already has the output's shape.
+that input already has the output's shape. An ``If`` whose condition is a constant becomes the nodes of the
+branch it picks, in its place: the branch's own tensors and nodes get fresh names (a sibling scope may use
+the same ones), its reads of outer tensors stay wired to them, and the If's outputs keep their names.
+Nodes whose outputs are read only inside subgraphs fold like any other (the readers get the constant).
 
 The PassManager repeats this with shape inference in between until nothing changes.
 """
@@ -48,6 +51,7 @@ class FoldStats:
     failed: dict[str, str] = field(default_factory=dict)      # node name -> reason
     refused: dict[str, int] = field(default_factory=dict)     # tensor name -> bytes
     where: int = 0
+    ifs: int = 0
 
 
 def _fold_shapes(graph: gs.Graph, stats: FoldStats, names: ir.Namer) -> None:
@@ -203,6 +207,7 @@ class FoldConstants:
         names = ir.Namer(graph)
         _fold_shapes(graph, stats, names)
         stats.where = _fold_constant_where(graph)
+        stats.ifs = _inline_constant_ifs(graph, names)
         excluded = set(self._refused) | set(self._failed)
         nodes = _foldable_closure(graph, excluded)
         values: dict[str, np.ndarray] = {}
@@ -225,9 +230,10 @@ class FoldConstants:
         notes = [f"not folded: node '{n}' failed to evaluate: {r}" for n, r in stats.failed.items()]
         notes += [f"not folded: '{t}' would be a {b}-byte constant (> {limit}-byte growth limit)"
                   for t, b in stats.refused.items()]
-        modified = bool(stats.shapes or stats.folded or stats.where)
+        modified = bool(stats.shapes or stats.folded or stats.where or stats.ifs)
         return PassResult(graph, modified=modified, stats={
             "shape_ops_folded": stats.shapes, "nodes_folded": stats.folded, "where_simplified": stats.where,
+            "if_inlined": stats.ifs,
             "eval_failures": len(stats.failed), "refused_blowups": len(stats.refused)}, notes=notes)
 
     def _evaluate_all(self, graph: gs.Graph, nodes: list[gs.Node], stats: FoldStats) -> dict[str, np.ndarray]:
@@ -299,3 +305,67 @@ def _fold_constant_where(graph: gs.Graph) -> int:
             node.inputs.clear()
             count += 1
     return count
+
+
+def _inline_constant_ifs(graph: gs.Graph, names: ir.Namer) -> int:
+    """Replace every top-level ``If`` whose condition is a one-element constant by the nodes of the branch
+    it selects; returns how many."""
+    count = 0
+    for node in list(graph.nodes):
+        if not ir.is_op(node, "If") or not node.inputs or not node.outputs:
+            continue
+        cond = ir.const_value(node.inputs[0])
+        if cond is None or cond.size != 1:
+            continue
+        branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        if not isinstance(branch, gs.Graph) or len(branch.outputs) != len(node.outputs) or branch.inputs:
+            continue
+        _inline_branch(graph, node, branch, names)
+        count += 1
+    return count
+
+
+def _inline_branch(graph: gs.Graph, node: gs.Node, branch: gs.Graph, names: ir.Namer) -> None:
+    # A name the branch defines may also name another tensor in a sibling scope (legal there, a clash once
+    # the branch is part of the outer graph): those tensors — and every inlined node — get fresh names.
+    owners: dict[str, set[int]] = {}
+    for g in (graph, *ir.nested_graphs(graph)):
+        for t in [*g.inputs, *g.outputs, *(t for n in g.nodes for t in [*n.inputs, *n.outputs])]:
+            if t.name:
+                owners.setdefault(t.name, set()).add(id(t))
+    local_vars = {id(t): t for n in branch.nodes for t in n.outputs if t.name}
+    branch_consts = {id(t): t for n in branch.nodes for t in n.inputs if isinstance(t, gs.Constant)}
+    for t in [*local_vars.values(), *branch_consts.values()]:
+        if len(owners.get(t.name, ())) > 1:
+            t.name = names.fresh(t.name)
+    node_names = {n.name for n in graph.nodes if n is not node}
+    for n in branch.nodes:
+        if not n.name or n.name in node_names:
+            n.name = names.fresh(n.name or n.op)
+        node_names.add(n.name)
+    if_outputs = list(node.outputs)
+    cond = node.inputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    extra: list[gs.Node] = []
+    moved: dict[int, gs.Tensor] = {}       # id(branch output) -> the If output its producer now writes
+    for b_out, i_out in zip(list(branch.outputs), if_outputs):
+        if i_out.dtype is None:
+            i_out.dtype = b_out.dtype
+        if ir.static_shape(i_out) is None and ir.static_shape(b_out) is not None:
+            i_out.shape = list(b_out.shape)
+        producer = ir.producer(b_out)
+        if id(b_out) in local_vars and id(b_out) not in moved and producer is not None:
+            for reader in list(b_out.outputs):     # other branch nodes reading it read the If output now
+                for k, t in enumerate(reader.inputs):
+                    if t is b_out:
+                        reader.inputs[k] = i_out
+            producer.outputs[producer.outputs.index(b_out)] = i_out
+            moved[id(b_out)] = i_out
+        else:    # an outer tensor, a constant, or a tensor already written to another If output
+            src = moved.get(id(b_out), b_out)
+            extra.append(gs.Node("Identity", names.fresh(f"{i_out.name}_identity"), inputs=[src], outputs=[i_out]))
+    nodes = list(graph.nodes)
+    at = next(i for i, n in enumerate(nodes) if n is node)
+    graph.nodes = nodes[:at] + list(branch.nodes) + extra + nodes[at + 1:]
+    log.debug("inlined the %s branch of If '%s' (condition '%s')", branch.name, node.name, cond.name)

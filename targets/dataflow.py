@@ -3,7 +3,9 @@
 This is all the scheduler, liveness analysis and arena planner know — no ONNX. ``sizes`` holds only the
 tensors the arena must place (intermediates); names absent from it (graph inputs/outputs, weights) are
 ignored by the planner. ``scratch`` is per-step working memory a kernel needs beyond its outputs (e.g. the
-score matrix inside a fused attention op): a buffer alive for that one step.
+score matrix inside a fused attention op): a buffer alive for that one step. A step holding subgraphs (an If
+or Loop/Scan node) lists the outer tensors its bodies read among its inputs, and its scratch includes the
+largest live set of its bodies' own intermediates.
 """
 
 from __future__ import annotations
