@@ -11,9 +11,12 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 
-def run_ort(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
+def run_ort(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray], optimize: bool = True,
+            threads: int = 0) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
