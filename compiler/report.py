@@ -54,8 +54,20 @@ def render_report(result, model_name: str) -> str:
         f"- tensors in arena: {len(plan.tensors)}, kernel scratch buffers: {len(plan.scratch)}",
         f"- inputs + outputs: {plan.io_bytes} bytes",
         "- weights: " + ", ".join(f"{k} {v} bytes" for k, v in sorted(plan.weights_bytes.items()) if v),
-        f"- peak RAM (arena + io + RAM-resident weights): {plan.peak_ram_bytes} bytes ({mib(plan.peak_ram_bytes)})",
+        f"- peak RAM (arena + io + RAM-resident weights{' + state' if plan.state else ''}): {plan.peak_ram_bytes} "
+        f"bytes ({mib(plan.peak_ram_bytes)})",
     ]
+    if plan.state:
+        lines += [f"- state (KV cache, updated in place): {plan.state_bytes} bytes ({mib(plan.state_bytes)}) in "
+                  f"{len(plan.state)} buffers", "", "| profile | tokens per step | arena | io | peak RAM | predicted "
+                  "resident peak |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p.name} | {p.sequence} | {mib(p.arena_bytes)} | {mib(p.io_bytes)} | {mib(p.peak_ram_bytes)} | "
+                  f"{mib(p.predicted_peak_bytes)} |" for p in plan.profiles]
+        lines.append("")
+    if plan.runtime:
+        items = ", ".join(f"{k} {mib(v)}" for k, v in plan.runtime["items"].items() if v)
+        lines.append(f"- runtime ({plan.runtime['session_options']}): predicted resident peak "
+                     f"{mib(plan.runtime['predicted_peak_bytes'])} = {items}")
     peak_step, live = peak_live_set(plan)
     if live:
         lines += ["", f"At the busiest step ({peak_step}: `{plan.schedule[peak_step]}`) these tensors are live "
