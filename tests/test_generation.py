@@ -269,3 +269,28 @@ def test_int8_kv_cache_quarter_state_small_error(bundles, tmp_path):
     report = compare_generation(FIXTURES / EXPORTS[0], out / "model.onnx", vocab=256, prompt=6, steps=12)
     assert all(o.cosine > 0.9999 for o in report.outputs) and not result.verification.passed is None
     assert "kv-cache int8" in BuildOptions(kv_cache="int8").approximations
+
+
+def test_tiled_heads_are_not_repeat_kv(tmp_path):
+    """Near miss (optimum form): Unsqueeze at axis 1 before Expand/Reshape tiles the kv heads (query head h
+    reads kv head h mod kv), which GQA's h // r grouping does not compute."""
+    def edit(graph):
+        unsqueeze = next(n for n in graph.node if n.op_type == "Unsqueeze" and n.input[0] == "present.1.key")
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axis_one"))
+        unsqueeze.input[1] = "axis_one"
+    model = _edit(FIXTURES / "llama-past-optimum.onnx", tmp_path / "m.onnx", edit)
+    greedy(PastDecoder(model), [1, 2, 3], 2)                      # the edited original still runs
+    with pytest.raises(LmcError, match="repeat_kv"):
+        build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
+
+
+def test_dynamo_key_transpose_must_swap_the_last_axes(tmp_path):
+    """Near miss (dynamo form): Reshape → Transpose → Reshape around kᵀ with a permutation that is not the
+    swap of the last two axes (same sizes, other values) is refused."""
+    def edit(graph):
+        node = next(n for n in graph.node if n.name == "node_Transpose_456")
+        node.attribute[0].ints[:] = [1, 0, 2]
+    model = _edit(FIXTURES / "llama-past-dynamo.onnx", tmp_path / "m.onnx", edit)
+    greedy(PastDecoder(model), [1, 2, 3], 2)
+    with pytest.raises(LmcError, match="no attention recognised"):
+        build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
