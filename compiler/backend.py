@@ -190,7 +190,7 @@ def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False,
     (input, output) pairs share one buffer (a generation bundle's cache) and are planned as state."""
     shapes.require_static_shapes(graph)
     alignment = target.memory.alignment
-    flow = dataflow_of(graph)
+    flow = dataflow_of(graph, alignment=alignment)
     order, scheduler = choose_schedule(flow, alignment)
     nodes = list(graph.nodes)
     graph.nodes = [nodes[i] for i in order]
