@@ -64,14 +64,43 @@ def _seq_dims(first: tuple | None, second: tuple | None) -> list[int]:
     return [k for k, (a, b) in enumerate(zip(first, second)) if a != b]
 
 
-def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int]) -> int:
+def _reshape_target(value1, value2, readers, first: Snapshot, second: Snapshot) -> np.ndarray | None:
+    """A Reshape target for any length: a differing entry k becomes 0 (copy the input's dim k, which
+    differs the same way) or −1 (at most one); None when that does not cover it."""
+    if not all(ir.is_op(r, "Reshape") and int(r.attrs.get("allowzero", 0)) == 0 for r in readers):
+        return None
+    target = value2.astype(np.int64).copy()
+    for k in np.flatnonzero(value1 != value2):
+        copy = all(k in _seq_dims(first.shapes.get(r.inputs[0].name), second.shapes.get(r.inputs[0].name))
+                   and second.shapes[r.inputs[0].name][k] == value2[k] for r in readers)
+        target[k] = 0 if copy else -1
+    return target if np.sum(target == -1) <= 1 else None
+
+
+def _affine(value1: np.ndarray, value2: np.ndarray, lengths: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(a, b) with value = a·S + b elementwise for integer a, b, or None."""
+    if value1.dtype.kind not in "iu" or value1.shape != value2.shape:
+        return None
+    (s1, s2), delta = lengths, value2.astype(np.int64) - value1.astype(np.int64)
+    if np.any(delta % (s2 - s1)):
+        return None
+    a = np.asarray(delta // (s2 - s1), dtype=np.int64)
+    return a, np.asarray(value1.astype(np.int64) - a * s1, dtype=np.int64)
+
+
+def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], sequence_of: gs.Tensor) -> int:
     """Turn ``graph`` (compiled at ``lengths[1]``) into the graph for any length, given the snapshot of
-    the compile at ``lengths[0]``; returns how many Reshape targets were generalised."""
+    the compile at ``lengths[0]``; ``sequence_of`` is an input whose dim 1 is the sequence length S.
+    A differing constant is a Reshape target made of copies (0) and at most one −1, or, if integer and
+    affine in S (a·S + b), computed at run time from Shape(sequence_of)[1]; anything else is an error.
+    Returns how many constants were generalised."""
     if _signature(graph) != first.signature:
         raise LmcError("--context: the compiled graph depends on the sequence length (different rewrites "
                        "at two lengths); lmc cannot emit one model for prefill and decode")
     second = snapshot(graph)
     by_name = {c.name: c for c in ir.constants(graph)}
+    names = ir.Namer(graph)
+    length: list[gs.Tensor] = []
     changed = 0
     for name, (shape2, value2) in second.constants.items():
         shape1, value1 = first.constants.get(name, (None, None))
@@ -79,22 +108,53 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int]) -> in
             continue
         const = by_name[name]
         readers = list(const.outputs)
-        if shape1 != shape2 or not readers or not all(ir.is_op(r, "Reshape") and r.inputs[1] is const
-                                                      for r in readers):
-            what = readers[0].op if readers else "nothing"
-            raise LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
+        what = readers[0].op if readers else "nothing"
+        refused = LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
                            f"lmc cannot emit it for variable lengths")
-        target = value2.astype(np.int64).copy()
-        for k in np.flatnonzero(value1 != value2):
-            ok = all(int(r.attrs.get("allowzero", 0)) == 0 and k in _seq_dims(first.shapes.get(r.inputs[0].name),
-                                                                               second.shapes.get(r.inputs[0].name))
-                     and second.shapes[r.inputs[0].name][k] == value2[k] for r in readers)
-            target[k] = 0 if ok else -1
-        if np.sum(target == -1) > 1:
-            raise LmcError(f"--context: reshape target '{name}' has two dims that depend on the sequence length")
-        const.values = target
+        if shape1 != shape2 or value1 is None or not readers:
+            raise refused
+        target = _reshape_target(value1, value2, readers, first, second) if all(
+            r.inputs[1] is const for r in readers if ir.is_op(r, "Reshape")) else None
+        if target is not None:
+            const.values = target
+        else:
+            coefficients = _affine(value1, value2, lengths)
+            if coefficients is None:
+                raise refused
+            runtime = _affine_tensor(graph, names, coefficients, value2.dtype, sequence_of, length, name)
+            for reader in readers:
+                for i, t in enumerate(reader.inputs):
+                    if t is const:
+                        reader.inputs[i] = runtime
         changed += 1
+    if length:
+        ir.topological_sort(graph)
     return changed
+
+
+def _affine_tensor(graph, names, coefficients, dtype, sequence_of, length: list, base: str) -> gs.Tensor:
+    """a·S + b as run-time nodes (S = Shape(sequence_of)[1], made once into ``length``)."""
+    a, b = coefficients
+    i64 = np.int64
+    if not length:
+        s = gs.Variable(names.fresh("lmc_sequence_length"), dtype=i64, shape=[1])
+        graph.nodes.append(gs.Node("Shape", name=s.name, attrs={"start": 1, "end": 2}, inputs=[sequence_of],
+                                   outputs=[s]))
+        length.append(s)
+    shaped = gs.Variable(names.fresh(base + "_length"), dtype=i64, shape=[1] * a.ndim)
+    scaled = gs.Variable(names.fresh(base + "_scaled"), dtype=i64, shape=list(a.shape))
+    out = gs.Variable(names.fresh(base + "_runtime"), dtype=i64, shape=list(a.shape))
+    graph.nodes += [
+        gs.Node("Reshape", name=shaped.name, inputs=[length[0], gs.Constant(names.fresh(base + "_rank"),
+                                                                              np.ones(a.ndim, i64))], outputs=[shaped]),
+        gs.Node("Mul", name=scaled.name, inputs=[shaped, gs.Constant(names.fresh(base + "_a"), a)], outputs=[scaled]),
+        gs.Node("Add", name=out.name, inputs=[scaled, gs.Constant(names.fresh(base + "_b"), b)], outputs=[out])]
+    if np.dtype(dtype) == i64:
+        return out
+    cast = gs.Variable(names.fresh(base + "_cast"), dtype=np.dtype(dtype), shape=list(a.shape))
+    graph.nodes.append(gs.Node("Cast", name=cast.name, attrs={"to": ir.onnx_dtype(np.dtype(dtype))},
+                               inputs=[out], outputs=[cast]))
+    return cast
 
 
 Template = dict[str, list[tuple[int, int]] | None]    # tensor -> per dim (a, b): size = a·S + b
@@ -225,7 +285,8 @@ def compile_generation(model_path, context: int, batch: int,
             del graph
     info = _info(graph, context, batch)
     templates = shape_templates(graph, first, PROBE_LENGTHS)
-    generalised = generalise(graph, first, PROBE_LENGTHS)
+    ids = next(t for t in graph.inputs if t.name == info.input_ids)
+    generalised = generalise(graph, first, PROBE_LENGTHS, ids)
     log.info("generalised %d reshape targets over the sequence length", generalised)
     bind_sequence(graph, SEQUENCE_DIM, templates)
     return graph, records, info, templates

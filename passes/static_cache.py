@@ -389,6 +389,45 @@ def _bound(t: gs.Tensor, axis: int) -> int | None:
     return d if isinstance(d, int) and d >= 0 else None
 
 
+def _probes(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> list[tuple[int, int, int]]:
+    """(batch, past, sequence) probes: the graph's bound dims, past lengths 0, 3, 4 where free."""
+    ids = next(t for t in graph.inputs if t.name == roles.input_ids)
+    past = _bound(pairs[0].past, 2)
+    return [(_bound(ids, 0) or 1, p, _bound(ids, 1) or 1) for p in ((past,) if past is not None else PROBE_PAST)]
+
+
+def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> list[gs.Tensor]:
+    """Range outputs that compute the new tokens' positions P … P+S−1 from the cache length (exports
+    without a ``position_ids`` input, e.g. Gemma's): checked on the probes, to be read from the positions
+    instead (their length would otherwise depend on input values)."""
+    from lmc.compiler.runtime import session
+
+    pasts = {p.past.name for p in pairs}
+    candidates = [n.outputs[0] for n in graph.nodes if ir.is_op(n, "Range") and ir.scalar_value(n.inputs[2]) == 1
+                  and _cone_reads(n.outputs[0]) & pasts]
+    if not candidates:
+        return []
+    sess = session(_cone_model(graph, candidates), optimize=False)
+    found = list(candidates)
+    for b, p, s in _probes(graph, roles, pairs):
+        values = sess.run([t.name for t in candidates], _probe_feeds(graph, roles, pairs, b, p, s))
+        found = [t for t, v in zip(candidates, values) if t in found and np.array_equal(v, np.arange(p, p + s))]
+    return found
+
+
+def _cone_reads(t: gs.Tensor) -> set[str]:
+    seen, stack, leaves = set(), [t], set()
+    while stack:
+        x = stack.pop()
+        node = ir.producer(x)
+        if node is None:
+            leaves.add(x.name)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack += list(node.inputs)
+    return leaves
+
+
 def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:
     """Evaluate every site's mask on probes (batch, past, sequence) — the graph's bound dims, and past
     lengths 0, 3, 4 where the cache length is free; raise LmcError unless each is the causal mask."""
@@ -396,10 +435,7 @@ def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: li
 
     masks = list({id(s.mask): s.mask for s in sites}.values())
     sess = session(_cone_model(graph, masks), optimize=False)
-    ids = next(t for t in graph.inputs if t.name == roles.input_ids)
-    past = _bound(pairs[0].past, 2)
-    probes = [(_bound(ids, 0) or 1, p, _bound(ids, 1) or 1) for p in ((past,) if past is not None else PROBE_PAST)]
-    for b, p, s in probes:
+    for b, p, s in _probes(graph, roles, pairs):
         values = sess.run([m.name for m in masks], _probe_feeds(graph, roles, pairs, b, p, s))
         allowed = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]          # [S, P+S]
         for site_mask, value in zip(masks, values):
@@ -456,6 +492,7 @@ class StaticKVCache:
         roles = find_roles(graph)
         sites = find_sites(graph, pairs)
         check_masks(graph, roles, pairs, sites)
+        ranges = position_ranges(graph, roles, pairs)
         self._require_opset(graph, ctx)
         names = ir.Namer(graph)
         positions = self._positions(graph, roles, names)
@@ -485,8 +522,9 @@ class StaticKVCache:
             slots = c("lmc_slots", np.arange(self.context))
             mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
         # Shape readers of past/present see the shapes of the original: [B, Hkv, P, D], [B, Hkv, P+S, D]
-        past_len = add("Unsqueeze", [write_at, c("lmc_axis0", [0])], var("lmc_past_length", i64))
-        total_len = add("Unsqueeze", [total, c("lmc_axis0b", [0])], var("lmc_total_length", i64))
+        # (row 0's lengths: Shape readers describe one tensor for all rows)
+        past_len = add("Slice", [write_at, c("lmc_row0", [0]), c("lmc_row1", [1])], var("lmc_past_length", i64, [1]))
+        total_len = add("Slice", [total, c("lmc_row0b", [0]), c("lmc_row1b", [1])], var("lmc_total_length", i64, [1]))
         for site in sites:
             for n in site.nodes:
                 n.inputs.clear()
@@ -517,6 +555,10 @@ class StaticKVCache:
             else:
                 write(pair.past, pair.new, pair.present)
             pair.present.shape = list(pair.past.shape)
+        for t in ranges:          # positions P … P+S−1 computed from the cache length: row 0 of the positions
+            row = add("Gather", [positions, c("lmc_row_zero", 0)], var(t.name + "_positions", i64, [positions.shape[1]]),
+                      axis=0)
+            ir.replace_tensor(graph, t, row)
         graph.nodes.extend(nodes)
         if roles.attention_mask is not None:
             self._replace_attention_mask(graph, roles, total, names, c, var)

@@ -159,28 +159,42 @@ def test_one_shot_model_is_refused_with_one_line(model_dir, tmp_path, capsys):
     assert exc.value.code == 2 and "past key/values" in err and len(err.strip().splitlines()) == 1
 
 
-def test_generalise_turns_sequence_dims_into_copies_and_refuses_other_constants():
+def test_generalise_turns_sequence_dims_into_copies_or_runtime_values_and_refuses_the_rest():
     import onnx_graphsurgeon as gs
 
     from lmc.compiler.generation import generalise, snapshot
 
-    def graph(s, expand_dim=None):
+    def graph(s, extra=None):
         x = gs.Variable("x", np.float32, [1, s, 8])
         y = gs.Variable("y", np.float32, [1, s, 2, 4])
         nodes = [gs.Node("Reshape", "r", inputs=[x, gs.Constant("shape", np.array([1, s, 2, 4]))], outputs=[y])]
         outputs = [y]
-        if expand_dim is not None:
-            z = gs.Variable("z", np.float32, [1, expand_dim, 8])
-            nodes.append(gs.Node("Expand", "e", inputs=[x, gs.Constant("eshape", np.array([1, expand_dim, 8]))],
-                                 outputs=[z]))
+        if extra == "expand":        # an Expand to [1, S, 8]: affine in S, computed at run time
+            z = gs.Variable("z", np.float32, [1, s, 8])
+            nodes.append(gs.Node("Expand", "e", inputs=[x, gs.Constant("eshape", np.array([1, s, 8]))], outputs=[z]))
             outputs.append(z)
-        return gs.Graph(nodes=nodes, inputs=[x], outputs=outputs)
+        if extra == "range":         # positions 0…S−1 stored as a constant: its shape depends on S
+            z = gs.Variable("z", np.int64, [s])
+            nodes.append(gs.Node("Identity", "i", inputs=[gs.Constant("positions", np.arange(s))], outputs=[z]))
+            outputs.append(z)
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=18)
 
     g = graph(5)
-    assert generalise(g, snapshot(graph(3)), (3, 5)) == 1
+    assert generalise(g, snapshot(graph(3)), (3, 5), g.inputs[0]) == 1
     assert list(g.nodes[0].inputs[1].values) == [1, 0, 2, 4]
-    with pytest.raises(LmcError, match="eshape"):
-        generalise(graph(5, expand_dim=5), snapshot(graph(3, expand_dim=3)), (3, 5))
+    g = graph(5, "expand")
+    assert generalise(g, snapshot(graph(3, "expand")), (3, 5), g.inputs[0]) == 2
+    import onnxruntime as ort
+    g.inputs[0].shape = [1, "S", 8]
+    for t in g.outputs:
+        t.shape = None
+    model = gs.export_onnx(g)
+    x = np.random.rand(1, 7, 8).astype(np.float32)
+    z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["z"], {"x": x})[0]
+    assert z.shape == (1, 7, 8)                           # the Expand target follows the run-time length
+    g = graph(5, "range")
+    with pytest.raises(LmcError, match="positions"):
+        generalise(g, snapshot(graph(3, "range")), (3, 5), g.inputs[0])
 
 
 def test_cli_generate_and_verify(bundles, tmp_path, capsys):
