@@ -510,3 +510,49 @@ def bypass(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: i
     node.inputs.clear()
     return True
 
+
+
+# -------------------------------------------------------------------------------------------- cones
+def cone(tensors: Sequence[gs.Tensor], graph: gs.Graph | None = None) -> tuple[list[gs.Node], set[str]]:
+    """The nodes computing ``tensors`` (in ``graph``'s order when given) and the names of the graph
+    inputs they read (constants are not leaves)."""
+    nodes, leaves, seen, stack = [], set(), set(), list(tensors)
+    while stack:
+        x = stack.pop()
+        node = producer(x)
+        if node is None:
+            if isinstance(x, gs.Variable) and x.name:
+                leaves.add(x.name)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        stack += list(node.inputs) + outer_reads(node)
+    if graph is not None:
+        order = {id(n): i for i, n in enumerate(graph.nodes)}
+        nodes.sort(key=lambda n: order.get(id(n), -1))
+    return nodes, leaves
+
+
+def cone_model(graph: gs.Graph, outputs: Sequence[gs.Tensor], inputs: Sequence[gs.Tensor] | None = None,
+               free_dims: bool = False) -> onnx.ModelProto:
+    """A model computing ``outputs`` from ``inputs`` (default: all graph inputs) with only the nodes they
+    depend on; with ``free_dims`` every input dim is symbolic (probes choose their own shapes) and no
+    intermediate shape is recorded."""
+    nodes, _ = cone(outputs, graph)
+    sub = gs.Graph(nodes=nodes, inputs=list(graph.inputs if inputs is None else inputs), outputs=list(outputs),
+                   opset=graph.opset, import_domains=graph.import_domains)
+    model = gs.export_onnx(sub, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(opset_imports(graph))
+    if free_dims:
+        del model.graph.value_info[:]
+        for vi in model.graph.input:
+            for k, dim in enumerate(vi.type.tensor_type.shape.dim):
+                dim.Clear()
+                dim.dim_param = f"d{k}"
+    del model.graph.output[:]
+    for t in outputs:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t.name))
+    return model

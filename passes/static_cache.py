@@ -336,29 +336,8 @@ def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
 
 # ------------------------------------------------------------------------------------ mask evaluation
 def _cone_model(graph: gs.Graph, outputs: list[gs.Tensor]) -> onnx.ModelProto:
-    """A model computing ``outputs`` from the graph's inputs (only the nodes they depend on)."""
-    seen, order, stack = set(), [], [ir.producer(t) for t in outputs if ir.producer(t) is not None]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        order.append(n)
-        stack += [ir.producer(t) for t in n.inputs if ir.producer(t) is not None]
-    position = {id(n): i for i, n in enumerate(graph.nodes)}
-    order.sort(key=lambda n: position[id(n)])
-    cone = gs.Graph(nodes=order, inputs=list(graph.inputs), outputs=list(outputs),
-                    opset=graph.opset, import_domains=graph.import_domains)
-    model = gs.export_onnx(cone, do_type_check=False)
-    del model.graph.value_info[:]
-    for vi in model.graph.input:        # probes choose their own batch / past / sequence lengths
-        for k, dim in enumerate(vi.type.tensor_type.shape.dim):
-            dim.Clear()
-            dim.dim_param = f"d{k}"
-    del model.graph.output[:]
-    for t in outputs:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t.name))
-    return model
+    """A model computing ``outputs`` from the graph's inputs, whose dims the probes choose."""
+    return ir.cone_model(graph, outputs, free_dims=True)
 
 
 def _probe_feeds(graph: gs.Graph, roles: Roles, pairs: list[CachePair], b: int, p: int, s: int) -> dict:
@@ -404,7 +383,7 @@ def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> li
 
     pasts = {p.past.name for p in pairs}
     candidates = [n.outputs[0] for n in graph.nodes if ir.is_op(n, "Range") and ir.scalar_value(n.inputs[2]) == 1
-                  and _cone_reads(n.outputs[0]) & pasts]
+                  and ir.cone([n.outputs[0]])[1] & pasts]
     if not candidates:
         return []
     sess = session(_cone_model(graph, candidates), optimize=False)
@@ -413,19 +392,6 @@ def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> li
         values = sess.run([t.name for t in candidates], _probe_feeds(graph, roles, pairs, b, p, s))
         found = [t for t, v in zip(candidates, values) if t in found and np.array_equal(v, np.arange(p, p + s))]
     return found
-
-
-def _cone_reads(t: gs.Tensor) -> set[str]:
-    seen, stack, leaves = set(), [t], set()
-    while stack:
-        x = stack.pop()
-        node = ir.producer(x)
-        if node is None:
-            leaves.add(x.name)
-        elif id(node) not in seen:
-            seen.add(id(node))
-            stack += list(node.inputs)
-    return leaves
 
 
 def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:

@@ -24,24 +24,6 @@ from lmc.passes.fuse.rotary import ROTARY, _rotate_half
 from lmc.passes.fuse.rule import Match, Reject, produced_by, replace_subgraph, sole_reader
 
 
-def _cone(t: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
-    """Nodes computing ``t`` and the names of the graph inputs they read."""
-    nodes, leaves, seen, stack = [], set(), set(), [t]
-    while stack:
-        x = stack.pop()
-        node = ir.producer(x)
-        if node is None:
-            if isinstance(x, gs.Variable) and x.name:
-                leaves.add(x.name)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        stack += list(node.inputs)
-    return nodes, leaves
-
-
 class PositionTables:
     """Evaluates position-only tensors into [T, D] tables (one session per tensor, cached by name)."""
 
@@ -57,11 +39,7 @@ class PositionTables:
     def _evaluate(graph, t, positions, rows) -> np.ndarray | str:
         from lmc.compiler.runtime import session
 
-        nodes, _ = _cone(t)
-        order = {id(n): i for i, n in enumerate(graph.nodes)}
-        nodes.sort(key=lambda n: order[id(n)])
-        model = ir.to_model(gs.Graph(nodes=nodes, inputs=[positions], outputs=[t], opset=graph.opset,
-                                     import_domains=graph.import_domains))
+        model = ir.cone_model(graph, [t], inputs=[positions])
         b, s = (int(d) for d in positions.shape)
         sess = session(model, optimize=False)
         dtype = np.dtype(positions.dtype)
@@ -109,7 +87,7 @@ class RotaryPositionsRule:
                     half = _rotate_half(graph, rotated.inputs[j], x, d)
                     if half is None or isinstance(sin, gs.Constant):
                         continue
-                    leaves = _cone(cos)[1] | _cone(sin)[1]
+                    leaves = ir.cone([cos, sin])[1]
                     if len(leaves) != 1 or next(iter(leaves)) not in inputs:
                         return Reject("cos/sin do not come from one position input alone")
                     positions = inputs[next(iter(leaves))]
