@@ -18,6 +18,11 @@ from lmc.compiler import ir
 
 
 def scratch_bytes(node: gs.Node) -> int:
+    if ir.is_op(node, "GroupQueryAttention", ir.MS_DOMAIN) and len(node.inputs) > 3 and node.inputs[3].name:
+        q, past = ir.static_shape(node.inputs[0]), ir.static_shape(node.inputs[3])   # scores over the cache
+        if q is None or past is None:
+            return 0
+        return q[0] * int(node.attrs.get("num_heads", 1)) * q[1] * past[2] * 4
     if ir.is_op(node, "Attention") or ir.is_op(node, ("MultiHeadAttention", "GroupQueryAttention"), ir.MS_DOMAIN):
         q = ir.static_shape(node.inputs[0])
         k = ir.static_shape(node.inputs[1]) if len(node.inputs) > 1 else None

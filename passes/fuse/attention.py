@@ -83,25 +83,48 @@ class MaskMatch:
     nodes: list[gs.Node] = field(default_factory=list)
 
 
-def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int) -> MaskMatch | None:
+def constant_value(graph: gs.Graph, t: gs.Tensor, cache: dict | None = None) -> np.ndarray | None:
+    """The value of ``t`` when it is a constant, or computed from constants alone (a mask the fold size
+    policy left as run-time ops, e.g. a causal mask of a long sequence): evaluated here, never stored."""
+    value = ir.const_value(t)
+    if value is not None or isinstance(t, gs.Constant) or ir.producer(t) is None:
+        return value
+    if cache is not None and t.name in cache:
+        return cache[t.name]
+    nodes, leaves = ir.cone([t], graph)
+    value = None
+    if not leaves and not any(ir.has_subgraph(n) or n.op.startswith("Random") for n in nodes):
+        from lmc.compiler.runtime import session
+
+        try:
+            value = np.asarray(session(ir.cone_model(graph, [t], inputs=[]), optimize=False).run(None, {})[0])
+        except Exception:  # onnxruntime's own errors: the mask stays unknown, the rule says why
+            value = None
+    if cache is not None:
+        cache[t.name] = value
+    return value
+
+
+def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int, cache: dict | None = None) -> MaskMatch | None:
     """Match the masking of the scores ``s`` (None when a constant mask does not broadcast).
 
     A run-time additive mask (e.g. built from an ``attention_mask`` input) over a constant mask M becomes
     attn_mask = M + runtime, which reproduces the original exactly: where the original replaced a score
     by the fill f (Where form), w + f == f in float since |w| ≪ ulp(f) for f ≤ −1e30."""
     node = ir.producer(s)
-    if node is not None and ir.is_op(node, "Add") and all(ir.const_value(t) is None for t in node.inputs):
+    value = lambda t: constant_value(graph, t, cache)  # noqa: E731
+    if node is not None and ir.is_op(node, "Add") and all(value(t) is None for t in node.inputs):
         for i in (0, 1):
             if (_runtime_mask(node.inputs[i], sq, skv) and _leads_to_scores(node.inputs[1 - i])
                     and not _leads_to_scores(node.inputs[i]) and len(node.outputs[0].outputs) == 1):
-                inner = _mask(graph, node.inputs[1 - i], sq, skv)
+                inner = _mask(graph, node.inputs[1 - i], sq, skv, cache)
                 if inner is None or inner.runtime is not None:
                     return None
                 return MaskMatch(inner.scores, inner.additive, False, node.inputs[i], inner.nodes + [node])
         return MaskMatch(s)
     if node is not None and ir.is_op(node, "Add"):
         for i in (0, 1):
-            m = ir.const_value(node.inputs[i])
+            m = value(node.inputs[i])
             if m is None:
                 continue
             m = np.asarray(m, dtype=np.float32)
@@ -115,8 +138,9 @@ def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int) -> MaskMatch | None:
                 causal = bool(np.all(full[~above] == 0) and np.all(full[above] <= MASKED))
             return MaskMatch(node.inputs[1 - i], np.ascontiguousarray(full), causal, None, [node])
     if node is not None and ir.is_op(node, "Where"):
-        cond = ir.const_value(node.inputs[0])
-        fill = ir.scalar_value(node.inputs[2])
+        cond = value(node.inputs[0])
+        fill_value = value(node.inputs[2])
+        fill = float(fill_value.reshape(())) if fill_value is not None and fill_value.size == 1 else None
         if cond is not None and fill is not None:
             cond = np.broadcast_to(np.asarray(cond, dtype=bool), np.asarray(cond).shape[:-2] + (sq, skv))
             flat = cond.reshape(-1, sq, skv)
@@ -126,8 +150,18 @@ def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int) -> MaskMatch | None:
     return MaskMatch(s)
 
 
+def _stored(masking: MaskMatch) -> bool:
+    """The mask is already a stored constant (fusing adds nothing to the weights)."""
+    node = masking.nodes[0] if masking.nodes else None
+    return node is not None and any(isinstance(t, gs.Constant) and t.size == masking.additive.size
+                                    for t in node.inputs)
+
+
 class AttentionRule:
     name = "attention"
+
+    def __init__(self):
+        self.values: dict[str, np.ndarray | None] = {}     # masks evaluated from constants, by tensor
 
     def match(self, graph: gs.Graph, anchor: gs.Node, ctx: PassContext) -> Match | Reject | None:
         if not ir.is_op(anchor, "MatMul"):
@@ -144,7 +178,7 @@ class AttentionRule:
         axis = int(softmax.attrs.get("axis", -1))
         if axis not in (-1, 3):
             return Reject("softmax is not over the key axis")
-        masking = _mask(graph, softmax.inputs[0], sq, skv)
+        masking = _mask(graph, softmax.inputs[0], sq, skv, self.values)
         if masking is None:
             return Reject("mask does not broadcast to the score shape")
         if masking.runtime is not None:
@@ -188,6 +222,12 @@ class AttentionRule:
         if v_gather is not None and v_gather not in nodes:
             v = anchor.inputs[1]
         dtype = np.dtype(q.dtype) if q.dtype is not None else np.float32
+
+        if masking.additive is not None and not masking.causal:
+            limit = ctx.target.memory.fold_max_bytes if ctx is not None and ctx.target is not None else None
+            if limit is not None and masking.additive.nbytes > limit and not _stored(masking):
+                return Reject(f"a {masking.additive.nbytes}-byte mask that is not causal would have to be stored "
+                              f"(over the target's fold_max_bytes {limit})")
 
         def apply(names: ir.Namer) -> None:
             inputs = [q, k, v]
