@@ -39,6 +39,7 @@ import onnx_graphsurgeon as gs
 from lmc.compiler import ir
 from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.fuse.attention import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -237,36 +238,11 @@ def _axes(node: gs.Node) -> list[int] | None:
     return None if v is None else [int(a) for a in v.reshape(-1)]
 
 
-def _probabilities(t: gs.Tensor) -> tuple[gs.Node, list[gs.Node]] | None:
-    """The Softmax behind an attention's probabilities, through Where(IsNaN(p), 0, p) and Casts."""
-    nodes = []
-    for _ in range(4):
-        node = ir.producer(t)
-        if node is None:
-            return None
-        if ir.is_op(node, "Softmax"):
-            return node, nodes
-        if ir.is_op(node, "Cast"):
-            t = node.inputs[0]
-        elif ir.is_op(node, "Where"):
-            isnan = ir.producer(node.inputs[0])
-            if isnan is None or not ir.is_op(isnan, "IsNaN") or ir.scalar_value(node.inputs[1]) != 0.0:
-                return None
-            t = node.inputs[2]
-            if isnan.inputs[0] is not t:
-                return None
-            nodes.append(isnan)
-        else:
-            return None
-        nodes.append(node)
-    return None
-
-
 def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite | str | None:
     """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable)."""
     if not ir.is_op(anchor, "MatMul"):
         return None
-    found = _probabilities(anchor.inputs[0])
+    found = probabilities(anchor.inputs[0])
     if found is None:
         return None
     softmax, prob_nodes = found

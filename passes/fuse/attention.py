@@ -70,6 +70,32 @@ def _leads_to_scores(t: gs.Tensor, depth: int = 4) -> bool:
     return False
 
 
+def probabilities(t: gs.Tensor) -> tuple[gs.Node, list[gs.Node]] | None:
+    """The Softmax behind an attention's probabilities, through Where(IsNaN(p), 0, p) and Casts."""
+    nodes = []
+    for _ in range(4):
+        node = ir.producer(t)
+        if node is None:
+            return None
+        if ir.is_op(node, "Softmax"):
+            return node, nodes
+        if ir.is_op(node, "Cast"):
+            t = node.inputs[0]
+        elif ir.is_op(node, "Where"):
+            isnan = ir.producer(node.inputs[0])
+            if isnan is None or not ir.is_op(isnan, "IsNaN") or ir.scalar_value(node.inputs[1]) != 0.0:
+                return None
+            t = node.inputs[2]
+            if isnan.inputs[0] is not t:
+                return None
+            nodes.append(isnan)
+        else:
+            return None
+        nodes.append(node)
+    return None
+
+
+
 @dataclass
 class MaskMatch:
     """How the scores are masked: ``additive`` is the constant additive mask equal to the constant part
@@ -159,6 +185,7 @@ def _stored(masking: MaskMatch) -> bool:
 
 class AttentionRule:
     name = "attention"
+    report_each = True          # the report says, per layer, what was recognised or why not
 
     def __init__(self):
         self.values: dict[str, np.ndarray | None] = {}     # masks evaluated from constants, by tensor
@@ -166,9 +193,10 @@ class AttentionRule:
     def match(self, graph: gs.Graph, anchor: gs.Node, ctx: PassContext) -> Match | Reject | None:
         if not ir.is_op(anchor, "MatMul"):
             return None
-        softmax = produced_by(anchor.inputs[0], "Softmax")
-        if softmax is None:
+        found = probabilities(anchor.inputs[0])        # Softmax [→ Where(IsNaN(p), 0, p)] [→ Cast]
+        if found is None:
             return None
+        softmax, fixups = found
         out = anchor.outputs[0]
         v, v_gather = _unrepeat(anchor.inputs[1])
         shapes = [ir.static_shape(t) for t in (softmax.inputs[0], v, out)]
@@ -208,7 +236,8 @@ class AttentionRule:
             return Reject("queries/keys are not 4-D")
         if qs[1] % ks[1] or v.shape[1] != ks[1]:
             return Reject("query heads are not a multiple of key/value heads")
-        nodes = [anchor, softmax] + mask_nodes + scale_nodes + [qk, kt]
+        # a row of a causal or constant mask always keeps a key: the NaN guard is the identity there
+        nodes = [anchor, softmax] + fixups + mask_nodes + scale_nodes + [qk, kt]
         for extra in (k_gather, v_gather):
             if extra is not None and all(r in nodes for r in extra.outputs[0].outputs):
                 nodes.append(extra)
@@ -238,4 +267,11 @@ class AttentionRule:
             replace_subgraph(graph, nodes, lambda: [
                 gs.Node("Attention", name=names.fresh(anchor.name + "_attention"), attrs=attrs,
                         inputs=inputs, outputs=[out])])
-        return Match(nodes, ATTENTION, apply)
+        what = ("causal mask" if masking.causal else "constant additive mask" if masking.additive is not None
+                else "no mask")
+        if masking.additive is not None and not any(isinstance(t, gs.Constant) for n in mask_nodes for t in n.inputs
+                                                   if ir.const_value(t) is not None and ir.const_value(t).size > 1):
+            what += " (evaluated from its constant inputs, not stored)"
+        groups = f", {qs[1]} query heads on {ks[1]} kv heads" if qs[1] != ks[1] else ""
+        return Match(nodes, ATTENTION, apply, note=f"{what}, scale {scale:.4g}{groups} → Attention"
+                                                   + ("(is_causal=1)" if masking.causal else ""))

@@ -48,6 +48,7 @@ class Match:
     nodes: list[gs.Node]
     emit: OpRef
     apply: Callable[[ir.Namer], None]
+    note: str = ""              # what was recognised, for rules that report every site (``report_each``)
 
 
 class Rule(Protocol):
@@ -95,6 +96,7 @@ class FuseRules:
         stats = {r.name: RuleStats() for r in self.rules}
         names = ir.Namer(graph)
         removed: set[int] = set()
+        sites: list[str] = []
         for anchor in reversed(list(graph.nodes)):
             if id(anchor) in removed or not anchor.outputs:
                 continue
@@ -104,16 +106,22 @@ class FuseRules:
                     continue
                 if isinstance(result, Reject):
                     stats[rule.name].rejected[result.reason] += 1
+                    if getattr(rule, "report_each", False):
+                        sites.append(f"{rule.name} at '{anchor.name}': not fused — {result.reason}")
                     continue
                 stats[rule.name].matched += 1
                 reason = can_run(graph, result.emit, ctx)
                 if reason:
                     stats[rule.name].rejected[reason] += 1
+                    if getattr(rule, "report_each", False):
+                        sites.append(f"{rule.name} at '{anchor.name}': recognised ({result.note}), not fused — {reason}")
                     removed.update(id(n) for n in result.nodes)   # its inner nodes are not new matches
                     break
                 result.apply(names)
                 removed.update(id(n) for n in result.nodes)
                 stats[rule.name].applied += 1
+                if getattr(rule, "report_each", False):
+                    sites.append(f"{rule.name} at '{anchor.name}': {result.note or 'fused'}")
                 break
         out: dict[str, int | float] = {}
         notes = []
@@ -125,7 +133,7 @@ class FuseRules:
             for reason, n in st.rejected.most_common(3):
                 notes.append(f"{rule_name}: {n}× not applied: {reason}")
         applied = sum(st.applied for st in stats.values())
-        return PassResult(graph, modified=bool(applied), stats=out, notes=notes)
+        return PassResult(graph, modified=bool(applied), stats=out, notes=notes + sites[::-1])
 
 
 # ----------------------------------------------------------------------------------- match helpers
