@@ -192,14 +192,19 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
                              seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
-        emit.commit_bundle(staged, out_dir, {
-            emit.PLAN_FILE: plan.to_json(),
-            emit.REPORT_FILE: render_report(result, Path(model_path).name),
-        })
+        _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)
         raise
     return result
+
+
+def _commit(staged: Path, result: BuildResult, model_path) -> None:
+    """Move the staged bundle into place with its plan and report."""
+    emit.commit_bundle(staged, result.out_dir, {
+        emit.PLAN_FILE: result.plan.to_json(),
+        emit.REPORT_FILE: render_report(result, Path(model_path).name),
+    })
 
 
 def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path,
@@ -313,10 +318,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                              verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
                              weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
                              seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
-        emit.commit_bundle(staged, out_dir, {
-            emit.PLAN_FILE: plan.to_json(),
-            emit.REPORT_FILE: render_report(result, Path(model_path).name),
-        })
+        _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)
         raise

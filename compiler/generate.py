@@ -182,7 +182,12 @@ def greedy(decoder: Decoder, prompt: Sequence[int], new_tokens: int,
            on_token: Callable[[int], None] | None = None) -> list[int]:
     """Greedy decoding: prefill ``prompt`` in one step, then one token per step; returns the new tokens."""
     decoder.reset()
-    logits = decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :])
+    return continue_greedy(decoder, decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :]), new_tokens, on_token)
+
+
+def continue_greedy(decoder: Decoder, logits: np.ndarray, new_tokens: int,
+                    on_token: Callable[[int], None] | None = None) -> list[int]:
+    """``new_tokens`` greedy tokens, the first from ``logits`` (the last step's), each then fed back."""
     out: list[int] = []
     for i in range(new_tokens):
         token = int(np.argmax(logits[0, -1]))
@@ -248,15 +253,8 @@ def generate(bundle: str | Path, prompt: Sequence[int], max_new_tokens: int = 32
     start = time.perf_counter()
     logits = decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :])
     prefill = time.perf_counter() - start
-    tokens: list[int] = []
     start = time.perf_counter()
-    for i in range(max_new_tokens):
-        token = int(np.argmax(logits[0, -1]))
-        tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        if i + 1 < max_new_tokens:
-            logits = decoder.forward(np.array([[token]], dtype=np.int64))
+    tokens = continue_greedy(decoder, logits, max_new_tokens, on_token)
     return GenerationResult(tokens, len(prompt), prefill, time.perf_counter() - start, peak_rss_bytes())
 
 
