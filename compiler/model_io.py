@@ -78,6 +78,47 @@ def check_tensor_graph(model: onnx.ModelProto, source: str) -> None:
                                  "sequence/optional value; lmc plans tensor graphs only")
 
 
+_DTYPES = set(onnx.TensorProto.DataType.values())
+
+
+def _check_tensor_proto(t: onnx.TensorProto, what: str, source: str) -> None:
+    if t.data_type not in _DTYPES or t.data_type == onnx.TensorProto.UNDEFINED:
+        raise ModelLoadError(f"{source}: {what} has an unknown data type {t.data_type}")
+    if any(d < 0 for d in t.dims):
+        raise ModelLoadError(f"{source}: {what} has a negative dim {list(t.dims)}")
+    if t.raw_data and t.data_type != onnx.TensorProto.STRING:
+        bits = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            bits = 4
+        count = 1
+        for d in t.dims:
+            count *= d
+        if len(t.raw_data) != (count * bits + 7) // 8:
+            raise ModelLoadError(f"{source}: {what} holds {len(t.raw_data)} bytes, but its shape {list(t.dims)} "
+                                 f"needs {(count * bits + 7) // 8}")
+
+
+def check_tensor_data(model: onnx.ModelProto, source: str) -> None:
+    """Declared element types are known; initializers' and Constant values' bytes match their shapes; no
+    list attribute is empty (its type cannot be told)."""
+    g = model.graph
+    for kind, values in (("input", g.input), ("output", g.output), ("value", g.value_info)):
+        for v in values:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _DTYPES:
+                raise ModelLoadError(f"{source}: {kind} '{v.name}' has an unknown element type "
+                                     f"{v.type.tensor_type.elem_type}")
+    for t in g.initializer:
+        _check_tensor_proto(t, f"initializer '{t.name}'", source)
+    for node in g.node:
+        for a in node.attribute:
+            where = f"attribute '{a.name}' of node '{node.name or node.op_type}' ({node.op_type})"
+            if a.type == onnx.AttributeProto.TENSOR:
+                _check_tensor_proto(a.t, where, source)
+            elif a.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS) \
+                    and not (a.ints or a.floats or a.strings):
+                raise ModelLoadError(f"{source}: {where} is an empty list")
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and validate an ONNX model; see the module docstring for the checks."""
     p = Path(path)
@@ -104,6 +145,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.output:
         raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
     check_tensor_graph(model, source)
+    check_tensor_data(model, source)
     check_external_locations(model, p.parent, source)
     external = _external_tensors(model)
     if external:

@@ -210,10 +210,23 @@ class FoldConstants:
         stats.ifs = _inline_constant_ifs(graph, names)
         excluded = set(self._refused) | set(self._failed)
         nodes = _foldable_closure(graph, excluded)
+        limit = self._limit(ctx)
+        # a node whose inferred output is already over the limit is refused before it is evaluated (an
+        # Expand/Tile/ConstantOfShape to a huge shape would otherwise allocate it in onnxruntime)
+        too_big = {}
+        for node in nodes:
+            in_bytes = sum(ir.tensor_nbytes(t) or 0 for t in node.inputs if t.name)
+            for o in node.outputs:
+                size = ir.tensor_nbytes(o) if o.name else None
+                if size is not None and size > limit and size > in_bytes:
+                    too_big[o.name] = size
+                    self._refused.add(node.name)
+        if too_big:
+            stats.refused.update(too_big)
+            nodes = _foldable_closure(graph, set(self._refused) | set(self._failed))
         values: dict[str, np.ndarray] = {}
         if nodes:
             values = self._evaluate_all(graph, nodes, stats)
-        limit = self._limit(ctx)
         for node in nodes:
             if node.name in stats.failed or not all(o.name in values for o in node.outputs):
                 continue
