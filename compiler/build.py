@@ -25,7 +25,8 @@ from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
 from lmc.passes.sparse_attention import AttentionSpec
-from lmc.compiler.verify import DEFAULT_TOLERANCE, VerifyReport, compare_models, random_inputs
+from lmc.compiler.verify import (DEFAULT_TOLERANCE, VerificationFailed, VerifyReport, compare_models,
+                                 random_inputs)
 from lmc.targets import emit
 from lmc.targets.plan import MemoryPlan, check_plan
 from lmc.targets.target import Target, load_target
@@ -177,8 +178,8 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
             verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance,
                                           candidate_is_ours=True)
             if not approximate and not verification.passed:
-                raise RuntimeError(f"the compiled model differs from the original: max relative error "
-                                   f"{verification.max_rel:.3g} > {options.tolerance:g}")
+                raise VerificationFailed(f"the compiled model differs from the original: "
+                                         f"{verification.explain()}", verification)
         if options.ort_format:
             from lmc.targets.ort_mobile import write_ort_files
 
@@ -312,8 +313,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                                               steps=min(8, options.context - min(8, options.context // 2)),
                                               tolerance=options.tolerance, seed=options.seed)
             if not options.approximations and not verification.passed:
-                raise RuntimeError(f"the compiled model differs from the original: max relative error "
-                                   f"{verification.max_rel:.3g} > {options.tolerance:g}")
+                raise VerificationFailed(f"the compiled model differs from the original: "
+                                         f"{verification.explain()}", verification)
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
                              weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
