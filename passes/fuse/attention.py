@@ -159,20 +159,27 @@ def _mask(graph: gs.Graph, s: gs.Tensor, sq: int, skv: int, cache: dict | None =
             except ValueError:
                 return None
             causal = False
-            if full.ndim == 2 and sq == skv:
+            if sq == skv:             # every leading (batch, head) slice the same causal bias
                 above = _causal_bias(sq, skv)
-                causal = bool(np.all(full[~above] == 0) and np.all(full[above] <= MASKED))
+                flat = full.reshape(-1, sq, skv)
+                causal = bool(np.all(flat[:, ~above] == 0) and np.all(flat[:, above] <= MASKED))
             return MaskMatch(node.inputs[1 - i], np.ascontiguousarray(full), causal, None, [node])
     if node is not None and ir.is_op(node, "Where"):
         cond = value(node.inputs[0])
-        fill_value = value(node.inputs[2])
-        fill = float(fill_value.reshape(())) if fill_value is not None and fill_value.size == 1 else None
-        if cond is not None and fill is not None:
-            cond = np.broadcast_to(np.asarray(cond, dtype=bool), np.asarray(cond).shape[:-2] + (sq, skv))
-            flat = cond.reshape(-1, sq, skv)
+        for kept, filled, keep_when in ((1, 2, True), (2, 1, False)):    # Where(c, s, f) or Where(c, f, s)
+            fill_value = value(node.inputs[filled])
+            fill = float(fill_value.reshape(())) if fill_value is not None and fill_value.size == 1 else None
+            if cond is None or fill is None or value(node.inputs[kept]) is not None:
+                continue
+            keep = np.asarray(cond, dtype=bool) if keep_when else ~np.asarray(cond, dtype=bool)
+            try:
+                keep = np.broadcast_to(keep, keep.shape[:-2] + (sq, skv) if keep.ndim >= 2 else (sq, skv))
+            except ValueError:
+                return None
+            flat = keep.reshape(-1, sq, skv)
             causal = sq == skv and fill <= MASKED and all(np.array_equal(c, ~_causal_bias(sq, skv)) for c in flat)
-            additive = np.where(cond, 0.0, fill).astype(np.float32)
-            return MaskMatch(node.inputs[1], additive, causal, None, [node])
+            additive = np.where(keep, 0.0, fill).astype(np.float32)
+            return MaskMatch(node.inputs[kept], additive, causal, None, [node])
     return MaskMatch(s)
 
 
@@ -227,13 +234,17 @@ class AttentionRule:
         if qk is None:
             return Reject("scores are not a MatMul of queries and keys")
         kt = produced_by(qk.inputs[1], "Transpose")
-        if kt is None or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]:
-            return Reject("keys are not transposed with perm [0, 1, 3, 2]")
+        perm = list(kt.attrs.get("perm", [])) if kt is not None else []
+        if perm not in ([0, 1, 3, 2], [0, 2, 3, 1]):
+            return Reject("keys are not transposed with perm [0, 1, 3, 2] (or [0, 2, 3, 1] from [B, S, H, D])")
         q = qk.inputs[0]
-        k, k_gather = _unrepeat(kt.inputs[0])
+        # [0, 2, 3, 1]: the exporter merged the heads transpose of [B, S, H, D] keys into kᵀ's
+        k, k_gather = _unrepeat(kt.inputs[0]) if perm == [0, 1, 3, 2] else (kt.inputs[0], None)
         qs, ks = ir.static_shape(q), ir.static_shape(k)
         if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
             return Reject("queries/keys are not 4-D")
+        if perm == [0, 2, 3, 1]:
+            ks = (ks[0], ks[2], ks[1], ks[3])
         if qs[1] % ks[1] or v.shape[1] != ks[1]:
             return Reject("query heads are not a multiple of key/value heads")
         # a row of a causal or constant mask always keeps a key: the NaN guard is the identity there
@@ -259,12 +270,19 @@ class AttentionRule:
                               f"(over the target's fold_max_bytes {limit})")
 
         def apply(names: ir.Namer) -> None:
-            inputs = [q, k, v]
+            keys, extra = k, []
+            if perm == [0, 2, 3, 1]:
+                bshd = ir.static_shape(k)
+                keys = gs.Variable(names.fresh(k.name + "_heads"), dtype=k.dtype,
+                                   shape=[bshd[0], bshd[2], bshd[1], bshd[3]])
+                extra = [gs.Node("Transpose", name=names.fresh(k.name + "_heads"), attrs={"perm": [0, 2, 1, 3]},
+                                 inputs=[k], outputs=[keys])]
+            inputs = [q, keys, v]
             causal = masking.causal
             if masking.additive is not None and not causal:
                 inputs.append(gs.Constant(names.fresh(out.name + "_attn_mask"), masking.additive.astype(dtype)))
             attrs = {"scale": float(scale), "is_causal": int(causal)}
-            replace_subgraph(graph, nodes, lambda: [
+            replace_subgraph(graph, nodes, lambda: extra + [
                 gs.Node("Attention", name=names.fresh(anchor.name + "_attention"), attrs=attrs,
                         inputs=inputs, outputs=[out])])
         what = ("causal mask" if masking.causal else "constant additive mask" if masking.additive is not None
