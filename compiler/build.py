@@ -201,10 +201,13 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
 
 
 def _commit(staged: Path, result: BuildResult, model_path) -> None:
-    """Move the staged bundle into place with its plan and report."""
+    """Move the staged bundle into place with its plan and reports (report.md, report.html)."""
+    from lmc.compiler.report_html import HTML_FILE, render_report_html
+
     emit.commit_bundle(staged, result.out_dir, {
         emit.PLAN_FILE: result.plan.to_json(),
         emit.REPORT_FILE: render_report(result, Path(model_path).name),
+        HTML_FILE: render_report_html(result, Path(model_path).name),
     })
 
 
