@@ -187,11 +187,11 @@ class SparseAttention:
             base_c = gs.Constant(names.fresh(mask_t.name + "_2d"), np.ascontiguousarray(
                 np.broadcast_to(base, base.shape[:-2] + (sq, skv)).reshape(sq, skv), dtype=np.float32))
         new_nodes: list[gs.Node] = []
-        builder = _Emitter(names, new_nodes, node.name)
         pieces = []
         n_chunks = math.ceil(sq / chunk)
         for c in range(n_chunks):
             lo, hi = c * chunk, min((c + 1) * chunk, sq)
+            builder = _Emitter(names, new_nodes, f"{node.name}_chunk{c}")     # names carry the chunk
             ranges = [(a, b) for a, b in self._key_ranges(lo, hi, off, skv, causal) if b > a]
             qc = builder.slice(q, lo, hi, 2, [qs[0], qs[1], hi - lo, qs[3]])
             kc = builder.concat([builder.slice(k, a, b, 2, [ks[0], ks[1], b - a, ks[3]]) for a, b in ranges], 2)

@@ -84,3 +84,29 @@ def test_targets_without_fused_attention_get_standard_op_chunks(tmp_path):
     assert "Attention" not in ops and ops["Softmax"] == 2 * (s // 64)
     assert chunked.verification.passed and chunked.verification.max_rel <= 1e-5
     assert chunked.plan.arena_bytes * 4 <= dense.plan.arena_bytes
+
+
+def chunks_overlapping(plan: dict) -> list[tuple[str, int, int]]:
+    """(attention, chunk i, chunk j) whose working tensors (keys, values, masks, scores: everything but the
+    chunk's output rows) are alive at one step; empty when the schedule runs one chunk at a time."""
+    import re
+
+    spans: dict[tuple[str, int], list[int]] = {}
+    for t in plan["tensors"] + plan["scratch"]:
+        m = re.match(r"(.*)_chunk(\d+)(_|$)", t["name"])
+        if m:
+            span = spans.setdefault((m.group(1), int(m.group(2))), [t["first"], t["last"]])
+            span[0], span[1] = min(span[0], t["first"]), max(span[1], t["last"])
+    bad = []
+    for (node, i), (first_i, last_i) in spans.items():
+        for (other, j), (first_j, last_j) in spans.items():
+            if node == other and i < j and not (last_i < first_j or last_j < first_i):
+                bad.append((node, i, j))
+    return bad
+
+
+def test_the_schedule_runs_one_chunk_at_a_time(tmp_path):
+    _build("llama-long-torchscript.onnx", 512, tmp_path / "c", "chunked:64")
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    assert sum(1 for t in plan["scratch"] if "_chunk" in t["name"]) == 2 * 8
+    assert chunks_overlapping(plan) == []
