@@ -369,14 +369,23 @@ def inspect(model, input_shapes, target, as_json):
 
 
 @cli.command()
-@click.argument("a", type=click.Path(dir_okay=False))
-@click.argument("b", type=click.Path(dir_okay=False))
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…", help="Bind dynamic dims.")
 @click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
 def diff(a, b, input_shapes, as_json):
-    """Node, initializer and memory differences between models A and B."""
-    from lmc.compiler.inspect import diff_models
+    """Node, initializer and memory differences between models A and B — or, when A and B are bundle
+    folders, between their plans (arena, lower bound, peak RAM, predicted runtime peak, state), the tensors
+    whose size or lifetime changed most, weights by dtype and nodes by op."""
+    from lmc.compiler.inspect import diff_bundles, diff_models
 
+    if os.path.isdir(a) or os.path.isdir(b):
+        if not (os.path.isdir(a) and os.path.isdir(b)):
+            raise LmcError("lmc diff compares two models or two bundle folders, not one of each")
+        if input_shapes:
+            raise LmcError("--input-shape applies to models; a bundle's shapes are already bound")
+        _diff_bundles(diff_bundles(a, b), as_json)
+        return
     d = diff_models(a, b, parse_input_shapes(input_shapes))
     if as_json:
         _emit_json(d.to_dict())
@@ -389,6 +398,57 @@ def diff(a, b, input_shapes, as_json):
                f"{len(d.initializers_changed)} changed")
     if d.a.plan and d.b.plan:
         click.echo(f"arena   {mib(d.a.plan['arena_bytes'])} -> {mib(d.b.plan['arena_bytes'])}")
+
+
+def _diff_bundles(d, as_json: bool) -> None:
+    if as_json:
+        _emit_json(d.to_dict())
+        return
+
+    def size(n):
+        if n is None:
+            return "—"
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if abs(n) >= scale:
+                return f"{n / scale:.2f} {unit}"
+        return f"{n} B"
+
+    def delta(x, y, bytes_=True):
+        if x is None or y is None:
+            return ""
+        dv = y - x
+        pct = f" ({100 * dv / x:+.1f}%)" if x else ""
+        return (("+" if dv > 0 else "-" if dv < 0 else "±") + size(abs(dv)) if bytes_ else f"{dv:+d}") + pct
+
+    for label, side in (("A", d.a), ("B", d.b)):
+        flags = [f"{k}={v}" for k, v in side.built_with.items() if k not in ("version", "generation") and v]
+        kind = ", generation bundle" if "generation" in side.built_with else ""
+        click.echo(f"{label} {side.path}  ({', '.join(flags)}{kind})")
+    click.echo(f"plan{'':<28}{'A':>14}{'B':>14}  delta")
+    for key, (x, y) in d.plan.items():
+        counted = key in ("schedule_steps", "tensors")
+        fx, fy = (str(x), str(y)) if counted else (size(x), size(y))
+        click.echo(f"  {key:<30}{fx:>14}{fy:>14}  {delta(x, y, not counted)}")
+    for name, rows in d.profiles.items():
+        click.echo(f"profile {name}: " + "; ".join(
+            f"{k.replace('_bytes', '')} {size(x) if k != 'sequence' else x or '—'} -> "
+            f"{size(y) if k != 'sequence' else y or '—'}"
+            for k, (x, y) in rows.items()))
+    click.echo("weights by dtype:")
+    for dtype, (x, y) in d.weights_by_dtype.items():
+        click.echo(f"  {dtype:<12}{size(x['bytes']):>12} ({x['tensors']:>4}) -> {size(y['bytes']):>12} "
+                   f"({y['tensors']:>4})  {delta(x['bytes'], y['bytes'])}")
+    if d.ops:
+        click.echo("nodes by op (changed):")
+        for op, (x, y) in d.ops.items():
+            click.echo(f"  {op:<32} {x:5d} -> {y:5d} ({y - x:+d})")
+    click.echo(f"tensors: {d.tensors_only_a} only in A, {d.tensors_only_b} only in B; "
+               f"changed most (size, live steps):" if d.tensors_changed else
+               f"tensors: {d.tensors_only_a} only in A, {d.tensors_only_b} only in B; none of the shared changed")
+    for t in d.tensors_changed:
+        (fa, la), (fb, lb) = t["steps"]
+        click.echo(f"  {t['name']:<48} {size(t['size'][0]):>10} -> {size(t['size'][1]):>10}  "
+                   f"steps {fa}-{la} -> {fb}-{lb}")
 
 
 @cli.command()

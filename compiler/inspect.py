@@ -1,7 +1,9 @@
 """``inspect_model``: what a model holds — ops, parameters by dtype, inputs/outputs with dynamic dims, and
 (when its shapes are static or bound) the planned peak after the exact pipeline.
 
-Also ``diff_models``: op counts, initializers and memory of two models side by side.
+Also ``diff_models``: op counts, initializers and memory of two models side by side; and ``diff_bundles``:
+two built bundles' plans (arena, lower bound, peak RAM, predicted runtime peak, state, profiles), the
+tensors whose size or lifetime changed most, weights by dtype and op counts.
 """
 
 from __future__ import annotations
@@ -141,3 +143,161 @@ def diff_models(a: str | Path, b: str | Path, input_shapes: Mapping[str, Sequenc
            if sa.ops.get(op, 0) != sb.ops.get(op, 0)}
     return ModelDiff(sa, sb, ops, sorted(set(da) - set(db)), sorted(set(db) - set(da)),
                      sorted(n for n in set(da) & set(db) if da[n] != db[n]))
+
+
+# ---- bundle vs bundle ------------------------------------------------------------------------------------
+
+_SUB_BYTE = {"int4": 4, "uint4": 4, "float4e2m1": 4, "int2": 2, "uint2": 2}
+
+
+def _dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
+
+
+def _proto_nbytes(t: onnx.TensorProto) -> int:
+    name = _dtype_name(t.data_type)
+    n = int(np.prod(list(t.dims), dtype=np.int64)) if t.dims else 1
+    if name in _SUB_BYTE:
+        return (n * _SUB_BYTE[name] + 7) // 8
+    if name == "string":
+        return sum(len(s) for s in t.string_data)
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def _graph_weights_ops(graph: onnx.GraphProto, weights: dict, ops: collections.Counter) -> None:
+    """Initializers and Constant values by dtype ({"tensors", "bytes"}) and op counts, subgraphs included."""
+    for t in graph.initializer:
+        entry = weights.setdefault(_dtype_name(t.data_type), {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += _proto_nbytes(t)
+    for node in graph.node:
+        ops[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR:
+                entry = weights.setdefault(_dtype_name(attr.t.data_type), {"tensors": 0, "bytes": 0})
+                entry["tensors"] += 1
+                entry["bytes"] += _proto_nbytes(attr.t)
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _graph_weights_ops(sub, weights, ops)
+
+
+@dataclass(frozen=True)
+class BundleSide:
+    path: str
+    plan: dict                                     # plan.json as written
+    weights_by_dtype: dict[str, dict[str, int]]    # dtype -> {"tensors", "bytes"} (model.onnx + model.weights)
+    ops: dict[str, int]
+    built_with: dict[str, str]
+
+
+def is_bundle(path: str | Path) -> bool:
+    from lmc.targets import emit
+
+    p = Path(path)
+    return p.is_dir() and (p / emit.PLAN_FILE).is_file() and (p / emit.MODEL_FILE).is_file()
+
+
+def load_bundle_side(path: str | Path) -> BundleSide:
+    """A bundle's plan, weights by dtype and op counts (the weights file is not read: sizes come from shapes)."""
+    import json
+
+    from lmc.compiler.build import build_metadata
+    from lmc.targets import emit
+
+    p = Path(path)
+    if not is_bundle(p):
+        raise LmcError(f"{p}: not an lmc bundle (needs {emit.MODEL_FILE} and {emit.PLAN_FILE})")
+    try:
+        plan = json.loads((p / emit.PLAN_FILE).read_text())
+        model = onnx.load(str(p / emit.MODEL_FILE), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 — protobuf's DecodeError and friends
+        raise LmcError(f"{p}: cannot read the bundle ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(plan, dict) or "arena_bytes" not in plan:
+        raise LmcError(f"{p}/{emit.PLAN_FILE}: not an lmc plan")
+    weights: dict[str, dict[str, int]] = {}
+    ops: collections.Counter = collections.Counter()
+    _graph_weights_ops(model.graph, weights, ops)
+    return BundleSide(str(p), plan, dict(sorted(weights.items())), dict(sorted(ops.items())),
+                      build_metadata(model))
+
+
+PLAN_KEYS = ("arena_bytes", "lower_bound_bytes", "peak_ram_bytes", "predicted_runtime_peak_bytes", "state_bytes",
+             "io_bytes", "weights_mmap_bytes", "weights_flash_bytes", "weights_ram_bytes", "schedule_steps",
+             "tensors", "scratch_bytes")
+
+
+def plan_numbers(plan: dict) -> dict[str, int | None]:
+    """The headline numbers of a plan.json (None where the plan has no such field, e.g. no runtime model)."""
+    runtime = plan.get("runtime") or {}
+    weights = plan.get("weights_bytes", {})
+    return {"arena_bytes": plan.get("arena_bytes"), "lower_bound_bytes": plan.get("lower_bound_bytes"),
+            "peak_ram_bytes": plan.get("peak_ram_bytes"),
+            "predicted_runtime_peak_bytes": runtime.get("predicted_peak_bytes"),
+            "state_bytes": (plan.get("state") or {}).get("bytes", 0), "io_bytes": plan.get("io_bytes"),
+            "weights_mmap_bytes": weights.get("mmap", 0), "weights_flash_bytes": weights.get("flash", 0),
+            "weights_ram_bytes": weights.get("ram", 0), "schedule_steps": len(plan.get("schedule", ())),
+            "tensors": len(plan.get("tensors", ())),
+            "scratch_bytes": max((s["size"] for s in plan.get("scratch", ())), default=0)}
+
+
+@dataclass(frozen=True)
+class BundleDiff:
+    a: BundleSide
+    b: BundleSide
+    plan: dict[str, tuple]                       # key -> (a, b) for PLAN_KEYS
+    profiles: dict[str, dict[str, tuple]]        # generation bundles: profile -> key -> (a, b)
+    tensors_changed: list[dict]                  # top changes by name: size and lifetime in A and B
+    tensors_only_a: int
+    tensors_only_b: int
+    weights_by_dtype: dict[str, tuple]           # dtype -> ({"tensors", "bytes"} in a, in b)
+    ops: dict[str, tuple[int, int]]              # changed op counts only
+
+    def to_dict(self) -> dict:
+        return {"kind": "bundles", "a": self.a.path, "b": self.b.path,
+                "built_with": {"a": self.a.built_with, "b": self.b.built_with},
+                "plan": {k: {"a": a, "b": b, "delta": None if a is None or b is None else b - a}
+                         for k, (a, b) in self.plan.items()},
+                "profiles": {n: {k: {"a": a, "b": b} for k, (a, b) in d.items()} for n, d in self.profiles.items()},
+                "tensors_changed": self.tensors_changed, "tensors_only_a": self.tensors_only_a,
+                "tensors_only_b": self.tensors_only_b,
+                "weights_by_dtype": {k: {"a": a, "b": b} for k, (a, b) in self.weights_by_dtype.items()},
+                "ops": {k: {"a": a, "b": b} for k, (a, b) in self.ops.items()}}
+
+
+def diff_bundles(a: str | Path, b: str | Path, top: int = 10) -> BundleDiff:
+    """Compare two bundles: plan numbers, per-profile numbers, the tensors (by name) whose size or lifetime
+    changed most, weights by dtype and op counts.
+
+    Tensors are ranked by how much their footprint in the timeline (size × live steps) changed, then by the
+    size change, the lifetime change and name."""
+    sa, sb = load_bundle_side(a), load_bundle_side(b)
+    na, nb = plan_numbers(sa.plan), plan_numbers(sb.plan)
+    plan = {k: (na[k], nb[k]) for k in PLAN_KEYS}
+    profiles: dict[str, dict[str, tuple]] = {}
+    pa = {p["name"]: p for p in sa.plan.get("profiles", ())}
+    pb = {p["name"]: p for p in sb.plan.get("profiles", ())}
+    for name in [n for n in pa if n in pb] + [n for n in pa if n not in pb] + [n for n in pb if n not in pa]:
+        x, y = pa.get(name, {}), pb.get(name, {})
+        profiles[name] = {k: (x.get(k), y.get(k)) for k in ("sequence", "arena_bytes", "lower_bound_bytes",
+                                                           "io_bytes", "peak_ram_bytes", "predicted_peak_bytes")}
+    ta = {t["name"]: t for t in sa.plan.get("tensors", ())}
+    tb = {t["name"]: t for t in sb.plan.get("tensors", ())}
+    changed = []
+    for name in set(ta) & set(tb):
+        x, y = ta[name], tb[name]
+        la, lb = x["last"] - x["first"] + 1, y["last"] - y["first"] + 1
+        if x["size"] == y["size"] and (x["first"], x["last"]) == (y["first"], y["last"]):
+            continue
+        changed.append({"name": name, "size": [x["size"], y["size"]], "steps": [[x["first"], x["last"]],
+                                                                              [y["first"], y["last"]]],
+                        "size_delta": y["size"] - x["size"], "lifetime_delta": lb - la,
+                        "footprint_delta": y["size"] * lb - x["size"] * la})
+    changed.sort(key=lambda c: (-abs(c["footprint_delta"]), -abs(c["size_delta"]), -abs(c["lifetime_delta"]),
+                                c["name"]))
+    empty = {"tensors": 0, "bytes": 0}
+    weights = {k: (sa.weights_by_dtype.get(k, empty), sb.weights_by_dtype.get(k, empty))
+               for k in sorted(set(sa.weights_by_dtype) | set(sb.weights_by_dtype))}
+    ops = {op: (sa.ops.get(op, 0), sb.ops.get(op, 0)) for op in sorted(set(sa.ops) | set(sb.ops))
+           if sa.ops.get(op, 0) != sb.ops.get(op, 0)}
+    return BundleDiff(sa, sb, plan, profiles, changed[:top], len(set(ta) - set(tb)), len(set(tb) - set(ta)),
+                      weights, ops)

@@ -226,7 +226,8 @@ def _timeline(plan) -> list[str]:
     sy = PLOT_H / arena
     x0, y0 = MARGIN_L, MARGIN_T
     band_top = y0 + PLOT_H + 46
-    height = band_top + BAND_H + 40
+    band_h = BAND_H if small else 0
+    height = band_top + band_h + (40 if small else 8)
     width = MARGIN_L + PLOT_W + 24
     out = [f'<svg width="{width}" height="{height}" role="img" '
            f'aria-label="arena occupancy per schedule step">',
@@ -282,7 +283,7 @@ def _timeline(plan) -> list[str]:
                f'peak at step {peak_step}: {_e(human(peak_bytes))} live — {_e(names[:140])}</text>')
     # the band of small tensors
     band_max = max(small_live[:steps]) or 1
-    out.append(f'<rect x="{x0}" y="{band_top}" width="{PLOT_W}" height="{BAND_H}" fill="#f4f6fa"/>'
+    out.append(f'<rect x="{x0}" y="{band_top}" width="{PLOT_W}" height="{band_h}" fill="#f4f6fa"/>'
                f'<text x="12" y="{band_top - 6}">tensors under {_e(human(threshold))}'
                f'{" or beyond the " + str(MAX_RECTS) + " largest" if len(big) > MAX_RECTS else ""}: '
                + (f'{len(small)}, live bytes per step (max {_e(human(band_max))})</text>' if small else 'none</text>'))
@@ -294,8 +295,9 @@ def _timeline(plan) -> list[str]:
         pts.append(f"{x0 + PLOT_W},{band_top + BAND_H}")
         out.append(f'<polygon points="{" ".join(pts)}" fill="#9fb6e0" stroke="#5b8def" stroke-width="0.6">'
                    f'<title>small tensors: live bytes per step</title></polygon>')
-    out.append(f'<line x1="{_num(px)}" y1="{band_top}" x2="{_num(px)}" y2="{band_top + BAND_H}" '
-               f'stroke="#b3261e" stroke-width="1.5" stroke-dasharray="5,3"/>')
+    if small:
+        out.append(f'<line x1="{_num(px)}" y1="{band_top}" x2="{_num(px)}" y2="{band_top + BAND_H}" '
+                   f'stroke="#b3261e" stroke-width="1.5" stroke-dasharray="5,3"/>')
     out.append("</svg>")
     legend = ('<div class="legend"><span class="sw" style="background:hsl(200,55%,64%)"></span>tensor (one colour '
               'per name) <span class="sw" style="background:#f3c3c1;border-color:#d9534f"></span>kernel scratch '
@@ -346,7 +348,7 @@ def _passes(result) -> list[str]:
         peak = r.peak_estimate_bytes
         cls = ' class="same"' if not changes and not r.notes and not nodes_delta else ""
         out.append(
-            f"<tr{cls}><td class=\"n\">{i + 1}</td><td>{_e(r.name)}</td><td class=\"n\">{r.nodes}{delta}</td>"
+            f"<tr{cls}><td class=\"n\">{i + 1}</td><td style=\"white-space:nowrap\">{_e(r.name)}</td><td class=\"n\">{r.nodes}{delta}</td>"
             f'<td class="n"><span class="bar" style="width:{_num(60 * r.weight_bytes / top_w)}px"></span>'
             f"{_e(human(r.weight_bytes))}</td>"
             f'<td class="n"><span class="bar" style="width:{_num(60 * (peak or 0) / top_p)}px;background:#5b8def">'

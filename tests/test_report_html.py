@@ -83,7 +83,7 @@ def test_report_html_marks_the_peak_step(two_builds):
     for t in live[:3]:
         assert t.name in text
     for r in result.records:
-        assert f"<td>{r.name}</td>" in text.replace("&#x27;", "'")
+        assert f">{r.name}</td>" in text.replace("&#x27;", "'")
 
 
 def test_report_html_is_byte_identical_across_builds(two_builds):
