@@ -57,7 +57,7 @@ svg text{font:11px system-ui,sans-serif;fill:#3d4657}
 KIND_COLORS = {
     "arena": "#5b8def", "io": "#9b7be0", "ram weights": "#e0a23b", "state": "#2fa37a",
     "session": "#8a93a3", "weights": "#e0c23b", "prepacked_weights": "#d9763b", "scratch": "#d9534f",
-    "mmap": "#e0c23b", "flash": "#b0bccf", "ram": "#e0a23b",
+    "mmap": "#e0c23b", "flash": "#b0bccf", "ram": "#e0a23b", "inputs": "#b49be8", "outputs": "#7d5fc4",
 }
 KIND_LABELS = {"prepacked_weights": "prepacked weights", "weights": "weights (resident)",
                "ram weights": "weights in RAM", "mmap": "mmap", "flash": "flash", "ram": "RAM"}
@@ -139,7 +139,7 @@ def _memory_section(plan) -> list[str]:
                                   ("state", plan.state_bytes)])]
     if plan.runtime:
         items = plan.runtime.get("items", {})
-        order = ["session", "weights", "prepacked_weights", "arena", "io", "state", "scratch"]
+        order = ["session", "weights", "prepacked_weights", "arena", "io", "inputs", "outputs", "state", "scratch"]
         rows.append(("runtime, predicted", [(k, int(items[k])) for k in order if k in items] +
                      [(k, int(v)) for k, v in sorted(items.items()) if k not in order]))
     rows.append(("weights by placement", [(k, int(v)) for k, v in sorted(plan.weights_bytes.items())]))
@@ -148,7 +148,10 @@ def _memory_section(plan) -> list[str]:
            "target's runtime model: what onnxruntime keeps resident beyond the plan (session, weights and the "
            "prepacked copies it makes at load).</p>", _stacked_bars(rows)]
     if plan.runtime:
-        out.append(f'<p class="sub">runtime session options: {_e(plan.runtime.get("session_options", ""))}; '
+        options = plan.runtime.get("session_options", "")
+        if isinstance(options, dict):
+            options = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "runtime defaults"
+        out.append(f'<p class="sub">runtime session options: {_e(options)}; '
                    f'predicted resident peak {_e(human(plan.runtime.get("predicted_peak_bytes")))}</p>')
     return out
 
@@ -277,10 +280,14 @@ def _timeline(plan) -> list[str]:
     out.append(f'<line id="peak-step" x1="{_num(px)}" y1="{y0 - 6}" x2="{_num(px)}" y2="{y0 + PLOT_H}" '
                f'stroke="#b3261e" stroke-width="1.5" stroke-dasharray="5,3"/>')
     names = ", ".join(t.name for t in live[:3]) + (f" +{len(live) - 3} more" if len(live) > 3 else "")
-    anchor = "end" if px > x0 + PLOT_W * 0.6 else "start"
+    anchor = "end" if px > x0 + PLOT_W * 0.5 else "start"
     lx = px - 6 if anchor == "end" else px + 6
+    label = f"peak at step {peak_step}: {human(peak_bytes)} live — {names}"
+    room = int(((lx - 8) if anchor == "end" else (width - lx - 8)) / 6.4)     # ~6.4 px per bold character
+    if len(label) > room:
+        label = label[:max(room - 1, 24)] + "…"
     out.append(f'<text x="{_num(lx)}" y="{y0 - 14}" text-anchor="{anchor}" style="fill:#b3261e;font-weight:600">'
-               f'peak at step {peak_step}: {_e(human(peak_bytes))} live — {_e(names[:140])}</text>')
+               f'{_e(label)}</text>')
     # the band of small tensors
     band_max = max(small_live[:steps]) or 1
     out.append(f'<rect x="{x0}" y="{band_top}" width="{PLOT_W}" height="{band_h}" fill="#f4f6fa"/>'
