@@ -173,8 +173,11 @@ def weight_readers(graph: gs.Graph) -> list[tuple[int, list[str]]]:
 def predict_runtime(graph: gs.Graph, plan: MemoryPlan, target: Target) -> dict:
     """The target runtime model's prediction for ``plan`` (see ``lmc.targets.runtime_model``)."""
     model = target.runtime
-    prediction = model.predict(weight_readers(graph), plan.arena_bytes, plan.io_bytes, plan.state_bytes)
-    return {**prediction.to_dict(), "session_options": model.session_options or "runtime defaults"}
+    held = {name for b in plan.state for name in (b.input, b.output)}
+    inputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.inputs if t.name not in held)
+    outputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.outputs if t.name not in held)
+    prediction = model.predict(weight_readers(graph), plan.arena_bytes, inputs, outputs, plan.state_bytes)
+    return {**prediction.to_dict(), "session_options": model.session_options}
 
 
 def io_bytes(graph: gs.Graph, state: Sequence[tuple[str, str]] = ()) -> int:

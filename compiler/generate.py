@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
+from lmc.compiler.runtime import apply_session_options, bundle_session_options
 
 GENERATION_KEY = "lmc.generation"
 
@@ -68,13 +69,7 @@ def _options(threads: int, session_options: dict | None = None) -> ort.SessionOp
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    for key, value in (session_options or {}).items():
-        if key == "config_entries":
-            for k, v in value.items():
-                opts.add_session_config_entry(k, str(v))
-        else:
-            setattr(opts, key, value)
-    return opts
+    return apply_session_options(opts, session_options or {})
 
 
 class StateDecoder:
@@ -85,7 +80,8 @@ class StateDecoder:
         if info is None:
             raise LmcError(f"{model_path}: not a generation bundle (build it with lmc build --context N)")
         self.info = info
-        self.session = ort.InferenceSession(str(model_path), _options(threads, session_options),
+        settings = {**bundle_session_options(model_path), **(session_options or {})}
+        self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
                                             providers=["CPUExecutionProvider"])
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}

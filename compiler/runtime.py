@@ -5,8 +5,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import onnx
 import onnxruntime as ort
+
+SESSION_OPTIONS_FILE = "session_options.json"
+
+
+def apply_session_options(opts: ort.SessionOptions, settings: dict) -> ort.SessionOptions:
+    """Apply a bundle's ``session_options.json``: SessionOptions attributes by name, plus
+    ``config_entries`` for ``add_session_config_entry``."""
+    for key, value in settings.items():
+        if key == "config_entries":
+            for entry, text in value.items():
+                opts.add_session_config_entry(entry, str(text))
+        else:
+            setattr(opts, key, value)
+    return opts
+
+
+def bundle_session_options(model_path: str | Path) -> dict:
+    """The session options a bundle's plan assumes (empty for a model lmc did not build)."""
+    path = Path(model_path).parent / SESSION_OPTIONS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optimize: bool = True,

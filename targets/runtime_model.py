@@ -2,16 +2,19 @@
 ``[runtime]`` table), graph-agnostic like the planner — it sees op names and byte counts only.
 
 Prediction of the runtime's peak resident memory, above the process before the session is created:
-    peak = session + Σ_w resident(w) + arena + io + state + scratch
+    peak = session + Σ_w resident(w) + arena_factor · arena + inputs + output_copies · outputs + state
 - ``session``: an empty session's own cost (allocators, kernel registry, thread pool), measured;
 - resident(w): every weight is read at every step, so all of it is resident (mapped or copied). A weight
   read by a *prepacking* op (``prepack_ops``) is repacked at load: the packed copy replaces the original,
   unless the op keeps its original too (``prepack_keeps_original``) or another, non-prepacking op reads
   the same weight (a tied embedding's Gather) — then both are resident;
-- arena / io / state / scratch: lmc's plan (intermediates, graph inputs+outputs, in-place cache state,
-  kernel working memory).
-The default session options (weight prepacking on) are what the model describes; the numbers were
-measured with the runtime the target file names.
+- arena: lmc's plan of the intermediates (kernel scratch included) times ``arena_factor``, the measured
+  ratio of the runtime's own allocator peak to lmc's packing (it plans without lmc's offsets);
+- inputs, outputs: the graph's; each output exists ``output_copies`` times (the runtime's buffer and the
+  caller's copy of it); state: the in-place cache.
+The model describes the runtime under ``session_options`` (written into every bundle as
+``session_options.json`` and applied by lmc's drivers); the numbers were measured with the runtime the
+target file names.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class RuntimeModel:
     session_bytes: int = 0
     prepack_ops: frozenset[str] = frozenset()
     prepack_keeps_original: frozenset[str] = frozenset()
+    arena_factor: float = 1.0
+    output_copies: int = 1
     session_options: dict = field(default_factory=dict)
 
     @classmethod
@@ -33,6 +38,8 @@ class RuntimeModel:
         return cls(session_bytes=int(table.get("session_bytes", 0)),
                    prepack_ops=frozenset(table.get("prepack_ops", [])),
                    prepack_keeps_original=frozenset(table.get("prepack_keeps_original", [])),
+                   arena_factor=float(table.get("arena_factor", 1.0)),
+                   output_copies=int(table.get("output_copies", 1)),
                    session_options=dict(table.get("session_options", {})))
 
     def weight_resident(self, size: int, readers: Iterable[str]) -> tuple[int, int]:
@@ -45,15 +52,16 @@ class RuntimeModel:
         keeps = bool(packed & self.prepack_keeps_original) or bool(readers - self.prepack_ops)
         return (size if keeps else 0), size
 
-    def predict(self, weights: Iterable[tuple[int, Iterable[str]]], arena: int, io: int, state: int,
-                scratch: int = 0) -> "RuntimePrediction":
+    def predict(self, weights: Iterable[tuple[int, Iterable[str]]], arena: int, inputs: int, outputs: int,
+                state: int) -> "RuntimePrediction":
         original = prepacked = 0
         for size, readers in weights:
             a, b = self.weight_resident(size, readers)
             original += a
             prepacked += b
         items = {"session": self.session_bytes, "weights": original, "prepacked_weights": prepacked,
-                 "arena": arena, "io": io, "state": state, "scratch": scratch}
+                 "arena": int(arena * self.arena_factor), "inputs": inputs,
+                 "outputs": outputs * self.output_copies, "state": state}
         return RuntimePrediction(items)
 
 
