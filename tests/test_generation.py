@@ -308,3 +308,12 @@ def test_dynamo_key_transpose_must_swap_the_last_axes(tmp_path):
     greedy(PastDecoder(model), [1, 2, 3], 2)
     with pytest.raises(LmcError, match="no attention recognised"):
         build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
+
+
+def test_batch_of_two_rows(bundles, tmp_path):
+    out = tmp_path / "b2"
+    result = build(FIXTURES / EXPORTS[0], BuildOptions(context=CONTEXT, batch=2), out)
+    single = json.loads((bundles[EXPORTS[0]] / "plan.json").read_text())
+    assert result.plan.state_bytes == 2 * single["state"]["bytes"]
+    report = compare_generation(FIXTURES / EXPORTS[0], out / "model.onnx", vocab=256, prompt=5, steps=6)
+    assert report.passed and report.max_rel < 1e-5
