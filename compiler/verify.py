@@ -360,21 +360,23 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
                        tokens: Sequence[int] | None = None) -> VerifyReport:
     """A generation bundle against the original past/present export: the same random prompt prefilled in
     both, then ``steps`` tokens one at a time (the original driven present → past, the bundle with its
-    state in place); logits compared at every position."""
+    state in place); logits compared at every position, for every batch row of the bundle."""
     from lmc.compiler.generate import PastDecoder, StateDecoder
 
+    cand = StateDecoder(candidate)
+    batch = cand.info.batch
     if tokens is None:
-        tokens = np.random.default_rng(seed).integers(0, vocab, prompt + steps)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    ref, cand = PastDecoder(reference), StateDecoder(candidate)
-    worst = [compare(ref.forward(tokens[None, :prompt]), cand.forward(tokens[None, :prompt]), "logits (prefill)")]
+        tokens = np.random.default_rng(seed).integers(0, vocab, (batch, prompt + steps))
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)
+    ref = PastDecoder(reference, batch=batch)
+    worst = [compare(ref.forward(tokens[:, :prompt]), cand.forward(tokens[:, :prompt]), "logits (prefill)")]
     decode = None
-    for t in tokens[prompt:]:
-        err = compare(ref.forward(np.array([[t]])), cand.forward(np.array([[t]])), "logits (decode)")
+    for i in range(prompt, tokens.shape[1]):
+        err = compare(ref.forward(tokens[:, i:i + 1]), cand.forward(tokens[:, i:i + 1]), "logits (decode)")
         decode = err if decode is None or err.max_rel > decode.max_rel else decode
     if decode is not None:
         worst.append(decode)
-    return VerifyReport(tuple(worst), 1 + len(tokens) - prompt, tolerance)
+    return VerifyReport(tuple(worst), 1 + tokens.shape[1] - prompt, tolerance)
 
 
 def verify_generation(model_path: Path, against: str | Path, info, tolerance: float, seed: int,
