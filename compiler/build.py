@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
 from lmc.compiler.backend import estimate_peak, plan_memory
-from lmc.compiler.errors import LmcError
+from lmc.compiler.errors import LmcError, ShapeError
 from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
 from lmc.compiler.pipeline import default_pipeline
@@ -43,10 +46,13 @@ class QuantizeMode(enum.Enum):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What to build. ``input_shapes`` binds dynamic input dims (name -> dims)."""
+    """What to build. ``input_shapes`` binds dynamic input dims (name -> dims); ``input_values`` fixes inputs'
+    values (name -> a number or a (nested) list of numbers, JSON-able so the bundle's metadata records them):
+    each such input becomes a constant, and control flow on it folds."""
 
     target: str = "cortex-a55"
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    input_values: Mapping[str, Any] = field(default_factory=dict)
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: str = "dense"             # dense | chunked[:Q] | sliding:W[,sinks=S]
     max_ram: int | None = None           # bytes; None: the target's RAM budget
@@ -122,9 +128,34 @@ def _stamp(model, options: BuildOptions, target: Target) -> None:
                "attention": str(AttentionSpec.parse(options.attention)),
                "input_shapes": ",".join(f"{k}={'x'.join(str(d) for d in v)}"
                                         for k, v in sorted(options.input_shapes.items()))}
+    if options.input_values:
+        entries["input_values"] = encode_input_values(options.input_values)
     for key, value in entries.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = METADATA_PREFIX + key, str(value)
+
+
+def _plain(value, name: str):
+    """A bound input value as plain JSON data: numbers (bool, int, finite float) and lists of them."""
+    if isinstance(value, np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(v, name) for v in value]
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, float) and np.isfinite(value):
+        return value
+    raise LmcError(f"--input-value {name}: {value!r} is not a finite number or a list of numbers")
+
+
+def encode_input_values(values: Mapping[str, Any]) -> str:
+    """``input_values`` as the bundle records them (``lmc.input_values``): canonical JSON, keys sorted."""
+    return json.dumps({k: _plain(v, k) for k, v in values.items()}, sort_keys=True, separators=(",", ":"))
+
+
+def decode_input_values(text: str) -> dict[str, np.ndarray]:
+    """The ``lmc.input_values`` metadata back as arrays (name -> value)."""
+    return {k: np.asarray(v) for k, v in json.loads(text).items()} if text else {}
 
 
 def build_metadata(model) -> dict[str, str]:
@@ -146,21 +177,33 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     if out_dir.resolve() == Path(model_path).resolve().parent:
         raise LmcError(f"{out_dir}: output folder is the model's own folder; choose another -o")
 
+    values = decode_input_values(encode_input_values(options.input_values))     # checked, as they are stamped
     if options.context:
+        if values:
+            raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
         return _build_generation(model_path, options, target, out_dir, on_pass, progress, start)
     model = load_model(model_path)
     graph = ir.to_graph(model)
     del model
     shapes.bind_input_shapes(graph, dict(options.input_shapes))
-    shapes.infer_shapes(graph)
-    shapes.require_static_inputs(graph)
-    nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
-
-    manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]), PassContext(target=target, options=options, progress=progress),
-                          peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
-    graph, records = manager.run(graph)
-
-    plan = plan_memory(graph, target, inplace=options.inplace)
+    shapes.bind_input_values(graph, values)
+    try:
+        shapes.infer_shapes(graph)
+        shapes.require_static_inputs(graph)
+        nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
+        manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
+                              PassContext(target=target, options=options, progress=progress),
+                              peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
+        graph, records = manager.run(graph)
+        plan = plan_memory(graph, target, inplace=options.inplace)
+    except ShapeError as exc:     # a shape left dynamic: say so plainly when the original cannot run either
+        _blame_model(model_path, options, values, exc)
+        raise
+    except LmcError:
+        raise
+    except Exception as exc:
+        _blame_model(model_path, options, values, exc)     # a user error when the model itself cannot run
+        raise
     problems = check_plan(plan)
     if problems:
         raise RuntimeError(f"arena plan is unsound: {problems[0]}")
@@ -175,8 +218,14 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         verification = None
         if options.verify:
             feeds = random_inputs(staged / emit.MODEL_FILE, bound, samples=1, seed=options.seed)
-            verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance,
-                                          candidate_is_ours=True)
+            try:
+                verification = compare_models(model_path, staged / emit.MODEL_FILE, feeds, options.tolerance,
+                                              candidate_is_ours=True, reference_values=values)
+            except LmcError as exc:      # the original does not run on inputs of the bound shapes
+                given = _given(options, values)
+                if not given:
+                    raise
+                raise LmcError(f"the model does not accept {given}: {str(exc).strip().splitlines()[0]}") from exc
             if not approximate and not verification.passed:
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)
@@ -198,6 +247,53 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         emit.discard(staged)
         raise
     return result
+
+
+def _given(options: BuildOptions, values: Mapping[str, np.ndarray]) -> str:
+    """The input bindings of a build as its command line gives them ('' when none)."""
+    return " ".join([f"--input-shape {k}={'x'.join(str(d) for d in v)}" for k, v in options.input_shapes.items()]
+                    + [f"--input-value {k}={','.join(str(x) for x in np.ravel(v).tolist())}" for k, v in values.items()])
+
+
+def _original_fails(model_path, options: BuildOptions, values: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """Why onnxruntime cannot run the original model at the bound input shapes and values (random inputs):
+    ("load" or "run", onnxruntime's message); None when it runs (or cannot be tried: inputs left dynamic)."""
+    from lmc.compiler.runtime import session
+    from lmc.compiler.verify import random_inputs, with_values
+
+    try:
+        feeds = with_values(model_path, random_inputs(model_path, options.input_shapes, samples=1,
+                                                      seed=options.seed, values=values), values)
+    except LmcError:
+        return None
+    stage = "load"
+    try:
+        sess = session(model_path, low_memory=True)
+        stage = "run"
+        names = {i.name for i in sess.get_inputs()}
+        sess.run(None, {k: v for k, v in feeds[0].items() if k in names})
+    except Exception as exc:  # noqa: BLE001 — onnxruntime raises several types; any of them is the answer
+        text = str(exc).strip().splitlines()
+        return stage, (text[0] if text else type(exc).__name__)[:300]
+    return None
+
+
+def _blame_model(model_path, options: BuildOptions, values: Mapping[str, np.ndarray], exc: Exception) -> None:
+    """lmc failed on ``exc`` while compiling (an internal error, or a ShapeError: a shape that stayed dynamic or
+    did not infer): when onnxruntime cannot load the original, or run it at the same input shapes and values,
+    the model (or the shapes given for it) is at fault — a user error saying so, with both reasons.
+    Otherwise nothing: the caller re-raises ``exc`` (an internal error stays one)."""
+    failed = _original_fails(model_path, options, values)
+    if failed is None:
+        return
+    stage, reason = failed
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    stopped = f"lmc stopped at: {text}" if isinstance(exc, LmcError) else f"lmc stopped at {type(exc).__name__}: {text}"
+    given = _given(options, values)
+    if stage == "run" and given:
+        raise LmcError(f"the model does not accept {given}: onnxruntime cannot run it with them either "
+                       f"({reason}); {stopped}") from exc
+    raise LmcError(f"the model is inconsistent: onnxruntime cannot {stage} it either ({reason}); {stopped}") from exc
 
 
 def _commit(staged: Path, result: BuildResult, model_path) -> None:

@@ -58,6 +58,35 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    value = float(text)          # ValueError for anything else
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+def parse_input_values(values: tuple[str, ...]) -> dict[str, int | float | tuple[int | float, ...]]:
+    """``NAME=VALUE`` (repeatable; VALUE an int, a float or a comma-separated list of them) -> {NAME: value}."""
+    parsed: dict[str, int | float | tuple[int | float, ...]] = {}
+    for value in values:
+        name, sep, text = value.rpartition("=")
+        if not sep or not name or not text.strip():
+            raise LmcError(f"--input-value '{value}': expected NAME=VALUE (e.g. sr=16000 or scale=0.5,0.25)")
+        try:
+            items = tuple(_number(t.strip()) for t in text.split(","))
+        except ValueError:
+            raise LmcError(f"--input-value '{value}': VALUE must be an int, a finite float or a comma-separated "
+                           "list of them") from None
+        if name in parsed:
+            raise LmcError(f"--input-value: '{name}' is given twice; give each input once")
+        parsed[name] = items if "," in text else items[0]
+    return parsed
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
@@ -116,6 +145,9 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Target name (see `lmc targets`) or a target .toml file.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…",
               help="Bind a dynamic input's dims, e.g. input_ids=1x256 (repeatable).")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
+              help="Fix an input's value (an int, a float or a comma-separated list), e.g. sr=16000: the input "
+                   "becomes a constant and control flow on it folds (repeatable).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4", "w8a8"]), default="none",
               show_default=True,
               help="none keeps the model exact; int8: weights per channel; int4: weights in blocks (with --calib: "
@@ -160,18 +192,20 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Max relative output error accepted by the built-in verification (at least twice the "
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, quantize, block_size, calib, calib_method, calib_samples, attention,
+def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, calib_method, calib_samples, attention,
           context, batch, prefill_chunk, kv_cache, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
     Examples:
       lmc build llama.onnx --target cortex-a55 --input-shape input_ids=1x256 -o out/
+      lmc build vad.onnx --input-shape input=1x512 --input-value sr=16000 -o vad/
       lmc build decoder-with-past.onnx --context 512 -o gen/ && lmc generate gen/ --prompt-tokens p.txt
     """
     from lmc.compiler.build import BuildOptions, QuantizeMode, build as run_build
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
+                           input_values=parse_input_values(input_values),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), inplace=inplace,

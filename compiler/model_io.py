@@ -2,8 +2,9 @@
 
 ``load_model(path)`` reads a model with or without external data and never writes to it:
 
-- the protobuf is parsed without external data first; a parse failure or a graph the onnx checker rejects
-  is a ``ModelLoadError`` naming the file;
+- the protobuf is parsed without external data first; a parse failure, a name or text field that is not
+  valid UTF-8, an input without an element type or a graph the onnx checker rejects is a
+  ``ModelLoadError`` naming the file;
 - every external-data ``location`` must be a relative path that resolves *inside* the model's folder
   (absolute paths, ``..`` escapes and symlinks leading out are refused), name an existing file, and
   ``offset + length`` must lie within it;
@@ -98,6 +99,37 @@ def _check_tensor_proto(t: onnx.TensorProto, what: str, source: str) -> None:
                                  f"needs {(count * bits + 7) // 8}")
 
 
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)       # newer protobuf; older ones have only ``label``
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _first_bad_string(message, path: str) -> str | None:
+    """The path of the first string field of ``message`` (recursively) that is not valid UTF-8, or None.
+    (A proto2 ``string`` is not checked by the parser; the Python runtime hands invalid ones out as bytes.)"""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            repeated = _repeated(field)
+            for i, v in enumerate(value if repeated else [value]):
+                if not isinstance(v, str):
+                    return f"{path}.{field.name}" + (f"[{i}]" if repeated else "")
+        elif field.type == field.TYPE_MESSAGE:
+            repeated = _repeated(field)
+            for i, item in enumerate(value if repeated else [value]):
+                where = f"{path}.{field.name}" + (f"[{i}]" if repeated else "")
+                found = _first_bad_string(item, where)
+                if found:
+                    return found
+    return None
+
+
+def check_text(model: onnx.ModelProto, source: str) -> None:
+    """Every name and text field is valid UTF-8 (a flipped byte in a name otherwise fails deep in lmc)."""
+    bad = _first_bad_string(model, "model")
+    if bad:
+        raise ModelLoadError(f"{source}: {bad} is not valid UTF-8 text (file corrupt?)")
+
+
 def check_tensor_data(model: onnx.ModelProto, source: str) -> None:
     """Declared element types are known; initializers' and Constant values' bytes match their shapes; no
     list attribute is empty (its type cannot be told)."""
@@ -107,6 +139,10 @@ def check_tensor_data(model: onnx.ModelProto, source: str) -> None:
             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _DTYPES:
                 raise ModelLoadError(f"{source}: {kind} '{v.name}' has an unknown element type "
                                      f"{v.type.tensor_type.elem_type}")
+    for v in g.input:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{source}: input '{v.name}' has no element type (0, UNDEFINED); a model's "
+                                 "inputs must declare theirs")
     for t in g.initializer:
         _check_tensor_proto(t, f"initializer '{t.name}'", source)
     for node in g.node:
@@ -144,6 +180,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{source}: not a valid ONNX model (no graph or no opset import)")
     if not model.graph.output:
         raise ModelLoadError(f"{source}: the graph has no outputs (file truncated or corrupt?)")
+    check_text(model, source)
     check_tensor_graph(model, source)
     check_tensor_data(model, source)
     check_external_locations(model, p.parent, source)

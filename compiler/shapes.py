@@ -103,7 +103,17 @@ def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None
                     raise ShapeError(f"input '{name}' dim {axis} is fixed at {old}; --input-shape gives {new}")
         if any(d < 0 for d in dims):
             raise ShapeError(f"input '{name}': dims must be ≥ 0, got {_fmt(dims)}")
+        if 0 in dims and not is_cache_input(name):
+            raise ShapeError(f"input '{name}': --input-shape gives dim {dims.index(0)} as 0 ({_fmt(dims)}); an empty "
+                             "tensor is accepted only for a cache input (a name with 'past', e.g. an empty "
+                             "past_key_values), a model computes nothing on an empty input otherwise")
         var.shape = dims
+
+
+def is_cache_input(name: str) -> bool:
+    """A past key/value cache input (exporters name them past_key_values.*, past.*, past_key.*): the only
+    inputs that may be bound with a 0 dim (an empty cache)."""
+    return "past" in name.lower()
 
 
 def bind_input_values(graph: gs.Graph, values: Mapping[str, np.ndarray]) -> None:

@@ -14,7 +14,9 @@ check (``compare_models``) measures it only when an output is over the plain tol
 
 Inputs: given (``.npz`` with one array per input name, sample i = arr[i] when it has one more dim than
 the input) or random with a fixed seed: floats ~ N(0, 1); integer inputs that index a Gather table are
-uniform in [0, rows), other integers in [0, 2).
+uniform in [0, rows), other integers in [0, 2). A bundle built with ``--input-value NAME=V`` no longer has the
+input NAME: the original's feeds get V for it (``compare_models(reference_values=…)``; ``lmc verify`` reads
+the values from the bundle's metadata).
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], samples: int = 1,
-                  seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``samples`` random feeds for the model at ``model_path`` with inputs bound to ``shapes``."""
+                  seed: int = 0, values: Mapping[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    """``samples`` random feeds for the model at ``model_path`` with inputs bound to ``shapes``; inputs named
+    in ``values`` (fixed with --input-value) are left out — ``with_values`` adds them."""
     model = onnx.load(str(model_path), load_external_data=False)
     rows = _gather_rows(model)
     rng = np.random.default_rng(seed)
@@ -143,7 +146,7 @@ def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], s
     for _ in range(samples):
         feed = {}
         for inp in model.graph.input:
-            if inp.name in initializers:
+            if inp.name in initializers or (values and inp.name in values):
                 continue
             if inp.name in shapes:
                 shape = [int(d) for d in shapes[inp.name]]
@@ -158,7 +161,11 @@ def random_inputs(model_path: str | Path, shapes: Mapping[str, Sequence[int]], s
                 words = np.array(["lmc", "onnx", "arena", "", "ß", "token"], dtype=object)
                 feed[inp.name] = words[rng.integers(0, len(words), size=shape)]
                 continue
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            try:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            except (KeyError, TypeError, ValueError):
+                raise LmcError(f"input '{inp.name}' has element type {elem}, for which no test values can be "
+                               "made; give inputs (lmc verify --inputs)") from None
             if np.issubdtype(dtype, np.integer):
                 feed[inp.name] = rng.integers(0, rows.get(inp.name, 2), size=shape).astype(dtype)
             elif dtype == np.bool_:
@@ -182,6 +189,33 @@ def load_inputs(path: str | Path, ranks: Mapping[str, int] | None = None) -> lis
         n = min(len(arr) for arr in data.values())
         return [{name: arr[i] for name, arr in data.items()} for i in range(n)]
     return [data]
+
+
+def _input_dtypes(model_path: str | Path) -> dict[str, np.dtype | None]:
+    """Graph input name -> numpy dtype (None when the element type is unknown or not a numpy type)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    dtypes: dict[str, np.dtype | None] = {}
+    for inp in model.graph.input:
+        try:
+            dtypes[inp.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtypes[inp.name] = None
+    return dtypes
+
+
+def with_values(model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                values: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+    """``feeds`` with the fixed input ``values`` added, each converted to the model's dtype for that input
+    (the original of a bundle built with --input-value still has those inputs)."""
+    if not values:
+        return [dict(f) for f in feeds]
+    dtypes = _input_dtypes(model_path)
+    fixed = {}
+    for name, value in values.items():
+        value = np.asarray(value)
+        dtype = dtypes.get(name)
+        fixed[name] = value.astype(dtype) if dtype is not None else value
+    return [{**f, **fixed} for f in feeds]
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, name: str) -> OutputError:
@@ -285,12 +319,14 @@ def measure_spread(model: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
 def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
                    tolerance: float = DEFAULT_TOLERANCE, candidate_is_ours: bool = False,
                    spread: bool | None = None, spread_factor: float = SPREAD_FACTOR,
-                   hint: str = BUILD_HINT) -> VerifyReport:
+                   hint: str = BUILD_HINT, reference_values: Mapping[str, np.ndarray] | None = None) -> VerifyReport:
     """Run both models on ``feeds`` (one after the other) and compare every output by name (worst over
     samples). Each output may reach max(tolerance, ``spread_factor`` × the reference's own spread):
     ``spread`` True measures that spread always, None only when an output is over the plain tolerance,
-    False never."""
-    names, ref_out = _run_all(reference, feeds, hint=hint)
+    False never. ``feeds`` are the candidate's inputs; ``reference_values`` (inputs the candidate was built
+    with fixed, ``--input-value``) are added to the reference's."""
+    ref_feeds = with_values(reference, feeds, reference_values) if reference_values else feeds
+    names, ref_out = _run_all(reference, ref_feeds, hint=hint)
     _, cand_out = _run_all(candidate, feeds, names, ours=candidate_is_ours, hint=hint)
     worst = _worst(names, ref_out, cand_out)
     tols = {}
@@ -300,7 +336,7 @@ def compare_models(reference: str | Path, candidate: str | Path, feeds: Sequence
     spreads: dict[str, float] = {}
     if spread or (spread is None and over):
         try:
-            spreads = measure_spread(reference, feeds, names, optimized=ref_out, hint=hint)
+            spreads = measure_spread(reference, ref_feeds, names, optimized=ref_out, hint=hint)
         except LmcError as exc:   # the original does not run unoptimised: judge by the tolerance alone
             log.warning("could not measure the original's numerical spread: %s", exc)
     outputs = []
@@ -343,7 +379,14 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
         feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
-    report = compare_models(against, model_path, feeds, tolerance, spread=True, hint=VERIFY_HINT)
+    from lmc.compiler.build import build_metadata, decode_input_values
+
+    try:
+        fixed = decode_input_values(build_metadata(bundle_model).get("input_values", ""))
+    except ValueError as exc:
+        raise LmcError(f"{model_path}: unreadable lmc.input_values metadata ({exc})") from exc
+    report = compare_models(against, model_path, feeds, tolerance, spread=True, hint=VERIFY_HINT,
+                            reference_values=fixed)
     if tokens is not None:
         from lmc.compiler.perplexity import load_tokens, perplexity
 

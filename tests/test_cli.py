@@ -227,3 +227,155 @@ def test_verify_failure_explains_itself(model_dir, tmp_path, capsys):
     data = json.loads(stdout)          # one JSON document: the report, with the error in it
     assert code == 3 and not data["passed"] and data["exit_code"] == 3 and "logits" in data["error"]
     assert data["spread"] is not None and "spread" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ --input-value
+def _vad_model(path):
+    """A voice-activity-detector-shaped model: the If's branch is chosen by Equal(sr, 16000), and the two
+    branches reshape differently, so the output's shape is known only once sr is."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def vi(name, shape, dtype=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    then_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape16k"], ["t_r"]),
+                                helper.make_node("ReduceSum", ["t_r", "axis1"], ["t_out"], keepdims=0)],
+                               "then16k", [], [vi("t_out", [None])])
+    else_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape8k"], ["e_r"]),
+                                helper.make_node("ReduceMax", ["e_r", "axis1"], ["e_out"], keepdims=0)],
+                               "else8k", [], [vi("e_out", [None])])
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("Equal", ["sr", "rate16k"], ["c"]),
+             helper.make_node("If", ["c"], ["r"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Sigmoid", ["r"], ["y"])]
+    inits = [helper.make_tensor("rate16k", TensorProto.INT64, [], [16000]),
+             helper.make_tensor("shape16k", TensorProto.INT64, [2], [4, 128]),
+             helper.make_tensor("shape8k", TensorProto.INT64, [2], [8, 64]),
+             helper.make_tensor("axis1", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "vad", [vi("x", [1, 512]), vi("sr", [], TensorProto.INT64)], [vi("y", [None])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("rate, rows", [(16000, 4), (8000, 8)])
+def test_input_value_folds_control_flow_and_the_build_verifies(tmp_path, capsys, rate, rows):
+    import onnx
+
+    from lmc.compiler.build import build_metadata
+
+    m, out = _vad_model(tmp_path / "vad.onnx"), tmp_path / "out"
+    code, stdout, err = run(["build", str(m), "--target", "x86-64", "--input-value", f"sr={rate}", "-o", str(out),
+                             "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["verification"]["passed"]
+    bundle = onnx.load(str(out / "model.onnx"))
+    assert [i.name for i in bundle.graph.input] == ["x"]
+    assert "If" not in {n.op_type for n in bundle.graph.node}
+    assert [d.dim_value for d in bundle.graph.output[0].type.tensor_type.shape.dim] == [rows]
+    assert build_metadata(bundle)["input_values"] == f'{{"sr":{rate}}}'
+    # lmc verify reads the bound value from the bundle and feeds it to the original
+    assert run(["verify", str(out), "--against", str(m)], capsys)[0] == 0
+    # the same flags build the same bytes
+    again = tmp_path / "again"
+    assert run(["build", str(m), "--target", "x86-64", "--input-value", f"sr={rate}", "-o", str(again)], capsys)[0] == 0
+    assert (again / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("values, says", [
+    (["sr=16000.5"], "not representable"),            # a float for an int64 input
+    (["sr=abc"], "VALUE must be"),
+    (["sr=16000,8000"], "rank"),                       # a list for a scalar
+    (["sr=16000", "sr=8000"], "twice"),
+    (["rate=16000"], "model's inputs are"),
+    (["sr="], "NAME=VALUE"),
+    (["sr=nan"], "VALUE must be"),
+])
+def test_bad_input_values_are_exit_2(tmp_path, capsys, values, says):
+    m, out = _vad_model(tmp_path / "vad.onnx"), tmp_path / "out"
+    args = ["build", str(m), "--target", "x86-64", "-o", str(out)]
+    for v in values:
+        args += ["--input-value", v]
+    code, _, err = run(args, capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_parse_input_values():
+    from lmc.compiler.cli import parse_input_values
+
+    assert parse_input_values(("sr=16000", "scale=0.5,0.25", "n=-3", "f=1e-3")) == {
+        "sr": 16000, "scale": (0.5, 0.25), "n": -3, "f": 1e-3}
+
+
+# ------------------------------------------------------------------------ inputs a model cannot take (fuzz)
+def test_a_zero_dim_is_refused_except_on_a_cache_input(model_dir, tmp_path, capsys):
+    from lmc.compiler import ir, shapes
+    from lmc.models import build_llama
+
+    code, _, err = run(["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=0x8",
+                        "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "input_ids" in err and "past" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    graph = ir.to_graph(build_llama())
+    graph.inputs[0].name = "past_key_values.0.key"        # an empty cache is a real input
+    shapes.bind_input_shapes(graph, {"past_key_values.0.key": (1, 0)})
+    assert graph.inputs[0].shape == [1, 0]
+
+
+def test_a_sequence_longer_than_the_positions_is_a_user_error(tmp_path, capsys):
+    import onnx
+
+    from lmc.models import Gpt2Config, build_gpt2
+
+    m = tmp_path / "gpt2-16.onnx"
+    onnx.save(build_gpt2(Gpt2Config(vocab=64, d_model=16, heads=2, layers=1, max_positions=16)), str(m))
+    code, _, err = run(["build", str(m), "--input-shape", "input_ids=1x17", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "does not accept --input-shape input_ids=1x17" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert run(["build", str(m), "--input-shape", "input_ids=1x16", "-o", str(tmp_path / "o")], capsys)[0] == 0
+
+
+def _conv_bn(path, bias: int):
+    """Conv (4 output channels, a bias of ``bias`` values) → BatchNormalization: the checker and shape
+    inference accept a wrong bias length, onnxruntime fails when it runs the Conv."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(bias).astype(np.float32), "b")]
+    inits += [numpy_helper.from_array(np.full(4, v, np.float32), n)
+              for n, v in (("scale", 1.5), ("beta", 0.1), ("mean", 0.2), ("var", 2.0))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "beta", "mean", "var"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_model_onnxruntime_cannot_run_either_is_a_user_error(tmp_path, capsys):
+    """lmc failing inside a pass on a model onnxruntime cannot run at the same shapes is the model's fault:
+    exit 2 with both reasons; the same model with a right bias builds."""
+    bad = _conv_bn(tmp_path / "bad.onnx", bias=8)
+    code, _, err = run(["build", str(bad), "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "inconsistent" in err and "onnxruntime cannot run it either" in err, err
+    assert "bias" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert run(["build", str(_conv_bn(tmp_path / "good.onnx", bias=4)), "-o", str(tmp_path / "o")], capsys)[0] == 0
+
+
+def test_lmc_failing_on_a_model_that_runs_stays_an_internal_error(model_dir, tmp_path, capsys, monkeypatch):
+    import lmc.compiler.build as build_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(build_module, "plan_memory", broken)
+    code, _, err = run(["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=1x8",
+                        "-o", str(tmp_path / "o")], capsys)
+    assert code == 1 and "internal error" in err and "ValueError" in err

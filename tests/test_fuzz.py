@@ -12,7 +12,7 @@ import fuzz  # noqa: E402
 
 
 def test_fuzz_sample_has_no_crashes():
-    results = fuzz.run(60, seed=2, jobs=1, timeout=30)
+    results = fuzz.run(60, seed=0, jobs=1, timeout=30)
     bad = [(r.index, r.mutation, r.outcome, r.detail) for r in results if r.outcome in fuzz.BAD]
     assert not bad, bad
     outcomes = {r.outcome for r in results}

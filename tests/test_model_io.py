@@ -120,3 +120,25 @@ def test_initializer_input_binding_checks_rank():
     assert [t.name for t in graph.inputs] == ["x"]
     with pytest.raises(ShapeError, match="rank"):
         shapes.bind_input_shapes(graph, {"x": (2, 3), "w": (12,)})
+
+
+def test_names_that_are_not_utf8_are_a_load_error(tmp_path):
+    """A flipped byte in a node name (protobuf does not check proto2 strings) is refused at load, naming the
+    field, instead of failing later where the name is written back."""
+    model = build_cnn()
+    model.graph.node[1].name = "NAMEX"
+    data = model.SerializeToString()
+    assert data.count(b"NAMEX") == 1
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(b"NAMEX", b"NA\xf3\xcdX"))
+    with pytest.raises(ModelLoadError, match=r"graph\.node\[1\]\.name is not valid UTF-8"):
+        load_model(path)
+
+
+def test_an_input_without_element_type_is_a_load_error(tmp_path):
+    model = build_cnn()
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelLoadError, match="no element type"):
+        load_model(path)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmc.compiler.errors import LmcError
 from lmc.compiler.verify import (SPREAD_FACTOR, OutputError, VerificationFailed, VerifyReport, compare_models,
-                                 measure_spread, verify)
+                                 measure_spread, random_inputs, verify, with_values)
 
 D = 768
 
@@ -99,3 +99,45 @@ def test_verification_failed_is_a_user_facing_error():
     report = VerifyReport((OutputError("y", 1.0, 0.5, 0.9),), 1, 1e-4)
     exc = VerificationFailed(report.explain(), report)
     assert isinstance(exc, LmcError) and exc.report is report and "0.5" in str(exc)
+
+
+def _scaled(tmp_path):
+    """y = x * s with a float input x and an int64 scalar input s."""
+    graph = helper.make_graph([helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+                               helper.make_node("Mul", ["x", "sf"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                               helper.make_tensor_value_info("s", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fixed = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["x", "three"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array(3.0, np.float32), "three")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(original, str(tmp_path / "original.onnx"))
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    return tmp_path / "original.onnx", tmp_path / "fixed.onnx"
+
+
+def test_bound_values_are_fed_to_the_original_only(tmp_path):
+    """A bundle built with --input-value s=3 has no input s: feeds are made for the bundle's inputs and the
+    original gets the bound value too, converted to its input's dtype."""
+    original, fixed = _scaled(tmp_path)
+    feeds = random_inputs(fixed, {}, samples=2, seed=1)
+    assert all(set(f) == {"x"} for f in feeds)
+    assert set(random_inputs(original, {}, values={"s": np.array(3)})[0]) == {"x"}
+    assert compare_models(original, fixed, feeds, reference_values={"s": np.array(3.0)}).passed
+    assert not compare_models(original, fixed, feeds, reference_values={"s": np.array(2)}).passed
+    with pytest.raises(LmcError, match="inputs missing a value: s"):
+        compare_models(original, fixed, feeds)
+    assert with_values(original, feeds, {"s": [3]})[0]["s"].dtype == np.int64
+
+
+def test_random_inputs_refuse_an_element_type_without_values(tmp_path):
+    original, _ = _scaled(tmp_path)
+    model = onnx.load(str(original))
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    onnx.save(model, str(tmp_path / "untyped.onnx"))
+    with pytest.raises(LmcError, match="element type 0"):
+        random_inputs(tmp_path / "untyped.onnx", {})
