@@ -11,6 +11,7 @@ import pytest
 
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.errors import LmcError
+from lmc.compiler.verify import VerificationFailed
 
 
 def _cases():
@@ -33,6 +34,8 @@ def test_operator_model_builds_or_is_refused_cleanly(case, tmp_path):
     onnx.save(case.model, str(path))
     try:
         result = build(path, BuildOptions(target="x86-64"), tmp_path / "out")
+    except VerificationFailed as exc:      # a miscompile, not a refusal
+        pytest.fail(f"the bundle differs from the original: {exc}")
     except LmcError:
         assert not (tmp_path / "out").exists()
         return
