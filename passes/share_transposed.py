@@ -126,19 +126,23 @@ class ShareTransposedWeights:
             by_key.setdefault((ir.onnx_dtype(c.dtype), tuple(sorted(c.shape))), []).append(c)
         shared, saved, notes = 0, 0, []
         used: set[int] = set()
-        loaded: dict[int, np.ndarray] = {}
-
-        def value(c: gs.Constant) -> np.ndarray:   # each candidate decoded once per run
-            if id(c) not in loaded:
-                loaded[id(c)] = ir.const_value(c)
-            return loaded[id(c)]
+        # Probes: each candidate's first row and column (decoded one constant at a time, then dropped);
+        # only pairs whose probes match are decoded in full, two at a time — no copy of the weights is kept.
+        probes: dict[int, tuple[bytes, bytes]] = {}
+        for c in consts:
+            if any(tuple(c.shape) == tuple(o.shape)[::-1] for o in by_key[(ir.onnx_dtype(c.dtype),
+                                                                            tuple(sorted(c.shape)))] if o is not c):
+                v = _bits(ir.const_value(c))
+                probes[id(c)] = (v[0, :].tobytes(), v[:, 0].tobytes())
+                del v
 
         for members in by_key.values():
             for i, a in enumerate(members):
                 for b in members[i + 1:]:
                     if id(a) in used or id(b) in used or tuple(a.shape) != tuple(b.shape)[::-1]:
                         continue
-                    if not is_transpose(value(a), value(b)):
+                    (a_row, a_col), (b_row, b_col) = probes[id(a)], probes[id(b)]
+                    if a_col != b_row or a_row != b_col or not is_transpose(ir.const_value(a), ir.const_value(b)):
                         continue
                     # Prefer keeping the copy a Gather reads (the [rows, features] table layout).
                     a_gathered = any(ir.is_op(n, "Gather") for n in a.outputs)

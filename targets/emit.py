@@ -2,8 +2,10 @@
 
 Weights: when the initializers total more than ``SMALL_MODEL_BYTES``, every initializer of at least
 ``external_data_threshold`` bytes is streamed to ``model.weights`` at an offset that is a multiple of the
-target's alignment (so it can be mmap'd and read in place), and the tensor keeps only its
-``location/offset/length`` entries. Tensors are written one at a time: no second copy of all weights.
+target's alignment (so it can be read in place) — and a tensor of at least ``PAGE_ALIGN_MIN_BYTES`` at a
+multiple of the page size as well, which onnxruntime needs to mmap it rather than read it onto its heap —
+and the tensor keeps only its ``location/offset/length`` entries. Tensors are written one at a time: no
+second copy of all weights.
 
 Atomicity: everything is written into a hidden temporary folder beside ``out_dir`` and renamed into place;
 an existing bundle at ``out_dir`` is replaced only after the new one is complete.
@@ -18,6 +20,7 @@ empty folder is fine.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -40,6 +43,8 @@ REPORT_FILE = "report.md"
 MARKER_FILE = ".lmc-bundle"
 MARKER_HEADER = "# lmc bundle: files written by lmc (an lmc build replaces this folder only while it holds just these)"
 SMALL_MODEL_BYTES = 64 * 1024
+PAGE_BYTES = 4096                  # onnxruntime mmaps external data only at offsets that are page multiples
+PAGE_ALIGN_MIN_BYTES = 64 * 1024   # tensors this large are page-aligned (the padding is < 6% of each)
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +85,24 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
                 data = _raw_bytes(tensor)
                 if len(data) < threshold:
                     continue
-            pad = (-offset) % alignment
+            align = alignment if len(data) < PAGE_ALIGN_MIN_BYTES else math.lcm(alignment, PAGE_BYTES)
+            pad = (-offset) % align
             if pad:
                 f.write(b"\0" * pad)
                 offset += pad
             f.write(data)
+            length = len(data)
+            del data
             dtype, dims = tensor.data_type, list(tensor.dims)
             name = tensor.name
             tensor.Clear()
             tensor.name, tensor.data_type = name, dtype
             tensor.dims.extend(dims)
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(len(data)))):
+            for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(data)
+            offset += length
             wrote = True
     if not wrote:
         weights_path.unlink()
