@@ -3,7 +3,10 @@
 For each requested tensor x (last axis = features) over all calibration samples:
 ``second_moment[k]`` = E[x_k²] (mean over every position of every sample), ``absmax[k]`` = max |x_k|.
 Samples come from an ``.npz`` holding one array per model input, shaped [N, *input_shape] (sample i is
-arr[i]). The graph is exported with the requested tensors as extra outputs; weights are not copied twice.
+arr[i]). The graph is exported with the requested tensors as extra outputs; weights are not copied twice:
+a graph over ``STREAM_BYTES`` of weights is written to a temporary folder with its weights streamed one
+tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than copies), never
+serialised into one protobuf (which fails past 2 GB).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from lmc.compiler.errors import LmcError
 from lmc.compiler.runtime import session
 
 log = logging.getLogger(__name__)
+
+STREAM_BYTES = 1 << 30
 
 
 @dataclass
@@ -133,13 +138,43 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
             keep_rows: int = 0) -> dict[str, ChannelStats]:
     """Second moments and absmax per last-axis feature of ``tensors`` over ``feeds`` (and XᵀX with
     ``gram``; up to ``keep_rows`` rows of x, spread evenly over the samples, with ``keep_rows``)."""
-    model = ir.to_model(graph)
+    import shutil
+    import tempfile
+
+    stream = ir.weight_bytes(graph) > STREAM_BYTES
+    model = ir.export_skeleton(graph) if stream else ir.to_model(graph)
     present = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in present:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(model)
-    del model
+    folder = None
+    if stream:
+        from lmc.targets import emit
+
+        folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
+        by_name = {c.name: c for c in ir.constants(graph)}
+        emit._externalize(model, folder / emit.WEIGHTS_FILE, emit.PAGE_BYTES, 0,
+                          lambda name: ir.constant_bytes(by_name[name]))
+        with open(folder / emit.MODEL_FILE, "wb") as f:
+            f.write(model.SerializeToString())
+        del model, by_name
+        try:
+            sess = session(folder / emit.MODEL_FILE)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    else:
+        sess = session(model)
+        del model
+    try:
+        return _collect(sess, tensors, feeds, progress, gram, keep_rows)
+    finally:
+        del sess
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _collect(sess, tensors, feeds, progress, gram, keep_rows) -> dict[str, ChannelStats]:
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

@@ -96,13 +96,26 @@ def _int4_constant(name: str, q: np.ndarray, unsigned: bool = False) -> gs.Const
     return gs.Constant(name, LazyValues(proto))
 
 
-def _rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, feature_axis: int) -> float:
-    diff2, ref2 = (w - w_hat) ** 2, w.astype(np.float64) ** 2
-    if h is not None:
-        shape = [1] * w.ndim
-        shape[feature_axis] = -1
-        diff2, ref2 = diff2 * h.reshape(shape), ref2 * h.reshape(shape)
-    return float(np.sqrt(diff2.sum() / max(ref2.sum(), 1e-30)))
+def _rel_error(w: np.ndarray, w_hat_rows, h: np.ndarray | None, feature_axis: int) -> float:
+    """‖W − Ŵ‖_h / ‖W‖_h, in row chunks: ``w_hat_rows(r0, r1)`` gives Ŵ[r0:r1] (float32), so no full-size
+    temporary (dequantized copy, float64 squares) of a large weight ever exists."""
+    rows = w.shape[0]
+    per_row = max(1, int(np.prod(w.shape[1:])))
+    step = max(1, (1 << 20) // per_row)
+    shape = [1] * w.ndim
+    shape[feature_axis] = -1
+    num = den = 0.0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wr = np.asarray(w[r0:r1], dtype=np.float32)
+        diff2 = (wr - w_hat_rows(r0, r1)).astype(np.float64) ** 2
+        ref2 = wr.astype(np.float64) ** 2
+        if h is not None:
+            hr = (h[r0:r1] if feature_axis == 0 else h).reshape(shape)
+            diff2, ref2 = diff2 * hr, ref2 * hr
+        num += float(diff2.sum())
+        den += float(ref2.sum())
+    return float(np.sqrt(num / max(den, 1e-30)))
 
 
 # A tied table goes to 4 bits only if that moves the model's output distribution by at most this KL
@@ -294,10 +307,13 @@ class QuantizeWeights:
         shape = [1] * w.ndim
         shape[axis] = -1
         s = s.astype(_np_dtype(const))      # float16 weights: float16 scales (the dequantized dtype)
-        w_hat = q.astype(np.float32) * s.astype(np.float32).reshape(shape)
+        s32 = s.astype(np.float32)
+
+        def w_hat(r0, r1):
+            return q[r0:r1].astype(np.float32) * (s32[r0:r1].reshape([-1] + [1] * (w.ndim - 1)) if axis == 0
+                                                  else s32.reshape(shape))
         feat = 1 - axis if w.ndim == 2 else axis
-        self.reports.append(WeightReport(const.name, tuple(w.shape), 8,
-                                         _rel_error(w.astype(np.float32), w_hat, importance, feat)))
+        self.reports.append(WeightReport(const.name, tuple(w.shape), 8, _rel_error(w, w_hat, importance, feat)))
         return gs.Constant(const.name + "_q", q), gs.Constant(const.name + "_scale", s)
 
     def _dequantized(self, graph, const, consumers, slot, q, scale, axis, names, block_size=None, zero=None):
@@ -325,14 +341,18 @@ class QuantizeWeights:
                     qt, st, zt = gptq_blocks(w.T, stats.gram, block, 4, batch=_gptq_batch(k, block))
                 else:
                     qt, st, zt = quantize_blocks_asymmetric(w.T, block, 4, h, self.config.search)
-                centred = qt.astype(np.float32).reshape(n, k // block, block) - zt[..., None]
                 zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
             else:
                 qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
-                centred = qt.astype(np.float32).reshape(n, k // block, block)
+                zt = None
             st = st.astype(_np_dtype(const))    # float16 weights: float16 scales
-            w_hat = (centred * st.astype(np.float32)[..., None]).reshape(n, k).T
-            self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w.astype(np.float32), w_hat, h, 0)))
+            st32 = st.astype(np.float32)
+
+            def w_hat(r0, r1):                  # rows r0:r1 of Ŵ [K, N] = columns of the [N, K] blocks
+                cols = np.arange(r0, r1) // block
+                centred = qt[:, r0:r1].astype(np.float32) - (0 if zt is None else zt[:, cols])
+                return (centred * st32[:, cols]).T
+            self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w, w_hat, h, 0)))
             q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T), unsigned=zero is not None)
             scale = gs.Constant(const.name + "_scale", np.ascontiguousarray(st.T))
             self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block, zero=zero)
@@ -401,10 +421,12 @@ class QuantizeWeights:
                 unsigned, s, zeros = gptq_blocks(w, head_stats.gram, block, 4, batch=_gptq_batch(d, block))
             else:
                 unsigned, s, zeros = quantize_blocks_asymmetric(w, block, 4, h, self.config.search)
-            w_hat = ((unsigned.reshape(v, d // block, block).astype(np.float32) - zeros[..., None])
-                     * s[..., None]).reshape(v, d)
             unsigned = unsigned.reshape(v, d // block, block)
-            shift = self._token_distribution_shift(graph, const, w_hat, heads) if heads else None
+            s4, z4 = s, zeros
+
+            def w_hat(r0, r1):
+                return ((unsigned[r0:r1].astype(np.float32) - z4[r0:r1, :, None]) * s4[r0:r1, :, None]).reshape(-1, d)
+            shift = self._token_distribution_shift(graph, const, w_hat(0, v), heads) if heads else None
             if shift is not None and shift > TABLE_KL_BUDGET:
                 notes.append(f"{const.name}: kept at 8 bits — at 4 bits the model's next-token distribution "
                              f"moves by {shift:.4f} nats/token on calibration data (budget {TABLE_KL_BUDGET})")
@@ -415,7 +437,10 @@ class QuantizeWeights:
                              f"on calibration data (budget {TABLE_KL_BUDGET})")
         if bits == 8:
             q, s = quantize_blocks(w, block, bits, h, self.config.search)          # [V, D], [V, D/B]
-            w_hat = (q.astype(np.float32).reshape(v, d // block, block) * s[..., None]).reshape(v, d)
+            s8 = s
+
+            def w_hat(r0, r1):
+                return (q[r0:r1].astype(np.float32).reshape(-1, d // block, block) * s8[r0:r1, :, None]).reshape(-1, d)
             unsigned = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(v, d // block, block)
         self.reports.append(WeightReport(const.name, (v, d), bits, _rel_error(w, w_hat, h, 1)))
         packed = pack_uint4(unsigned) if bits == 4 else unsigned
