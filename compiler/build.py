@@ -27,6 +27,7 @@ from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
+from lmc.compiler.runtime import SESSION_OPTIONS_FILE
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, VerificationFailed, VerifyReport, compare_models,
                                  random_inputs)
@@ -321,8 +322,12 @@ def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
     if source is None:
-        return emit.stage_model(model, out_dir, target.memory.alignment, threshold)
-    return emit.stage_model(model, out_dir, target.memory.alignment, threshold, source)
+        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold)
+    else:
+        staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold, source)
+    # the runtime configuration the plan's prediction describes, for drivers to apply
+    (staged / SESSION_OPTIONS_FILE).write_text(json.dumps(target.runtime.session_options, sort_keys=True) + "\n")
+    return staged
 
 
 def _check_budget(plan: MemoryPlan, options: BuildOptions, target: Target) -> None:

@@ -247,6 +247,9 @@ class AttentionRule:
             ks = (ks[0], ks[2], ks[1], ks[3])
         if qs[1] % ks[1] or v.shape[1] != ks[1]:
             return Reject("query heads are not a multiple of key/value heads")
+        vs = ir.static_shape(v)
+        if vs is None or len(vs) != 4 or vs[0] != qs[0] or vs[2] != ks[2] or qs[0] != ks[0] or qs[3] != ks[3]:
+            return Reject("q, k, v do not agree on batch, key length and head size ([B, H, S, D] each)")
         # a row of a causal or constant mask always keeps a key: the NaN guard is the identity there
         nodes = [anchor, softmax] + fixups + mask_nodes + scale_nodes + [qk, kt]
         for extra in (k_gather, v_gather):
