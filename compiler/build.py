@@ -57,6 +57,7 @@ class BuildOptions:
     quantize: QuantizeMode = QuantizeMode.NONE
     attention: str = "dense"             # dense | chunked[:Q] | sliding:W[,sinks=S]
     max_ram: int | None = None           # bytes; None: the target's RAM budget
+    allow_approx: bool = False           # --max-ram may choose quantization to fit
     inplace: bool = False                # plan elementwise/view outputs over their dying inputs
     ort_format: bool = False             # also write ORT Mobile files (model.ort + required_operators.config)
     block_size: int = 32
@@ -95,6 +96,7 @@ class BuildResult:
     weight_bytes_after: int
     seconds: float
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
+    fitted: str = ""                     # the options --max-ram added to fit (empty: built as asked)
 
     def to_dict(self) -> dict:
         plan = self.plan.to_dict()
@@ -111,6 +113,7 @@ class BuildResult:
             "peak_ram_bytes": plan["peak_ram_bytes"],
             "io_bytes": plan["io_bytes"],
             "seconds": round(self.seconds, 3),
+            "fitted": self.fitted,
             "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "nodes": r.nodes,
                         "weight_bytes": r.weight_bytes, "peak_estimate_bytes": r.peak_estimate_bytes,
                         "stats": r.stats} for r in self.records],
@@ -167,8 +170,33 @@ def build_metadata(model) -> dict[str, str]:
 def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: str | Path = "out",
           on_pass: Callable[[PassRecord], None] | None = None,
           progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
-    """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``."""
+    """Compile ``model_path`` for ``options.target`` into a bundle at ``out_dir``. With ``options.max_ram``
+    a build over budget tries ``fitting_candidates`` in order and keeps the first that fits (its
+    ``fitted`` says which); if none does, the error names the best attempt and what dominates it."""
     options = options or BuildOptions()
+    try:
+        return _build_once(model_path, options, out_dir, on_pass, progress)
+    except BudgetExceeded as first:
+        if options.max_ram is None:
+            raise
+        attempts = [("as asked", first)]
+        for name, candidate in fitting_candidates(options, options.allow_approx):
+            log.info("over budget: trying %s", name)
+            try:
+                result = _build_once(model_path, candidate, out_dir, on_pass, progress)
+            except BudgetExceeded as exc:
+                attempts.append((name, exc))
+                continue
+            return dataclasses.replace(result, fitted=name)
+        name, best = min(attempts, key=lambda a: a[1].plan.peak_ram_bytes)
+        tried = ", ".join(n for n, _ in attempts[1:]) or "nothing else applies"
+        more = "" if options.allow_approx else "; --allow-approx would also try quantization"
+        raise BudgetExceeded(f"no configuration fits --max-ram {options.max_ram / 2**20:.2f} MiB (tried {tried}{more}); "
+                             f"the best, {name}, plans {best.plan.peak_ram_bytes / 2**20:.2f} MiB, made of "
+                             f"{dominant_parts(best.plan)}", best.plan) from None
+
+
+def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -> BuildResult:
     approximate = bool(options.approximations)
     if options.block_size not in (16, 32, 64, 128, 256):
         raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
@@ -330,15 +358,52 @@ def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path
     return staged
 
 
+class BudgetExceeded(LmcError):
+    """The planned peak RAM is over the budget (exit 2); ``plan`` is what the attempt reached."""
+
+    def __init__(self, message: str, plan: MemoryPlan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def dominant_parts(plan: MemoryPlan) -> str:
+    """What makes a plan's peak RAM, largest first: the arena's busiest tensors, io, state, RAM weights."""
+    from lmc.compiler.report import mib, peak_live_set
+
+    parts = {"inputs + outputs": plan.io_bytes, "KV state": plan.state_bytes,
+             "weights in RAM": plan.weights_bytes.get("ram", 0)}
+    _, live = peak_live_set(plan)
+    for t in live[:2]:
+        parts[f"arena tensor {t.name}"] = t.size
+    parts["rest of the arena"] = plan.arena_bytes - sum(t.size for t in live[:2])
+    return ", ".join(f"{k} {mib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
+
+
 def _check_budget(plan: MemoryPlan, options: BuildOptions, target: Target) -> None:
     budget = options.max_ram if options.max_ram is not None else target.memory.ram_bytes
     if plan.peak_ram_bytes > budget:
         source = "--max-ram" if options.max_ram is not None else f"target {target.name}"
-        hint = "; a smaller --input-shape lowers the arena"
-        if plan.weights_bytes.get("ram") and options.quantize is QuantizeMode.NONE:
-            hint += ", --quantize int8/int4 the RAM-resident weights"
-        raise LmcError(f"planned peak RAM {plan.peak_ram_bytes} bytes ({plan.peak_ram_bytes / 2**20:.2f} MiB) exceeds "
-                       f"the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}){hint}")
+        raise BudgetExceeded(f"planned peak RAM {plan.peak_ram_bytes} bytes ({plan.peak_ram_bytes / 2**20:.2f} MiB) "
+                             f"exceeds the budget of {budget} bytes ({budget / 2**20:.2f} MiB, {source}); "
+                             f"it is made of {dominant_parts(plan)}", plan)
+
+
+def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[str, BuildOptions]]:
+    """What ``--max-ram`` tries when the build as asked is over budget: the exact means first (outputs
+    planned over dying inputs, attention in chunks), then — only with ``allow_approx`` — quantization,
+    in order of the error it measured on language models (int8 weights, w8a8 with calibration, int4)."""
+    exact = [("--in-place", dataclasses.replace(options, inplace=True))]
+    spec = AttentionSpec.parse(options.attention)
+    if spec.kind.value == "dense":
+        exact.append(("--in-place --attention chunked:64",
+                      dataclasses.replace(options, inplace=True, attention="chunked:64")))
+    found = [(name, o) for name, o in exact if o != options]
+    if allow_approx and options.quantize is QuantizeMode.NONE:
+        base_name, base = found[-1] if found else ("", options)
+        modes = [QuantizeMode.INT8] + ([QuantizeMode.W8A8] if options.calib else []) + [QuantizeMode.INT4]
+        for mode in modes:
+            found.append((f"{base_name} --quantize {mode.value}".strip(), dataclasses.replace(base, quantize=mode)))
+    return found
 
 
 def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: Target, progress, on_pass):

@@ -178,7 +178,11 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Precision of a --context bundle's cache: int8 keeps int8 rows with one scale per token and "
                    "head (about a quarter of the memory; approximate, its error is reported).")
 @click.option("--max-ram", metavar="SIZE",
-              help="Fail (exit 2) when the planned peak RAM exceeds SIZE, e.g. 64MiB [default: the target's RAM].")
+              help="Fit the planned peak RAM into SIZE, e.g. 64MiB: over it, lmc tries the exact means (--in-place, "
+                   "chunked attention) and says what it chose, or exits 2 naming the best attempt and what makes "
+                   "it [default: the target's RAM, checked only].")
+@click.option("--allow-approx", is_flag=True,
+              help="Let --max-ram also choose quantization (int8, then w8a8 with --calib, then int4) to fit.")
 @click.option("--ort", "ort_format", is_flag=True,
               help="Also write ORT Mobile files: model.ort and required_operators.config (for onnxruntime "
                    "mobile/minimal builds).")
@@ -193,7 +197,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, calib_method, calib_samples, attention,
-          context, batch, prefill_chunk, kv_cache, max_ram, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, kv_cache, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -208,7 +212,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                            input_values=parse_input_values(input_values),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples,
-                           attention=attention, max_ram=parse_size(max_ram), inplace=inplace,
+                           attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
                            ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and not _State.quiet and sys.stderr.isatty()
@@ -231,6 +235,8 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
         return
     plan = result.plan
     click.echo(f"built {result.out_dir}/ for {result.target.name} in {result.seconds:.1f}s")
+    if result.fitted:
+        click.echo(f"  fitted   --max-ram chose {result.fitted}")
     click.echo(f"  nodes    {result.nodes_before} -> {result.nodes_after}")
     click.echo(f"  weights  {mib(result.weight_bytes_before)} -> {mib(result.weight_bytes_after)}")
     click.echo(f"  arena    {mib(plan.arena_bytes)} (lower bound {mib(plan.lower_bound_bytes)}), "
