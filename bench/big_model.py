@@ -137,6 +137,10 @@ def child(spec: dict) -> None:
                 "max_rel": result.verification.max_rel if result.verification else None}
     seconds = time.perf_counter() - t
     done.set()
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    info["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     print(json.dumps({"seconds": seconds, "peak": max(_rss("VmHWM"), peak[0]), "peak_stage": peak[1], **info}))
 
 
@@ -241,13 +245,14 @@ def main() -> None:
         r = run_mode(mode, model, work, args.target)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| mode | command | build time | peak RSS | peak / weights | peak reached in |")
-    print("|---|---|---:|---:|---:|---|")
+    print("\n| mode | command | build time (wall) | CPU time | peak RSS | peak / weights | peak reached in |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | {COMMANDS.get(r['mode'], '')} | — | — | — | {r['error']} |")
+            print(f"| {r['mode']} | {COMMANDS.get(r['mode'], '')} | — | — | — | — | {r['error']} |")
             continue
-        print(f"| {r['mode']} | {COMMANDS.get(r['mode'], '')} | {r['seconds']:.0f} s | {r['peak'] / 2**30:.2f} GiB "
+        print(f"| {r['mode']} | {COMMANDS.get(r['mode'], '')} | {r['seconds']:.0f} s | {r.get('cpu_seconds', 0):.0f} s "
+              f"| {r['peak'] / 2**30:.2f} GiB "
               f"| {r['peak'] / weights:.2f}× | {r['peak_stage']} |")
 
 
