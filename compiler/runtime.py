@@ -45,6 +45,23 @@ def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optim
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            return _session_via_file(model, opts)
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+PROTOBUF_LIMIT = (2 << 30) - (64 << 20)      # one protobuf message holds at most 2 GiB
+
+
+def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.InferenceSession:
+    """A session on a model too large for one protobuf: written with external data to a temporary folder
+    (removed once onnxruntime has read it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lmc-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.data", size_threshold=1024)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
