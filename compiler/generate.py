@@ -75,7 +75,8 @@ def _options(threads: int, session_options: dict | None = None) -> ort.SessionOp
 class StateDecoder:
     """A generation bundle under onnxruntime, its cache state held in place between steps."""
 
-    def __init__(self, model_path: str | Path, threads: int = 0, session_options: dict | None = None):
+    def __init__(self, model_path: str | Path, threads: int = 0, session_options: dict | None = None,
+                 warm_up: bool = True):
         info = generation_info(model_path)
         if info is None:
             raise LmcError(f"{model_path}: not a generation bundle (build it with lmc build --context N)")
@@ -95,6 +96,12 @@ class StateDecoder:
             self.binding.bind_ortvalue_input(src, self.state[src])
             self.binding.bind_ortvalue_output(dst, self.state[src])
         self.length = 0
+        if warm_up:
+            # one step at the last position: the kernels' working memory reaches its full-context size
+            # now (as the plan counts it), so memory stays flat while the context fills
+            self.length = info.context - 1
+            self._step(np.zeros((info.batch, 1), np.int64))
+            self.reset()
 
     @property
     def state_bytes(self) -> int:
