@@ -45,7 +45,11 @@ def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optim
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        try:
+            size = model.ByteSize()
+        except Exception:  # protobuf's EncodeError: the message is over 2 GiB
+            size = PROTOBUF_LIMIT + 1
+        if size > PROTOBUF_LIMIT:
             return _session_via_file(model, opts)
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
