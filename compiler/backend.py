@@ -155,15 +155,25 @@ def _reader_name(node: gs.Node) -> str:
     return f"{node.domain}.{node.op}" if node.domain and node.domain not in ir.DEFAULT_DOMAINS else node.op
 
 
+def _decoded_kernel(dq: gs.Node) -> str:
+    """The kernel onnxruntime makes of DequantizeLinear(weight) → MatMul: with a quantized activation too
+    (QDQ on both sides, w8a8) an integer GEMM on the int8 weight itself; else MatMulNBits."""
+    for mm in dq.outputs[0].outputs:
+        other = [t for t in mm.inputs if t is not dq.outputs[0]]
+        if other and ir.producer(other[0]) is not None and ir.is_op(ir.producer(other[0]), "DequantizeLinear"):
+            return f"{ir.MS_DOMAIN}.MatMulIntegerToFloat"
+    return f"{ir.MS_DOMAIN}.MatMulNBits"
+
+
 def weight_readers(graph: gs.Graph) -> list[tuple[int, list[str]]]:
     """(bytes, reader op names) per constant; a weight decoded inside its MatMul (``decoded_weight``) is
-    read by the fused kernel onnxruntime makes of the pair (com.microsoft.MatMulNBits)."""
+    read by the fused kernel onnxruntime makes of the pair (``_decoded_kernel``)."""
     out = []
     for const in ir.constants(graph):
         readers = []
         for node in const.outputs:
             if decoded_weight(node):
-                readers.append(f"{ir.MS_DOMAIN}.MatMulNBits")
+                readers.append(_decoded_kernel(node))
             else:
                 readers.append(_reader_name(node))
         out.append((ir.tensor_nbytes(const) or 0, readers))
