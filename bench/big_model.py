@@ -106,7 +106,7 @@ def child(spec: dict) -> None:
         def progress(what, i, n):
             stage[0] = what
 
-        real_stage, real_compare = emit.stage_model, None
+        real_stage = emit.stage_model
         import lmc.compiler.build as build_module
 
         def staging(*args, **kwargs):

@@ -40,7 +40,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -356,7 +355,6 @@ def _verify_built(model_path: Path, bundle: Path) -> tuple[str, str]:
 
 def run_case(job: tuple[int, int, float, str]) -> Result:
     index, seed, timeout, workdir = job
-    global _BASES, _RAW
     family, mutation, data, args = make_case(index, seed, _BASES, _RAW)
     case_dir = Path(tempfile.mkdtemp(prefix=f"case{index}-", dir=workdir))
     model_path, out = case_dir / "model.onnx", case_dir / "out"
