@@ -232,33 +232,13 @@ def test_verify_failure_explains_itself(model_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ --input-value
 def _vad_model(path):
-    """A voice-activity-detector-shaped model: the If's branch is chosen by Equal(sr, 16000), and the two
-    branches reshape differently, so the output's shape is known only once sr is."""
+    """A voice-activity-detector-shaped model (``lmc.models.build_vad``): the If's branch is chosen by
+    Equal(sr, 16000)."""
     import onnx
-    from onnx import TensorProto, helper
 
-    def vi(name, shape, dtype=TensorProto.FLOAT):
-        return helper.make_tensor_value_info(name, dtype, shape)
+    from lmc.models import build_vad
 
-    then_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape16k"], ["t_r"]),
-                                helper.make_node("ReduceSum", ["t_r", "axis1"], ["t_out"], keepdims=0)],
-                               "then16k", [], [vi("t_out", [None])])
-    else_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape8k"], ["e_r"]),
-                                helper.make_node("ReduceMax", ["e_r", "axis1"], ["e_out"], keepdims=0)],
-                               "else8k", [], [vi("e_out", [None])])
-    nodes = [helper.make_node("Relu", ["x"], ["h"]),
-             helper.make_node("Equal", ["sr", "rate16k"], ["c"]),
-             helper.make_node("If", ["c"], ["r"], then_branch=then_g, else_branch=else_g),
-             helper.make_node("Sigmoid", ["r"], ["y"])]
-    inits = [helper.make_tensor("rate16k", TensorProto.INT64, [], [16000]),
-             helper.make_tensor("shape16k", TensorProto.INT64, [2], [4, 128]),
-             helper.make_tensor("shape8k", TensorProto.INT64, [2], [8, 64]),
-             helper.make_tensor("axis1", TensorProto.INT64, [1], [1])]
-    graph = helper.make_graph(nodes, "vad", [vi("x", [1, 512]), vi("sr", [], TensorProto.INT64)], [vi("y", [None])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    onnx.save(build_vad(), str(path))
     return path
 
 

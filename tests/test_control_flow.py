@@ -157,24 +157,12 @@ def test_loop_body_reading_outer_tensors_is_planned(tmp_path):
 
 
 def _vad_model(tmp_path):
-    """Silero-VAD-shaped: a scalar sample-rate input picks the branch; the branches reshape differently, so
-    the If's output shape is only known once the rate is."""
-    then_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape16k"], ["t_r"]),
-                                helper.make_node("ReduceSum", ["t_r", "axis1"], ["t_out"], keepdims=0)],
-                               "then16k", [], [_vi("t_out", [None])])
-    else_g = helper.make_graph([helper.make_node("Reshape", ["h", "shape8k"], ["e_r"]),
-                                helper.make_node("ReduceMax", ["e_r", "axis1"], ["e_out"], keepdims=0)],
-                               "else8k", [], [_vi("e_out", [None])])
-    nodes = [helper.make_node("Relu", ["x"], ["h"]),
-             helper.make_node("Equal", ["sr", "rate16k"], ["c"]),
-             helper.make_node("If", ["c"], ["r"], then_branch=then_g, else_branch=else_g),
-             helper.make_node("Sigmoid", ["r"], ["y"])]
-    inits = [helper.make_tensor("rate16k", TensorProto.INT64, [], [16000]),
-             helper.make_tensor("shape16k", TensorProto.INT64, [2], [4, 128]),
-             helper.make_tensor("shape8k", TensorProto.INT64, [2], [8, 64]),
-             helper.make_tensor("axis1", TensorProto.INT64, [1], [1])]
-    return _save(tmp_path, nodes, [_vi("x", [1, 512]), _vi("sr", [], TensorProto.INT64)], [_vi("y", [None])], inits,
-                 opset=18)
+    """Silero-VAD-shaped (``lmc.models.build_vad``): a scalar sample-rate input picks the branch."""
+    from lmc.models import build_vad
+
+    model = build_vad()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    return model
 
 
 def test_if_chosen_by_a_bound_scalar_input_is_inlined_and_planned(tmp_path):
