@@ -23,6 +23,8 @@ from lmc.compiler.errors import LmcError
 from lmc.compiler.runtime import apply_session_options, bundle_session_options
 
 GENERATION_KEY = "lmc.generation"
+# for checks rather than speed: no prepacked second copy of the weights
+LOW_MEMORY = {"config_entries": {"session.disable_prepacking": "1"}}
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ class StateDecoder:
 class PastDecoder:
     """An original past/present export driven the plain way: present → past, attention mask grown."""
 
-    def __init__(self, model_path: str | Path, threads: int = 0, batch: int = 1):
-        self.session = ort.InferenceSession(str(model_path), _options(threads), providers=["CPUExecutionProvider"])
+    def __init__(self, model_path: str | Path, threads: int = 0, batch: int = 1, session_options: dict | None = None):
+        self.session = ort.InferenceSession(str(model_path), _options(threads, session_options),
+                                            providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self.pairs = {}
