@@ -234,11 +234,20 @@ def check_generation_model(graph: gs.Graph) -> None:
                        "outputs present.*), e.g. optimum's text-generation-with-past")
 
 
+PRECHECK_PROBES = ((4, 1), (0, 3), (4, 3))      # (past, sequence): a decode step, a prefill, a later chunk
+
+
 def precheck_masks(model_path, batch: int) -> None:
-    """Check every attention mask at a decode step (sequence 1 after a few cached tokens): the compiles
-    themselves probe only their own bound sequence lengths."""
+    """Check every attention mask on fully bound copies of the model — a decode step, a first prefill and
+    a later chunk — where every shape folds, so each mask's cone is a few index ops (the compiles, with
+    the cache length still free, may only probe masks whose cones are small)."""
+    for past, sequence in PRECHECK_PROBES:
+        _precheck_one(model_path, batch, past, sequence)
+
+
+def _precheck_one(model_path, batch: int, past: int, sequence: int) -> None:
     from lmc.passes.fold_constants import FoldConstants
-    from lmc.passes.static_cache import DECODE_PROBE_PAST, check_masks, find_sites
+    from lmc.passes.static_cache import check_masks, find_sites
 
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)
@@ -246,11 +255,11 @@ def precheck_masks(model_path, batch: int) -> None:
     pairs = find_cache_pairs(graph)
     for t in graph.inputs:
         if t.name in (roles.input_ids, roles.position_ids):
-            t.shape = [batch, 1]
+            t.shape = [batch, sequence]
         elif t.name == roles.attention_mask:
-            t.shape = [batch, DECODE_PROBE_PAST + 1]
+            t.shape = [batch, past + sequence]
         elif t.name in {p.past.name for p in pairs}:
-            t.shape = [batch, int(t.shape[1]), DECODE_PROBE_PAST, int(t.shape[3])]
+            t.shape = [batch, int(t.shape[1]), past, int(t.shape[3])]
     shapes.infer_shapes(graph)
     for _ in range(4):
         if not FoldConstants().run(graph, PassContext()).modified:

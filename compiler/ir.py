@@ -513,13 +513,14 @@ def bypass(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: i
 
 
 # -------------------------------------------------------------------------------------------- cones
-def cone(tensors: Sequence[gs.Tensor], graph: gs.Graph | None = None) -> tuple[list[gs.Node], set[str]]:
+def cone(tensors: Sequence[gs.Tensor], graph: gs.Graph | None = None,
+         stop: frozenset[str] = frozenset()) -> tuple[list[gs.Node], set[str]]:
     """The nodes computing ``tensors`` (in ``graph``'s order when given) and the names of the graph
-    inputs they read (constants are not leaves)."""
+    inputs they read (constants are not leaves); tensors named in ``stop`` are leaves too."""
     nodes, leaves, seen, stack = [], set(), set(), list(tensors)
     while stack:
         x = stack.pop()
-        node = producer(x)
+        node = producer(x) if x.name not in stop else None
         if node is None:
             if isinstance(x, gs.Variable) and x.name:
                 leaves.add(x.name)
@@ -536,12 +537,13 @@ def cone(tensors: Sequence[gs.Tensor], graph: gs.Graph | None = None) -> tuple[l
 
 
 def cone_model(graph: gs.Graph, outputs: Sequence[gs.Tensor], inputs: Sequence[gs.Tensor] | None = None,
-               free_dims: bool = False) -> onnx.ModelProto:
+               free_dims: bool = False, cut: Sequence[gs.Tensor] = ()) -> onnx.ModelProto:
     """A model computing ``outputs`` from ``inputs`` (default: all graph inputs) with only the nodes they
-    depend on; with ``free_dims`` every input dim is symbolic (probes choose their own shapes) and no
-    intermediate shape is recorded."""
-    nodes, _ = cone(outputs, graph)
-    sub = gs.Graph(nodes=nodes, inputs=list(graph.inputs if inputs is None else inputs), outputs=list(outputs),
+    depend on; ``cut`` tensors become inputs too (what computes them is left out). With ``free_dims``
+    every input dim is symbolic (probes choose their own shapes) and no intermediate shape is recorded."""
+    nodes, leaves = cone(outputs, graph, frozenset(t.name for t in cut))
+    cut = [t for t in cut if t.name in leaves]
+    sub = gs.Graph(nodes=nodes, inputs=list(graph.inputs if inputs is None else inputs) + cut, outputs=list(outputs),
                    opset=graph.opset, import_domains=graph.import_domains)
     model = gs.export_onnx(sub, do_type_check=False)
     del model.opset_import[:]
