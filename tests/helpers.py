@@ -117,3 +117,15 @@ def assert_pass_exact(model: onnx.ModelProto, passes, feeds: dict[str, np.ndarra
 
 def op_count(graph: gs.Graph, op: str) -> int:
     return sum(1 for n in graph.nodes if n.op == op)
+
+
+def op_counts(model_path: str | Path):
+    """Nodes of a saved model by op type (weights not loaded)."""
+    from collections import Counter
+
+    return Counter(n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node)
+
+
+def cache_layers(model_path: str | Path) -> int:
+    """Layers of a past/present decoder: its ``….key`` cache inputs."""
+    return sum(1 for i in onnx.load(str(model_path), load_external_data=False).graph.input if i.name.endswith(".key"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import cache_layers, op_counts
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.cli import main
@@ -23,14 +24,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"
 EXPORTS = ["llama-past-optimum.onnx", "qwen2-past-optimum.onnx", "gpt2-past-optimum.onnx",
            "llama-past-torchscript.onnx", "llama-past-dynamo.onnx"]
 CONTEXT = 32
-
-
-def _ops(path: Path) -> Counter:
-    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def _layers(path: Path) -> int:
-    return sum(1 for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.endswith(".key"))
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +39,8 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", EXPORTS)
 def test_bundle_is_exact_and_fully_fused(bundles, name):
     bundle = bundles[name] / "model.onnx"
-    ops = _ops(bundle)
-    layers = _layers(FIXTURES / name)
+    ops = op_counts(bundle)
+    layers = cache_layers(FIXTURES / name)
     assert ops["GroupQueryAttention"] == layers, ops          # attention + rotary + cache write in one kernel
     assert not {"Softmax", "Concat", "Expand", "Transpose"} & set(ops), ops
     info = generation_info(bundle)
@@ -98,7 +91,7 @@ def test_without_group_query_attention_the_standard_ops_serve(tmp_path):
     target.write_text(text)
     out = tmp_path / "gen"
     build(FIXTURES / EXPORTS[0], BuildOptions(target=str(target), context=CONTEXT), out)
-    ops = _ops(out / "model.onnx")
+    ops = op_counts(out / "model.onnx")
     assert ops["TensorScatter"] == 4 and ops["Attention"] == 2 and "GroupQueryAttention" not in ops
     prompt = [3, 1, 4, 1, 5]
     assert greedy(StateDecoder(out / "model.onnx"), prompt, 10) == greedy(PastDecoder(FIXTURES / EXPORTS[0]), prompt, 10)
@@ -148,7 +141,7 @@ def test_rotary_that_is_not_rotate_half_stays_unfused_and_exact(tmp_path):
     result = build(model, BuildOptions(context=CONTEXT), tmp_path / "out")
     notes = [n for r in result.records for n in r.notes]
     assert any("rotary-positions" in n and "rotate-half" in n for n in notes), notes
-    assert "RotaryEmbedding" not in _ops(tmp_path / "out" / "model.onnx")
+    assert "RotaryEmbedding" not in op_counts(tmp_path / "out" / "model.onnx")
     assert result.verification.passed
 
 
@@ -259,7 +252,7 @@ def test_sliding_ring_buffer_equals_windowed_attention_at_bounded_memory(tmp_pat
     result = build(FIXTURES / EXPORTS[0], BuildOptions(context=256, attention=f"sliding:{window},sinks={sinks}",
                                                        prefill_chunk=chunk), out)
     assert result.plan.state[0].size == 2 * (sinks + window + chunk - 1) * 16 * 4   # [1, 2, slots, 16] float32
-    assert "ScatterND" in _ops(out / "model.onnx") and "TensorScatter" not in _ops(out / "model.onnx")
+    assert "ScatterND" in op_counts(out / "model.onnx") and "TensorScatter" not in op_counts(out / "model.onnx")
     tokens = np.random.default_rng(0).integers(0, 256, 80)
     decoder = StateDecoder(out / "model.onnx")
     ours = [decoder.forward(tokens[None, :chunk])] + [decoder.forward(tokens[None, i:i + 1]) for i in range(chunk, 80)]

@@ -5,13 +5,12 @@ compile are listed as strict xfails carrying lmc's one-line error, so a fix show
 
 from __future__ import annotations
 
-from collections import Counter
 from functools import cache
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from helpers import cache_layers, op_counts
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.errors import LmcError
@@ -48,14 +47,6 @@ PARAMS = [*EXACT] + [pytest.param(name, marks=pytest.mark.xfail(strict=True, rea
                      for name, (why, exc) in GAPS.items()]
 
 
-def _ops(path: Path) -> Counter:
-    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def _layers(path: Path) -> int:
-    return sum(1 for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.endswith(".key"))
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """Builds on first use (inside the test, so a refused build is the test's failure, not a setup error)."""
@@ -81,8 +72,8 @@ def test_every_fixture_is_listed_and_small():
 @pytest.mark.parametrize("name", PARAMS)
 def test_bundle_is_exact_and_attention_fused(bundle, name):
     model = bundle(name)
-    ops = _ops(model)
-    layers = _layers(MORE / name)
+    ops = op_counts(model)
+    layers = cache_layers(MORE / name)
     assert ops["GroupQueryAttention"] + ops["Attention"] == layers, ops
     assert ops[EXACT.get(name, "GroupQueryAttention")] == layers, ops
     if ops["Attention"]:
