@@ -27,6 +27,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from lmc.compiler.weights import FileValues, is_file_backed
+
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         if graph.ir_version is not None and graph.ir_version < _MIN_IR_VERSION:
             graph.ir_version = _MIN_IR_VERSION
     own_subgraph_outputs(graph)
+    for const in constants(graph):
+        values = const._values
+        if isinstance(values, LazyValues) and not isinstance(values, FileValues) and is_file_backed(values.tensor):
+            const._values = FileValues(values.tensor)
     setattr(graph, INITIALIZER_INPUTS, listed)
     setattr(graph, INPUT_ORDER, {vi.name: i for i, vi in enumerate(model.graph.input)})
     ensure_unique_names(graph)
@@ -415,6 +421,8 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
 def constant_bytes(const: gs.Constant) -> bytes:
     """The raw little-endian bytes of a constant as ONNX stores them (packed for 4-bit types)."""
     values = const._values
+    if isinstance(values, FileValues):
+        return values.read_bytes()
     if isinstance(values, LazyValues):
         tensor = values.tensor
         if tensor.HasField("raw_data"):

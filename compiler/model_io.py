@@ -8,7 +8,8 @@
 - every external-data ``location`` must be a relative path that resolves *inside* the model's folder
   (absolute paths, ``..`` escapes and symlinks leading out are refused), name an existing file, and
   ``offset + length`` must lie within it;
-- external data is then read in place into the tensors (onnx's loader), so models over 2 GB load.
+- external data stays in its files (``weights.keep_in_file``): large tensors are read on demand, so models
+  over 2 GB load without a resident copy of their weights; ``lazy=False`` reads everything in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
+from lmc.compiler import weights
 from lmc.compiler.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ def check_tensor_data(model: onnx.ModelProto, source: str) -> None:
                 raise ModelLoadError(f"{source}: {where} is an empty list")
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, lazy: bool = True) -> onnx.ModelProto:
     """Load and validate an ONNX model; see the module docstring for the checks."""
     p = Path(path)
     source = str(path)
@@ -185,7 +187,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     check_tensor_data(model, source)
     check_external_locations(model, p.parent, source)
     external = _external_tensors(model)
-    if external:
+    if external and lazy:
+        weights.keep_in_file(model, p.parent)
+    elif external:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
     try:
         # From the path: the C++ checker reads the file itself (faster than serializing the parsed model

@@ -10,6 +10,8 @@ import json
 import onnx
 import onnxruntime as ort
 
+from lmc.compiler import weights
+
 SESSION_OPTIONS_FILE = "session_options.json"
 
 
@@ -49,7 +51,7 @@ def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optim
             size = model.ByteSize()
         except Exception:  # protobuf's EncodeError: the message is over 2 GiB
             size = PROTOBUF_LIMIT + 1
-        if size > PROTOBUF_LIMIT:
+        if size > PROTOBUF_LIMIT or weights.file_backed(model):
             return _session_via_file(model, opts)
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
@@ -60,12 +62,18 @@ PROTOBUF_LIMIT = (2 << 30) - (64 << 20)      # one protobuf message holds at mos
 
 
 def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.InferenceSession:
-    """A session on a model too large for one protobuf: written with external data to a temporary folder
-    (removed once onnxruntime has read it)."""
+    """A session on a model too large for one protobuf, or whose weights are still in the files it was
+    loaded from: written to a temporary folder (removed once onnxruntime has read it) with its in-memory
+    weights as external data and its file-backed ones linked there (``weights.link_external``), so
+    onnxruntime maps them instead of lmc copying them."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lmc-session-") as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.data", size_threshold=1024)
+        linked = weights.link_external(model, Path(tmp))
+        try:
+            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location="model.data", size_threshold=1024)
+        finally:
+            weights.restore_external(linked)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from lmc.compiler.ir import STUB_LOCATION
+from lmc.compiler.weights import FileValues, is_file_backed
 
 from lmc.compiler.errors import LmcError
 
@@ -59,6 +60,8 @@ class BundleFiles:
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if is_file_backed(tensor):
+        return FileValues(tensor).read_bytes()
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return numpy_helper.to_array(tensor).tobytes()
@@ -69,7 +72,7 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
     """Move initializers of ≥ ``threshold`` bytes to ``weights_path`` at aligned offsets. Stub initializers
     (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time."""
     inits = list(model.graph.initializer)
-    stubbed = any(_is_stub(t) for t in inits)
+    stubbed = any(_is_stub(t) or is_file_backed(t) for t in inits)
     total = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in inits)
     if total <= SMALL_MODEL_BYTES and not stubbed:
         return False
@@ -84,6 +87,10 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
             else:
                 data = _raw_bytes(tensor)
                 if len(data) < threshold:
+                    if is_file_backed(tensor):       # the bundle never points at the source model's files
+                        del tensor.external_data[:]
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        tensor.raw_data = data
                     continue
             align = alignment if len(data) < PAGE_ALIGN_MIN_BYTES else math.lcm(alignment, PAGE_BYTES)
             pad = (-offset) % align

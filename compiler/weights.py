@@ -1,0 +1,188 @@
+"""Weights left in their external-data files and read on demand.
+
+A model over a few hundred MB keeps its weights in external-data files. Loading them into the protobuf
+would keep a full copy resident for the whole build, and every onnxruntime session on the model (folding,
+calibration, verification) maps a second one. Instead ``model_io.load_model`` leaves large external tensors
+where they are:
+
+- the tensor's ``location`` is rewritten *in memory* to the file's absolute, resolved path (the file on
+  disk is never touched); tensors of at most ``INLINE_BYTES`` are read into the protobuf at load;
+- ``ir.to_graph`` gives such a constant ``FileValues``: ``load()`` maps the bytes copy-on-write
+  (``np.memmap`` mode ``c``: writable, never written back) for the caller alone; nothing is cached on the
+  constant, so once the caller drops the array the pages leave the process;
+- a model exported from such a graph still references the file by absolute path. onnxruntime refuses
+  absolute and escaping locations, so ``link_external`` puts the files beside a temporary model — a hard
+  link where the filesystem allows it (onnxruntime then maps the same pages, zero copy), a streamed copy
+  of the referenced ranges where it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+log = logging.getLogger(__name__)
+
+INLINE_BYTES = 64 * 1024          # external tensors this small are read into the model at load
+_PAGE = 4096
+_COPY_CHUNK = 64 << 20
+
+# element types a file's bytes can be mapped as directly (little-endian, one numpy dtype each)
+_MAPPABLE = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
+
+
+def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_file_backed(tensor: onnx.TensorProto) -> bool:
+    """True for an external tensor whose location is an absolute path (set by ``model_io.load_model``)."""
+    return (tensor.data_location == onnx.TensorProto.EXTERNAL
+            and os.path.isabs(_entries(tensor).get("location", "")))
+
+
+def _span(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    e = _entries(tensor)
+    path = Path(e["location"])
+    offset = int(e.get("offset") or 0)
+    length = int(e["length"]) if e.get("length") else path.stat().st_size - offset
+    return path, offset, length
+
+
+def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
+    for e in tensor.external_data:
+        if e.key == key:
+            e.value = value
+            return
+    entry = tensor.external_data.add()
+    entry.key, entry.value = key, value
+
+
+def keep_in_file(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Prepare a model parsed without its external data (locations already validated to lie inside
+    ``base_dir``): tensors over ``INLINE_BYTES`` get their file's absolute path as location; smaller ones
+    are read in. Returns how many tensors stay in their files."""
+    kept = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        path = (base_dir / info.location).resolve()
+        offset = info.offset or 0
+        length = info.length if info.length is not None else path.stat().st_size - offset
+        if length <= INLINE_BYTES:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            continue
+        _set_entry(tensor, "location", str(path))
+        _set_entry(tensor, "offset", str(offset))
+        _set_entry(tensor, "length", str(length))
+        kept += 1
+    return kept
+
+
+class FileValues(LazyValues):
+    """The values of a constant stored in an external-data file (see the module docstring)."""
+
+    def __init__(self, tensor: onnx.TensorProto):
+        super().__init__(tensor)
+        self.path, self.offset, self.length = _span(tensor)
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        if len(data) != self.length:
+            raise OSError(f"{self.path}: {self.tensor.name} ends past the end of the file (changed since load?)")
+        return data
+
+    def load(self) -> np.ndarray:
+        dtype = _MAPPABLE.get(self.tensor.data_type)
+        shape = tuple(int(d) for d in self.tensor.dims)
+        if dtype is not None and self.length == dtype.itemsize * int(np.prod(shape, dtype=np.int64)) and self.length:
+            return np.memmap(self.path, dtype=dtype.newbyteorder("<"), mode="c", offset=self.offset, shape=shape)
+        plain = onnx.TensorProto()
+        plain.name, plain.data_type = self.tensor.name, self.tensor.data_type
+        plain.dims.extend(self.tensor.dims)
+        plain.raw_data = self.read_bytes()
+        return np.array(onnx.numpy_helper.to_array(plain))
+
+    def __str__(self):
+        return f"FileValues (shape={self.shape}, dtype={self.dtype}, {self.path.name}@{self.offset})"
+
+
+def file_backed(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The model's tensors (subgraphs included) that still reference a file by absolute path."""
+    return [t for t in external_data_helper._get_all_tensors(model) if is_file_backed(t)]
+
+
+def link_external(model: onnx.ModelProto, folder: Path) -> list[tuple[onnx.TensorProto, str, str]]:
+    """Make the model's file-backed tensors loadable from a model saved in ``folder``: each source file is
+    hard-linked into ``folder`` (or, where linking fails, the referenced ranges are copied there at page
+    offsets) and the tensors' locations and offsets are rewritten to match. Returns what
+    ``restore_external`` needs to undo the rewrite on the in-memory model."""
+    changed: list[tuple[onnx.TensorProto, str, str]] = []
+    names: dict[Path, str] = {}
+    copies: dict[Path, tuple[str, object, list[int]]] = {}
+    for tensor in file_backed(model):
+        path, offset, length = _span(tensor)
+        e = _entries(tensor)
+        changed.append((tensor, e["location"], e.get("offset", "0")))
+        if path not in names and path not in copies:
+            name = f"w{len(names) + len(copies)}.data"
+            try:
+                os.link(path, folder / name)
+                names[path] = name
+            except OSError:
+                copies[path] = (name, open(folder / name, "wb"), [0])
+                log.info("cannot link %s into %s; copying the weights it holds", path, folder)
+        if path in names:
+            _set_entry(tensor, "location", names[path])
+            continue
+        name, out, end = copies[path]
+        start = -(-end[0] // _PAGE) * _PAGE
+        out.seek(start)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise OSError(f"{path}: {tensor.name} ends past the end of the file")
+                out.write(chunk)
+                left -= len(chunk)
+        end[0] = start + length
+        _set_entry(tensor, "location", name)
+        _set_entry(tensor, "offset", str(start))
+    for _, out, _ in copies.values():
+        out.close()
+    return changed
+
+
+def restore_external(changed: list[tuple[onnx.TensorProto, str, str]]) -> None:
+    for tensor, location, offset in changed:
+        _set_entry(tensor, "location", location)
+        _set_entry(tensor, "offset", offset)
+
+
+def copy_file_backed(model: onnx.ModelProto) -> None:
+    """Read every file-backed tensor of ``model`` into the protobuf (for a model that must stand alone)."""
+    for tensor in file_backed(model):
+        data = FileValues(tensor).read_bytes()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
+
+
+__all__ = ["FileValues", "INLINE_BYTES", "copy_file_backed", "file_backed", "is_file_backed", "keep_in_file",
+           "link_external", "restore_external"]

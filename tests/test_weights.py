@@ -1,0 +1,127 @@
+"""Weights stay in their external-data files: read on demand, never copied into the bundle by reference,
+never written to, and onnxruntime sessions on the graph map them (or get a copy where linking fails)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lmc.compiler import ir, weights
+from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.model_io import load_model
+from lmc.compiler.runtime import session
+from lmc.compiler.verify import bundle_model_path
+
+
+def _mlp(folder, d: int = 256, layers: int = 3, seed: int = 0):
+    """x[1,d] → (MatMul by a d×d weight → Relu) × layers, plus a small bias, weights in one external file."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.05).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+        h = f"r{i}"
+    inits.append(numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), "bias"))
+    nodes.append(helper.make_node("Add", [h, "bias"], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "mlp.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="mlp.data",
+              size_threshold=0)
+    return path
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_large_tensors_stay_in_their_file(tmp_path):
+    path = _mlp(tmp_path)
+    model = load_model(path)
+    by_name = {t.name: t for t in model.graph.initializer}
+    for i in range(3):
+        t = by_name[f"w{i}"]
+        assert weights.is_file_backed(t) and not t.HasField("raw_data")
+    assert not weights.is_file_backed(by_name["bias"]) and by_name["bias"].HasField("raw_data")   # 1 KiB: read in
+
+
+def test_values_are_read_per_access_and_not_cached(tmp_path):
+    path = _mlp(tmp_path)
+    reference = {t.name: numpy_helper.to_array(t, str(tmp_path)) for t in onnx.load(str(path)).graph.initializer}
+    before = _digest(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    const = next(c for c in ir.constants(graph) if c.name == "w1")
+    assert isinstance(const._values, weights.FileValues)
+    value = ir.const_value(const)
+    np.testing.assert_array_equal(value, reference["w1"])
+    value[...] = 0                      # copy-on-write: the caller's array only
+    del value
+    assert isinstance(const._values, weights.FileValues)
+    np.testing.assert_array_equal(ir.const_value(const), reference["w1"])
+    assert ir.constant_bytes(const) == reference["w1"].tobytes()
+    assert _digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_session_on_a_file_backed_graph(tmp_path, monkeypatch, link):
+    path = _mlp(tmp_path)
+    if not link:                        # e.g. another filesystem: the referenced ranges are copied instead
+        def refuse(*_args, **_kwargs):
+            raise OSError("cross-device link")
+        monkeypatch.setattr(weights.os, "link", refuse)
+    graph = ir.to_graph(load_model(path))
+    model = ir.to_model(graph)
+    locations = [e.value for t in weights.file_backed(model) for e in t.external_data if e.key == "location"]
+    x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
+    got = session(model).run(None, {"x": x})[0]
+    want = session(path).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # the in-memory model still references the source file afterwards
+    assert [e.value for t in weights.file_backed(model) for e in t.external_data if e.key == "location"] == locations
+
+
+def test_bundle_never_references_the_source_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = _mlp(src)
+    before = _digest(src)
+    result = build(path, BuildOptions(target="x86-64"), tmp_path / "out")
+    assert result.verification is not None and result.verification.passed
+    bundle = onnx.load(str(bundle_model_path(tmp_path / "out")), load_external_data=False)
+    for t in bundle.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                assert not os.path.isabs(e.value) and "/" not in e.value
+    assert _digest(src) == before
+    # the bundle stands alone: it runs with the source folder gone
+    for p in src.iterdir():
+        p.unlink()
+    src.rmdir()
+    x = np.ones((1, 256), np.float32)
+    assert session(bundle_model_path(tmp_path / "out")).run(None, {"x": x})[0].shape == (1, 256)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_loading_keeps_weights_out_of_memory(tmp_path):
+    path = _mlp(tmp_path, d=2048, layers=6)           # 96 MiB of weights
+    start = _rss()
+    graph = ir.to_graph(load_model(path))
+    for const in ir.constants(graph):                 # a pass reading every weight once
+        ir.const_value(const).sum()
+    assert ir.weight_bytes(graph) > 96 * 2**20
+    assert _rss() - start < 24 * 2**20
