@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
+from lmc.compiler import ir, shapes, weights
 from lmc.compiler.backend import estimate_peak, plan_memory
 from lmc.compiler.errors import LmcError, ShapeError
 from lmc.compiler.model_io import load_model
@@ -197,6 +198,12 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
 
 
 def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -> BuildResult:
+    # where passes' new large weights go, for models whose own weights stay in their files
+    with weights.SpillFile(active=weights.large_external(model_path)) as spill:
+        return _build_in(model_path, options, out_dir, on_pass, progress, spill)
+
+
+def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spill) -> BuildResult:
     approximate = bool(options.approximations)
     if options.block_size not in (16, 32, 64, 128, 256):
         raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
@@ -210,7 +217,7 @@ def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -
     if options.context:
         if values:
             raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
-        return _build_generation(model_path, options, target, out_dir, on_pass, progress, start)
+        return _build_generation(model_path, options, target, out_dir, on_pass, progress, start, spill)
     model = load_model(model_path)
     graph = ir.to_graph(model)
     del model
@@ -221,7 +228,7 @@ def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -
         shapes.require_static_inputs(graph)
         nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
         manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
-                              PassContext(target=target, options=options, progress=progress),
+                              PassContext(target=target, options=options, progress=progress, spill=spill),
                               peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
         graph, records = manager.run(graph)
         plan = plan_memory(graph, target, inplace=options.inplace)
@@ -243,6 +250,7 @@ def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -
     by_dtype = ir.bytes_by_dtype(graph)
     staged = _stage(graph, options, target, out_dir)
     del graph
+    gc.collect()
     try:
         verification = None
         if options.verify:
@@ -406,7 +414,8 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[
     return found
 
 
-def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: Target, progress, on_pass):
+def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: Target, progress, on_pass,
+                         spill=None):
     from lmc.compiler.generation import calibration_feeds
     from lmc.compiler.pipeline import quantize_passes
     from lmc.passes.quantize.calibration import load_calibration
@@ -416,12 +425,12 @@ def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: T
         feeds = calibration_feeds(load_calibration(options.calib, [info.input_ids], options.calib_samples),
                                   info, graph)
     manager = PassManager(quantize_passes(options, target, [info.input_ids], feeds),
-                          PassContext(target=target, options=options, progress=progress), on_pass=on_pass)
+                          PassContext(target=target, options=options, progress=progress, spill=spill), on_pass=on_pass)
     return manager.run(graph)
 
 
 def _build_generation(model_path, options: BuildOptions, target: Target, out_dir: Path, on_pass, progress,
-                      start: float) -> BuildResult:
+                      start: float, spill=None) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
     from lmc.compiler.generate import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
@@ -443,7 +452,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     def run_passes(graph: gs.Graph):
         before.append((len(graph.nodes), ir.weight_bytes(graph)))
         manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
-                              PassContext(target=target, options=options, progress=progress),
+                              PassContext(target=target, options=options, progress=progress, spill=spill),
                               peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
                               on_pass=on_pass if len(before) > 1 else None)
         return manager.run(graph)
@@ -451,7 +460,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
     if options.quantize is not QuantizeMode.NONE:
         # quantized once, on the generalised graph: calibration runs at its own lengths (prefills)
-        graph, more = _quantize_generation(graph, info, options, target, progress, on_pass)
+        graph, more = _quantize_generation(graph, info, options, target, progress, on_pass, spill)
         records = list(records) + more
         extend_templates(graph, templates)
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
@@ -471,6 +480,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
             plans.append((name, length, plan))
         del graph
+        gc.collect()              # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
                                  p.runtime["predicted_peak_bytes"]) for n, s, p in plans)
         plan = dataclasses.replace(max((p for _, _, p in plans), key=lambda p: p.peak_ram_bytes), profiles=profiles)

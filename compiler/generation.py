@@ -13,6 +13,7 @@ length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -292,6 +293,7 @@ def compile_generation(model_path, context: int, batch: int,
         if first is None:
             first = snapshot(graph)
             del graph
+            gc.collect()          # free the first compile's weights before the second is made
     info = _info(graph, context, batch)
     templates = shape_templates(graph, first, PROBE_LENGTHS)
     ids = next(t for t in graph.inputs if t.name == info.input_ids)

@@ -431,6 +431,29 @@ def constant_bytes(const: gs.Constant) -> bytes:
     return np.ascontiguousarray(values).tobytes()
 
 
+def spill_constants(graph: gs.Graph, spill) -> int:
+    """Move every in-memory constant of at least ``spill.min_bytes`` (subgraphs included) into ``spill``
+    (a ``weights.SpillFile``) when it is active; the constant reads it back on demand. Returns the bytes
+    moved."""
+    moved = 0
+    if not spill.active:
+        return 0
+    for const in constants(graph):
+        if isinstance(const._values, FileValues):
+            continue
+        nbytes = tensor_nbytes(const) or 0
+        if nbytes < spill.min_bytes:
+            continue
+        values = const._values
+        data_type = values.tensor.data_type if isinstance(values, LazyValues) else onnx_dtype(const.dtype)
+        if itemsize_bits(data_type) == 0:
+            continue
+        tensor = spill.add(const.name, data_type, const.shape, constant_bytes(const))
+        const._values = FileValues(tensor)
+        moved += nbytes
+    return moved
+
+
 # ------------------------------------------------------------------------------------------ export
 STUB_LOCATION = "__lmc_stub__"
 

@@ -59,6 +59,8 @@ class PassContext:
     target: Any = None
     options: Any = None
     progress: Callable[[str, int, int], None] | None = None
+    spill: Any = None          # a weights.SpillFile: large weights a pass creates move there after it
+
 
     def report(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -154,6 +156,8 @@ class PassManager:
             if not getattr(pass_, "preserves_shapes", False):
                 shapes.infer_shapes(graph)
             self._sorted = True
+            if self.ctx.spill is not None:
+                ir.spill_constants(graph, self.ctx.spill)
         seconds = time.perf_counter() - start
         records.append(self._record(graph, pass_.name + suffix, seconds, result))
         return graph, result.modified

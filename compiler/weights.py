@@ -10,6 +10,8 @@ where they are:
 - ``ir.to_graph`` gives such a constant ``FileValues``: ``load()`` maps the bytes copy-on-write
   (``np.memmap`` mode ``c``: writable, never written back) for the caller alone; nothing is cached on the
   constant, so once the caller drops the array the pages leave the process;
+- weights a build creates (a merged projection, a quantized copy) go the same way once the pass that made
+  them is done: ``SpillFile`` (used when the model's weights are file-backed);
 - a model exported from such a graph still references the file by absolute path. onnxruntime refuses
   absolute and escaping locations, so ``link_external`` puts the files beside a temporary model — a hard
   link where the filesystem allows it (onnxruntime then maps the same pages, zero copy), a streamed copy
@@ -30,6 +32,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 64 * 1024          # external tensors this small are read into the model at load
+SPILL_MIN_BYTES = 1 << 20         # a build's own weights this large go to its spill file
 _PAGE = 4096
 _COPY_CHUNK = 64 << 20
 
@@ -175,6 +178,72 @@ def restore_external(changed: list[tuple[onnx.TensorProto, str, str]]) -> None:
         _set_entry(tensor, "offset", offset)
 
 
+class SpillFile:
+    """An append-only file of weights a build created (merged, transposed, quantized), owned by the build:
+    ``ir.spill_constants`` moves in-memory constants of at least ``min_bytes`` into it and gives them
+    ``FileValues``, so a pass's new weights leave the process once the pass is done. The file is made in a
+    temporary folder on first use; ``close()`` removes both (bundles copy what they need from it).
+    ``active``: spill at all — builds turn it on for models whose weights are file-backed (``large_external``);
+    a model read into memory whole gains nothing from it."""
+
+    def __init__(self, min_bytes: int = SPILL_MIN_BYTES, active: bool = True):
+        self.min_bytes = min_bytes
+        self.active = active
+        self.path: Path | None = None
+        self._file = None
+        self._end = 0
+        self.bytes = 0
+
+    def add(self, name: str, data_type: int, dims, data: bytes) -> onnx.TensorProto:
+        if self._file is None:
+            import tempfile
+
+            self.path = Path(tempfile.mkdtemp(prefix="lmc-spill-")).resolve() / "spilled.data"
+            self._file = open(self.path, "wb")
+        start = -(-self._end // _PAGE) * _PAGE
+        self._file.seek(start)
+        self._file.write(data)
+        self._file.flush()
+        self._end = start + len(data)
+        self.bytes += len(data)
+        tensor = onnx.TensorProto()
+        tensor.name, tensor.data_type = name, data_type
+        tensor.dims.extend(int(d) for d in dims)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", str(self.path)), ("offset", str(start)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.path.unlink(missing_ok=True)
+            self.path.parent.rmdir()
+            self._file = None
+
+    def __enter__(self) -> "SpillFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def large_external(path: str | os.PathLike) -> bool:
+    """True when the model at ``path`` keeps a tensor over ``INLINE_BYTES`` in an external-data file (such a
+    model's weights are file-backed once loaded)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:         # not a model: load_model says so properly
+        return False
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            if info.length is None or info.length > INLINE_BYTES:
+                return True
+    return False
+
+
 def copy_file_backed(model: onnx.ModelProto) -> None:
     """Read every file-backed tensor of ``model`` into the protobuf (for a model that must stand alone)."""
     for tensor in file_backed(model):
@@ -184,5 +253,5 @@ def copy_file_backed(model: onnx.ModelProto) -> None:
         tensor.raw_data = data
 
 
-__all__ = ["FileValues", "INLINE_BYTES", "copy_file_backed", "file_backed", "is_file_backed", "keep_in_file",
+__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "large_external", "file_backed", "is_file_backed", "keep_in_file",
            "link_external", "restore_external"]

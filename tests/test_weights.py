@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lmc.compiler import ir, weights
+from lmc.compiler import ir, shapes, weights
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.model_io import load_model
 from lmc.compiler.runtime import session
@@ -125,3 +125,68 @@ def test_loading_keeps_weights_out_of_memory(tmp_path):
         ir.const_value(const).sum()
     assert ir.weight_bytes(graph) > 96 * 2**20
     assert _rss() - start < 24 * 2**20
+
+
+def _parallel(folder, d: int = 512):
+    """y = x·A + x·B with A, B of d×d (1 MiB each at d = 512): merge-parallel-matmuls makes one 2 MiB weight."""
+    rng = np.random.default_rng(2)
+    a, b = ((rng.standard_normal((d, d)) * 0.05).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["ya"]), helper.make_node("MatMul", ["x", "B"], ["yb"]),
+             helper.make_node("Add", ["ya", "yb"], ["y"])]
+    graph = helper.make_graph(nodes, "par", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])],
+                              [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")])
+    path = folder / "par.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="par.data", size_threshold=0)
+    return path, a, b
+
+
+def test_weights_a_pass_creates_are_spilled(tmp_path):
+    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.passes.merge_matmuls import MergeParallelMatMuls
+
+    path, a, b = _parallel(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    shapes.infer_shapes(graph)
+    with weights.SpillFile() as spill:
+        graph, _ = PassManager([MergeParallelMatMuls()], PassContext(spill=spill)).run(graph)
+        merged = [c for c in ir.constants(graph) if c.name.endswith("_merged")]
+        assert len(merged) == 1 and isinstance(merged[0]._values, weights.FileValues)
+        assert merged[0]._values.path == spill.path and spill.bytes == 2 * a.nbytes
+        np.testing.assert_array_equal(ir.const_value(merged[0]), np.concatenate([a, b], axis=1))
+        folder = spill.path.parent
+    assert not folder.exists()
+
+
+def test_models_in_memory_are_not_spilled(tmp_path):
+    from lmc.models import build_llama
+
+    model = build_llama()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    path, _, _ = _parallel(tmp_path)
+    assert not weights.large_external(tmp_path / "m.onnx") and weights.large_external(path)
+    graph = ir.to_graph(model)
+    spill = weights.SpillFile(min_bytes=1, active=False)
+    assert ir.spill_constants(graph, spill) == 0 and spill.path is None
+
+
+def test_quantized_build_spills_its_new_weights(tmp_path, monkeypatch):
+    from lmc.compiler.build import QuantizeMode
+
+    path, a, b = _parallel(tmp_path, d=1024)          # int8 copies of 1 MiB each
+    added = []
+    original_add = weights.SpillFile.add
+
+    def counting_add(self, name, *args):
+        added.append(name)
+        return original_add(self, name, *args)
+
+    monkeypatch.setattr(weights.SpillFile, "add", counting_add)
+    result = build(path, BuildOptions(target="x86-64", quantize=QuantizeMode.INT8), tmp_path / "out")
+    assert len(added) >= 2
+    x = np.random.default_rng(3).standard_normal((1, 1024)).astype(np.float32)
+    want = x @ a + x @ b
+    got = session(bundle_model_path(result.out_dir)).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.05
+    assert not list(tmp_path.glob("out/*.data"))
