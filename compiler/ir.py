@@ -6,7 +6,9 @@ The passes edit a ``gs.Graph``. This module holds the small, exact helpers they 
 - ``export_skeleton``: the graph as a ModelProto whose large constants are dtype+dims stubs (no weight
   copied; graphs over the 2 GB protobuf limit export), with ``constant_bytes`` to stream their data;
 - graph surgery: topological sort, dead-node removal, tensor replacement, fresh names;
-- predicates (``is_op`` checks domain as well as op type), constant access, byte sizes.
+- predicates (``is_op`` checks domain as well as op type), constant access, byte sizes;
+- weights left in external-data files (``weights.FileValues``): ``const_value`` maps them for the caller
+  only, ``constant_bytes`` reads them, ``spill_constants`` moves a pass's new large weights to a file.
 
 Subgraphs (If branches, Loop/Scan bodies) share tensor objects with the outer graph: a body that reads an
 outer tensor ``h`` holds the very ``gs.Variable`` the outer node wrote, and ``h.outputs`` lists the body's
