@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import gc
 import json
 import logging
 import time
@@ -250,7 +249,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     by_dtype = ir.bytes_by_dtype(graph)
     staged = _stage(graph, options, target, out_dir)
     del graph
-    gc.collect()
+    weights.release_freed()
     try:
         verification = None
         if options.verify:
@@ -480,7 +479,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
             plans.append((name, length, plan))
         del graph
-        gc.collect()              # the graph's node/tensor cycles hold its in-memory weights until collected
+        weights.release_freed()   # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
                                  p.runtime["predicted_peak_bytes"]) for n, s, p in plans)
         plan = dataclasses.replace(max((p for _, _, p in plans), key=lambda p: p.peak_ram_bytes), profiles=profiles)

@@ -13,7 +13,6 @@ length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` 
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
+from lmc.compiler import ir, shapes, weights
 from lmc.compiler.errors import LmcError
 from lmc.compiler.generate import GenerationInfo
 from lmc.compiler.model_io import load_model
@@ -293,7 +292,7 @@ def compile_generation(model_path, context: int, batch: int,
         if first is None:
             first = snapshot(graph)
             del graph
-            gc.collect()          # free the first compile's weights before the second is made
+            weights.release_freed()          # free the first compile's weights before the second is made
     info = _info(graph, context, batch)
     templates = shape_templates(graph, first, PROBE_LENGTHS)
     ids = next(t for t in graph.inputs if t.name == info.input_ids)

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 
+from lmc.compiler import weights
 from lmc.compiler.errors import LmcError
 from lmc.compiler.runtime import session
 
@@ -273,6 +274,14 @@ def _run_all(path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], names:
         if ours:
             raise RuntimeError(f"onnxruntime rejects the compiled model: {exc}") from exc
         raise
+    try:
+        return _run_session(sess, path, feeds, names, ours, hint)
+    finally:
+        del sess
+        weights.release_freed()
+
+
+def _run_session(sess, path, feeds, names, ours, hint):
     names = names or [o.name for o in sess.get_outputs()]
     available = {o.name for o in sess.get_outputs()}
     missing = [n for n in names if n not in available]
@@ -417,7 +426,9 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
 
     # one model at a time, without prepacked copies: a large model's check stays near one copy of its weights
     reference_logits = run(PastDecoder(reference, batch=batch, session_options=LOW_MEMORY))
+    weights.release_freed()
     candidate_logits = run(StateDecoder(candidate, session_options=LOW_MEMORY, warm_up=False))
+    weights.release_freed()
     worst = [compare(reference_logits[0], candidate_logits[0], "logits (prefill)")]
     decode = None
     for r, c in zip(reference_logits[1:], candidate_logits[1:]):

@@ -229,6 +229,20 @@ class SpillFile:
         self.close()
 
 
+def release_freed() -> None:
+    """Collect garbage cycles and hand the C heap's free pages back to the system (glibc ``malloc_trim``):
+    an onnxruntime session's kernels allocate their prepacked and fused weights in many heap blocks, which
+    stay in the process after the session is gone — a following session would add its weights on top."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        pass
+
+
 def large_external(path: str | os.PathLike) -> bool:
     """True when the model at ``path`` keeps a tensor over ``INLINE_BYTES`` in an external-data file (such a
     model's weights are file-backed once loaded)."""
@@ -253,5 +267,5 @@ def copy_file_backed(model: onnx.ModelProto) -> None:
         tensor.raw_data = data
 
 
-__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "large_external", "file_backed", "is_file_backed", "keep_in_file",
+__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "large_external", "release_freed", "file_backed", "is_file_backed", "keep_in_file",
            "link_external", "restore_external"]
