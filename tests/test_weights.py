@@ -190,3 +190,35 @@ def test_quantized_build_spills_its_new_weights(tmp_path, monkeypatch):
     got = session(bundle_model_path(result.out_dir)).run(None, {"x": x})[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 0.05
     assert not list(tmp_path.glob("out/*.data"))
+
+
+_PEAK_CHILD = """
+import sys
+from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.runtime import session
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+session(sys.argv[3]).run(None, {"x": __import__("numpy").ones((1, 2048), "float32")})   # onnxruntime warmed up
+base = status("VmRSS")
+build(sys.argv[1], BuildOptions(target="x86-64"), sys.argv[2])
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_build_peak_is_about_one_copy_of_the_weights(tmp_path):
+    """A verified exact build of a 256 MiB file-backed model: its peak above the idle process stays under
+    1.15× the weights (the original and the bundle are each mapped once, one after the other; with the
+    weights read into the loaded model it is 1.2×, and 2× on a 1.1B-parameter export)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "small").mkdir()
+    path, small = _mlp(tmp_path, d=2048, layers=16), _mlp(tmp_path / "small", d=2048, layers=1)
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path), str(tmp_path / "out"), str(small)],
+                         capture_output=True, text=True, check=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 1.15 * 16 * 2048 * 2048 * 4, peak
