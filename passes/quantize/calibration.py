@@ -6,13 +6,15 @@ Samples come from an ``.npz`` holding one array per model input, shaped [N, *inp
 arr[i]). The graph is exported with the requested tensors as extra outputs; weights are not copied twice:
 a graph over ``STREAM_BYTES`` of weights is written to a temporary folder with its weights streamed one
 tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than copies), never
-serialised into one protobuf (which fails past 2 GB).
+serialised into one protobuf (which fails past 2 GB). ``Calibrator`` keeps that session and passes over the
+samples again for any subset of the tensors (statistics too large to collect all at once: GPTQ's Gram
+matrices, group by group); ``collect`` is one pass.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from lmc.compiler.runtime import session
 log = logging.getLogger(__name__)
 
 STREAM_BYTES = 1 << 30
+INLINE_BYTES = 4096               # ir.export_skeleton keeps constants this small in the model
 
 
 @dataclass
@@ -133,56 +136,95 @@ def conform_feeds(feeds: Sequence[dict], inputs) -> None:
             feed[inp.name] = conform_sample(inp.name, feed[inp.name], shape, _ort_dtype(inp.type))
 
 
+class Calibrator:
+    """An onnxruntime session over ``graph`` as it is when created, with ``tensors`` as extra outputs, that
+    passes over ``feeds`` as often as asked, each time for any subset of those tensors (``run``): statistics
+    that do not all fit in memory at once (GPTQ's Gram matrices) are collected in groups, each group one
+    pass, from the same session — so every pass sees exactly the same values, whatever the graph becomes
+    meanwhile. A context manager: ``close`` frees the session and its temporary folder."""
+
+    def __init__(self, graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict], low_memory: bool = False):
+        import shutil
+        import tempfile
+
+        self.tensors = list(tensors)
+        self.feeds = feeds
+        self.passes = 0
+        self._folder = None
+        stream = ir.weight_bytes(graph) > STREAM_BYTES
+        model = ir.export_skeleton(graph) if stream else ir.to_model(graph)
+        present = {o.name for o in model.graph.output}
+        for name in self.tensors:
+            if name not in present:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        if stream:
+            from lmc.targets import emit
+
+            folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
+            try:
+                by_name = {c.name: c for c in ir.constants(graph)}
+                # the stubs (weights) go to the file; the skeleton's inline tensors stay inline (onnxruntime's
+                # shape inference cannot read a Reshape's shape from external data)
+                emit._externalize(model, folder / emit.WEIGHTS_FILE, emit.PAGE_BYTES, INLINE_BYTES + 1,
+                                  lambda name: ir.constant_bytes(by_name[name]))
+                with open(folder / emit.MODEL_FILE, "wb") as f:
+                    f.write(model.SerializeToString())
+                del model, by_name
+                self._sess = session(folder / emit.MODEL_FILE, low_memory=low_memory)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            self._folder = folder
+        else:
+            self._sess = session(model, low_memory=low_memory)
+            del model
+        conform_feeds(self.feeds, self._sess.get_inputs())
+        self._inputs = {i.name for i in self._sess.get_inputs()}
+
+    def run(self, tensors: Sequence[str] | None = None, gram: bool | Collection[str] = False, keep_rows: int = 0,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, ChannelStats]:
+        """One pass over the feeds: statistics of ``tensors`` (default: all), with XᵀX for ``gram`` (True:
+        every tensor; or the names to collect it for)."""
+        tensors = self.tensors if tensors is None else list(tensors)
+        unknown = [t for t in tensors if t not in self.tensors]
+        if unknown:
+            raise ValueError(f"not an output of this calibration session: {', '.join(unknown)}")
+        grams = set(tensors) if gram is True else set(gram or ())
+        self.passes += 1
+        return _collect(self._sess, self._inputs, tensors, self.feeds, progress, grams, keep_rows)
+
+    def close(self) -> None:
+        import shutil
+
+        self._sess = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __enter__(self) -> Calibrator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
             progress: Callable[[int, int], None] | None = None, gram: bool = False,
             keep_rows: int = 0) -> dict[str, ChannelStats]:
     """Second moments and absmax per last-axis feature of ``tensors`` over ``feeds`` (and XᵀX with
     ``gram``; up to ``keep_rows`` rows of x, spread evenly over the samples, with ``keep_rows``)."""
-    import shutil
-    import tempfile
-
-    stream = ir.weight_bytes(graph) > STREAM_BYTES
-    model = ir.export_skeleton(graph) if stream else ir.to_model(graph)
-    present = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    folder = None
-    if stream:
-        from lmc.targets import emit
-
-        folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
-        by_name = {c.name: c for c in ir.constants(graph)}
-        emit._externalize(model, folder / emit.WEIGHTS_FILE, emit.PAGE_BYTES, 0,
-                          lambda name: ir.constant_bytes(by_name[name]))
-        with open(folder / emit.MODEL_FILE, "wb") as f:
-            f.write(model.SerializeToString())
-        del model, by_name
-        try:
-            sess = session(folder / emit.MODEL_FILE)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-    else:
-        sess = session(model)
-        del model
-    try:
-        return _collect(sess, tensors, feeds, progress, gram, keep_rows)
-    finally:
-        del sess
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+    with Calibrator(graph, tensors, feeds) as calibrator:
+        return calibrator.run(gram=gram, keep_rows=keep_rows, progress=progress)
 
 
-def _collect(sess, tensors, feeds, progress, gram, keep_rows) -> dict[str, ChannelStats]:
+def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[str, ChannelStats]:
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    grams: dict[str, np.ndarray] = {}
+    gram_sums: dict[str, np.ndarray] = {}
+    products: dict[int, np.ndarray] = {}              # one XᵀX scratch per feature count
     kept: dict[str, list[np.ndarray]] = {}
     per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
-    conform_feeds(feeds, sess.get_inputs())
-    inputs = {i.name for i in sess.get_inputs()}
     for i, feed in enumerate(feeds):
         values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
         for name, v in zip(tensors, values):
@@ -190,12 +232,22 @@ def _collect(sess, tensors, feeds, progress, gram, keep_rows) -> dict[str, Chann
             sums[name] = sums.get(name, 0) + (flat ** 2).sum(axis=0)
             maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
             counts[name] = counts.get(name, 0) + flat.shape[0]
-            if gram:
-                grams[name] = grams.get(name, 0) + flat.T @ flat
+            if name in grams:
+                if name in gram_sums:
+                    k = flat.shape[1]
+                    product = products.get(k)
+                    if product is None:
+                        product = products[k] = np.empty((k, k))
+                    np.matmul(flat.T, flat, out=product)
+                    gram_sums[name] += product
+                else:
+                    gram_sums[name] = flat.T @ flat
             if per_sample:
                 step = max(1, flat.shape[0] // per_sample)
                 kept.setdefault(name, []).append(flat[::step][:per_sample].astype(np.float32))
+            del flat
+        del values
         if progress:
             progress(i + 1, len(feeds))
-    return {n: ChannelStats(sums[n] / counts[n], maxes[n], grams.get(n),
+    return {n: ChannelStats(sums[n] / counts[n], maxes[n], gram_sums.get(n),
                             np.concatenate(kept[n]) if n in kept else None) for n in tensors}

@@ -22,6 +22,13 @@ DequantizeLinear producing them.
 
 Each quantized weight's relative error ‖W − Ŵ‖_h / ‖W‖_h (h-weighted) is recorded in the pass stats, and
 the notes name every float weight left unquantized, with the reason.
+
+GPTQ (int4 with calibration) needs the Gram matrix XᵀX of each weight's input — K×K float64, 7.3 GiB for all
+of a 1.1B Llama's. They are collected in groups of at most ``GRAM_BUDGET_BYTES`` (``plan_gram_groups``),
+one calibration pass of the same onnxruntime session per group, in the order the weights are quantized, and
+each is freed once the last weight reading it is done (weights sharing an input share its Gram). The
+result is byte-identical to collecting them all at once; the pass stats give ``calibration_passes`` and
+``gram_peak_bytes``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.compiler.perplexity import log_softmax
 from lmc.compiler.runtime import session
-from lmc.passes.quantize.calibration import ChannelStats, collect
+from lmc.passes.quantize.calibration import Calibrator, ChannelStats, collect
 from lmc.passes.quantize.scales import (gptq_blocks, pack_int4, pack_uint4, pack_uint4_flat, quantize_blocks,
                                        quantize_blocks_asymmetric, quantize_channels)
 
@@ -98,23 +105,26 @@ def _int4_constant(name: str, q: np.ndarray, unsigned: bool = False) -> gs.Const
 
 def _rel_error(w: np.ndarray, w_hat_rows, h: np.ndarray | None, feature_axis: int) -> float:
     """‖W − Ŵ‖_h / ‖W‖_h, in row chunks: ``w_hat_rows(r0, r1)`` gives Ŵ[r0:r1] (float32), so no full-size
-    temporary (dequantized copy, float64 squares) of a large weight ever exists."""
+    temporary (dequantized copy, float64 squares) of a large weight ever exists. Squares are summed in
+    float32 along one axis of a chunk and in float64 across."""
     rows = w.shape[0]
     per_row = max(1, int(np.prod(w.shape[1:])))
     step = max(1, (1 << 20) // per_row)
-    shape = [1] * w.ndim
-    shape[feature_axis] = -1
+    by_column = h is not None and feature_axis != 0        # h per column of a 2-D weight
+    hv = None if h is None else np.asarray(h, np.float64).reshape(-1)
     num = den = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        wr = np.asarray(w[r0:r1], dtype=np.float32)
-        diff2 = (wr - w_hat_rows(r0, r1)).astype(np.float64) ** 2
-        ref2 = wr.astype(np.float64) ** 2
-        if h is not None:
-            hr = (h[r0:r1] if feature_axis == 0 else h).reshape(shape)
-            diff2, ref2 = diff2 * hr, ref2 * hr
-        num += float(diff2.sum())
-        den += float(ref2.sum())
+        wr = np.asarray(w[r0:r1], dtype=np.float32).reshape(r1 - r0, -1)
+        d = wr - np.asarray(w_hat_rows(r0, r1), dtype=np.float32).reshape(r1 - r0, -1)
+        spec = "ij,ij->j" if by_column else "ij,ij->i"
+        dn = np.einsum(spec, d, d).astype(np.float64)
+        rn = np.einsum(spec, wr, wr).astype(np.float64)
+        if hv is not None:
+            hr = hv if by_column else hv[r0:r1]
+            dn, rn = dn * hr, rn * hr
+        num += float(dn.sum())
+        den += float(rn.sum())
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
@@ -143,6 +153,111 @@ def _pow2_block(d: int, preferred: int) -> int | None:
     return None
 
 
+# GPTQ's Gram matrices (K×K float64 per distinct MatMul input: 242 MiB for K = 5632) are collected and used in
+# groups holding at most this many bytes at once, one calibration pass per group (a Gram larger than the
+# budget is a group of its own); each is freed after the last weight reading its input is quantized.
+GRAM_BUDGET_BYTES = 256 << 20
+
+
+@dataclass
+class GramGroup:
+    start: int                 # index (into the needs) of the first weight that reads the group's Grams
+    names: list[str]           # the activations whose Grams one calibration pass collects
+    peak_bytes: int            # Grams held while the group's first weight is quantized (earlier ones included)
+
+
+def plan_gram_groups(needs: list[str], sizes: dict[str, int], budget: int = GRAM_BUDGET_BYTES,
+                     start: int = 0, live: dict[str, int] | None = None) -> list[GramGroup]:
+    """Cut the Gram matrices that the weights ``needs`` (one activation name per weight, in the order the
+    weights are quantized) read into groups: a group starts where a weight needs a Gram not held, and takes
+    that Gram and the next new ones while everything held stays within ``budget`` bytes. A Gram is held
+    from its group's pass until its last reader; ``live`` (name → index of its last reader) are held already."""
+    last = {name: i for i, name in enumerate(needs)}
+    held = dict(live or {})
+    groups: list[GramGroup] = []
+    for i in range(start, len(needs)):
+        name = needs[i]
+        held = {n: end for n, end in held.items() if end >= i}
+        if name in held:
+            continue
+        names, total = [], sum(sizes[n] for n in held)
+        for j in range(i, len(needs)):
+            cand = needs[j]
+            if cand in held or cand in names:
+                continue
+            if names and total + sizes[cand] > budget:
+                break
+            names.append(cand)
+            total += sizes[cand]
+        for n in names:
+            held[n] = last[n]
+        groups.append(GramGroup(i, names, total))
+    return groups
+
+
+class _GramStore:
+    """Gram matrices handed out in the order the weights are quantized (``needs``), collected group by group
+    (``plan_gram_groups``) from one calibration session and freed after their last predicted reader. A Gram
+    asked for out of turn is collected again (one more pass): the results never depend on the grouping."""
+
+    def __init__(self, calibrator, needs: list[str], sizes: dict[str, int], budget: int, report=None):
+        self.calibrator, self.needs, self.sizes, self.budget = calibrator, needs, sizes, budget
+        self.report = report
+        self.held: dict[str, np.ndarray] = {}
+        self.uses = {name: needs.count(name) for name in set(needs)}
+        self.position = 0              # index into needs of the next weight expected
+        self.peak_bytes = 0
+        self.groups = 0
+
+    def first_pass(self, tensors: list[str]):
+        """The first calibration pass: statistics of every tensor, and the first group's Grams."""
+        names = self._next_group(0)
+        stats = self.calibrator.run(tensors, gram=names, progress=self._progress())
+        self._hold(names, stats)
+        return stats
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self.calibrator.tensors:
+            return None
+        if name not in self.held:
+            i = self.needs.index(name, self.position) if name in self.needs[self.position:] else None
+            names = self._next_group(i) if i is not None else [name]
+            if name not in names:
+                names = [name]
+            self._hold(names, self.calibrator.run(names, gram=names, progress=self._progress()))
+        gram = self.held[name]
+        self.uses[name] = self.uses.get(name, 1) - 1
+        if name in self.needs[self.position:]:
+            self.position = self.needs.index(name, self.position) + 1
+        if self.uses[name] <= 0:
+            del self.held[name]
+        return gram
+
+    def _next_group(self, i: int) -> list[str]:
+        if i >= len(self.needs):
+            return []
+        live = {n: max((j for j, m in enumerate(self.needs) if m == n), default=-1) for n in self.held}
+        groups = plan_gram_groups(self.needs, self.sizes, self.budget, start=i, live=live)
+        return groups[0].names if groups else []
+
+    def _hold(self, names, stats) -> None:
+        for n in names:
+            self.held[n] = stats[n].gram
+            stats[n].gram = None
+        self.groups += 1
+        self.peak_bytes = max(self.peak_bytes, sum(g.nbytes for g in self.held.values()))
+
+    def _progress(self):
+        if self.report is None:
+            return None
+        label = f"calibrating (pass {self.groups + 1})" if self.groups else "calibrating"
+        return lambda i, n: self.report(label, i, n)
+
+    def close(self) -> None:
+        self.held.clear()
+        self.calibrator.close()
+
+
 class QuantizeWeights:
     kind = PassKind.APPROXIMATE
     requires = frozenset({Requirement.TOPOLOGICAL_ORDER})
@@ -153,6 +268,8 @@ class QuantizeWeights:
         self.config = config
         self.name = f"quantize-weights-int{int(config.bits)}"
         self.reports: list[WeightReport] = []
+        self.gram_budget = GRAM_BUDGET_BYTES
+        self._grams: _GramStore | None = None
 
     # -------------------------------------------------------------------------------------------
     def _importance(self, activation: gs.Tensor) -> np.ndarray | None:
@@ -161,8 +278,15 @@ class QuantizeWeights:
             return None
         return np.maximum(st.second_moment, 1e-12 * max(float(st.second_moment.max()), 1e-30))
 
+    def _gram(self, activation: str) -> np.ndarray | None:
+        st = self.config.stats.get(activation)
+        if st is not None and st.gram is not None:
+            return st.gram
+        return self._grams.get(activation) if self._grams is not None else None
+
     def _calibrate(self, graph: gs.Graph) -> None:
-        """Second moments of every activation that multiplies a quantizable weight."""
+        """Second moments of every activation that multiplies a quantizable weight; for GPTQ, a session kept
+        for collecting their Gram matrices group by group (``GRAM_BUDGET_BYTES``) as the weights need them."""
         wanted = set()
         for const in ir.constants(graph):
             for node in const.outputs:
@@ -171,18 +295,74 @@ class QuantizeWeights:
                 elif ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN) and node.inputs[1] is const:
                     wanted.add(node.inputs[0].name)
         wanted = sorted(n for n in wanted if n)
-        if wanted:
-            log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
+        if not wanted:
+            return
+        log.info("calibrating %d activations on %d samples", len(wanted), len(self.config.calib_feeds))
+        gptq = self.config.bits == WeightBits.INT4 and self.config.gptq
+        if self.config.table_bits is None and self.config.bits == WeightBits.INT4:
+            self.config.table_bits = 4     # GPTQ keeps a 4-bit tied table accurate
+        if not gptq:
             self.config.stats = collect(graph, wanted, self.config.calib_feeds,
-                                        progress=lambda i, n: self._ctx.report("calibrating", i, n),
-                                        gram=self.config.bits == WeightBits.INT4 and self.config.gptq)
-            if self.config.table_bits is None and self.config.bits == WeightBits.INT4:
-                self.config.table_bits = 4     # GPTQ keeps a 4-bit tied table accurate
+                                        progress=lambda i, n: self._ctx.report("calibrating", i, n))
+            return
+        needs = [(name, k) for name, k in self._gram_needs(graph) if name in wanted]
+        sizes = {name: k * k * 8 for name, k in needs}
+        calibrator = Calibrator(graph, wanted, self.config.calib_feeds, low_memory=True)
+        self._grams = _GramStore(calibrator, [name for name, _ in needs], sizes, self.gram_budget,
+                                 self._ctx.report)
+        try:
+            self.config.stats = self._grams.first_pass(wanted)
+        except BaseException:
+            self._grams.close()
+            self._grams = None
+            raise
+
+    def _gram_needs(self, graph: gs.Graph) -> list[tuple[str, int]]:
+        """(input activation, K) of every weight GPTQ will quantize, in the order ``run`` quantizes them (the
+        prediction that plans the Gram groups; a wrong one costs a pass, never a different result)."""
+        needs, tables = [], []
+        bits = int(self.config.table_bits or 8)
+        for const in ir.constants(graph):
+            shape = list(const.shape or [])
+            if ir.onnx_dtype(const.dtype) not in QUANTIZABLE_DTYPES or len(shape) != 2 \
+                    or int(np.prod(shape)) < self.config.min_elements:
+                continue
+            readers = list(const.outputs)
+            gathers = [n for n in readers if ir.is_op(n, "Gather") and n.inputs[0] is const
+                       and int(n.attrs.get("axis", 0)) == 0]
+            heads = [n for n in readers if n not in gathers and self._is_transposed_head(n, const)]
+            if gathers and len(gathers) + len(heads) == len(readers):
+                if heads and bits == 4 and _pow2_block(shape[1], self.config.block_size) \
+                        and self._table_kernels(self._ctx, heads) and ir.onnx_dtype(const.dtype) == onnx.TensorProto.FLOAT:
+                    tables.append((heads[0].inputs[0].name, shape[1]))
+                continue
+            matmuls = [n for n in readers if ir.is_op(n, "MatMul") and n.inputs[1] is const]
+            gemms = [n for n in readers if ir.is_op(n, "Gemm") and n.inputs[1] is const]
+            if matmuls and len(matmuls) == len(readers):
+                k = shape[0]
+            elif gemms and len(gemms) == len(readers) and all(self._plain_gemm(n) for n in gemms):
+                k = shape[1] if int(gemms[0].attrs.get("transB", 0)) else shape[0]
+            else:
+                continue
+            if _pow2_block(k, self.config.block_size):
+                needs.append((readers[0].inputs[0].name, k))
+        return needs + tables
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         self._ctx = ctx
-        if self.config.calib_feeds and not self.config.stats:
-            self._calibrate(graph)
+        try:
+            if self.config.calib_feeds and not self.config.stats:
+                self._calibrate(graph)
+            result = self._quantize(graph, ctx)
+        finally:
+            grams, self._grams = self._grams, None
+            if grams is not None:
+                grams.close()
+        if grams is not None:
+            result.stats.update({"calibration_passes": grams.calibrator.passes, "gram_peak_bytes": grams.peak_bytes})
+        return result
+
+    def _quantize(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         names = ir.Namer(graph)
         counts = {"matmul": 0, "gemm": 0, "conv": 0, "table": 0, "tied_table": 0}
         notes: list[str] = []
@@ -334,28 +514,35 @@ class QuantizeWeights:
         h = self._importance(matmuls[0].inputs[0])
         block = _pow2_block(k, self.config.block_size) if self.config.bits == WeightBits.INT4 else None
         if self.config.bits == WeightBits.INT4 and block:
-            zero = None
+            # Q [K, N], scales (and zero points) [K/B, N]: blocks along K, the layout DequantizeLinear takes
+            zero = z = None
             stats = self.config.stats.get(matmuls[0].inputs[0].name)
-            if self.config.gptq and stats is not None and stats.gram is not None or self.config.asymmetric:
-                if self.config.gptq and stats is not None and stats.gram is not None:
-                    qt, st, zt = gptq_blocks(w.T, stats.gram, block, 4, batch=_gptq_batch(k, block))
-                else:
-                    qt, st, zt = quantize_blocks_asymmetric(w.T, block, 4, h, self.config.search)
-                zero = _int4_constant(names.fresh(const.name + "_zp4"), np.ascontiguousarray(zt.T), unsigned=True)
+            gram = self._gram(matmuls[0].inputs[0].name) if self.config.gptq and stats is not None else None
+            if gram is not None:
+                qt, st, zt = gptq_blocks(w.T, gram, block, 4, batch=_gptq_batch(k, block))
+                del gram
+                q, s, z = np.ascontiguousarray(qt.T), np.ascontiguousarray(st.T), np.ascontiguousarray(zt.T)
+                del qt, st, zt
+            elif self.config.asymmetric:
+                q, s, z = quantize_blocks_asymmetric(w, block, 4, h, self.config.search, axis=0)
             else:
-                qt, st = quantize_blocks(w.T, block, 4, h, self.config.search)       # [N, K], [N, K/B]
-                zt = None
-            st = st.astype(_np_dtype(const))    # float16 weights: float16 scales
-            st32 = st.astype(np.float32)
+                q, s = quantize_blocks(w, block, 4, h, self.config.search, axis=0)
+            if z is not None:
+                zero = _int4_constant(names.fresh(const.name + "_zp4"), z, unsigned=True)
+            s = s.astype(_np_dtype(const))      # float16 weights: float16 scales
+            s32 = s.astype(np.float32)
 
-            def w_hat(r0, r1):                  # rows r0:r1 of Ŵ [K, N] = columns of the [N, K] blocks
-                cols = np.arange(r0, r1) // block
-                centred = qt[:, r0:r1].astype(np.float32) - (0 if zt is None else zt[:, cols])
-                return (centred * st32[:, cols]).T
+            def w_hat(r0, r1):
+                rows = np.arange(r0, r1) // block
+                out = q[r0:r1].astype(np.float32)
+                if z is not None:
+                    out -= z[rows]
+                out *= s32[rows]
+                return out
             self.reports.append(WeightReport(const.name, (k, n), 4, _rel_error(w, w_hat, h, 0)))
-            q = _int4_constant(names.fresh(const.name + "_q4"), np.ascontiguousarray(qt.T), unsigned=zero is not None)
-            scale = gs.Constant(const.name + "_scale", np.ascontiguousarray(st.T))
-            self._dequantized(graph, const, matmuls, 1, q, scale, axis=0, names=names, block_size=block, zero=zero)
+            qc = _int4_constant(names.fresh(const.name + "_q4"), q, unsigned=z is not None)
+            scale = gs.Constant(const.name + "_scale", s)
+            self._dequantized(graph, const, matmuls, 1, qc, scale, axis=0, names=names, block_size=block, zero=zero)
             return
         q, scale = self._int8(const, axis=1, importance=h)
         self._dequantized(graph, const, matmuls, 1, q, scale, axis=1, names=names)
@@ -393,12 +580,17 @@ class QuantizeWeights:
         q, scale = self._int8(const, axis=0 if trans_b else 1, importance=h)
         self._dequantized(graph, const, gemms, 1, q, scale, axis=0 if trans_b else 1, names=names)
 
+    @staticmethod
+    def _table_kernels(ctx: PassContext, heads) -> bool:
+        """Whether the target runs a block-quantized table (and a head reading it)."""
+        return ctx.target is not None and ctx.target.tuning.can_emit("GatherBlockQuantized", ir.MS_DOMAIN) and \
+            (not heads or ctx.target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN))
+
     def _quantize_table(self, graph, const, gathers, heads, ctx, names, notes) -> str | None:
         bits = int(self.config.table_bits or 8)
         v, d = const.shape
         block = _pow2_block(d, self.config.block_size if bits == 4 else 256)
-        can = ctx.target is not None and ctx.target.tuning.can_emit("GatherBlockQuantized", ir.MS_DOMAIN) and \
-            (not heads or ctx.target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN))
+        can = self._table_kernels(ctx, heads)
         half = ir.onnx_dtype(const.dtype) == onnx.TensorProto.FLOAT16
         if not can or block is None or half:
             if heads:
@@ -416,9 +608,10 @@ class QuantizeWeights:
         if bits == 4:
             # asymmetric blocks; with calibration, GPTQ against the head's inputs (the lm head is what the
             # table's error hurts most: plain rounding of a tied 4-bit table costs far more perplexity)
-            head_stats = self.config.stats.get(heads[0].inputs[0].name) if heads else None
-            if head_stats is not None and head_stats.gram is not None and self.config.gptq:
-                unsigned, s, zeros = gptq_blocks(w, head_stats.gram, block, 4, batch=_gptq_batch(d, block))
+            gram = self._gram(heads[0].inputs[0].name) if heads and self.config.gptq else None
+            if gram is not None:
+                unsigned, s, zeros = gptq_blocks(w, gram, block, 4, batch=_gptq_batch(d, block))
+                del gram
             else:
                 unsigned, s, zeros = quantize_blocks_asymmetric(w, block, 4, h, self.config.search)
             unsigned = unsigned.reshape(v, d // block, block)

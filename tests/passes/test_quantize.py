@@ -276,3 +276,158 @@ def test_float32_notes_name_weights_left_unquantized(tmp_path):
     result = build(tmp_path / "f32.onnx", BuildOptions(target="x86-64", quantize=QuantizeMode.INT8), tmp_path / "out")
     notes = [n for r in result.records if r.name.startswith("quantize") for n in r.notes]
     assert any(n.startswith("gain ") and "unquantized" in n for n in notes)
+
+
+# ---- the scale search: pinned error, layouts, threads; GPTQ's Gram matrices in groups
+
+# ‖W − Ŵ‖_h / ‖W‖_h (float64) of the scale search as it was before it was vectorised over candidates and the
+# asymmetric one took least-squares refits (same weights, seed 123): the search may get faster, never worse.
+PINNED_ERRORS = {
+    ("normal", False): {"asym4": 0.0779191298, "sym4": 0.0862317491, "sym8_256": 0.0068870872, "channels": 0.0073946573},
+    ("normal", True): {"asym4": 0.0740023530, "sym4": 0.0817808806, "sym8_256": 0.0067957725, "channels": 0.0073150458},
+    ("t3", False): {"asym4": 0.0993931393, "sym4": 0.1321300656, "sym8_256": 0.0176937729, "channels": 0.0224317620},
+    ("t3", True): {"asym4": 0.0952402893, "sym4": 0.1260131373, "sym8_256": 0.0175554564, "channels": 0.0222852582},
+}
+
+
+def _pinned_weights():
+    rng = np.random.default_rng(123)
+    normal = rng.standard_normal((512, 768)).astype(np.float32)
+    t3 = rng.standard_t(3, (512, 768)).astype(np.float32)
+    h = rng.gamma(1.0, 1.0, 512)
+    return {"normal": normal, "t3": t3}, h
+
+
+def _weighted_error(w, w_hat, h, axis):
+    """‖W − Ŵ‖_h / ‖W‖_h in float64, h along ``axis`` of w."""
+    w = w.astype(np.float64)
+    hh = 1.0 if h is None else np.expand_dims(h, 1 - axis)
+    return float(np.sqrt((((w - w_hat) ** 2) * hh).sum() / ((w ** 2) * hh).sum()))
+
+
+@pytest.mark.parametrize("dist", ["normal", "t3"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_search_error_is_pinned(dist, weighted):
+    weights, h = _pinned_weights()
+    w = weights[dist]                                  # a MatMul weight [K, N]; h over K
+    h = h if weighted else None
+    k, n = w.shape
+    pinned = PINNED_ERRORS[(dist, weighted)]
+    tol = 1 + 1e-7
+
+    def blocks(q, s, z, b):                            # q [K, N], s/z [K/B, N] → Ŵ [K, N]
+        centred = q.astype(np.float64).reshape(k // b, b, n) - (0 if z is None else z[:, None, :].astype(np.float64))
+        return (centred * s[:, None, :].astype(np.float64)).reshape(k, n)
+
+    q, s, z = quantize_blocks_asymmetric(w, 32, 4, h, axis=0)
+    assert _weighted_error(w, blocks(q, s, z, 32), h, 0) <= pinned["asym4"] * tol
+    q, s = quantize_blocks(w, 32, 4, h, axis=0)
+    assert _weighted_error(w, blocks(q, s, None, 32), h, 0) <= pinned["sym4"] * tol
+    q, s = quantize_blocks(w, 256, 8, h, axis=0)
+    assert _weighted_error(w, blocks(q, s, None, 256), h, 0) <= pinned["sym8_256"] * tol
+    q, s = quantize_channels(w, 1, h)
+    assert _weighted_error(w, q.astype(np.float64) * s.astype(np.float64), h, 0) <= pinned["channels"] * tol
+
+
+def test_search_error_is_pinned_through_the_pass():
+    import onnx_graphsurgeon as gs
+
+    from lmc.compiler.pass_manager import PassContext
+    from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+
+    w = _pinned_weights()[0]["normal"]
+    x, y = gs.Variable("x", np.float32, [1, 512]), gs.Variable("y", np.float32, [1, 768])
+    graph = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x, gs.Constant("w", w)], outputs=[y])], inputs=[x],
+                     outputs=[y], opset=21)
+    qpass = QuantizeWeights(QuantizeConfig(bits=WeightBits.INT4))
+    qpass.run(graph, PassContext())
+    assert qpass.reports[0].rel_error <= PINNED_ERRORS[("normal", False)]["asym4"] * (1 + 1e-6)
+
+
+def test_block_layouts_and_threads_agree(monkeypatch):
+    """Blocks along axis 0 of W [K, N] are the blocks along the last axis of Wᵀ, whatever the chunking (a
+    narrow weight packs several block rows in a chunk) and the number of threads."""
+    import lmc.passes.quantize.scales as scales
+
+    rng = np.random.default_rng(7)
+    h = rng.gamma(1.0, 1.0, 256)
+    for shape in [(256, 48), (256, 3000)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        for hh in (None, h):
+            monkeypatch.setattr(scales, "MAX_THREADS", 1)
+            rows = quantize_blocks_asymmetric(np.ascontiguousarray(w.T), 32, 4, hh)
+            monkeypatch.setattr(scales, "MAX_THREADS", 4)
+            cols = quantize_blocks_asymmetric(w, 32, 4, hh, axis=0)
+            for a, b in zip(rows, cols):
+                np.testing.assert_array_equal(a.T, b)
+            sym_rows = quantize_blocks(np.ascontiguousarray(w.T), 32, 4, hh)
+            sym_cols = quantize_blocks(w, 32, 4, hh, axis=0)
+            for a, b in zip(sym_rows, sym_cols):
+                np.testing.assert_array_equal(a.T, b)
+            ch0 = quantize_channels(np.ascontiguousarray(w.T), 0, hh)
+            ch1 = quantize_channels(w, 1, hh)
+            np.testing.assert_array_equal(ch0[0].T, ch1[0])
+            np.testing.assert_array_equal(ch0[1], ch1[1])
+
+
+def test_search_reads_a_read_only_weight():
+    w = np.random.default_rng(8).standard_normal((128, 96)).astype(np.float32)
+    w.flags.writeable = False
+    before = w.copy()
+    quantize_blocks_asymmetric(w, 32, 4, axis=0)
+    quantize_blocks(w.T, 32, 4)
+    quantize_channels(w, 1)
+    np.testing.assert_array_equal(w, before)
+
+
+def test_gram_groups_fit_the_budget_on_tinyllama_shapes():
+    from lmc.passes.quantize.weight_only import GRAM_BUDGET_BYTES, plan_gram_groups
+
+    layers, hidden, mlp = 22, 2048, 5632
+    needs, sizes = [], {}
+    for i in range(layers):
+        for name, k, readers in (("attn", hidden, 3), ("o", hidden, 1), ("mlp", hidden, 2), ("down", mlp, 1)):
+            needs += [f"{i}.{name}"] * readers
+            sizes[f"{i}.{name}"] = k * k * 8
+    needs.append("head")
+    sizes["head"] = hidden * hidden * 8
+    groups = plan_gram_groups(needs, sizes, GRAM_BUDGET_BYTES)
+    assert sum(sizes.values()) > 7 << 30                            # every Gram at once: 7.3 GiB
+    assert max(g.peak_bytes for g in groups) <= GRAM_BUDGET_BYTES
+    assert sorted(n for g in groups for n in g.names) == sorted(sizes)  # each collected exactly once
+    # a Gram over the budget is a group of its own
+    assert [g.names for g in plan_gram_groups(["a", "b", "b", "c"], {"a": 1, "b": 10, "c": 1}, 4)] == \
+        [["a"], ["b"], ["c"]]
+
+
+@pytest.fixture(scope="module")
+def gptq_builds(tiny_llama, tmp_path_factory):
+    """int4 + calibration (GPTQ) of the tiny Llama with every Gram at once, one Gram per calibration pass,
+    and one per pass over a streamed (external-data) calibration session."""
+    import lmc.passes.quantize.calibration as calibration
+    import lmc.passes.quantize.weight_only as weight_only
+
+    path, calib = tiny_llama
+    d = tmp_path_factory.mktemp("gptq")
+    out = {}
+    for label, budget, stream in (("at-once", 1 << 40, False), ("grouped", 1, False), ("grouped-streamed", 1, True)):
+        mp = pytest.MonkeyPatch()
+        mp.setattr(weight_only, "GRAM_BUDGET_BYTES", budget)
+        if stream:
+            mp.setattr(calibration, "STREAM_BYTES", 0)
+        try:
+            result = build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)},
+                                              quantize=QuantizeMode.INT4, calib=str(calib), verify=False), d / label)
+        finally:
+            mp.undo()
+        stats = next(r.stats for r in result.records if r.name.startswith("quantize-weights"))
+        out[label] = (stats, [(d / label / f).read_bytes() for f in ("model.onnx", "model.weights")])
+    return out
+
+
+def test_gram_groups_give_the_same_bytes_as_all_at_once(gptq_builds):
+    at_once, grouped, streamed = gptq_builds["at-once"], gptq_builds["grouped"], gptq_builds["grouped-streamed"]
+    assert at_once[0]["calibration_passes"] == 1
+    assert grouped[0]["calibration_passes"] > 4 and streamed[0]["calibration_passes"] == grouped[0]["calibration_passes"]
+    assert grouped[0]["gram_peak_bytes"] < at_once[0]["gram_peak_bytes"]
+    assert grouped[1] == at_once[1] and streamed[1] == at_once[1]
