@@ -72,25 +72,27 @@ def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
 
 def keep_in_file(model: onnx.ModelProto, base_dir: Path) -> int:
     """Prepare a model parsed without its external data (locations already validated to lie inside
-    ``base_dir``): tensors over ``INLINE_BYTES`` get their file's absolute path as location; smaller ones
-    are read in. Returns how many tensors stay in their files."""
+    ``base_dir``): the main graph's initializers over ``INLINE_BYTES`` get their file's absolute path as
+    location; smaller ones, and tensors in subgraphs or attributes, are read in. Returns how many tensors
+    stay in their files."""
     kept = 0
-    for tensor in external_data_helper._get_all_tensors(model):
+    for tensor in model.graph.initializer:
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
         path = (base_dir / info.location).resolve()
         offset = info.offset or 0
         length = info.length if info.length is not None else path.stat().st_size - offset
-        if length <= INLINE_BYTES:
+        if length > INLINE_BYTES:
+            _set_entry(tensor, "location", str(path))
+            _set_entry(tensor, "offset", str(offset))
+            _set_entry(tensor, "length", str(length))
+            kept += 1
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor) and not is_file_backed(tensor):
             external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
-            continue
-        _set_entry(tensor, "location", str(path))
-        _set_entry(tensor, "offset", str(offset))
-        _set_entry(tensor, "length", str(length))
-        kept += 1
     return kept
 
 
@@ -129,18 +131,25 @@ def file_backed(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in external_data_helper._get_all_tensors(model) if is_file_backed(t)]
 
 
-def link_external(model: onnx.ModelProto, folder: Path) -> list[tuple[onnx.TensorProto, str, str]]:
-    """Make the model's file-backed tensors loadable from a model saved in ``folder``: each source file is
-    hard-linked into ``folder`` (or, where linking fails, the referenced ranges are copied there at page
-    offsets) and the tensors' locations and offsets are rewritten to match. Returns what
-    ``restore_external`` needs to undo the rewrite on the in-memory model."""
-    changed: list[tuple[onnx.TensorProto, str, str]] = []
+def link_external(model: onnx.ModelProto, folder: Path) -> list[tuple[onnx.TensorProto, list[tuple[str, str]]]]:
+    """Make the model's file-backed tensors loadable from a model saved in ``folder``. The main graph's
+    initializers keep referencing their bytes: each source file is hard-linked into ``folder`` (or, where
+    linking fails, the referenced ranges are copied there at page offsets) and locations and offsets are
+    rewritten to match. Tensors in subgraphs are read in (onnx's checker, which onnxruntime runs on
+    subgraphs, refuses hard-linked data). Returns what ``restore_external`` needs to undo all of it."""
+    changed: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
     names: dict[Path, str] = {}
     copies: dict[Path, tuple[str, object, list[int]]] = {}
+    top = [t for t in model.graph.initializer if is_file_backed(t)]
     for tensor in file_backed(model):
+        changed.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+        if not any(tensor is t for t in top):
+            data = FileValues(tensor).read_bytes()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+            continue
         path, offset, length = _span(tensor)
-        e = _entries(tensor)
-        changed.append((tensor, e["location"], e.get("offset", "0")))
         if path not in names and path not in copies:
             name = f"w{len(names) + len(copies)}.data"
             try:
@@ -172,10 +181,15 @@ def link_external(model: onnx.ModelProto, folder: Path) -> list[tuple[onnx.Tenso
     return changed
 
 
-def restore_external(changed: list[tuple[onnx.TensorProto, str, str]]) -> None:
-    for tensor, location, offset in changed:
-        _set_entry(tensor, "location", location)
-        _set_entry(tensor, "offset", offset)
+def restore_external(changed: list[tuple[onnx.TensorProto, list[tuple[str, str]]]]) -> None:
+    """Undo ``link_external`` (and onnx's saving of read-in tensors as external data) on the in-memory model."""
+    for tensor, entries in changed:
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        for key, value in entries:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 class SpillFile:

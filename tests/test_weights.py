@@ -222,3 +222,26 @@ def test_build_peak_is_about_one_copy_of_the_weights(tmp_path):
                          capture_output=True, text=True, check=True)
     peak = int(out.stdout.strip().splitlines()[-1])
     assert peak < 1.15 * 16 * 2048 * 2048 * 4, peak
+
+
+def test_subgraph_tensors_are_read_in(tmp_path):
+    """Only the main graph's initializers stay in their files; a branch's own large initializer is read in
+    (bundles write top-level initializers to their weights file)."""
+    big = np.arange(64 * 1024, dtype=np.float32)                         # 256 KiB
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [big.size])
+    then = helper.make_graph([helper.make_node("Identity", ["t"], ["y_then"])], "then", [],
+                             [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [big.size])],
+                             [numpy_helper.from_array(big, "t")])
+    other = helper.make_graph([helper.make_node("Neg", ["w"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [big.size])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [out],
+                              [numpy_helper.from_array(big + 1, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "if.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="if.data", size_threshold=0)
+    loaded = load_model(tmp_path / "if.onnx")
+    assert [t.name for t in weights.file_backed(loaded)] == ["w"]
+    for c in (True, False):
+        got = session(ir.to_model(ir.to_graph(loaded))).run(None, {"c": np.array(c)})[0]
+        np.testing.assert_array_equal(got, big if c else -(big + 1))
