@@ -165,15 +165,28 @@ def _decoded_kernel(dq: gs.Node) -> str:
     return f"{ir.MS_DOMAIN}.MatMulNBits"
 
 
+def _integer_gemm_input(dq: gs.Node) -> bool:
+    """An activation's DequantizeLinear read only by MatMuls whose weight is decoded (w8a8): onnxruntime
+    fuses it, with them, into the integer GEMM."""
+    readers = dq.outputs[0].outputs if ir.is_op(dq, "DequantizeLinear") and dq.outputs else []
+    return bool(readers) and all(
+        ir.is_op(mm, "MatMul") and any(ir.producer(t) is not None and decoded_weight(ir.producer(t))
+                                       for t in mm.inputs if t is not dq.outputs[0])
+        for mm in readers)
+
+
 def weight_readers(graph: gs.Graph) -> list[tuple[int, list[str]]]:
     """(bytes, reader op names) per constant; a weight decoded inside its MatMul (``decoded_weight``) is
-    read by the fused kernel onnxruntime makes of the pair (``_decoded_kernel``)."""
+    read by the fused kernel onnxruntime makes of the pair (``_decoded_kernel``), and so are the scales of
+    the activation's DequantizeLinear fused into an integer GEMM (``_integer_gemm_input``)."""
     out = []
     for const in ir.constants(graph):
         readers = []
         for node in const.outputs:
             if decoded_weight(node):
                 readers.append(_decoded_kernel(node))
+            elif _integer_gemm_input(node):
+                readers.append(f"{ir.MS_DOMAIN}.MatMulIntegerToFloat")
             else:
                 readers.append(_reader_name(node))
         out.append((ir.tensor_nbytes(const) or 0, readers))
@@ -186,7 +199,8 @@ def predict_runtime(graph: gs.Graph, plan: MemoryPlan, target: Target) -> dict:
     held = {name for b in plan.state for name in (b.input, b.output)}
     inputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.inputs if t.name not in held)
     outputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.outputs if t.name not in held)
-    prediction = model.predict(weight_readers(graph), plan.arena_bytes, inputs, outputs, plan.state_bytes)
+    prediction = model.predict(weight_readers(graph), plan.arena_bytes, inputs, outputs, plan.state_bytes,
+                               nodes=len(graph.nodes))
     return {**prediction.to_dict(), "session_options": model.session_options}
 
 

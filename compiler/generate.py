@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import apply_session_options, bundle_session_options
+from lmc.compiler.runtime import after_load, apply_session_options, bundle_session_options
 
 GENERATION_KEY = "lmc.generation"
 # for checks rather than speed: no prepacked second copy of the weights
@@ -86,6 +86,7 @@ class StateDecoder:
         settings = {**bundle_session_options(model_path), **(session_options or {})}
         self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
                                             providers=["CPUExecutionProvider"])
+        after_load(settings)
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.state = {}

@@ -1,11 +1,25 @@
 """onnxruntime sessions as lmc opens them: CPU provider, quiet logs, optional thread count, optimizations
-on or off, and a low-memory mode without weight prepacking."""
+on or off, and a low-memory mode without weight prepacking; bundles under their ``session_options.json``.
+
+A bundle's ``session_options.json`` holds onnxruntime ``SessionOptions`` attributes by name, plus
+- ``config_entries``: ``{key: value}`` for ``add_session_config_entry``;
+- ``cpu_arena``: an ``OrtArenaCfg`` (``arena_extend_strategy``, ``initial_chunk_size_bytes``, …) for one
+  process-wide CPU arena (``onnxruntime.create_and_register_allocator``) that the session allocates from
+  (``session.use_env_allocators``). A session's own arena grows by doubling chunks (1, 2, 4, 8 MiB, …),
+  each of them touched from its start; one initial chunk large enough for the run is touched only up to
+  the highest offset in use. It is registered once per process: the first configuration wins;
+- ``trim_heap_after_load``: once the session exists, return the C heap's free pages to the system (glibc
+  ``malloc_trim``; nothing where the C library has none): loading frees the optimiser's temporaries into
+  holes the heap keeps resident, and runs allocate from the arena, not from them.
+``open_bundle`` applies all of it; a driver that creates its session itself calls
+``apply_session_options`` before and ``after_load`` after.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+import logging
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -13,24 +27,74 @@ import onnxruntime as ort
 from lmc.compiler import weights
 
 SESSION_OPTIONS_FILE = "session_options.json"
+CONFIG_ENTRIES = "config_entries"
+CPU_ARENA = "cpu_arena"
+TRIM_HEAP = "trim_heap_after_load"
+USE_ENV_ALLOCATORS = "session.use_env_allocators"
+
+log = logging.getLogger(__name__)
+_process_arena: dict | None = None
 
 
 def apply_session_options(opts: ort.SessionOptions, settings: dict) -> ort.SessionOptions:
-    """Apply a bundle's ``session_options.json``: SessionOptions attributes by name, plus
-    ``config_entries`` for ``add_session_config_entry``."""
+    """Apply a bundle's ``session_options.json`` (see the module docstring) to ``opts``."""
     for key, value in settings.items():
-        if key == "config_entries":
+        if key == CONFIG_ENTRIES:
             for entry, text in value.items():
                 opts.add_session_config_entry(entry, str(text))
+        elif key == CPU_ARENA:
+            if use_process_arena(value):
+                opts.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
+        elif key == TRIM_HEAP:
+            continue                 # once the session exists: ``after_load``
         else:
             setattr(opts, key, value)
     return opts
+
+
+def use_process_arena(config: dict) -> bool:
+    """Register the process-wide CPU arena with ``config`` (OrtArenaCfg keys) unless one is registered;
+    True when sessions can allocate from it."""
+    global _process_arena
+    if _process_arena is None:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({k: int(v) for k, v in config.items()}))
+        except Exception as exc:  # noqa: BLE001 — e.g. the embedding application registered its own
+            log.debug("process-wide CPU arena not registered: %s", exc)
+            return False
+        _process_arena = dict(config)
+    elif _process_arena != config:
+        log.debug("process-wide CPU arena already registered as %s; %s not applied", _process_arena, config)
+    return True
+
+
+def after_load(settings: dict) -> None:
+    """What ``session_options.json`` asks for once the session exists (``trim_heap_after_load``)."""
+    if settings.get(TRIM_HEAP):
+        weights.release_freed()
 
 
 def bundle_session_options(model_path: str | Path) -> dict:
     """The session options a bundle's plan assumes (empty for a model lmc did not build)."""
     path = Path(model_path).parent / SESSION_OPTIONS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None = None,
+                log_level: int = 3) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a bundle under its ``session_options.json`` (or ``settings``): the
+    configuration its plan's runtime prediction describes."""
+    settings = bundle_session_options(model_path) if settings is None else settings
+    opts = ort.SessionOptions()
+    opts.log_severity_level = log_level
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    apply_session_options(opts, settings)
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    after_load(settings)
+    return sess
 
 
 def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optimize: bool = True,

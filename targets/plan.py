@@ -16,8 +16,10 @@ Generation bundles add ``state`` (the cache: ``bytes``, ``placement`` and its ``
 context) with its ``arena_bytes``, ``lower_bound_bytes``, ``io_bytes`` and ``peak_ram_bytes``; the
 top-level fields are those of the profile with the highest peak. ``runtime`` is the target's runtime
 model's prediction (``lmc.targets.runtime_model``): ``predicted_peak_bytes`` — the runtime's resident
-peak above the process before the session — and its ``items`` (session, weights, prepacked copies,
-arena, io, state), with the ``session_options`` it assumes.
+peak attributable to the model (above an empty session under the same options) — its ``items`` (fixed
+and per-node session cost, kernel workspaces, weights, prepacked copies, arena, kernel temporaries, io,
+state), ``session_bytes`` (the empty session's own cost, not in the peak) and the ``session_options`` it
+assumes.
 """
 
 from __future__ import annotations
