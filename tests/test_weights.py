@@ -245,3 +245,29 @@ def test_subgraph_tensors_are_read_in(tmp_path):
     for c in (True, False):
         got = session(ir.to_model(ir.to_graph(loaded))).run(None, {"c": np.array(c)})[0]
         np.testing.assert_array_equal(got, big if c else -(big + 1))
+
+
+def test_calibrated_quantization_of_a_file_backed_model(tmp_path, monkeypatch):
+    """GPTQ's calibration session links the model's files instead of streaming a copy of its weights."""
+    from lmc.compiler.build import QuantizeMode
+    from lmc.passes.quantize import calibration
+
+    path, a, b = _parallel(tmp_path, d=512)
+    monkeypatch.setattr(calibration, "STREAM_BYTES", 1)        # would stream any graph holding its weights
+    folders = []
+    close = calibration.Calibrator.close
+
+    def recording_close(self):
+        folders.append(self._folder)
+        close(self)
+
+    monkeypatch.setattr(calibration.Calibrator, "close", recording_close)
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 1, 512)).astype(np.float32))
+    result = build(path, BuildOptions(target="x86-64", quantize=QuantizeMode.INT4, calib=str(tmp_path / "calib.npz")),
+                   tmp_path / "out")
+    assert folders and folders == [None] * len(folders)      # no streamed copy was written
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    want = x @ a + x @ b
+    got = session(bundle_model_path(result.out_dir)).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.2

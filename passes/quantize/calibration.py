@@ -4,9 +4,10 @@ For each requested tensor x (last axis = features) over all calibration samples:
 ``second_moment[k]`` = E[x_k²] (mean over every position of every sample), ``absmax[k]`` = max |x_k|.
 Samples come from an ``.npz`` holding one array per model input, shaped [N, *input_shape] (sample i is
 arr[i]). The graph is exported with the requested tensors as extra outputs; weights are not copied twice:
-a graph over ``STREAM_BYTES`` of weights is written to a temporary folder with its weights streamed one
-tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than copies), never
-serialised into one protobuf (which fails past 2 GB). ``Calibrator`` keeps that session and passes over the
+a graph holding over ``STREAM_BYTES`` of weights in memory is written to a temporary folder with its weights
+streamed one tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than
+copies), never serialised into one protobuf (which fails past 2 GB); weights still in the model's own
+files are linked into the session, not copied (``runtime.session``). ``Calibrator`` keeps that session and passes over the
 samples again for any subset of the tensors (statistics too large to collect all at once: GPTQ's Gram
 matrices, group by group); ``collect`` is one pass.
 """
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 
 STREAM_BYTES = 1 << 30
 INLINE_BYTES = 4096               # ir.export_skeleton keeps constants this small in the model
+
+
+def _in_memory_bytes(graph: gs.Graph) -> int:
+    """Weight bytes the graph holds in memory: file-backed weights (``weights.FileValues``) are linked into a
+    session, not copied, so only the rest decides whether to stream."""
+    from lmc.compiler.weights import FileValues
+
+    return sum(ir.tensor_nbytes(c) or 0 for c in ir.constants(graph) if not isinstance(c._values, FileValues))
 
 
 @dataclass
@@ -151,7 +160,7 @@ class Calibrator:
         self.feeds = feeds
         self.passes = 0
         self._folder = None
-        stream = ir.weight_bytes(graph) > STREAM_BYTES
+        stream = _in_memory_bytes(graph) > STREAM_BYTES
         model = ir.export_skeleton(graph) if stream else ir.to_model(graph)
         present = {o.name for o in model.graph.output}
         for name in self.tensors:
