@@ -458,12 +458,13 @@ class QuantizeWeights:
             return [sess.run([out.name], {k: v for k, v in f.items() if k in inputs})[0] for f in feeds]
 
         reference = logits()
-        original = const._values
-        const._values = w_hat.astype(np.float32)
+        # in-memory values for this one export (a file-backed table's data_location would mark them external)
+        original, location = const._values, getattr(const, "data_location", None)
+        const._values, const.data_location = w_hat.astype(np.float32), None
         try:
             candidate = logits()
         finally:
-            const._values = original
+            const._values, const.data_location = original, location
         total, rows = 0.0, 0
         for r, c in zip(reference, candidate):
             lp, lq = log_softmax(r.reshape(-1, r.shape[-1])), log_softmax(c.reshape(-1, c.shape[-1]))

@@ -403,21 +403,28 @@ def test_gram_groups_fit_the_budget_on_tinyllama_shapes():
 @pytest.fixture(scope="module")
 def gptq_builds(tiny_llama, tmp_path_factory):
     """int4 + calibration (GPTQ) of the tiny Llama with every Gram at once, one Gram per calibration pass,
-    and one per pass over a streamed (external-data) calibration session."""
+    one per pass over a streamed (external-data) calibration session, and one per pass with the model's
+    weights left in their external-data file."""
     import lmc.passes.quantize.calibration as calibration
     import lmc.passes.quantize.weight_only as weight_only
 
     path, calib = tiny_llama
     d = tmp_path_factory.mktemp("gptq")
+    external = d / "external" / "llama.onnx"          # its large weights stay in their file (file-backed)
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="llama.data", size_threshold=1024)
     out = {}
-    for label, budget, stream in (("at-once", 1 << 40, False), ("grouped", 1, False), ("grouped-streamed", 1, True)):
+    for label, budget, stream in (("at-once", 1 << 40, False), ("grouped", 1, False), ("grouped-streamed", 1, True),
+                                  ("grouped-file-backed", 1, False)):
         mp = pytest.MonkeyPatch()
         mp.setattr(weight_only, "GRAM_BUDGET_BYTES", budget)
         if stream:
             mp.setattr(calibration, "STREAM_BYTES", 0)
+        source = external if label == "grouped-file-backed" else path
         try:
-            result = build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)},
-                                              quantize=QuantizeMode.INT4, calib=str(calib), verify=False), d / label)
+            result = build(source, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)},
+                                                quantize=QuantizeMode.INT4, calib=str(calib), verify=False), d / label)
         finally:
             mp.undo()
         stats = next(r.stats for r in result.records if r.name.startswith("quantize-weights"))
@@ -431,3 +438,4 @@ def test_gram_groups_give_the_same_bytes_as_all_at_once(gptq_builds):
     assert grouped[0]["calibration_passes"] > 4 and streamed[0]["calibration_passes"] == grouped[0]["calibration_passes"]
     assert grouped[0]["gram_peak_bytes"] < at_once[0]["gram_peak_bytes"]
     assert grouped[1] == at_once[1] and streamed[1] == at_once[1]
+    assert gptq_builds["grouped-file-backed"][1] == at_once[1]
