@@ -1,6 +1,6 @@
 """Weight-quantization speed on TinyLlama-1.1B shapes: lmc's ``QuantizeWeights`` vs onnxruntime's int4 quantizer.
 
-    python bench/bench_quantize_speed.py [--bits 4|8] [--repeat 2] [--no-ort] [--table]
+    python bench/bench_quantize_speed.py [--bits 4|8] [--repeat 2] [--no-ort] [--table] [--threads N]
 
 Random float32 weights (seed 0) with the shapes and counts of a TinyLlama-1.1B export (22 layers; hidden
 2048, 32 heads, 4 kv heads, MLP 5632, vocabulary 32000). Each distinct shape is quantized ``--repeat`` times
@@ -111,7 +111,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantizer")
     ap.add_argument("--table", action="store_true", help="add the token-embedding table (a Gather)")
     ap.add_argument("--only", help="comma-separated shape names to time (the total is then partial)")
+    ap.add_argument("--threads", type=int, help="at most this many search threads (default: the CPUs, up to 4)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import lmc.passes.quantize.scales as scales
+
+        scales.MAX_THREADS = args.threads
 
     from lmc.targets.target import load_target
 
