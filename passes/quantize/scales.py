@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -399,27 +400,49 @@ def pack_int4(values: np.ndarray) -> bytes:
     return pack_uint4_flat(np.asarray(values, dtype=np.int8).view(np.uint8) & 0x0F)   # two's complement nibbles
 
 
-def gptq_blocks(w_t: np.ndarray, gram: np.ndarray, block: int, bits: int = 4, damp: float = 0.01,
+@dataclass
+class GptqFactor:
+    """What GPTQ needs of a (damped) Gram matrix H, computed once for every weight reading the same input:
+    the upper factor U with H⁻¹ = UᵀU, diag(H), and the dead features (never active in calibration)."""
+    hinv: np.ndarray
+    diag: np.ndarray
+    dead: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.hinv.nbytes + self.diag.nbytes + self.dead.nbytes
+
+
+def gptq_prepare(gram: np.ndarray, damp: float = 0.01) -> GptqFactor:
+    """Damp H = ``gram`` by ``damp``·mean diag (a dead feature's diagonal set to 1) and factor its inverse.
+    The Gram is only read; never three K×K matrices at once."""
+    k = gram.shape[0]
+    h = gram.astype(np.float64)                              # a copy
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    diag_h = np.diag(h).copy()
+    h = np.linalg.inv(h)
+    hinv = np.linalg.cholesky(h).T                           # upper factor U with H⁻¹ = UᵀU
+    return GptqFactor(hinv, diag_h, dead)
+
+
+def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits: int = 4, damp: float = 0.01,
                 batch: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., 2022) with asymmetric block-wise scales, for y = x·Wᵀ with w_t = Wᵀ [N, K].
 
     Quantizes input feature k = 0..K−1 in order; the error each step leaves, divided by the inverse-Hessian
     pivot, is pushed onto the features not quantized yet (H = XᵀX from calibration, damped by
-    ``damp``·mean diag). Block scales/zero points are chosen (range search, ``quantize_blocks_asymmetric``)
-    on the updated weights when a block starts. Returns (q uint8 [N, K], scales [N, K/B], zeros [N, K/B])."""
+    ``damp``·mean diag; or ``gram`` is already ``gptq_prepare``'s factor). Block scales/zero points are
+    chosen (range search, ``quantize_blocks_asymmetric``) on the updated weights when a block starts.
+    Returns (q uint8 [N, K], scales [N, K/B], zeros [N, K/B])."""
     n, k = w_t.shape
     if k % block or batch % block:
         raise ValueError("K and the batch must be multiples of the block")
+    factor = gram if isinstance(gram, GptqFactor) else gptq_prepare(gram, damp)
+    hinv, diag_h = factor.hinv, factor.diag
     w = w_t.astype(np.float64)                               # a copy: the weight is only read
-    h = gram.astype(np.float64)                              # a copy: the Gram may serve other weights
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    diag_h = np.diag(h).copy()
-    h = np.linalg.inv(h)                                     # (never three K×K matrices at once)
-    hinv = np.linalg.cholesky(h).T                           # upper factor U with H⁻¹ = UᵀU
-    del h
+    w[:, factor.dead] = 0.0
     qmax = 2 ** bits - 1
     q_all = np.zeros((n, k), dtype=np.uint8)
     scales = np.zeros((n, k // block), dtype=np.float32)

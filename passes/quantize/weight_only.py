@@ -48,8 +48,9 @@ from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Require
 from lmc.compiler.perplexity import log_softmax
 from lmc.compiler.runtime import session
 from lmc.passes.quantize.calibration import Calibrator, ChannelStats, collect
-from lmc.passes.quantize.scales import (gptq_blocks, pack_int4, pack_uint4, pack_uint4_flat, quantize_blocks,
-                                       quantize_blocks_asymmetric, quantize_channels)
+from lmc.passes.quantize.scales import (GptqFactor, gptq_blocks, gptq_prepare, pack_int4, pack_uint4,
+                                       pack_uint4_flat, quantize_blocks, quantize_blocks_asymmetric,
+                                       quantize_channels)
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,9 @@ def plan_gram_groups(needs: list[str], sizes: dict[str, int], budget: int = GRAM
 
 class _GramStore:
     """Gram matrices handed out in the order the weights are quantized (``needs``), collected group by group
-    (``plan_gram_groups``) from one calibration session and freed after their last predicted reader. A Gram
-    asked for out of turn is collected again (one more pass): the results never depend on the grouping."""
+    (``plan_gram_groups``) from one calibration session, factored for GPTQ once (``gptq_prepare``: the
+    weights sharing an input share the factor) and freed after their last predicted reader. A Gram asked
+    for out of turn is collected again (one more pass): the results never depend on the grouping."""
 
     def __init__(self, calibrator, needs: list[str], sizes: dict[str, int], budget: int, report=None):
         self.calibrator, self.needs, self.sizes, self.budget = calibrator, needs, sizes, budget
@@ -226,6 +228,8 @@ class _GramStore:
                 names = [name]
             self._hold(names, self.calibrator.run(names, gram=names, progress=self._progress()))
         gram = self.held[name]
+        if not isinstance(gram, GptqFactor):       # its first reader: factor it once for all of them
+            gram = self.held[name] = gptq_prepare(gram)
         self.uses[name] = self.uses.get(name, 1) - 1
         if name in self.needs[self.position:]:
             self.position = self.needs.index(name, self.position) + 1
@@ -278,7 +282,7 @@ class QuantizeWeights:
             return None
         return np.maximum(st.second_moment, 1e-12 * max(float(st.second_moment.max()), 1e-30))
 
-    def _gram(self, activation: str) -> np.ndarray | None:
+    def _gram(self, activation: str) -> np.ndarray | GptqFactor | None:
         st = self.config.stats.get(activation)
         if st is not None and st.gram is not None:
             return st.gram
