@@ -11,6 +11,7 @@ to it, compute liveness, place buffers with the arena planner, and return a ``Me
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import onnx_graphsurgeon as gs
@@ -23,6 +24,7 @@ from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
 from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, lower_bound, peak_live
 from lmc.targets.plan import MemoryPlan, PlannedTensor, StateBuffer
+from lmc.targets.runtime_model import DECODED_MATMUL, DecodedMatMul, RuntimeModel
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
 
@@ -157,12 +159,41 @@ def _reader_name(node: gs.Node) -> str:
 
 def _decoded_kernel(dq: gs.Node) -> str:
     """The kernel onnxruntime makes of DequantizeLinear(weight) → MatMul: with a quantized activation too
-    (QDQ on both sides, w8a8) an integer GEMM on the int8 weight itself; else MatMulNBits."""
+    (QDQ on both sides, w8a8) an integer GEMM on the int8 weight itself; else ``DECODED_MATMUL``, whose
+    kernel the target's runtime model names (MatMulNBits, at the accuracy level its session options set)."""
     for mm in dq.outputs[0].outputs:
         other = [t for t in mm.inputs if t is not dq.outputs[0]]
         if other and ir.producer(other[0]) is not None and ir.is_op(ir.producer(other[0]), "DequantizeLinear"):
             return f"{ir.MS_DOMAIN}.MatMulIntegerToFloat"
-    return f"{ir.MS_DOMAIN}.MatMulNBits"
+    return DECODED_MATMUL
+
+
+def _rows(tensor: gs.Tensor) -> int:
+    """Rows a MatMul multiplies for activation ``tensor``: the product of its leading dims, a dimension left
+    symbolic (a generation bundle's sequence length) or unknown counting as 1 — its smallest value."""
+    dims = list(tensor.shape or [])[:-1]
+    return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims)
+
+
+def decoded_matmuls(graph: gs.Graph) -> list[DecodedMatMul]:
+    """Weight bits and rows of every MatMul whose weight lmc decodes into it with its activation left in
+    float (``_decoded_kernel`` is ``DECODED_MATMUL``): what the runtime model's choices read."""
+    out = []
+    for node in graph.nodes:
+        if not decoded_weight(node) or _decoded_kernel(node) != DECODED_MATMUL:
+            continue
+        bits = ir.itemsize_bits(ir.onnx_dtype(node.inputs[0].dtype))
+        for mm in node.outputs[0].outputs:
+            other = [t for t in mm.inputs if t is not node.outputs[0]]
+            out.append(DecodedMatMul(bits, _rows(other[0]) if other else 1))
+    return out
+
+
+def runtime_for(graph: gs.Graph, target: Target) -> RuntimeModel:
+    """The target's runtime model under the session configuration it chooses for ``graph``'s bundle (the
+    first of its ``choices`` that applies to the graph's decoded MatMuls; ``session_options`` is what the
+    bundle carries)."""
+    return target.runtime.choose(decoded_matmuls(graph))
 
 
 def _integer_gemm_input(dq: gs.Node) -> bool:
@@ -193,15 +224,16 @@ def weight_readers(graph: gs.Graph) -> list[tuple[int, list[str]]]:
     return out
 
 
-def predict_runtime(graph: gs.Graph, plan: MemoryPlan, target: Target) -> dict:
-    """The target runtime model's prediction for ``plan`` (see ``lmc.targets.runtime_model``)."""
-    model = target.runtime
+def predict_runtime(graph: gs.Graph, plan: MemoryPlan, target: Target, runtime: RuntimeModel | None = None) -> dict:
+    """The target runtime model's prediction for ``plan`` (see ``lmc.targets.runtime_model``), under
+    ``runtime`` (the model as chosen for the bundle; ``runtime_for(graph, target)`` when not given)."""
+    model = runtime if runtime is not None else runtime_for(graph, target)
     held = {name for b in plan.state for name in (b.input, b.output)}
     inputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.inputs if t.name not in held)
     outputs = sum(ir.tensor_nbytes(t) or 0 for t in graph.outputs if t.name not in held)
     prediction = model.predict(weight_readers(graph), plan.arena_bytes, inputs, outputs, plan.state_bytes,
                                nodes=len(graph.nodes))
-    return {**prediction.to_dict(), "session_options": model.session_options}
+    return prediction.to_dict()
 
 
 def io_bytes(graph: gs.Graph, state: Sequence[tuple[str, str]] = ()) -> int:
@@ -211,10 +243,12 @@ def io_bytes(graph: gs.Graph, state: Sequence[tuple[str, str]] = ()) -> int:
 
 
 def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False,
-                state: Sequence[tuple[str, str]] = ()) -> MemoryPlan:
+                state: Sequence[tuple[str, str]] = (), runtime: RuntimeModel | None = None) -> MemoryPlan:
     """Schedule, reorder ``graph.nodes`` to the schedule, and place every arena tensor. With ``inplace``,
     outputs of elementwise/view ops take their dying input's bytes (``lmc.targets.inplace``). ``state``
-    (input, output) pairs share one buffer (a generation bundle's cache) and are planned as state."""
+    (input, output) pairs share one buffer (a generation bundle's cache) and are planned as state.
+    ``runtime``: the runtime model the bundle was chosen under (``runtime_for``), for a graph bound to one
+    of several profiles; by default chosen for ``graph`` as it is."""
     shapes.require_static_shapes(graph)
     alignment = target.memory.alignment
     flow = dataflow_of(graph, alignment=alignment)
@@ -254,4 +288,4 @@ def plan_memory(graph: gs.Graph, target: Target, inplace: bool = False,
         state=tuple(StateBuffer(i, o, align_up(ir.tensor_nbytes(by_name[i]) or 0, alignment)) for i, o in state),
         scheduler=scheduler, placement_strategy=arena.strategy,
         schedule=tuple(s.name for s in flow.steps), tensors=tensors, scratch=scratch, inplace=tuple(merged))
-    return dataclasses.replace(plan, runtime=predict_runtime(graph, plan, target))
+    return dataclasses.replace(plan, runtime=predict_runtime(graph, plan, target, runtime))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes, weights
-from lmc.compiler.backend import estimate_peak, plan_memory
+from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
 from lmc.compiler.errors import LmcError, ShapeError
 from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
@@ -360,8 +360,10 @@ def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path
         staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold)
     else:
         staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold, source)
-    # the runtime configuration the plan's prediction describes, for drivers to apply
-    (staged / SESSION_OPTIONS_FILE).write_text(json.dumps(target.runtime.session_options, sort_keys=True) + "\n")
+    # the runtime configuration the plan's prediction describes (the target's, with the choice it makes for
+    # what this graph holds), for drivers to apply
+    (staged / SESSION_OPTIONS_FILE).write_text(json.dumps(runtime_for(graph, target).session_options,
+                                                          sort_keys=True) + "\n")
     return staged
 
 
@@ -468,12 +470,13 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     chunk = min(options.prefill_chunk, options.context)
     spec = AttentionSpec.parse(options.attention)
     info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks)
+    runtime = runtime_for(graph, target)     # one session for every profile: chosen on the unbound graph
     staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
     try:
         plans = []
         for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)
-            plan = plan_memory(graph, target, inplace=options.inplace, state=info.state)
+            plan = plan_memory(graph, target, inplace=options.inplace, state=info.state, runtime=runtime)
             problems = check_plan(plan)
             if problems:
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")

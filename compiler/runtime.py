@@ -1,7 +1,9 @@
 """onnxruntime sessions as lmc opens them: CPU provider, quiet logs, optional thread count, optimizations
 on or off, and a low-memory mode without weight prepacking; bundles under their ``session_options.json``.
 
-A bundle's ``session_options.json`` holds onnxruntime ``SessionOptions`` attributes by name, plus
+A bundle's ``session_options.json`` — the target's ``[runtime.session_options]`` with the per-bundle
+choice its build made from what the bundle holds (``[[runtime.choices]]``, ``lmc.targets.runtime_model``;
+e.g. MatMulNBits' accuracy level) — holds onnxruntime ``SessionOptions`` attributes by name, plus
 - ``config_entries``: ``{key: value}`` for ``add_session_config_entry``;
 - ``cpu_arena``: an ``OrtArenaCfg`` (``arena_extend_strategy``, ``initial_chunk_size_bytes``, …) for one
   process-wide CPU arena (``onnxruntime.create_and_register_allocator``) that the session allocates from

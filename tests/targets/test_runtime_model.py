@@ -20,11 +20,15 @@ from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler import runtime
 from lmc.compiler.runtime import CPU_ARENA, TRIM_HEAP, USE_ENV_ALLOCATORS, after_load, apply_session_options, open_bundle
 from lmc.models import build_llama
-from lmc.targets.runtime_model import RuntimeModel
+from lmc.targets.runtime_model import (DECODED_MATMUL, Choice, DecodedMatMul, RuntimeModel,
+                                       merge_session_options)
 from lmc.targets.target import load_target
 
 NBITS = "com.microsoft.MatMulNBits"
+NBITS_FLOAT = "com.microsoft.MatMulNBits@0"          # accuracy level 0: float activations
 INTEGER_GEMM = "com.microsoft.MatMulIntegerToFloat"
+LEVEL = "session.qdq_matmulnbits_accuracy_level"
+FIXTURES = Path(__file__).resolve().parents[2] / "models" / "fixtures"
 
 
 def test_a_prepacked_weight_is_replaced_by_its_packed_copy():
@@ -73,7 +77,88 @@ def test_x86_runtime_model_is_the_measured_one():
     assert options["enable_mem_pattern"] is False and options[TRIM_HEAP] is True
     assert options[CPU_ARENA]["initial_chunk_size_bytes"] >= 16 << 20
     for name in ("cortex-a55", "cortex-a76"):     # the same onnxruntime version, the same model
-        assert load_target(name).runtime == runtime
+        arm = load_target(name).runtime
+        assert dataclasses.replace(arm, choices=()) == dataclasses.replace(runtime, choices=())
+        assert arm.choices == ()        # accuracy level 0's latency was measured on x86-64 only
+    assert runtime.prepack_factor[NBITS_FLOAT] < 1 < runtime.prepack_factor[NBITS]
+    assert runtime.kernel_temporaries[NBITS_FLOAT] < runtime.kernel_temporaries[NBITS]
+
+
+def test_a_variant_kind_takes_its_own_entries_else_its_familys():
+    model = RuntimeModel(prepack_ops=frozenset({NBITS}), prepack_factor={NBITS: 1.2, NBITS_FLOAT: 0.8},
+                         kernel_workspaces={NBITS: 100, NBITS_FLOAT: 7}, kernel_temporaries={NBITS: 0.5},
+                         dequantize_matmul=NBITS_FLOAT, arena_factor=0.0)
+    assert model.weight_resident(100, [DECODED_MATMUL]) == (0, 80)      # a prepacking op through its family
+    assert model.weight_resident(100, [NBITS]) == (0, 120)
+    items = model.predict([(100, [DECODED_MATMUL])], arena=1000, inputs=0, outputs=0, state=0).items
+    assert items["kernel_workspaces"] == 107                             # its family's and its own
+    assert items["kernel_temporaries"] == 500                            # none of its own: its family's
+
+
+def test_session_options_merge_config_entries_key_by_key():
+    base = {"enable_mem_pattern": False, "config_entries": {"a": "1"}, "cpu_arena": {"x": 1}}
+    assert merge_session_options(base, {"config_entries": {"b": "2"}}) == {
+        "enable_mem_pattern": False, "config_entries": {"a": "1", "b": "2"}, "cpu_arena": {"x": 1}}
+    assert base["config_entries"] == {"a": "1"}
+
+
+def test_x86_chooses_float_matmulnbits_only_for_4_bit_weights_on_many_rows():
+    runtime = load_target("x86-64").runtime
+    rows = runtime.choices[0].min_rows
+    assert rows == 128 and runtime.choices[0].weight_bits == {4}
+
+    def chosen(*matmuls: tuple[int, int]) -> RuntimeModel:
+        return runtime.choose([DecodedMatMul(bits, n) for bits, n in matmuls])
+
+    one_shot = chosen(*[(4, 256)] * 42)           # int4 llama-code at 1×256
+    assert one_shot.choice and one_shot.dequantize_matmul == NBITS_FLOAT and not one_shot.choices
+    assert one_shot.session_options["config_entries"] == {LEVEL: "0"}
+    assert {k: v for k, v in one_shot.session_options.items() if k != "config_entries"} == runtime.session_options
+    assert chosen((4, rows)).choice                # 2×64 rows count as 128
+    for case in ([(8, 256)] * 42,                  # 8-bit weights: slower at every row count
+                 [(4, 1)] * 24,                    # a generation bundle: decode multiplies one row
+                 [(4, rows - 1)],
+                 [(4, 256), (8, 256)],             # every decoded weight must be 4-bit
+                 []):                              # nothing decoded (exact, w8a8): nothing to choose
+        model = chosen(*case)
+        assert model.choice is None and model.session_options == runtime.session_options, case
+        assert model.dequantize_matmul == NBITS
+
+
+def test_the_prediction_follows_the_choice():
+    runtime = load_target("x86-64").runtime
+    weights = [(100_000, [DECODED_MATMUL])] * 10 + [(50_000, ["Gather", NBITS])]   # + a tied head
+    level4 = runtime.choose([DecodedMatMul(4, 1)] * 10).predict(weights, arena=1_000_000, inputs=0, outputs=0,
+                                                                  state=0).to_dict()
+    level0 = runtime.choose([DecodedMatMul(4, 256)] * 10).predict(weights, arena=1_000_000, inputs=0, outputs=0,
+                                                                   state=0).to_dict()
+    assert level4["choice"] is None and level0["choice"] == runtime.choices[0].name
+    assert level0["session_options"]["config_entries"][LEVEL] == "0" and LEVEL not in str(level4["session_options"])
+    a, b = level4["items"], level0["items"]
+    head = int(50_000 * runtime.prepack_factor[NBITS])            # the explicit head keeps its level
+    assert a["prepacked_weights"] == 10 * int(100_000 * runtime.prepack_factor[NBITS]) + head
+    assert b["prepacked_weights"] == 10 * int(100_000 * runtime.prepack_factor[NBITS_FLOAT]) + head
+    assert b["kernel_workspaces"] == a["kernel_workspaces"] + runtime.kernel_workspaces[NBITS_FLOAT]
+    share = 1 / 11      # the head's share of the packed weights still quantizes its activation per call
+    assert b["kernel_temporaries"] == int(1_000_000 * (runtime.kernel_temporaries[NBITS] * share
+                                                       + runtime.kernel_temporaries[NBITS_FLOAT] * (1 - share)))
+    assert b["kernel_temporaries"] < a["kernel_temporaries"]
+    assert level0["predicted_peak_bytes"] < level4["predicted_peak_bytes"]
+
+
+def test_the_first_choice_that_applies_is_taken():
+    model = RuntimeModel(session_options={"enable_mem_pattern": False}, dequantize_matmul=NBITS, choices=(
+        Choice.from_table({"name": "many rows", "weight_bits": [4], "min_rows": 64,
+                           "session_options": {"config_entries": {LEVEL: "0"}}, "dequantize_matmul": NBITS_FLOAT}),
+        Choice.from_table({"name": "any 4-bit", "weight_bits": [4, 2],
+                           "session_options": {"config_entries": {"x": "1"}}})))
+    many = model.choose([DecodedMatMul(4, 64)])
+    assert many.choice == "many rows" and many.dequantize_matmul == NBITS_FLOAT
+    assert many.session_options == {"enable_mem_pattern": False, "config_entries": {LEVEL: "0"}}
+    few = model.choose([DecodedMatMul(4, 1), DecodedMatMul(2, 8)])
+    assert few.choice == "any 4-bit" and few.dequantize_matmul == NBITS      # names no kind: the model's own
+    assert few.session_options["config_entries"] == {"x": "1"}
+    assert model.choose([DecodedMatMul(8, 64)]).choice is None
 
 
 def test_session_options_apply_the_process_arena_and_config_entries():
@@ -97,16 +182,61 @@ def test_the_heap_is_trimmed_after_the_load_when_the_bundle_asks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory) -> dict[str, Path]:
+    """tiny-llama bundles at 1×64 (none, int4, w8a8), and at 2×64 — 128 rows per MatMul — int4 and int8."""
     work = tmp_path_factory.mktemp("runtime-model")
     onnx.save(build_llama(), str(work / "tiny-llama.onnx"))
     np.savez(work / "calib.npz", input_ids=np.random.default_rng(0).integers(0, 256, (8, 1, 64)).astype(np.int64))
     out = {}
-    for mode in (QuantizeMode.NONE, QuantizeMode.INT4, QuantizeMode.W8A8):
-        out[mode.value] = work / mode.value
+    for name, mode, batch in (("none", QuantizeMode.NONE, 1), ("int4", QuantizeMode.INT4, 1),
+                              ("w8a8", QuantizeMode.W8A8, 1), ("int4-2x64", QuantizeMode.INT4, 2),
+                              ("int8-2x64", QuantizeMode.INT8, 2)):
+        out[name] = work / name
         build(work / "tiny-llama.onnx", BuildOptions(
-            target="x86-64", input_shapes={"input_ids": (1, 64)}, quantize=mode, verify=False,
-            calib=str(work / "calib.npz") if mode is QuantizeMode.W8A8 else None), out[mode.value])
+            target="x86-64", input_shapes={"input_ids": (batch, 64)}, quantize=mode, verify=False,
+            calib=str(work / "calib.npz") if mode is QuantizeMode.W8A8 else None), out[name])
     return out
+
+
+def _options_and_runtime(bundle: Path) -> tuple[dict, dict]:
+    return (json.loads((bundle / "session_options.json").read_text()),
+            json.loads((bundle / "plan.json").read_text())["runtime"])
+
+
+def test_each_bundle_carries_the_session_options_chosen_for_what_it_holds(tiny_bundles, tmp_path):
+    target = load_target("x86-64").runtime
+    options, runtime = _options_and_runtime(tiny_bundles["int4-2x64"])       # 4-bit weights, 128 rows
+    assert options == runtime["session_options"] and runtime["choice"] == target.choices[0].name
+    assert options["config_entries"] == {LEVEL: "0"} and options["enable_mem_pattern"] is False
+    for name in ("int8-2x64", "int4", "w8a8", "none"):        # 8-bit weights, 64 rows, integer GEMMs, none
+        options, runtime = _options_and_runtime(tiny_bundles[name])
+        assert options == runtime["session_options"] == target.session_options and runtime["choice"] is None, name
+    # a generation bundle: decode multiplies one row, whatever the prefill chunk
+    out = tmp_path / "gen4"
+    build(FIXTURES / "llama-past-optimum.onnx", BuildOptions(context=32, quantize=QuantizeMode.INT4, block_size=16,
+                                                             prefill_chunk=32, verify=False), out)
+    options, runtime = _options_and_runtime(out)
+    plan = json.loads((out / "plan.json").read_text())
+    assert options == runtime["session_options"] == target.session_options and runtime["choice"] is None
+    assert {p["name"] for p in plan["profiles"]} == {"decode", "prefill"}
+
+
+def test_the_plan_predicts_the_chosen_configuration(tiny_bundles):
+    """The level-0 bundle's prediction is the runtime model's under its choice: the decoded weights as
+    accuracy level 0 packs them, fewer per-call temporaries than the same graph at level 4."""
+    from lmc.compiler import ir
+    from lmc.compiler.backend import decoded_matmuls, plan_memory, runtime_for
+    from lmc.compiler.model_io import load_model
+
+    target = load_target("x86-64")
+    graph = ir.to_graph(load_model(tiny_bundles["int4-2x64"] / "model.onnx"))
+    assert {(m.bits, m.rows) for m in decoded_matmuls(graph)} == {(4, 128)}
+    chosen = plan_memory(graph, target).runtime
+    level4 = plan_memory(graph, target, runtime=dataclasses.replace(target.runtime, choices=())).runtime
+    assert runtime_for(graph, target).choice == chosen["choice"] == target.runtime.choices[0].name
+    assert chosen == json.loads((tiny_bundles["int4-2x64"] / "plan.json").read_text())["runtime"]
+    assert level4["choice"] is None and LEVEL not in str(level4["session_options"])
+    assert chosen["items"]["prepacked_weights"] < level4["items"]["prepacked_weights"]
+    assert chosen["items"]["kernel_temporaries"] < level4["items"]["kernel_temporaries"]
 
 
 def test_bundles_carry_the_session_options_their_prediction_assumes(tiny_bundles):
@@ -159,7 +289,7 @@ def _peak(model: Path, options: dict) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS from /proc")
-@pytest.mark.parametrize("mode", ["none", "int4", "w8a8"])
+@pytest.mark.parametrize("mode", ["none", "int4", "w8a8", "int4-2x64"])
 def test_prediction_matches_the_measured_model_attributable_peak(tiny_bundles, tmp_path, mode):
     """Peak RSS of loading the bundle and running it twice, minus an empty session's under the same
     options (bench/bench_memory.py does the same for every model and mode)."""
