@@ -100,11 +100,15 @@ def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None 
 
 
 def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optimize: bool = True,
-            low_memory: bool = False, log_level: int = 3) -> ort.InferenceSession:
+            low_memory: bool = False, log_level: int = 3,
+            config_entries: dict[str, str] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``low_memory`` turns weight prepacking off (no second copy of the
-    weights; used for verification, where speed matters less than fitting)."""
+    weights; used for verification, where speed matters less than fitting); ``config_entries`` are added
+    with ``add_session_config_entry`` (a bundle's own, so that checks compute what the bundle computes)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = log_level
+    for entry, text in (config_entries or {}).items():
+        opts.add_session_config_entry(entry, str(text))
     if low_memory:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:

@@ -33,7 +33,7 @@ import onnx
 
 from lmc.compiler import weights
 from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import session
+from lmc.compiler.runtime import CONFIG_ENTRIES, bundle_session_options, session
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,12 @@ class VerifyReport:
 
 
 def _load_session(path: str | Path, low_memory: bool = False, optimize: bool = True):
+    """A session on ``path`` under the config entries of its ``session_options.json`` when it is a bundle
+    (they choose kernels, e.g. MatMulNBits' accuracy level, and so the numbers checked)."""
+    entries = {k: v for k, v in bundle_session_options(path).get(CONFIG_ENTRIES, {}).items()
+               if not (low_memory and k == "session.disable_prepacking")}
     try:
-        return session(path, low_memory=low_memory, optimize=optimize)
+        return session(path, low_memory=low_memory, optimize=optimize, config_entries=entries)
     except Exception as exc:  # onnxruntime raises several exception types for unloadable models
         raise LmcError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:300]})") from exc
 

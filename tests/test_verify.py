@@ -141,3 +141,24 @@ def test_random_inputs_refuse_an_element_type_without_values(tmp_path):
     onnx.save(model, str(tmp_path / "untyped.onnx"))
     with pytest.raises(LmcError, match="element type 0"):
         random_inputs(tmp_path / "untyped.onnx", {})
+
+
+def test_checks_run_a_bundle_under_its_own_config_entries(tmp_path):
+    """A bundle's session_options.json config entries (they pick kernels, e.g. MatMulNBits' accuracy level)
+    apply to the sessions verification opens on it; a plain model gets none."""
+    import json
+
+    import onnx
+
+    from lmc.compiler import verify as verify_module
+    from lmc.models import build_cnn
+
+    onnx.save(build_cnn(), str(tmp_path / "model.onnx"))
+    plain = verify_module._load_session(tmp_path / "model.onnx", low_memory=True)
+    key = "session.qdq_matmulnbits_accuracy_level"
+    with pytest.raises(RuntimeError):
+        plain.get_session_options().get_session_config_entry(key)
+    (tmp_path / "session_options.json").write_text(json.dumps({"config_entries": {key: "0"}}))
+    sess = verify_module._load_session(tmp_path / "model.onnx", low_memory=True)
+    assert sess.get_session_options().get_session_config_entry(key) == "0"
+    assert sess.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
