@@ -70,6 +70,9 @@ def _np_dtype(const: gs.Constant):
     return np.float16 if ir.onnx_dtype(const.dtype) == onnx.TensorProto.FLOAT16 else np.float32
 
 
+SPILL_EVERY = 8      # weights quantized between moves of the new ones to the build's spill file
+
+
 class WeightBits(enum.IntEnum):
     INT8 = 8
     INT4 = 4
@@ -376,6 +379,8 @@ class QuantizeWeights:
         small: list[str] = []
         for done, const in enumerate(consts):
             ctx.report("quantizing weights", done, len(consts))
+            if ctx.spill is not None and done % SPILL_EVERY == 0:
+                ir.spill_constants(graph, ctx.spill)     # what is quantized so far leaves the process
             size = int(np.prod(const.shape)) if const.shape else 1
             if ir.onnx_dtype(const.dtype) not in QUANTIZABLE_DTYPES:
                 continue                        # integer constants (shapes, ids) are not weights
@@ -414,6 +419,8 @@ class QuantizeWeights:
         if small:
             notes.append(f"{len(small)} weights under {self.config.min_elements} elements left unquantized "
                          f"(too small to pay for their scales): {', '.join(small)}")
+        if ctx.spill is not None:
+            ir.spill_constants(graph, ctx.spill)
         for const, gathers, heads in tables:
             kind = self._quantize_table(graph, const, gathers, heads, ctx, names, notes)
             if kind:
