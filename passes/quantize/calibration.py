@@ -226,6 +226,24 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
         return calibrator.run(gram=gram, keep_rows=keep_rows, progress=progress)
 
 
+def _add_gram(gram_sums: dict[str, np.ndarray], products: dict[int, np.ndarray], name: str,
+              rows: list[np.ndarray]) -> None:
+    """Add XᵀX of the pending ``rows`` (float64) to ``name``'s Gram and empty the list. Rows wait until
+    they are as many as the features: a decode-step calibration (a row a sample) then forms each Gram
+    once, without a K×K scratch product beside it."""
+    x = rows[0] if len(rows) == 1 else np.concatenate(rows)
+    rows.clear()
+    if name not in gram_sums:
+        gram_sums[name] = x.T @ x
+        return
+    k = x.shape[1]
+    product = products.get(k)
+    if product is None:
+        product = products[k] = np.empty((k, k))
+    np.matmul(x.T, x, out=product)
+    gram_sums[name] += product
+
+
 def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[str, ChannelStats]:
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}
@@ -233,6 +251,7 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
     gram_sums: dict[str, np.ndarray] = {}
     products: dict[int, np.ndarray] = {}              # one XᵀX scratch per feature count
     kept: dict[str, list[np.ndarray]] = {}
+    pending: dict[str, list[np.ndarray]] = {}         # rows not yet in their Gram (fewer than its features)
     per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
     for i, feed in enumerate(feeds):
         values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
@@ -242,15 +261,10 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
             maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
             counts[name] = counts.get(name, 0) + flat.shape[0]
             if name in grams:
-                if name in gram_sums:
-                    k = flat.shape[1]
-                    product = products.get(k)
-                    if product is None:
-                        product = products[k] = np.empty((k, k))
-                    np.matmul(flat.T, flat, out=product)
-                    gram_sums[name] += product
-                else:
-                    gram_sums[name] = flat.T @ flat
+                rows = pending.setdefault(name, [])
+                rows.append(flat)
+                if sum(r.shape[0] for r in rows) >= flat.shape[1]:
+                    _add_gram(gram_sums, products, name, rows)
             if per_sample:
                 step = max(1, flat.shape[0] // per_sample)
                 kept.setdefault(name, []).append(flat[::step][:per_sample].astype(np.float32))
@@ -258,5 +272,8 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
         del values
         if progress:
             progress(i + 1, len(feeds))
+    for name, rows in pending.items():
+        if rows:
+            _add_gram(gram_sums, products, name, rows)
     return {n: ChannelStats(sums[n] / counts[n], maxes[n], gram_sums.get(n),
                             np.concatenate(kept[n]) if n in kept else None) for n in tensors}
