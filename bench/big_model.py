@@ -76,11 +76,21 @@ def child(spec: dict) -> None:
     peak = [0, "load"]
     done = threading.Event()
 
+    trace = os.environ.get("LMC_BENCH_TRACE")          # a file: one line a second (time, stage, RSS split)
+    split = {}
+
     def sample():
+        last = 0.0
         while not done.wait(0.05):
             rss = _rss()
             if rss > peak[0]:
                 peak[0], peak[1] = rss, stage[0]
+                split.update(file=_rss("RssFile"), anon=_rss("RssAnon"))
+            if trace and time.perf_counter() - last >= 1.0:
+                last = time.perf_counter()
+                with open(trace, "a") as f:
+                    f.write(f"{last:.0f} {stage[0]} rss={rss >> 20} file={_rss('RssFile') >> 20} "
+                            f"anon={_rss('RssAnon') >> 20} MiB\n")
 
     threading.Thread(target=sample, daemon=True).start()
     t = time.perf_counter()
@@ -141,7 +151,7 @@ def child(spec: dict) -> None:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     info["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps({"seconds": seconds, "peak": max(_rss("VmHWM"), peak[0]), "peak_stage": peak[1], **info}))
+    print(json.dumps({"seconds": seconds, "peak": max(_rss("VmHWM"), peak[0]), "peak_stage": peak[1], "peak_file": split.get("file"), "peak_anon": split.get("anon"), **info}))
 
 
 # ------------------------------------------------------------------------------------------ driver
