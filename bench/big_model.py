@@ -6,7 +6,8 @@
 
 Each mode runs ``lmc.compiler.build.build`` in a fresh child process, so its peak RSS (VmHWM) is the build's
 own; a thread in the child samples VmRSS and names the stage (pass, calibration, save, verification) where
-the peak was reached. Modes (one at a time — never two large builds at once):
+the peak was reached, with its mapped-file and anonymous parts (`LMC_BENCH_TRACE=FILE`: a line a second).
+Modes (one at a time — never two large builds at once):
 
 - ``exact``: one-shot decode step, ``--input-shape input_ids=1x1 attention_mask=1x129 position_ids=1x1
   past_key_values.*=1x4x128x64`` (every ``past_key_values.*`` input of the model bound to that shape);
