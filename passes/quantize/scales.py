@@ -413,16 +413,24 @@ class GptqFactor:
         return self.hinv.nbytes + self.diag.nbytes + self.dead.nbytes
 
 
-def gptq_prepare(gram: np.ndarray, damp: float = 0.01) -> GptqFactor:
+def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> GptqFactor:
     """Damp H = ``gram`` by ``damp``·mean diag (a dead feature's diagonal set to 1) and factor its inverse.
-    The Gram is only read; never three K×K matrices at once."""
-    k = gram.shape[0]
-    h = gram.astype(np.float64)                              # a copy
+    An array is only read (copied first). A one-element list hands its Gram over: it is popped and damped in
+    place, so no copy stands beside it and it is freed as soon as its inverse exists (numpy's inverse and
+    Cholesky each hold their input, a work copy and their result: three K×K matrices, not four)."""
+    if isinstance(gram, list):
+        h = gram.pop()
+        if h.dtype != np.float64:
+            h = h.astype(np.float64)
+    else:
+        h = gram.astype(np.float64)                          # a copy
+    del gram
+    k = h.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     diag_h = np.diag(h).copy()
-    h = np.linalg.inv(h)
+    h = np.linalg.inv(h)                                     # the damped Gram is freed here
     hinv = np.linalg.cholesky(h).T                           # upper factor U with H⁻¹ = UᵀU
     return GptqFactor(hinv, diag_h, dead)
 

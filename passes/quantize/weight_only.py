@@ -232,7 +232,9 @@ class _GramStore:
             self._hold(names, self.calibrator.run(names, gram=names, progress=self._progress()))
         gram = self.held[name]
         if not isinstance(gram, GptqFactor):       # its first reader: factor it once for all of them
-            gram = self.held[name] = gptq_prepare(gram)
+            handed = [self.held.pop(name)]         # handed over: damped in place, freed once inverted
+            del gram
+            gram = self.held[name] = gptq_prepare(handed)
         self.uses[name] = self.uses.get(name, 1) - 1
         if name in self.needs[self.position:]:
             self.position = self.needs.index(name, self.position) + 1
