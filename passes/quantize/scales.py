@@ -435,6 +435,9 @@ def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> Gpt
     return GptqFactor(hinv, diag_h, dead)
 
 
+GPTQ_ROWS = 4096     # output rows GPTQ updates at once (a float64 copy of 4096 × K, not of all N × K)
+
+
 def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits: int = 4, damp: float = 0.01,
                 batch: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., 2022) with asymmetric block-wise scales, for y = x·Wᵀ with w_t = Wᵀ [N, K].
@@ -448,13 +451,23 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
     if k % block or batch % block:
         raise ValueError("K and the batch must be multiples of the block")
     factor = gram if isinstance(gram, GptqFactor) else gptq_prepare(gram, damp)
+    q_all = np.zeros((n, k), dtype=np.uint8)
+    scales = np.zeros((n, k // block), dtype=np.float32)
+    zeros = np.zeros((n, k // block), dtype=np.uint8)
+    for r1 in range(0, n, GPTQ_ROWS):     # every step is row-wise: rows in slices give the same bytes
+        r2 = min(r1 + GPTQ_ROWS, n)
+        _gptq_rows(w_t[r1:r2], factor, block, bits, batch, q_all[r1:r2], scales[r1:r2], zeros[r1:r2])
+    return q_all, scales, zeros
+
+
+def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch: int, q_all: np.ndarray,
+               scales: np.ndarray, zeros: np.ndarray) -> None:
+    """``gptq_blocks`` on a slice of output rows, writing into the given slices of its results."""
+    n, k = w_t.shape
     hinv, diag_h = factor.hinv, factor.diag
     w = w_t.astype(np.float64)                               # a copy: the weight is only read
     w[:, factor.dead] = 0.0
     qmax = 2 ** bits - 1
-    q_all = np.zeros((n, k), dtype=np.uint8)
-    scales = np.zeros((n, k // block), dtype=np.float32)
-    zeros = np.zeros((n, k // block), dtype=np.uint8)
     for i1 in range(0, k, batch):
         i2 = min(i1 + batch, k)
         w1 = w[:, i1:i2].copy()
@@ -475,4 +488,3 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
             w1[:, i:] -= np.outer(e, hinv1[i, i:])
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q_all, scales, zeros

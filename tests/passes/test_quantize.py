@@ -439,3 +439,17 @@ def test_gram_groups_give_the_same_bytes_as_all_at_once(gptq_builds):
     assert grouped[0]["gram_peak_bytes"] < at_once[0]["gram_peak_bytes"]
     assert grouped[1] == at_once[1] and streamed[1] == at_once[1]
     assert gptq_builds["grouped-file-backed"][1] == at_once[1]
+
+
+def test_gptq_row_slices_give_the_same_bytes(monkeypatch):
+    """GPTQ is row-wise: quantizing the output rows in slices (bounded float64 copies) changes no byte."""
+    from lmc.passes.quantize import scales
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((300, 256)).astype(np.float32)
+    x = rng.standard_normal((512, 256))
+    whole = scales.gptq_blocks(w, x.T @ x, 32)
+    monkeypatch.setattr(scales, "GPTQ_ROWS", 64)
+    sliced = scales.gptq_blocks(w, x.T @ x, 32)
+    for a, b in zip(whole, sliced):
+        np.testing.assert_array_equal(a, b)
