@@ -1,7 +1,8 @@
 """The ``lmc`` command line.
 
 Exit codes: 0 ok; 2 user error (one line on stderr; ``--debug`` adds the traceback); 1 internal error;
-3 verification over tolerance (``lmc verify``, and ``lmc build`` of an exact model). Every command takes
+3 verification over tolerance (``lmc verify``, and ``lmc build`` of an exact model); 130 interrupted, 143
+terminated (SIGTERM: the staged bundle and temporary files are removed first). Every command takes
 ``--json`` for machine-readable output on stdout; under ``--json`` an error is also a JSON object on stdout,
 ``{"error": …, "exit_code": …}``. ``--debug``, ``-v``/``--verbose`` and ``-q``/``--quiet`` are accepted
 anywhere on the line. Progress is shown only on a terminal; ``NO_COLOR`` turns terminal control sequences off.
@@ -535,9 +536,29 @@ def _quiet_onnxruntime() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: like Ctrl-C it unwinds every ``finally`` and ``with``, so a
+    build stopped by a pipeline's timeout removes its staged bundle and temporary files."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into ``Terminated`` in the main thread (a no-op elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (see module docstring)."""
     from lmc.compiler.verify import VerificationFailed
+
+    stop_cleanly_on_sigterm()
 
     args = list(sys.argv[1:] if argv is None else argv)
     flags, args = _split_global(args)
@@ -576,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         fail(ExitCode.USER_ERROR, first_line(exc))
+    except Terminated:
+        fail(143, "terminated", kind="")
     except KeyboardInterrupt:
         fail(130, "interrupted", kind="")
     except Exception as exc:  # an internal bug: one line unless --debug

@@ -360,3 +360,29 @@ def test_lmc_failing_on_a_model_that_runs_stays_an_internal_error(model_dir, tmp
     code, _, err = run(["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=1x8",
                         "-o", str(tmp_path / "o")], capsys)
     assert code == 1 and "internal error" in err and "ValueError" in err
+
+
+def test_sigterm_unwinds_and_removes_temporary_files(tmp_path):
+    """SIGTERM under lmc's entry point unwinds like Ctrl-C: a build's spill file (and staged bundle) go."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import os, signal, sys
+from lmc.compiler import cli, weights
+cli.stop_cleanly_on_sigterm()
+spill = weights.SpillFile()
+try:
+    with spill:
+        spill.add("w", 1, [4], bytes(16))
+        print(spill.path, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+except cli.Terminated:
+    sys.exit(143)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 143, out.stderr
+    path = Path(out.stdout.strip())
+    assert path.name == "spilled.data" and not path.exists() and not path.parent.exists()
