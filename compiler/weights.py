@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 INLINE_BYTES = 64 * 1024          # external tensors this small are read into the model at load
 SPILL_MIN_BYTES = 1 << 20         # a build's own weights this large go to its spill file
 _PAGE = 4096
+_SKELETON_MAX_BYTES = 64 << 20    # a model file this large holds its weights itself
 _COPY_CHUNK = 64 << 20
 
 # element types a file's bytes can be mapped as directly (little-endian, one numpy dtype each)
@@ -261,6 +262,8 @@ def large_external(path: str | os.PathLike) -> bool:
     """True when the model at ``path`` keeps a tensor over ``INLINE_BYTES`` in an external-data file (such a
     model's weights are file-backed once loaded)."""
     try:
+        if os.path.getsize(path) > _SKELETON_MAX_BYTES:
+            return False      # its weights are in the protobuf itself: no second parse of it
         model = onnx.load(str(path), load_external_data=False)
     except Exception:         # not a model: load_model says so properly
         return False
