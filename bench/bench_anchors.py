@@ -42,6 +42,9 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measures import size_of  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 LLAMA_CODE = SHARED / "models" / "llama-code.onnx"
@@ -98,16 +101,6 @@ def make_specs(names: list[str], tmp: Path) -> list[Spec]:
 
 
 # ---------------------------------------------------------------- measurements
-
-def size_of(model: Path) -> int:
-    m = onnx.load(str(model), load_external_data=False)
-    files = {model}
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                files.add(model.parent / e.value)
-    return sum(f.stat().st_size for f in files)
-
 
 def nodes_of(model: Path) -> int:
     return len(onnx.load(str(model), load_external_data=False).graph.node)

@@ -24,20 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measures import status  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "llama-code-past.onnx"
 VAL = SHARED / "data" / "code-val.u16"
 CALIB = SHARED / "data" / "code-calib.u16"
 PROMPTS, PROMPT_LEN, NEW_TOKENS, TRACE_TOKENS, WINDOWS = 8, 32, 200, 480, 32
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status memory field in bytes (VmRSS, VmHWM, RssAnon, …)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(kind: str, path: str, windows: int, trace_tokens: int = TRACE_TOKENS) -> dict:
@@ -46,18 +40,18 @@ def worker(kind: str, path: str, windows: int, trace_tokens: int = TRACE_TOKENS)
     from lmc.compiler.perplexity import load_tokens, streaming_perplexity
 
     tokens = np.fromfile(str(VAL), dtype="<u2").astype(np.int64)
-    base = _status("VmRSS:")
+    base = status("VmRSS:")
     decoder = PastDecoder(path, threads=1) if kind == "naive" else StateDecoder(Path(path) / "model.onnx", threads=1)
-    loaded = _status("VmRSS:")
+    loaded = status("VmRSS:")
     trace = []
     decoder.reset()
     logits = decoder.forward(tokens[None, :PROMPT_LEN])
     heap = []
     for _ in range(trace_tokens - PROMPT_LEN):
         logits = decoder.forward(np.array([[int(np.argmax(logits[0, -1]))]]))
-        trace.append(_status("VmRSS:"))
-        heap.append(_status("RssAnon:"))
-    peak = _status("VmHWM:")
+        trace.append(status("VmRSS:"))
+        heap.append(status("RssAnon:"))
+    peak = status("VmHWM:")
     ppl = None
     if windows:
         win = load_tokens(VAL, 256, windows)

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measures import status  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CALIB_SEQUENCES = 32          # input_ids of the first 32 sequences of code-calib.u16
@@ -34,14 +37,6 @@ ROUNDS = 3                    # lever measurements: fresh processes per configur
 TIMED_RUNS = 10
 LEVEL = "session.qdq_matmulnbits_accuracy_level"
 GEN_CONTEXT, GEN_PROMPT, GEN_STEPS = 512, 64, 100   # generation bundles: a 64-token prefill, then decode steps
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _smaps() -> dict[str, int]:
@@ -79,7 +74,7 @@ def worker(model: str, feeds: str, settings: str, runs: int, timed: int, iobind:
     data = dict(np.load(feeds)) if feeds != "-" else None
     options = bundle_session_options(model) if settings == "bundle" else json.loads(settings)
     before = _smaps() if ledger else {}
-    base = _status("VmRSS:")
+    base = status("VmRSS:")
     sess = open_bundle(model, threads=1, settings=options, log_level=0 if verbose else 3)
     loaded = _smaps() if ledger else {}
     if verbose:
@@ -100,7 +95,7 @@ def worker(model: str, feeds: str, settings: str, runs: int, timed: int, iobind:
         step = lambda: sess.run(None, data)  # noqa: E731
     for _ in range(runs):
         step()
-    result = {"peak": _status("VmHWM:") - base}
+    result = {"peak": status("VmHWM:") - base}
     if ledger:
         result["load"], result["run"] = _delta(before, loaded), _delta(loaded, _smaps())
     times, cpu = [], []
@@ -139,7 +134,7 @@ def gen_worker(path: str, settings: str) -> dict:
     from lmc.compiler.generate import StateDecoder
 
     tokens = np.fromfile(str(SHARED / "data" / "code-val.u16"), dtype="<u2").astype(np.int64)
-    base = _status("VmRSS:")
+    base = status("VmRSS:")
     decoder = StateDecoder(Path(path) / "model.onnx", threads=1, session_options=json.loads(settings))
     times: dict[str, list[float]] = {"prefill_ms": [], "prefill_cpu_ms": [], "decode_ms": [], "decode_cpu_ms": []}
 
@@ -155,7 +150,7 @@ def gen_worker(path: str, settings: str) -> dict:
         logits = step(tokens[None, 1000 * prompt: 1000 * prompt + GEN_PROMPT], "prefill")
         for _ in range(GEN_STEPS):
             logits = step(np.array([[int(np.argmax(logits[0, -1]))]]), "decode")
-    return {"peak": _status("VmHWM:") - base, **{k: statistics.median(v) for k, v in times.items()}}
+    return {"peak": status("VmHWM:") - base, **{k: statistics.median(v) for k, v in times.items()}}
 
 
 class Empty:

@@ -25,6 +25,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import measure  # noqa: E402
+from measures import size_of, status  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "llama-code.onnx"
@@ -40,9 +41,7 @@ def rss_child(model: str) -> None:
     inp = sess.get_inputs()[0]
     feed = np.zeros((1, 256), dtype=np.int64) if "int" in inp.type else np.zeros((1,), dtype=np.float32)
     sess.run(None, {inp.name: feed})
-    # VmHWM is this process image's peak RSS (ru_maxrss would carry the parent's peak across fork+exec)
-    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    print(int(hwm.split()[1]) * 1024)
+    print(status("VmHWM"))
 
 
 def peak_rss(model: Path) -> int:
@@ -57,16 +56,6 @@ def one_node_model(path: Path) -> Path:
                                opset_imports=[onnx.helper.make_opsetid("", 17)])
     onnx.save(m, str(path))
     return path
-
-
-def size_of(model: Path) -> int:
-    m = onnx.load(str(model), load_external_data=False)
-    files = {model}
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                files.add(model.parent / e.value)
-    return sum(f.stat().st_size for f in files)
 
 
 def lmc_variant(mode: str, out: Path, calib: Path, block: int) -> Path:

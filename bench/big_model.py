@@ -34,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measures import status  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "_work" / "tinyllama" / "model.onnx"
@@ -75,13 +78,6 @@ def write_model(folder: Path, gib: float) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- child
-def _rss(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(spec: dict) -> None:
     """Run one build (or onnxruntime's quantizer) and print a JSON line: seconds, peak, peak stage."""
     import threading
@@ -96,15 +92,15 @@ def child(spec: dict) -> None:
     def sample():
         last = 0.0
         while not done.wait(0.05):
-            rss = _rss()
+            rss = status("VmRSS")
             if rss > peak[0]:
                 peak[0], peak[1] = rss, stage[0]
-                split.update(file=_rss("RssFile"), anon=_rss("RssAnon"))
+                split.update(file=status("RssFile"), anon=status("RssAnon"))
             if trace and time.perf_counter() - last >= 1.0:
                 last = time.perf_counter()
                 with open(trace, "a") as f:
-                    f.write(f"{last:.0f} {stage[0]} rss={rss >> 20} file={_rss('RssFile') >> 20} "
-                            f"anon={_rss('RssAnon') >> 20} MiB\n")
+                    f.write(f"{last:.0f} {stage[0]} rss={rss >> 20} file={status('RssFile') >> 20} "
+                            f"anon={status('RssAnon') >> 20} MiB\n")
 
     threading.Thread(target=sample, daemon=True).start()
     t = time.perf_counter()
@@ -165,7 +161,7 @@ def child(spec: dict) -> None:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     info["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps({"seconds": seconds, "peak": max(_rss("VmHWM"), peak[0]), "peak_stage": peak[1], "peak_file": split.get("file"), "peak_anon": split.get("anon"), **info}))
+    print(json.dumps({"seconds": seconds, "peak": max(status("VmHWM"), peak[0]), "peak_stage": peak[1], "peak_file": split.get("file"), "peak_anon": split.get("anon"), **info}))
 
 
 # ------------------------------------------------------------------------------------------ driver
