@@ -197,8 +197,8 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
 
 
 def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -> BuildResult:
-    # where passes' new large weights go, for models whose own weights stay in their files
-    with weights.SpillFile(active=weights.large_external(model_path)) as spill:
+    # where passes' new large weights go, for models whose own weights stay in their files (set once known)
+    with weights.SpillFile(active=False) as spill:
         return _build_in(model_path, options, out_dir, on_pass, progress, spill)
 
 
@@ -216,8 +216,10 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     if options.context:
         if values:
             raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
+        spill.active = weights.large_external(model_path)     # each compile loads the model itself
         return _build_generation(model_path, options, target, out_dir, on_pass, progress, start, spill)
     model = load_model(model_path)
+    spill.active = bool(weights.file_backed(model))
     graph = ir.to_graph(model)
     del model
     shapes.bind_input_shapes(graph, dict(options.input_shapes))

@@ -141,10 +141,11 @@ def link_external(model: onnx.ModelProto, folder: Path) -> list[tuple[onnx.Tenso
     changed: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
     names: dict[Path, str] = {}
     copies: dict[Path, tuple[str, object, list[int]]] = {}
-    top = [t for t in model.graph.initializer if is_file_backed(t)]
+    top = [t for t in model.graph.initializer if is_file_backed(t)]     # kept: their ids stay theirs
+    top_ids = {id(t) for t in top}
     for tensor in file_backed(model):
         changed.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
-        if not any(tensor is t for t in top):
+        if id(tensor) not in top_ids:
             data = FileValues(tensor).read_bytes()
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
