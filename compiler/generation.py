@@ -25,7 +25,7 @@ from lmc.compiler.errors import LmcError
 from lmc.compiler.generate import GenerationInfo
 from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassRecord
-from lmc.passes.static_cache import find_cache_pairs, find_roles, state_pairs
+from lmc.passes.cache_sites import find_cache_pairs, find_roles, state_pairs
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,8 @@ def precheck_masks(model_path, batch: int) -> None:
 
 def _precheck_one(model_path, batch: int, past: int, sequence: int) -> None:
     from lmc.passes.fold_constants import FoldConstants
-    from lmc.passes.static_cache import check_masks, find_sites
+    from lmc.passes.cache_masks import check_masks
+    from lmc.passes.cache_sites import find_sites
 
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)

@@ -1,0 +1,288 @@
+"""The cache and its attentions in a past/present decoder: which graph inputs/outputs form *cache pairs*
+(``present = Concat(past, new, axis=2)``), the decoder's roles (ids, positions, mask), and the attention site
+each pair feeds, matched as exporters write it:
+    K' = repeat_kv(present_k)            Unsqueeze(2)→Expand→Reshape, Gather(axis 1, repeat(arange)), or none
+    s  = MatMul(Q·c_q, Transpose(K')·c_k) · c_s      (the scalars c may sit on either side, as Mul or Div)
+    s  = s + M  |  Where(C, s, f)        M or (C, f) a mask built at run time (judged by ``cache_masks``)
+    p  = Softmax(s, axis=-1) [→ Where(IsNaN(p), 0, p)] [Cast]
+    y  = MatMul(p, repeat_kv(present_v))
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lmc.compiler import ir
+from lmc.compiler.errors import LmcError
+from lmc.passes.fuse.attention import probabilities
+
+log = logging.getLogger(__name__)
+
+MASKED = -1e4            # an additive mask entry at or below this removes the key (softmax weight 0)
+
+
+@dataclass
+class CachePair:
+    past: gs.Variable
+    present: gs.Variable
+    concat: gs.Node
+    new: gs.Tensor
+
+
+@dataclass
+class AttentionSite:
+    q: gs.Tensor
+    key: CachePair
+    value: CachePair
+    scale: float
+    out: gs.Tensor
+    mask: gs.Tensor          # additive mask, or the boolean condition of a Where
+    mask_kind: str           # "additive" | "keep-where-true" | "keep-where-false"
+    nodes: list[gs.Node] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The decoder's interface: which graph inputs are ids, positions, mask."""
+
+    input_ids: str
+    position_ids: str | None
+    attention_mask: str | None
+
+
+def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
+    """Graph outputs written as Concat(graph input, new, axis=2 | -2) of 4-D tensors."""
+    inputs = {t.name for t in graph.inputs}
+    pairs = []
+    for out in graph.outputs:
+        node = ir.producer(out)
+        if node is None or not ir.is_op(node, "Concat") or len(node.inputs) != 2:
+            continue
+        past = node.inputs[0]
+        rank = len(past.shape) if past.shape is not None else 0
+        if past.name in inputs and rank == 4 and int(node.attrs.get("axis", 0)) % 4 == 2:
+            pairs.append(CachePair(past, out, node, node.inputs[1]))
+    return pairs
+
+
+# In-place state writers: op -> {input index: output index} of buffers updated in place.
+STATE_WRITERS = {("TensorScatter", ""): {0: 0}, ("ScatterND", ""): {0: 0},
+                 ("GroupQueryAttention", ir.MS_DOMAIN): {3: 1, 4: 2}}
+
+
+def state_pairs(graph: gs.Graph) -> list[tuple[str, str]]:
+    """(graph input, graph output) pairs a node updates in place: the generation bundle's state."""
+    inputs, outputs = {t.name for t in graph.inputs}, ir.graph_outputs(graph)
+    pairs = []
+    for node in graph.nodes:
+        for i, o in STATE_WRITERS.get((node.op, node.domain or ""), {}).items():
+            if len(node.inputs) > i and node.inputs[i].name in inputs and node.outputs[o].name in outputs:
+                pairs.append((node.inputs[i].name, node.outputs[o].name))
+    return sorted(pairs)
+
+
+def find_roles(graph: gs.Graph) -> Roles:
+    def named(*keys: str) -> str | None:
+        for t in graph.inputs:
+            if any(k in t.name for k in keys):
+                return t.name
+        return None
+    ids = named("input_ids")
+    if ids is None:
+        raise LmcError("--context: the model has cache inputs but no 'input_ids' input")
+    return Roles(ids, named("position_ids"), named("attention_mask"))
+
+
+def _scalar_factor(node: gs.Node, t: gs.Tensor) -> float | None:
+    """For Mul/Div of ``t`` by a scalar constant: the factor it applies to ``t``."""
+    if ir.is_op(node, "Mul"):
+        other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+        return ir.scalar_value(other)
+    if ir.is_op(node, "Div") and node.inputs[0] is t:
+        c = ir.scalar_value(node.inputs[1])
+        return None if not c else 1.0 / c
+    return None
+
+
+def _through_scalars(t: gs.Tensor) -> tuple[gs.Tensor, float, list[gs.Node]]:
+    """Walk back through Mul/Div by scalar constants and same-type Casts."""
+    scale, nodes = 1.0, []
+    while True:
+        node = ir.producer(t)
+        if node is None:
+            return t, scale, nodes
+        if ir.is_op(node, ("Mul", "Div")):
+            for x in node.inputs:
+                if ir.const_value(x) is None:
+                    c = _scalar_factor(node, x)
+                    break
+            else:
+                c = None
+            if c is None:
+                return t, scale, nodes
+            scale *= c
+            nodes.append(node)
+            t = next(x for x in node.inputs if ir.const_value(x) is None)
+        elif ir.is_op(node, "Cast") and node.inputs[0].dtype == t.dtype and t.dtype is not None:
+            nodes.append(node)
+            t = node.inputs[0]
+        else:
+            return t, scale, nodes
+
+
+def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, int, float, list[gs.Node]] | str:
+    """Walk from an attention operand back to a cache ``present``: (pair, transposes of the last two axes,
+    scalar factor, nodes) or the reason it is not one."""
+    transposes, scale, nodes = 0, 1.0, []
+    for _ in range(12):
+        if t.name in presents:
+            return presents[t.name], transposes, scale, nodes
+        node = ir.producer(t)
+        if node is None:
+            return f"'{t.name}' does not come from a cache present"
+        if ir.is_op(node, "Transpose"):
+            if list(node.attrs.get("perm", [])) != [0, 1, 3, 2]:
+                return f"transpose {list(node.attrs.get('perm', []))} is not a swap of the last two axes"
+            transposes += 1
+        elif ir.is_op(node, ("Mul", "Div")):
+            src = next((x for x in node.inputs if ir.const_value(x) is None), None)
+            c = _scalar_factor(node, src) if src is not None else None
+            if c is None:
+                return f"{node.op} '{node.name}' is not a scalar scale"
+            scale *= c
+            t = src
+            nodes.append(node)
+            continue
+        elif ir.is_op(node, "Reshape") and _folded_transpose(node) is not None:
+            inner, y = _folded_transpose(node)
+            nodes += [node, inner]
+            transposes += 1
+            t = y
+            continue
+        elif ir.is_op(node, "Reshape"):
+            inner = ir.producer(node.inputs[0])
+            expand = inner if inner is not None and ir.is_op(inner, "Expand") else None
+            unsq = ir.producer(expand.inputs[0]) if expand is not None else None
+            axes = _axes(unsq) if unsq is not None and ir.is_op(unsq, "Unsqueeze") else None
+            if axes != [2]:
+                return "a Reshape that is not repeat_kv (Unsqueeze(2) → Expand → Reshape)"
+            nodes += [node, expand]
+            t = unsq.inputs[0]
+            node = unsq
+        elif ir.is_op(node, "Gather") and int(node.attrs.get("axis", 0)) == 1:
+            idx = ir.const_value(node.inputs[1])
+            if idx is None or idx.ndim != 1 or idx.size == 0 or idx[0] != 0 or np.any(np.diff(idx) < 0):
+                return "a head Gather that is not repeat_kv"
+            r = int(np.sum(idx == 0))
+            if not np.array_equal(idx, np.repeat(np.arange(idx.size // r), r)):
+                return "a head Gather that is not repeat_kv"
+        elif ir.is_op(node, "Cast") and node.inputs[0].dtype == t.dtype:
+            pass
+        else:
+            return f"{node.op} '{node.name}' between the cache and the attention"
+        nodes.append(node)
+        t = node.inputs[0]
+    return "too long a chain between the cache and the attention"
+
+
+def _folded_transpose(node: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
+    """For Reshape(Transpose₀₂₁(Reshape(y [B, H, T, D] → [B·H, T, D])) → [B, H, D, T]) — the last two axes of
+    y swapped through 3-D, as the dynamo exporter writes kᵀ: (the transpose, y)."""
+    tr = ir.producer(node.inputs[0])
+    if tr is None or not ir.is_op(tr, "Transpose") or list(tr.attrs.get("perm", [])) != [0, 2, 1]:
+        return None
+    flat = ir.producer(tr.inputs[0])
+    if flat is None or not ir.is_op(flat, "Reshape"):
+        return None
+    y, mid, out = flat.inputs[0].shape, flat.outputs[0].shape, node.outputs[0].shape
+    if y is None or mid is None or out is None or (len(y), len(mid), len(out)) != (4, 3, 4):
+        return None
+    fixed = lambda d: isinstance(d, int) and d >= 0  # noqa: E731  (the key length may still be free)
+    if not all(fixed(d) for d in (y[0], y[1], y[3], out[0], out[1], out[2], mid[2])) or \
+            (out[0], out[1], out[2], mid[2]) != (y[0], y[1], y[3], y[3]) or (fixed(mid[0]) and mid[0] != y[0] * y[1]):
+        return None
+    return tr, flat.inputs[0]
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if v is None else [int(a) for a in v.reshape(-1)]
+
+
+def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite | str | None:
+    """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable)."""
+    if not ir.is_op(anchor, "MatMul"):
+        return None
+    found = probabilities(anchor.inputs[0])
+    if found is None:
+        return None
+    softmax, prob_nodes = found
+    if int(softmax.attrs.get("axis", -1)) not in (-1, 3):
+        return "softmax is not over the key axis"
+    value = _to_cache(anchor.inputs[1], presents)
+    if isinstance(value, str):
+        return f"values: {value}"
+    v_pair, v_transposes, v_scale, v_nodes = value
+    if v_transposes or v_scale != 1.0:
+        return "values are transposed or scaled"
+    s = softmax.inputs[0]
+    node = ir.producer(s)
+    mask, kind, mask_nodes = None, "", []
+    if node is not None and ir.is_op(node, "Add"):
+        for i in (0, 1):
+            inner, _, _ = _through_scalars(node.inputs[i])
+            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul"):
+                mask, kind, s = node.inputs[1 - i], "additive", node.inputs[i]
+                mask_nodes = [node]
+                break
+    elif node is not None and ir.is_op(node, "Where"):
+        for i, keep in ((1, "keep-where-true"), (2, "keep-where-false")):
+            inner, _, _ = _through_scalars(node.inputs[i])
+            fill = ir.scalar_value(node.inputs[3 - i])
+            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul") and fill is not None \
+                    and fill <= MASKED:
+                mask, kind, s = node.inputs[0], keep, node.inputs[i]
+                mask_nodes = [node]
+                break
+    if mask is None:
+        return "the scores carry no mask (a causal mask is required)"
+    scores, s_scale, s_nodes = _through_scalars(s)
+    qk = ir.producer(scores)
+    if qk is None or not ir.is_op(qk, "MatMul"):
+        return "scores are not a MatMul of queries and keys"
+    q, q_scale, q_nodes = _through_scalars(qk.inputs[0])
+    key = _to_cache(qk.inputs[1], presents)
+    if isinstance(key, str):
+        return f"keys: {key}"
+    k_pair, k_transposes, k_scale, k_nodes = key
+    if k_transposes != 1:
+        return "keys are not transposed once"
+    nodes = [anchor, softmax, qk] + prob_nodes + mask_nodes + s_nodes + q_nodes + k_nodes + v_nodes
+    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, anchor.outputs[0], mask, kind, nodes)
+
+
+def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
+    """One attention per layer, reading one key pair and one value pair; LmcError naming the first cache
+    output no recognised attention reads (with the first reason a candidate was refused)."""
+    presents = {p.present.name: p for p in pairs}
+    sites, reasons = [], []
+    for node in list(graph.nodes):
+        site = match_site(node, presents)
+        if isinstance(site, AttentionSite):
+            sites.append(site)
+        elif isinstance(site, str):
+            reasons.append(site)
+    used = [id(s.key) for s in sites] + [id(s.value) for s in sites]
+    missing = [p.present.name for p in pairs if id(p) not in used]
+    if missing or len(set(used)) != len(used):
+        why = f" ({reasons[0]})" if reasons else ""
+        raise LmcError(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
+                       f"{why}")
+    return sites
+
