@@ -4,8 +4,9 @@
 The passes work on static shapes, so the model is compiled twice, with the sequence length bound to two
 probe values s₁ ≠ s₂, and the results are compared (*specialise twice, generalise*):
 - the two graphs must have the same nodes, names and edges (no decision may depend on the length);
-- every constant must be equal in both, except Reshape targets, where a differing entry k becomes 0
-  (copy the input's dim k, which differs in the same way) or −1 (at most one per target);
+- every constant must be equal in both (dtype, shape and a digest of its values, whatever its size),
+  except Reshape targets, where a differing entry k becomes 0 (copy the input's dim k, which differs in the
+  same way) or −1 (at most one per target), and integer constants affine in S, computed at run time;
 - anything else that differs (a constant mask of length S, a Range of S) is an error naming the tensor.
 The second graph, so generalised, is the bundle; its plan is made per profile by binding the sequence
 length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` names the pairs.
@@ -13,11 +14,14 @@ length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes, weights
@@ -31,7 +35,99 @@ log = logging.getLogger(__name__)
 
 PROBE_LENGTHS = (3, 5)
 SEQUENCE_DIM = "sequence_length"
-SMALL_CONSTANT = 64          # elements: constants up to this size are compared by value
+SMALL_CONSTANT = 64          # elements: constants up to this size keep their values in a snapshot
+KEPT_INTEGER_BYTES = 64 << 10      # in-memory integer constants up to this size keep theirs too …
+KEPT_TOTAL_BYTES = 16 << 20        # … while a snapshot keeps at most this much of them
+_HASH_SLICE_BYTES = 16 << 20       # a digest reads a constant this much at a time
+_INTEGER = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                      onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64})
+
+
+def _digest(values: np.ndarray) -> bytes:
+    """SHA-256 of dtype, shape and values, read ``_HASH_SLICE_BYTES`` at a time: a memmap'd weight is
+    hashed in place, never copied whole."""
+    values = np.asarray(values)
+    h = hashlib.sha256(f"{values.dtype.str}|{values.shape}|".encode())
+    if values.dtype.kind == "O":                           # strings
+        for item in values.reshape(-1):
+            h.update(repr(item).encode() + b"\0")
+        return h.digest()
+    if values.ndim == 0 or values.size == 0:
+        h.update(values.tobytes())
+        return h.digest()
+    if values.flags.c_contiguous:
+        flat = values.reshape(-1)                          # a view
+        step = max(1, _HASH_SLICE_BYTES // values.itemsize)
+        for i in range(0, flat.size, step):
+            h.update(flat[i:i + step].view(np.uint8))
+    else:
+        step = max(1, _HASH_SLICE_BYTES // max(1, values.nbytes // values.shape[0]))
+        for i in range(0, values.shape[0], step):
+            h.update(np.ascontiguousarray(values[i:i + step]).reshape(-1).view(np.uint8))
+    return h.digest()
+
+
+@dataclass
+class ConstantRecord:
+    """One constant as a compile left it: dtype, shape, a digest of its values, and what generalising it
+    needs if it differs — its values (``value``: small, or integer within ``KEPT_INTEGER_BYTES``) or, for a
+    file-backed constant, where they are (``source``: its external-data tensor; the model's data files and
+    the build's spill file do not change during a build, so the digest and values are read from it on demand)."""
+
+    dtype: int                                             # TensorProto enum
+    shape: tuple[int, ...]
+    value: np.ndarray | None = None
+    source: weights.FileValues | None = None
+    _digest: bytes | None = None
+
+    @classmethod
+    def of(cls, const: gs.Constant, keep: bool) -> "ConstantRecord":
+        """The record of ``const``; ``keep``: copy its values into the record."""
+        shape = tuple(int(d) for d in const.shape)
+        if isinstance(const._values, weights.FileValues):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(const._values.tensor)          # its dims and location, not the model around it
+            return cls(ir.onnx_dtype(const.dtype), shape, source=weights.FileValues(tensor))
+        values = ir.const_value(const)
+        return cls(ir.onnx_dtype(const.dtype), shape, np.array(values) if keep else None, _digest=_digest(values))
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = _digest(self.source.load())
+        return self._digest
+
+    def values(self) -> np.ndarray | None:
+        """The values: kept, or read back from their file; None when neither."""
+        if self.value is not None:
+            return self.value
+        return self.source.load() if self.source is not None else None
+
+    def same_as(self, other: "ConstantRecord") -> bool:
+        if (self.dtype, self.shape) != (other.dtype, other.shape):
+            return False
+        if self.source is not None and other.source is not None:
+            return _same_bytes(self.source, other.source)
+        return self.digest() == other.digest()
+
+
+def _same_bytes(a: weights.FileValues, b: weights.FileValues) -> bool:
+    """Whether two file-backed constants hold the same bytes: the same range of the same file (which does
+    not change during a build), or equal ranges read ``_HASH_SLICE_BYTES`` at a time."""
+    if (a.path, a.offset, a.length) == (b.path, b.offset, b.length):
+        return True
+    if a.length != b.length:
+        return False
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        fa.seek(a.offset)
+        fb.seek(b.offset)
+        left = a.length
+        while left:
+            n = min(left, _HASH_SLICE_BYTES)
+            chunk = fa.read(n)
+            if len(chunk) != n or chunk != fb.read(n):
+                return False
+            left -= n
+    return True
 
 
 @dataclass
@@ -39,7 +135,7 @@ class Snapshot:
     """What is compared between the two specialisations."""
 
     signature: list[tuple]
-    constants: dict[str, tuple[tuple[int, ...], np.ndarray | None]]
+    constants: dict[str, ConstantRecord]
     shapes: dict[str, tuple | None]
 
 
@@ -48,11 +144,16 @@ def _signature(graph: gs.Graph) -> list[tuple]:
 
 
 def snapshot(graph: gs.Graph) -> Snapshot:
-    consts = {}
+    """The graph's signature, a record of every constant (``ConstantRecord``) and every variable's shape."""
+    consts, kept = {}, 0
     for c in ir.constants(graph):
-        shape = tuple(int(d) for d in c.shape)
-        small = int(np.prod(shape)) <= SMALL_CONSTANT
-        consts[c.name] = (shape, np.array(ir.const_value(c)) if small else None)
+        elements = math.prod(int(d) for d in c.shape)
+        nbytes = ir.tensor_nbytes(c) or 0
+        keep = elements <= SMALL_CONSTANT or (ir.onnx_dtype(c.dtype) in _INTEGER and nbytes <= KEPT_INTEGER_BYTES
+                                              and kept + nbytes <= KEPT_TOTAL_BYTES)
+        consts[c.name] = ConstantRecord.of(c, keep)
+        if consts[c.name].value is not None and elements > SMALL_CONSTANT:
+            kept += nbytes
     tensors = {name: (tuple(t.shape) if t.shape is not None else None) for name, t in graph.tensors().items()
                if isinstance(t, gs.Variable)}
     return Snapshot(_signature(graph), consts, tensors)
@@ -91,6 +192,7 @@ def _affine(value1: np.ndarray, value2: np.ndarray, lengths: tuple[int, int]) ->
 def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], sequence_of: gs.Tensor) -> int:
     """Turn ``graph`` (compiled at ``lengths[1]``) into the graph for any length, given the snapshot of
     the compile at ``lengths[0]``; ``sequence_of`` is an input whose dim 1 is the sequence length S.
+    Constants are compared by dtype, shape and digest (``ConstantRecord.same_as``), whatever their size.
     A differing constant is a Reshape target made of copies (0) and at most one −1, or, if integer and
     affine in S (a·S + b), computed at run time from Shape(sequence_of)[1]; anything else is an error.
     Returns how many constants were generalised."""
@@ -102,17 +204,24 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], seque
     names = ir.Namer(graph)
     length: list[gs.Tensor] = []
     changed = 0
-    for name, (shape2, value2) in second.constants.items():
-        shape1, value1 = first.constants.get(name, (None, None))
-        if shape1 == shape2 and (value2 is None or np.array_equal(value1, value2)):
+    for name, record2 in second.constants.items():
+        record1 = first.constants.get(name)
+        if record1 is not None and record1.same_as(record2):
             continue
         const = by_name[name]
         readers = list(const.outputs)
         what = readers[0].op if readers else "nothing"
         refused = LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
                            f"lmc cannot emit it for variable lengths")
-        if shape1 != shape2 or value1 is None or not readers:
+        if record1 is None or (record1.dtype, record1.shape) != (record2.dtype, record2.shape) or not readers:
             raise refused
+        reshape = all(ir.is_op(r, "Reshape") for r in readers)
+        if not reshape and record2.dtype not in _INTEGER:
+            raise refused                  # neither a Reshape target nor affine: its values are not needed
+        value1 = record1.values()
+        if value1 is None:
+            raise refused
+        value2 = np.asarray(ir.const_value(const))
         target = _reshape_target(value1, value2, readers, first, second) if all(
             r.inputs[1] is const for r in readers if ir.is_op(r, "Reshape")) else None
         if target is not None:
