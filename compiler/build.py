@@ -49,7 +49,10 @@ class QuantizeMode(enum.Enum):
 class BuildOptions:
     """What to build. ``input_shapes`` binds dynamic input dims (name -> dims); ``input_values`` fixes inputs'
     values (name -> a number or a (nested) list of numbers, JSON-able so the bundle's metadata records them):
-    each such input becomes a constant, and control flow on it folds."""
+    each such input becomes a constant, and control flow on it folds. The generation options (``batch``,
+    ``prefill_chunk``, ``kv_cache``) are None unless given, and given only with ``context``, which sets the
+    defaults of those left None (``GENERATION_DEFAULTS``); any other combination is an LmcError at
+    construction (``__post_init__``)."""
 
     target: str = "cortex-a55"
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
@@ -67,20 +70,49 @@ class BuildOptions:
     calib_method: str = "mse"            # w8a8 activation clip: mse | minmax | percentile | entropy
     disabled_passes: tuple[str, ...] = ()
     context: int | None = None           # generation bundle: cache slots (past/present decoders only)
-    batch: int = 1                       # generation bundle: batch rows
-    prefill_chunk: int = 64              # generation bundle: prompt tokens per step (bounds prefill memory)
-    kv_cache: str = "float"              # generation bundle: cache precision, float | int8 (approximate)
+    batch: int | None = None             # generation bundle: batch rows
+    prefill_chunk: int | None = None     # generation bundle: prompt tokens per step (bounds prefill memory)
+    kv_cache: str | None = None          # generation bundle: cache precision, float | int8 (approximate)
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
 
+    def __post_init__(self):
+        generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+        if self.context is None:
+            given = [name for name, value in generation.items() if value is not None]
+            if given:
+                flags = ", ".join("--" + name.replace("_", "-") for name in given)
+                verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+                raise LmcError(f"{flags} {verb} only to a generation bundle: add --context N or drop {them}")
+            return
+        if self.context < 2:
+            raise LmcError(f"--context must be at least 2 tokens, got {self.context}")
+        if self.input_shapes:
+            raise LmcError("--context binds the sequence and cache lengths itself; drop --input-shape")
+        if self.input_values:
+            raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
+        for name, value in generation.items():
+            if value is None:
+                object.__setattr__(self, name, GENERATION_DEFAULTS[name])
+        if self.batch < 1:
+            raise LmcError(f"--batch must be at least 1, got {self.batch}")
+        if self.kv_cache not in ("float", "int8"):
+            raise LmcError(f"--kv-cache must be float or int8, got {self.kv_cache!r}")
+        if self.prefill_chunk < 1:
+            raise LmcError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+
     @property
     def approximations(self) -> list[str]:
-        """The options that change the model's numerics (quantization, sliding attention); empty = exact."""
+        """The options that change the model's numerics (quantization, sliding attention, an int8 cache);
+        empty = exact."""
         found = [self.quantize.value] if self.quantize is not QuantizeMode.NONE else []
         spec = AttentionSpec.parse(self.attention)
-        kv = ["kv-cache int8"] if self.kv_cache == "int8" else []
+        kv = ["kv-cache int8"] if self.context is not None and self.kv_cache == "int8" else []
         return found + ([] if spec.exact else [str(spec)]) + kv
+
+
+GENERATION_DEFAULTS = {"batch": 1, "prefill_chunk": 64, "kv_cache": "float"}    # given only with context
 
 
 @dataclass(frozen=True)
@@ -214,8 +246,6 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
 
     values = decode_input_values(encode_input_values(options.input_values))     # checked, as they are stamped
     if options.context:
-        if values:
-            raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
         spill.active = weights.large_external(model_path)     # each compile loads the model itself
         return _build_generation(model_path, options, target, out_dir, on_pass, progress, start, spill)
     model = load_model(model_path)
@@ -440,16 +470,6 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     from lmc.compiler.verify import compare_generation
     from lmc.targets.plan import Profile
 
-    if options.input_shapes:
-        raise LmcError("--context binds the sequence and cache lengths itself; drop --input-shape")
-    if options.context < 2:
-        raise LmcError(f"--context must be at least 2 tokens, got {options.context}")
-    if options.batch < 1:
-        raise LmcError(f"--batch must be at least 1, got {options.batch}")
-    if options.kv_cache not in ("float", "int8"):
-        raise LmcError(f"--kv-cache must be float or int8, got {options.kv_cache!r}")
-    if options.prefill_chunk < 1:
-        raise LmcError(f"--prefill-chunk must be at least 1, got {options.prefill_chunk}")
     before: list[tuple[int, int]] = []
 
     def run_passes(graph: gs.Graph):

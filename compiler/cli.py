@@ -171,13 +171,13 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Generation bundle from a decoder exported with past key/values (optimum "
                    "text-generation-with-past, torch.onnx): the cache becomes fixed state of N tokens updated in "
                    "place; one model serves prefill (prompt ≤ N) and decode. Run it with `lmc generate`.")
-@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Batch rows of a --context bundle.")
-@click.option("--prefill-chunk", type=int, default=64, show_default=True,
+@click.option("--batch", type=POSITIVE, help="Batch rows of a --context bundle [default: 1].")
+@click.option("--prefill-chunk", type=int,
               help="A --context bundle runs prompts in steps of at most this many tokens: the planned (and "
-                   "real) memory of a prefill is bounded whatever the prompt length.")
-@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+                   "real) memory of a prefill is bounded whatever the prompt length [default: 64].")
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]),
               help="Precision of a --context bundle's cache: int8 keeps int8 rows with one scale per token and "
-                   "head (about a quarter of the memory; approximate, its error is reported).")
+                   "head (about a quarter of the memory; approximate, its error is reported) [default: float].")
 @click.option("--max-ram", metavar="SIZE",
               help="Fit the planned peak RAM into SIZE, e.g. 64MiB: over it, lmc tries the exact means (--in-place, "
                    "chunked attention) and says what it chose, or exits 2 naming the best attempt and what makes "

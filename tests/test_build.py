@@ -126,3 +126,22 @@ def test_ort_mobile_files(model_dir, tmp_path):
     assert_close(run_ort(model_dir / "tiny-llama.onnx", feed), run_ort(out / "model.ort", feed), rel=1e-4)
     config = (out / "required_operators.config").read_text()
     assert "ai.onnx;23;" in config and "Attention" in config and str(tmp_path) not in config
+
+
+def test_generation_options_need_context_and_a_default_build_stays_exact(model_dir, tmp_path, monkeypatch):
+    from lmc.compiler import verify
+    from lmc.compiler.errors import LmcError
+
+    model = model_dir / "tiny-llama.onnx"
+    for given in ({"kv_cache": "int8"}, {"batch": 2}, {"prefill_chunk": 16}, {"kv_cache": "float"}):
+        with pytest.raises(LmcError, match="--context"):
+            build(model, BuildOptions(input_shapes={"input_ids": (1, 8)}, **given), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    assert BuildOptions().approximations == [] and BuildOptions(context=32).approximations == []
+    assert (BuildOptions(context=32).batch, BuildOptions(context=32).prefill_chunk) == (1, 64)
+    assert BuildOptions(context=32, kv_cache="int8").approximations == ["kv-cache int8"]
+    # a build with the defaults is exact: a mismatch against the original fails it
+    monkeypatch.setattr(verify.VerifyReport, "passed", property(lambda self: False))
+    with pytest.raises(verify.VerificationFailed):
+        build(model, BuildOptions(input_shapes={"input_ids": (1, 8)}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

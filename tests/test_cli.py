@@ -386,3 +386,13 @@ except cli.Terminated:
     assert out.returncode == 143, out.stderr
     path = Path(out.stdout.strip())
     assert path.name == "spilled.data" and not path.exists() and not path.parent.exists()
+
+
+@pytest.mark.parametrize("flags", [["--kv-cache", "int8"], ["--kv-cache", "float"], ["--batch", "2"], ["--batch", "1"],
+                                   ["--prefill-chunk", "16"], ["--batch", "2", "--prefill-chunk", "16"]])
+def test_generation_flags_without_context_exit_2_one_line(model_dir, tmp_path, capsys, flags):
+    code, _, err = run(["build", str(model_dir / "tiny-llama.onnx"), "--input-shape", "input_ids=1x8", *flags,
+                        "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert all(f in err for f in flags[::2]) and "--context" in err
+    assert not (tmp_path / "out").exists()

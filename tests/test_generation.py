@@ -275,7 +275,7 @@ def test_int8_kv_cache_quarter_state_small_error(bundles, tmp_path):
     assert len(info.state) == 8 and any(name.endswith("_scale") for name, _ in info.state)
     report = compare_generation(FIXTURES / EXPORTS[0], out / "model.onnx", vocab=256, prompt=6, steps=12)
     assert all(o.cosine > 0.9999 for o in report.outputs) and not result.verification.passed is None
-    assert "kv-cache int8" in BuildOptions(kv_cache="int8").approximations
+    assert "kv-cache int8" in BuildOptions(context=CONTEXT, kv_cache="int8").approximations
 
 
 def test_tiled_heads_are_not_repeat_kv(tmp_path):
