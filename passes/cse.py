@@ -2,10 +2,13 @@
 
 Exact. Two nodes are the same computation when they have the same op, domain and attributes and read the
 same tensors in the same order (constants compared by identity — dedup-weights has already merged equal
-ones). Nodes are visited in topological order, so chains of duplicates merge in one pass. Random ops and
-ops with subgraphs are never merged. Readers of a merged duplicate's outputs are rewired wherever they
-are — inside If/Loop/Scan bodies too (a body reads the outer tensor object itself) — and each body is
-itself deduplicated within its own scope (its outputs kept, like the graph's).
+ones). Nodes are visited in topological order, so chains of duplicates merge in one pass. Only ops known
+to be deterministic merge: ONNX-domain ops except the nondeterministic ones
+(``fold_constants.is_nondeterministic``: random ops, Dropout in training mode), and ops of other domains
+only when ``DETERMINISTIC_CUSTOM_OPS`` lists them. Ops with subgraphs are never merged. Readers of a
+merged duplicate's outputs are rewired wherever they are — inside If/Loop/Scan bodies too (a body reads
+the outer tensor object itself) — and each body is itself deduplicated within its own scope (its outputs
+kept, like the graph's).
 """
 
 from __future__ import annotations
@@ -14,7 +17,19 @@ import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
-from lmc.passes.fold_constants import NONDETERMINISTIC_OPS
+from lmc.passes.fold_constants import is_nondeterministic
+
+# ops outside the ONNX domain known to be pure functions of their inputs (onnxruntime's contrib kernels)
+DETERMINISTIC_CUSTOM_OPS = frozenset({
+    (ir.MS_DOMAIN, op) for op in ("FusedMatMul", "MatMulNBits", "MatMulIntegerToFloat", "GatherBlockQuantized",
+                                  "QuantizeLinear", "DequantizeLinear", "Gelu", "FastGelu", "BiasGelu",
+                                  "QuickGelu", "FusedConv")})
+
+
+def _mergeable(node: gs.Node) -> bool:
+    if (node.domain or "") in ir.DEFAULT_DOMAINS:
+        return not is_nondeterministic(node)
+    return (node.domain, node.op) in DETERMINISTIC_CUSTOM_OPS
 
 
 def _attr_key(value) -> object:
@@ -47,7 +62,7 @@ def _merge(graph: gs.Graph) -> int:
     removed: set[int] = set()
     outputs = ir.graph_outputs(graph)
     for node in list(graph.nodes):
-        if (not node.outputs or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
+        if (not node.outputs or not _mergeable(node) or ir.has_subgraph(node)
                 or any(o.name in outputs for o in node.outputs)):
             continue
         try:

@@ -5,8 +5,11 @@ Exact. One run does:
    this is what turns export shape chains (Shape → Gather → Unsqueeze → Concat → Reshape, Range, Trilu
    masks) constant once input shapes are bound.
 2. The *foldable closure*: nodes (in topological order) whose inputs are constants, empty optionals, or
-   outputs of foldable nodes; ``Constant`` nodes are foldable (they become initializers). Random ops,
-   ops with subgraphs and nodes producing a graph output are not.
+   outputs of foldable nodes; ``Constant`` nodes are foldable (they become initializers). Nondeterministic
+   ops (``is_nondeterministic``), ops with subgraphs and nodes producing a graph output are not, nor are
+   ``QuantizeLinear``/``DequantizeLinear`` and ops outside the ONNX domain: a model that arrives
+   quantized (int8 weight → DequantizeLinear → MatMul) keeps its int8 weights and its DequantizeLinear
+   (folding would turn them into float weights four times the size, and onnxruntime fuses the pair).
 3. All foldable nodes are evaluated in one onnxruntime session (optimizations off). If that fails, they
    are evaluated node by node: a node that fails stays in the graph, its reason is logged and listed in
    the pass notes, and its dependants stay too — never silently.
@@ -41,7 +44,25 @@ log = logging.getLogger(__name__)
 
 NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                                   "Multinomial", "Bernoulli"})
+QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear")     # kept as ops: they carry a model's quantization
 DEFAULT_FOLD_MAX_BYTES = 4 << 20
+
+
+def is_nondeterministic(node: gs.Node) -> bool:
+    """True for ops whose outputs may differ between runs on the same inputs: the random ops (in any
+    domain) and a Dropout whose ``training_mode`` input is given and not a constant false."""
+    if node.op in NONDETERMINISTIC_OPS:
+        return True
+    if ir.is_op(node, "Dropout") and len(node.inputs) > 2 and node.inputs[2].name:
+        training = ir.const_value(node.inputs[2])
+        return training is None or bool(np.any(training))
+    return False
+
+
+def _keeps_its_op(node: gs.Node) -> bool:
+    """Never folded: nondeterministic ops, quantize/dequantize, and ops outside the ONNX domain."""
+    return (is_nondeterministic(node) or (node.domain or "") not in ir.DEFAULT_DOMAINS
+            or ir.is_op(node, QUANTIZATION_OPS))
 
 
 @dataclass
@@ -144,7 +165,7 @@ def _foldable_closure(graph: gs.Graph, excluded: set[str]) -> list[gs.Node]:
     folded_outputs: set[str] = set()
     nodes = []
     for node in graph.nodes:
-        if (node.name in excluded or node.op in NONDETERMINISTIC_OPS or ir.has_subgraph(node)
+        if (node.name in excluded or _keeps_its_op(node) or ir.has_subgraph(node)
                 or not node.outputs or any(o.name in outputs for o in node.outputs)):
             continue
         if all(_is_input_constant(t, folded_outputs) for t in node.inputs):

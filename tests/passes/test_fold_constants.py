@@ -59,19 +59,74 @@ def test_blowup_within_limit_is_folded():
 
 
 def test_evaluation_failure_is_reported_not_hidden():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     c = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.FLOAT, [4], [1, 2, 3, 4]))
     two = helper.make_node("Constant", [], ["two"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [2.0]))
+    index = helper.make_node("Constant", [], ["index"], value=helper.make_tensor("i", TensorProto.INT64, [1], [10]))
     doubled = helper.make_node("Mul", ["c", "two"], ["c2"], name="double")
-    custom = helper.make_node("Mystery", ["c2"], ["m"], name="mystery", domain="com.example")
+    broken = helper.make_node("Gather", ["c2", "index"], ["m"], name="out_of_bounds")     # index 10 of 4
     add = helper.make_node("Add", ["x", "m"], ["y"])
-    graph = helper.make_graph([c, two, doubled, custom, add], "fail", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    graph = helper.make_graph([c, two, index, doubled, broken, add], "fail", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     graph, records = apply_passes(model, [FoldConstants()])
-    assert [n.name for n in graph.nodes if n.op == "Mystery"] == ["mystery"]
+    assert [n.name for n in graph.nodes if n.op == "Gather"] == ["out_of_bounds"]
     assert op_count(graph, "Mul") == 0                 # what could fold, did
     assert records[0].stats["eval_failures"] == 1
-    assert any("mystery" in n and "failed to evaluate" in n for n in records[0].notes)
-    folded_input = next(n for n in graph.nodes if n.op == "Mystery").inputs[0]
+    assert any("out_of_bounds" in n and "failed to evaluate" in n for n in records[0].notes)
+    folded_input = next(n for n in graph.nodes if n.op == "Gather").inputs[0]
     assert np.allclose(folded_input.values, [2, 4, 6, 8])
+
+
+def _quantized_model(opset: int = 17) -> onnx.ModelProto:
+    """A model that arrives quantized: y = x · DequantizeLinear(int8 W [64, 96], per-column scales) + b."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (64, 96)).astype(np.int8)
+    scale = ((rng.random(96) + 0.5) / 127).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w, "w_q"), onnx.numpy_helper.from_array(scale, "w_scale"),
+             onnx.numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 96])
+    return helper.make_model(helper.make_graph(nodes, "qdq", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_quantize_dequantize_and_custom_domain_ops_are_not_folded():
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)}
+    graph, _ = assert_pass_exact(_quantized_model(), [FoldConstants(), Cleanup()], feeds)
+    assert op_count(graph, "DequantizeLinear") == 1
+    assert [c.dtype for c in graph.nodes[0].inputs[:1]] == [np.int8]
+    # a float weight quantized in the graph (Q -> DQ) stays so, and a contrib op of constants stays an op
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])
+    inits = [onnx.numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.float32(1 / 64), "s"), onnx.numpy_helper.from_array(np.int8(0), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+             helper.make_node("QuickGelu", ["dq"], ["g"], domain="com.microsoft", alpha=1.702),
+             helper.make_node("Add", ["x", "g"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "qdq", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph, _ = assert_pass_exact(model, [FoldConstants(), Cleanup()], {"x": np.ones(8, np.float32)})
+    assert [n.op for n in graph.nodes] == ["QuantizeLinear", "DequantizeLinear", "QuickGelu", "Add"]
+
+
+def test_model_that_arrives_quantized_stays_quantized_through_build(tmp_path):
+    from helpers import assert_close, run_ort
+
+    from lmc.compiler.build import BuildOptions, build
+
+    path = tmp_path / "qdq.onnx"
+    onnx.save(_quantized_model(), str(path))
+    out = tmp_path / "out"
+    result = build(path, BuildOptions(target="cortex-a55"), out)
+    bundle = onnx.load(str(out / "model.onnx"))
+    int8 = [t for t in bundle.graph.initializer if t.data_type == TensorProto.INT8 and list(t.dims) == [64, 96]]
+    assert len(int8) == 1 and sum(n.op_type == "DequantizeLinear" for n in bundle.graph.node) == 1
+    assert result.weight_bytes_after <= result.weight_bytes_before
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [64, 96] for t in bundle.graph.initializer)
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 16, 64)).astype(np.float32)}
+    assert_close(run_ort(path, feeds), run_ort(out / "model.onnx", feeds), rel=1e-5)
+    assert result.verification.passed
