@@ -73,6 +73,7 @@ class BuildOptions:
     batch: int | None = None             # generation bundle: batch rows
     prefill_chunk: int | None = None     # generation bundle: prompt tokens per step (bounds prefill memory)
     kv_cache: str | None = None          # generation bundle: cache precision, float | int8 (approximate)
+    encoder_length: int | None = None    # encoder–decoder bundle: the encoder's sequence length (lmc.compiler.seq2seq)
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
@@ -206,6 +207,12 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     a build over budget tries ``fitting_candidates`` in order and keeps the first that fits (its
     ``fitted`` says which); if none does, the error names the best attempt and what dominates it."""
     options = options or BuildOptions()
+    from lmc.compiler.seq2seq_export import is_export_path
+
+    if is_export_path(model_path) or options.encoder_length is not None:     # an encoder–decoder export
+        from lmc.compiler.seq2seq import build_seq2seq
+
+        return build_seq2seq(model_path, options, out_dir, on_pass, progress)
     try:
         return _build_once(model_path, options, out_dir, on_pass, progress)
     except BudgetExceeded as first:
@@ -472,10 +479,11 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
 
     before: list[tuple[int, int]] = []
 
-    def run_passes(graph: gs.Graph):
+    def run_passes(graph: gs.Graph, masks: dict):
         before.append((len(graph.nodes), ir.weight_bytes(graph)))
         manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
-                              PassContext(target=target, options=options, progress=progress, spill=spill),
+                              PassContext(target=target, options=options, progress=progress, spill=spill,
+                                          masks=masks),
                               peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
                               on_pass=on_pass if len(before) > 1 else None)
         return manager.run(graph)

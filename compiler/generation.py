@@ -343,48 +343,79 @@ def check_generation_model(graph: gs.Graph) -> None:
                        "outputs present.*), e.g. optimum's text-generation-with-past")
 
 
-PRECHECK_PROBES = ((4, 1), (0, 3), (4, 3))      # (past, sequence): a decode step, a prefill, a later chunk
+PRECHECK_SEQUENCES = (1, 2, 3)      # decode steps and short prefills, at every past length (or ``horizon``'s)
 
 
-def precheck_masks(model_path, batch: int) -> None:
-    """Check every attention mask on fully bound copies of the model — a decode step, a first prefill and
-    a later chunk — where every shape folds, so each mask's cone is a few index ops (the compiles, with
-    the cache length still free, may only probe masks whose cones are small)."""
-    for past, sequence in PRECHECK_PROBES:
-        _precheck_one(model_path, batch, past, sequence)
-
-
-def _precheck_one(model_path, batch: int, past: int, sequence: int) -> None:
-    from lmc.passes.fold_constants import FoldConstants
-    from lmc.passes.cache_masks import check_masks
+def precheck_masks(model_path, batch: int, context: int) -> dict:
+    """Judge every attention mask over the whole horizon before the compiles (which see one sequence
+    length each). First on one copy of the model with only the batch bound: when its masks' cones are light,
+    every past length 0 … context − S is probed for each S in ``PRECHECK_SEQUENCES``. Otherwise on fully
+    bound copies, one per probe, where every shape folds so each mask's cone is a few index ops — at the past
+    lengths ``cache_masks.horizon`` picks (both sides of every window edge). Returns {key present name:
+    MaskPattern}."""
+    from lmc.passes.cache_masks import judge_masks, mask_keeps, probeable
     from lmc.passes.cache_sites import find_sites
+
+    graph, roles, pairs = _bound_copy(model_path, batch, None, None)
+    try:
+        sites = find_sites(graph, pairs)
+    except LmcError:             # some exports' attentions are recognised only once the lengths fold
+        sites = None
+    if sites is not None and probeable(graph, pairs, sites):
+        return judge_masks(lambda probes: mask_keeps(graph, roles, pairs, sites, probes), context,
+                           PRECHECK_SEQUENCES)
+
+    def keeps_at(probes):
+        for past, sequence in probes:
+            yield from _precheck_one(model_path, batch, past, sequence)
+    return judge_masks(keeps_at, context, PRECHECK_SEQUENCES, dense=False)
+
+
+def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
+    """The model with its batch (and, given, its past and sequence lengths) bound and folded:
+    (graph, roles, cache pairs)."""
+    from lmc.passes.fold_constants import FoldConstants
 
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)
     roles = find_roles(graph)
     pairs = find_cache_pairs(graph)
+    pasts = {p.past.name for p in pairs}
     for t in graph.inputs:
+        if not t.shape:
+            continue
         if t.name in (roles.input_ids, roles.position_ids):
-            t.shape = [batch, sequence]
+            t.shape = [batch, sequence if sequence is not None else t.shape[1]]
         elif t.name == roles.attention_mask:
-            t.shape = [batch, past + sequence]
-        elif t.name in {p.past.name for p in pairs}:
-            t.shape = [batch, int(t.shape[1]), past, int(t.shape[3])]
+            t.shape = [batch, past + sequence if past is not None else t.shape[1]]
+        elif t.name in pasts:
+            t.shape = [batch, int(t.shape[1]), past if past is not None else t.shape[2], int(t.shape[3])]
     shapes.infer_shapes(graph)
     for _ in range(4):
         if not FoldConstants().run(graph, PassContext()).modified:
             break
         ir.remove_dead_nodes(graph)
         shapes.infer_shapes(graph)
-    check_masks(graph, roles, pairs, find_sites(graph, pairs))
+    return graph, roles, pairs
+
+
+def _precheck_one(model_path, batch: int, past: int, sequence: int):
+    from lmc.passes.cache_masks import mask_keeps
+    from lmc.passes.cache_sites import find_sites
+
+    graph, roles, pairs = _bound_copy(model_path, batch, past, sequence)
+    keeps = mask_keeps(graph, roles, pairs, find_sites(graph, pairs), [(past, sequence)])
+    if keeps is None:
+        raise LmcError(f"--context: the attention masks of {model_path} could not be evaluated")
+    yield from keeps
 
 
 def compile_generation(model_path, context: int, batch: int,
-                       run_passes: Callable[[gs.Graph], tuple[gs.Graph, list[PassRecord]]]
+                       run_passes: Callable[[gs.Graph, dict], tuple[gs.Graph, list[PassRecord]]]
                        ) -> tuple[gs.Graph, list[PassRecord], GenerationInfo, Template]:
     """Compile at both probe lengths, generalise, and return (graph with a symbolic sequence dim, the
     records of the second compile, the generation info, the shape templates)."""
-    precheck_masks(model_path, batch)
+    patterns = precheck_masks(model_path, batch, context)
     first: Snapshot | None = None
     for length in PROBE_LENGTHS:
         model = load_model(model_path)
@@ -398,7 +429,7 @@ def compile_generation(model_path, context: int, batch: int,
             elif t.shape:                 # cache and attention mask: the batch is bound, their lengths not yet
                 t.shape = [batch] + list(t.shape[1:])
         shapes.infer_shapes(graph)
-        graph, records = run_passes(graph)
+        graph, records = run_passes(graph, patterns)
         if first is None:
             first = snapshot(graph)
             del graph

@@ -60,6 +60,7 @@ class PassContext:
     options: Any = None
     progress: Callable[[str, int, int], None] | None = None
     spill: Any = None          # a weights.SpillFile: large weights a pass creates move there after it
+    masks: Any = None          # generation builds: {key present: MaskPattern} judged on bound copies first
 
 
     def report(self, label: str, done: int, total: int) -> None:

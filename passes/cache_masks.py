@@ -6,6 +6,7 @@ keeps must be those of a known pattern for every probe.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -109,37 +110,154 @@ def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> li
     return found
 
 
-def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite]) -> None:
-    """Evaluate every site's mask on probes (batch, past, sequence) — the graph's bound dims, and past
-    lengths 0, 3, 4 where the cache length is free; raise LmcError unless each is the causal mask."""
+@dataclass(frozen=True)
+class MaskPattern:
+    """The keys an attention mask keeps: key position j is visible from query position q iff
+    j ≤ q and q − j < ``window`` (``window`` None: every earlier key — the causal mask)."""
+
+    window: int | None = None
+
+    def keep(self, past: int, sequence: int) -> np.ndarray:
+        """[S, P+S] booleans for queries P … P+S−1 over keys 0 … P+S−1."""
+        q = past + np.arange(sequence)[:, None]
+        j = np.arange(past + sequence)[None, :]
+        keep = j <= q
+        return keep & (q - j < self.window) if self.window is not None else keep
+
+    def describe(self) -> str:
+        return "causal" if self.window is None else f"sliding window {self.window}"
+
+
+def classify(keep: np.ndarray, past: int) -> MaskPattern | None:
+    """The pattern a mask's last query row (position P+S−1, keys 0 … P+S−1) shows: causal, or a sliding window
+    of W keys (the W latest, contiguous); None when it is neither."""
+    row = np.asarray(keep)[-1]
+    q = row.size - 1
+    if row.all():
+        return MaskPattern()
+    visible = np.flatnonzero(row)
+    if visible.size and visible[-1] == q and np.array_equal(visible, np.arange(visible[0], q + 1)):
+        return MaskPattern(int(visible.size))
+    return None
+
+
+def horizon(context: int, sequence: int, windows: set[int], dense: bool = True) -> list[int]:
+    """Past lengths P (0 ≤ P ≤ context − S) a mask is probed at for S new tokens: every P when ``dense``, else
+    the start, the end, powers of two and both sides of every window edge (W and 2W for each window W) — the
+    positions where a windowed and a causal mask, or two windows, first differ."""
+    last = context - sequence
+    if last < 0:
+        return []
+    if dense:
+        return list(range(last + 1))
+    points = {0, 1, 2, 3, 4, last, last // 2} | {1 << k for k in range(last.bit_length())}
+    for w in windows:
+        for edge in (w, 2 * w):
+            points |= {edge - sequence + d for d in (-1, 0, 1)} | {edge + d for d in (-1, 0, 1)}
+    return sorted(p for p in points if 0 <= p <= last)
+
+
+def probeable(graph: gs.Graph, pairs: list[CachePair], sites: list[AttentionSite]) -> bool:
+    """Whether the masks' cone is light enough to evaluate on its own (``PROBE_WEIGHT_LIMIT``)."""
+    masks = list({id(s.mask): s.mask for s in sites}.values())
+    return _cone_weight_bytes(graph, masks, pairs) <= PROBE_WEIGHT_LIMIT
+
+
+def mask_keeps(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite],
+               probes: list[tuple[int, int]]):
+    """Yield ((past, sequence), {key present name: keep [.., S, P+S]}) for each probe, evaluating the masks'
+    cone under onnxruntime (the batch is the graph's bound batch). An additive mask must be exactly 0 where
+    it keeps a key; anything else (a position bias) is refused here. None when the cone is too heavy to
+    probe (its weights exceed ``PROBE_WEIGHT_LIMIT``: the masks read shapes only running the layers gives)."""
     from lmc.compiler.runtime import session
 
+    if not probeable(graph, pairs, sites):
+        return None
     masks = list({id(s.mask): s.mask for s in sites}.values())
-    if _cone_weight_bytes(graph, masks, pairs) > PROBE_WEIGHT_LIMIT:
-        # the masks read shapes that only running the layers gives (e.g. of repeated keys); the build
-        # checked them on fully bound copies, where those shapes fold (``generation.precheck_masks``)
-        log.info("mask probes skipped here: their cones hold more than %d bytes of weights", PROBE_WEIGHT_LIMIT)
-        return
     sess = session(_cone_model(graph, masks, pairs), optimize=False)
-    for b, p, s in _probes(graph, roles, pairs):
-        values = sess.run([m.name for m in masks], _fed(sess, _probe_feeds(graph, roles, pairs, b, p, s)))
-        allowed = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]          # [S, P+S]
-        for site_mask, value in zip(masks, values):
-            kind = next(x.mask_kind for x in sites if x.mask is site_mask)
-            value = np.asarray(value)
-            try:
-                full = np.broadcast_to(value, value.shape[:-2] + (s, p + s)) if value.ndim >= 2 else None
-            except ValueError:
-                full = None
-            if full is None:
-                raise LmcError(f"--context: attention mask '{site_mask.name}' has shape {value.shape}, "
-                               f"not [.., {s}, {p + s}] for sequence {s} after {p} cached tokens")
-            if kind == "additive":
-                keep = full > MASKED
-                ok = np.all(full[..., allowed] == 0) and not np.any(keep[..., ~allowed])
-            else:
-                keep = full.astype(bool) if kind == "keep-where-true" else ~full.astype(bool)
-                ok = np.all(keep == allowed)
-            if not ok:
-                raise LmcError(f"--context: the attention mask '{site_mask.name}' is not causal over the cache "
-                               f"(probe: batch {b}, past {p}, sequence {s}); lmc cannot replace it exactly")
+    ids = next(t for t in graph.inputs if t.name == roles.input_ids)
+    b = _bound(ids, 0) or 1
+
+    def run():
+        for p, s in probes:
+            values = sess.run([m.name for m in masks], _fed(sess, _probe_feeds(graph, roles, pairs, b, p, s)))
+            by_mask = {id(m): _keep(m, v, site_kind(m), b, p, s) for m, v in zip(masks, values)}
+            yield (p, s), {site.key.present.name: by_mask[id(site.mask)] for site in sites}
+
+    def site_kind(mask):
+        return next(x.mask_kind for x in sites if x.mask is mask)
+    return run()
+
+
+def _keep(mask: gs.Tensor, value, kind: str, b: int, p: int, s: int) -> np.ndarray:
+    value = np.asarray(value)
+    try:
+        full = np.broadcast_to(value, value.shape[:-2] + (s, p + s)) if value.ndim >= 2 else None
+    except ValueError:
+        full = None
+    if full is None:
+        raise LmcError(f"--context: attention mask '{mask.name}' has shape {value.shape}, "
+                       f"not [.., {s}, {p + s}] for sequence {s} after {p} cached tokens")
+    if kind == "additive":
+        keep = full > MASKED
+        if np.any(full[keep] != 0):
+            raise LmcError(f"--context: the attention mask '{mask.name}' adds a bias to the scores it keeps "
+                           f"(a position bias, e.g. ALiBi); lmc cannot replace it exactly")
+        return keep
+    return full.astype(bool) if kind == "keep-where-true" else ~full.astype(bool)
+
+
+def judge_masks(keeps_at, context: int, sequences: tuple[int, ...], dense: bool = True) -> dict[str, MaskPattern]:
+    """Prove every attention's mask causal or a sliding window over the whole horizon, by evaluation.
+
+    ``keeps_at(probes)`` yields ((P, S), {site: keep}) as ``mask_keeps`` does. Each site's pattern is read off
+    its last query row at the largest past (P = context − S: a window W < context shows as W visible keys),
+    then every probe — S in ``sequences``, P over ``horizon`` (every past length when ``dense``) — must keep
+    exactly the pattern's keys, in every batch row and head. Raises LmcError naming the first mask and
+    probe that differ; returns {key present name: pattern}."""
+    patterns: dict[str, MaskPattern] = {}
+    for s in sequences:
+        if s > context:
+            continue
+        for (p, s_), keeps in keeps_at([(context - s, s)]):
+            for name, keep in keeps.items():
+                found = classify(keep.reshape(-1, s_, p + s_)[0], p)
+                if found is None:
+                    raise LmcError(f"--context: the attention mask of '{name}' is neither causal nor a sliding "
+                                   f"window (probe: past {p}, sequence {s_}); lmc cannot replace it exactly")
+                if patterns.setdefault(name, found) != found:
+                    raise LmcError(f"--context: the attention mask of '{name}' is {patterns[name].describe()} for "
+                                   f"one prompt length and {found.describe()} for another")
+    windows = {w.window for w in patterns.values() if w.window is not None}
+    for s in sequences:
+        probes = [(p, s) for p in horizon(context, s, windows, dense)]
+        for (p, s_), keeps in keeps_at(probes):
+            for name, keep in keeps.items():
+                expected = patterns[name].keep(p, s_)
+                if not np.all(keep == expected):
+                    raise LmcError(f"--context: the attention mask of '{name}' is not {patterns[name].describe()} "
+                                   f"at past {p}, sequence {s_}; lmc cannot replace it exactly")
+    return patterns
+
+
+def check_masks(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite],
+                context: int, known: dict[str, MaskPattern] | None = None) -> dict[str, MaskPattern]:
+    """Every site's mask pattern over the graph's bound sequence length and every past length up to
+    ``context``; when the cone cannot be probed here, the ``known`` patterns (judged on bound copies of the
+    model before the passes ran) are taken, and a site without one is refused."""
+    ids = next(t for t in graph.inputs if t.name == roles.input_ids)
+    s = _bound(ids, 1) or 1
+    if not probeable(graph, pairs, sites):
+        known = known or {}
+        missing = [site.key.present.name for site in sites if site.key.present.name not in known]
+        if missing:
+            raise LmcError(f"--context: the attention mask of '{missing[0]}' could not be evaluated")
+        log.info("mask probes skipped here: their cones hold more than %d bytes of weights", PROBE_WEIGHT_LIMIT)
+        return {site.key.present.name: known[site.key.present.name] for site in sites}
+    patterns = judge_masks(lambda probes: mask_keeps(graph, roles, pairs, sites, probes), context, (s,),
+                           dense=known is None)      # judged densely before, when known
+    for name, pattern in (known or {}).items():
+        if name in patterns and patterns[name] != pattern:
+            raise LmcError(f"--context: the attention mask of '{name}' is {pattern.describe()} for a decode step "
+                           f"and {patterns[name].describe()} for a prefill")
+    return patterns

@@ -30,6 +30,7 @@ original would have seen ([B, Hkv, P, D] / [B, Hkv, P + S, D]).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -38,7 +39,7 @@ import onnx_graphsurgeon as gs
 from lmc.compiler import ir
 from lmc.compiler.errors import LmcError
 from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
-from lmc.passes.cache_masks import check_masks, position_ranges
+from lmc.passes.cache_masks import MaskPattern, check_masks, position_ranges
 from lmc.passes.cache_sites import Roles, find_cache_pairs, find_roles, find_sites
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,46 @@ log = logging.getLogger(__name__)
 STATE_OPSET = 24
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one attention's cache is held and masked. Key position j is visible from query position q iff
+    j ≤ q and (``window`` is None or q − j < ``window`` or (j < ``sinks`` and (``limit`` is None or
+    q − j < ``limit``))). ``slots`` rows of state: a ring (slots < context) when a window bounds it, else
+    slot = position. ``exact``: the original attention keeps exactly these keys."""
+
+    window: int | None
+    sinks: int
+    limit: int | None
+    slots: int
+    exact: bool
+
+    def describe(self, context: int) -> str:
+        if self.window is None:
+            return f"full ({self.slots} slots)"
+        what = f"window {self.window}" + (f" + {self.sinks} sinks" if self.sinks else "")
+        how = f"ring of {self.slots} slots" if self.slots < context else f"{self.slots} slots"
+        return f"{what}{'' if self.exact else ' (approximate)'}, {how}"
+
+
+def layout_for(pattern: MaskPattern, context: int, window: int, sinks: int, chunk: int) -> Layout:
+    """A layer's layout from its mask's pattern and the user's ``--attention sliding:window,sinks`` (window
+    0: none): the narrower window wins; a user window narrower than the model's keeps its sinks only while
+    the model's window still sees them. A window needs sinks + W + (chunk − 1) ring slots — a prefill chunk
+    never overwrites a key an earlier query of the same chunk still sees — when that is below ``context``."""
+    model = pattern.window
+    if window and (model is None or window < model):
+        w, s, limit, exact = window, sinks, model, False
+    else:
+        w, s, limit, exact = model, 0, None, True
+    if w is None:
+        return Layout(None, 0, None, context, exact)
+    ring = s + w + max(1, chunk) - 1
+    return Layout(w, s, limit, ring if ring < context else context, exact)
+
+
 class StaticKVCache:
-    """Rewrite past/present cache pairs into fixed-size, in-place state of ``context`` slots."""
+    """Rewrite past/present cache pairs into fixed-size, in-place state: ``context`` slots for full
+    attention, a ring for a windowed one (the model's own window, per layer, or the user's)."""
 
     name = "static-kv-cache"
     kind = PassKind.EXACT
@@ -60,15 +99,7 @@ class StaticKVCache:
         self.context = int(context)
         self.kv_int8 = bool(kv_int8)
         self.batch = int(batch)
-        self.window, self.sinks = int(window), int(sinks)
-        # a ring of sinks + W + (chunk − 1) slots: a prefill chunk never overwrites a key an earlier
-        # query of the same chunk still sees; decoding one token at a time needs exactly sinks + W
-        ring = self.sinks + self.window + max(1, int(chunk)) - 1
-        self.slots = ring if self.window and ring < self.context else self.context
-
-    @property
-    def ring(self) -> bool:
-        return self.slots < self.context
+        self.window, self.sinks, self.chunk = int(window), int(sinks), max(1, int(chunk))
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
         pairs = find_cache_pairs(graph)
@@ -77,7 +108,9 @@ class StaticKVCache:
                            "(a decoder exported with past, e.g. optimum's text-generation-with-past)")
         roles = find_roles(graph)
         sites = find_sites(graph, pairs)
-        check_masks(graph, roles, pairs, sites)
+        patterns = check_masks(graph, roles, pairs, sites, self.context, getattr(ctx, "masks", None))
+        layouts = {id(site): layout_for(patterns[site.key.present.name], self.context, self.window, self.sinks,
+                                        self.chunk) for site in sites}
         ranges = position_ranges(graph, roles, pairs)
         self._require_opset(graph, ctx)
         names = ir.Namer(graph)
@@ -100,18 +133,35 @@ class StaticKVCache:
         last = add("Gather", [positions, c("lmc_last", -1)], var("lmc_last_position", i64, [b]), axis=1)
         total = add("Add", [last, c("lmc_one", 1)], var("lmc_kv_length", i64, [b]))
         qpos = add("Unsqueeze", [positions, c("lmc_axes13", [1, 3])], var("lmc_query_position", i64))
-        nonpad = total
-        if self.ring:        # the slots are not in position order: the mask alone says what is valid
-            mask, indices = self._ring(positions, last, qpos, add, c, var)
-            nonpad = gs.Variable.empty()
-        else:
-            slots = c("lmc_slots", np.arange(self.context))
-            mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
+        masks: dict[Layout, tuple] = {}
+
+        def masking(layout: Layout):
+            """(mask, nonpad lengths, ring write indices by heads or None), made once per layout."""
+            if layout not in masks:
+                if layout.slots < self.context:   # a ring: the slots are not in position order, the mask says all
+                    mask, indices = self._ring(layout, positions, last, qpos, add, c, var)
+                    masks[layout] = (mask, gs.Variable.empty(), indices)
+                else:
+                    slots = c("lmc_slots", np.arange(self.context))
+                    mask = add("LessOrEqual", [slots, qpos], var("lmc_attn_mask", np.bool_))
+                    if layout.window is not None:
+                        mask = add("And", [mask, self._recent(layout, slots, qpos, add, c, var)],
+                                   var("lmc_window_mask", np.bool_))
+                    masks[layout] = (mask, total, None)
+            return masks[layout]
+
         # Shape readers of past/present see the shapes of the original: [B, Hkv, P, D], [B, Hkv, P+S, D]
         # (row 0's lengths: Shape readers describe one tensor for all rows)
         past_len = add("Slice", [write_at, c("lmc_row0", [0]), c("lmc_row1", [1])], var("lmc_past_length", i64, [1]))
         total_len = add("Slice", [total, c("lmc_row0b", [0]), c("lmc_row1b", [1])], var("lmc_total_length", i64, [1]))
+        layout_of_pair: dict[int, Layout] = {}
         for site in sites:
+            layout = layouts[id(site)]
+            mask, nonpad, _ = masking(layout)
+            for pair in (site.key, site.value):
+                if layout_of_pair.setdefault(id(pair), layout) != layout:
+                    raise LmcError(f"--context: cache '{pair.present.name}' is read by attentions with different "
+                                   f"masks; lmc cannot hold it as one state")
             for n in site.nodes:
                 n.inputs.clear()
                 n.outputs.clear()
@@ -121,15 +171,17 @@ class StaticKVCache:
                                          gs.Variable.empty(), nonpad],
                                  outputs=[site.out]))
         for pair in pairs:
+            layout = layout_of_pair[id(pair)]
+            _, _, indices = masking(layout)
             d = pair.past.shape
             heads, depth = int(d[1]), int(d[3])
-            pair.past.shape = [b, heads, self.slots, depth]
+            pair.past.shape = [b, heads, layout.slots, depth]
             pair.concat.inputs.clear()
             pair.concat.outputs.clear()
             for length, tensor in ((past_len, pair.past), (total_len, pair.present)):
                 self._redirect_shapes(tensor, length, b, heads, depth, add, c, var)
-            def write(past, update, present):
-                if self.ring:
+            def write(past, update, present, indices=indices, heads=heads):
+                if indices is not None:
                     return add("ScatterND", [past, indices(heads), update], present)
                 return add("TensorScatter", [past, update, write_at], present, axis=2, mode="linear")
             if self.kv_int8:
@@ -150,19 +202,34 @@ class StaticKVCache:
             self._replace_attention_mask(graph, roles, total, names, c, var)
         ir.topological_sort(graph)
         ir.remove_dead_nodes(graph)
-        return PassResult(graph, modified=True, stats={"cache_pairs": len(pairs), "attention_sites": len(sites)},
-                          notes=[f"{len(pairs)} cache pairs → fixed state of {self.slots} slots"
-                                 + (f" (ring: {self.sinks} sinks + window {self.window})" if self.ring else "")
-                                 + f", {len(sites)} attentions → Attention-24"])
+        per_layer = [f"{site.key.present.name}: {layouts[id(site)].describe(self.context)}" for site in sites]
+        return PassResult(graph, modified=True,
+                          stats={"cache_pairs": len(pairs), "attention_sites": len(sites),
+                                 "windowed_sites": sum(layouts[id(s)].window is not None for s in sites)},
+                          notes=[f"{len(pairs)} cache pairs → fixed state, {len(sites)} attentions → Attention-24",
+                                 "layers: " + "; ".join(per_layer)])
 
-    def _ring(self, positions, last, qpos, add, c, var):
+    @staticmethod
+    def _recent(layout: Layout, slot_position, qpos, add, c, var) -> gs.Tensor:
+        """q − p < window, or p a sink the model's window (``limit``) still sees: [B, 1, S, slots]."""
+        age = add("Sub", [qpos, slot_position], var("lmc_key_age", np.int64))
+        keep = add("Less", [age, c("lmc_window", layout.window)], var("lmc_recent", np.bool_))
+        if not layout.sinks:
+            return keep
+        sink = add("Less", [slot_position, c("lmc_sinks_n", layout.sinks)], var("lmc_is_sink_key", np.bool_))
+        if layout.limit is not None:
+            sink = add("And", [sink, add("Less", [age, c("lmc_limit", layout.limit)], var("lmc_in_limit", np.bool_))],
+                       var("lmc_sink_seen", np.bool_))
+        return add("Or", [keep, sink], var("lmc_keep", np.bool_))
+
+    def _ring(self, layout: Layout, positions, last, qpos, add, c, var):
         """Ring-buffer masking and write indices (StreamingLLM: ``sinks`` first tokens kept, the rest in a
         ring). Position p lives in slot(p) = p if p < sinks else sinks + (p − sinks) mod r, r = slots − sinks.
         After writing up to position L (= p[:, −1]), ring slot j = sinks + k holds
         p_j = sinks + k + r·⌊(L − sinks − k) / r⌋ (written iff L − sinks − k ≥ 0); sink slot j holds j
-        (iff j ≤ L). Query q sees slot j iff written, p_j ≤ q, and (j < sinks or q − p_j < window)."""
-        i64, b, r, sinks = np.int64, self.batch, self.slots - self.sinks, self.sinks
-        j = np.arange(self.slots)
+        (iff j ≤ L). Query q sees slot j iff written, p_j ≤ q, and the layout keeps p_j (``_recent``)."""
+        i64, b, r, sinks = np.int64, self.batch, layout.slots - layout.sinks, layout.sinks
+        j = np.arange(layout.slots)
         last2 = add("Unsqueeze", [last, c("lmc_ax1", [1])], var("lmc_last_2d", i64, [b, 1]))
         num = add("Sub", [last2, c("lmc_ring_offset", sinks + np.maximum(j - sinks, 0))], var("lmc_ring_num", i64))
         written_ring = add("GreaterOrEqual", [num, c("lmc_zero", 0)], var("lmc_ring_written", np.bool_))
@@ -179,9 +246,7 @@ class StaticKVCache:
         p4 = add("Unsqueeze", [p_slot, c("lmc_ax12", [1, 2])], var("lmc_slot_position_4d", i64))   # [B,1,1,R]
         w4 = add("Unsqueeze", [written, c("lmc_ax12b", [1, 2])], var("lmc_slot_written_4d", np.bool_))
         causal = add("LessOrEqual", [p4, qpos], var("lmc_ring_causal", np.bool_))                  # [B,1,S,R]
-        age = add("Sub", [qpos, p4], var("lmc_ring_age", i64))
-        recent = add("Less", [age, c("lmc_window", self.window)], var("lmc_ring_recent", np.bool_))
-        keep = add("Or", [recent, c("lmc_is_sink_4d", (j < sinks).reshape(1, 1, 1, -1))], var("lmc_ring_keep", np.bool_))
+        keep = self._recent(layout, p4, qpos, add, c, var)
         mask = add("And", [add("And", [w4, causal], var("lmc_ring_seen", np.bool_)), keep],
                    var("lmc_attn_mask", np.bool_))
         # write slots of the new tokens, as ScatterND indices (b, head, slot) per row
