@@ -207,9 +207,9 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     a build over budget tries ``fitting_candidates`` in order and keeps the first that fits (its
     ``fitted`` says which); if none does, the error names the best attempt and what dominates it."""
     options = options or BuildOptions()
-    from lmc.compiler.seq2seq_export import is_export_path
+    from lmc.compiler.seq2seq_export import is_export_build
 
-    if is_export_path(model_path) or options.encoder_length is not None:     # an encoder–decoder export
+    if is_export_build(model_path, options):       # an encoder–decoder export (lmc.compiler.seq2seq)
         from lmc.compiler.seq2seq import build_seq2seq
 
         return build_seq2seq(model_path, options, out_dir, on_pass, progress)
@@ -474,7 +474,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
     from lmc.compiler.generate import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
-    from lmc.compiler.verify import compare_generation
+    from lmc.compiler.verify import check_spans, compare_generation
     from lmc.targets.plan import Profile
 
     before: list[tuple[int, int]] = []
@@ -499,7 +499,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     vocab = int(templates[info.logits][-1][1])
     chunk = min(options.prefill_chunk, options.context)
     spec = AttentionSpec.parse(options.attention)
-    info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks)
+    info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks,
+                               windows=tuple(sorted(set(info.windows) | ({spec.window} if spec.window else set()))))
     runtime = runtime_for(graph, target)     # one session for every profile: chosen on the unbound graph
     staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
     try:
@@ -520,9 +521,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         verification = None
         if options.verify:
             verification = compare_generation(model_path, staged / emit.MODEL_FILE, vocab,
-                                              prompt=min(8, options.context // 2),
-                                              steps=min(8, options.context - min(8, options.context // 2)),
-                                              tolerance=options.tolerance, seed=options.seed)
+                                              spans=check_spans(info), tolerance=options.tolerance,
+                                              seed=options.seed)
             if not options.approximations and not verification.passed:
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)

@@ -307,8 +307,9 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
             click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}{spread}")
         if report.perplexity:
             p = report.perplexity
+            allowed = f", may reach ±{p['allowed'] * 100:.3g}%" if "allowed" in p else ""
             click.echo(f"perplexity: original {p['original']:.4f}  bundle {p['bundle']:.4f}  "
-                       f"({p['relative_change'] * 100:+.2f}%)")
+                       f"({p['relative_change'] * 100:+.2f}%{allowed})")
         spread = report.spread
         accepted = (f", accepting up to {report.spread_factor:g} × the original's own spread {spread:.2e}"
                     if spread and report.spread_factor * spread > tolerance else "")

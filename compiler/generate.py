@@ -40,12 +40,13 @@ class GenerationInfo:
     window: int = 0                          # sliding window (0: full attention)
     sinks: int = 0
     prefill_chunk: int = 0                   # prompts run in steps of at most this many tokens (0: any)
+    windows: tuple[int, ...] = ()            # the distinct attention windows of its layers (model's and user's)
 
     def to_json(self) -> str:
         return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
                            "position_ids": self.position_ids, "logits": self.logits,
                            "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks,
-                           "prefill_chunk": self.prefill_chunk},
+                           "prefill_chunk": self.prefill_chunk, "windows": list(self.windows)},
                           sort_keys=True)
 
     @classmethod
@@ -53,7 +54,7 @@ class GenerationInfo:
         d = json.loads(text)
         return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
                    tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)),
-                   int(d.get("prefill_chunk", 0)))
+                   int(d.get("prefill_chunk", 0)), tuple(int(w) for w in d.get("windows", ())))
 
 
 def generation_info(model_path: str | Path) -> GenerationInfo | None:

@@ -14,6 +14,7 @@ length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -435,6 +436,7 @@ def compile_generation(model_path, context: int, batch: int,
             del graph
             weights.release_freed()          # free the first compile's weights before the second is made
     info = _info(graph, context, batch)
+    info = dataclasses.replace(info, windows=tuple(sorted({p.window for p in patterns.values() if p.window})))
     templates = shape_templates(graph, first, PROBE_LENGTHS)
     ids = next(t for t in graph.inputs if t.name == info.input_ids)
     generalised = generalise(graph, first, PROBE_LENGTHS, ids)

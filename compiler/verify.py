@@ -85,8 +85,14 @@ class VerifyReport:
         return max(measured) if measured else None
 
     @property
+    def perplexity_passed(self) -> bool:
+        """The perplexity gap within what it may reach (``allowed``, when it was judged)."""
+        allowed = self.perplexity.get("allowed")
+        return allowed is None or abs(self.perplexity["relative_change"]) <= allowed
+
+    @property
     def passed(self) -> bool:
-        return all(o.max_rel <= o.limit(self.tolerance) for o in self.outputs)
+        return all(o.max_rel <= o.limit(self.tolerance) for o in self.outputs) and self.perplexity_passed
 
     @property
     def failures(self) -> tuple[OutputError, ...]:
@@ -97,6 +103,12 @@ class VerifyReport:
         if self.passed:
             return f"all {len(self.outputs)} output(s) within tolerance"
         parts = []
+        if not self.perplexity_passed:
+            p = self.perplexity
+            parts.append(f"perplexity {p['bundle']:.6g} vs the original's {p['original']:.6g}: relative gap "
+                         f"{p['relative_change']:+.3g} beyond {p['allowed']:.3g} (tolerance {self.tolerance:g}, the "
+                         f"original's own spread, full window vs token by token, {p['spread']:.3g} × "
+                         f"{self.spread_factor:g})")
         for o in self.failures:
             tol = o.tolerance or self.tolerance
             why = f"tolerance {tol:g}"
@@ -411,19 +423,43 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     return report
 
 
+HORIZON_FULL = 1024     # contexts up to this many tokens are checked to their last position
+DECODE_STEPS = 16       # single-token steps at the end of a check of a model without windows
+
+
+def check_spans(info) -> list[tuple[int, int]]:
+    """The forward calls (start, end) of a generation check, over the whole horizon: token positions
+    0 … L−1 with L = context (up to ``HORIZON_FULL``; beyond it max(HORIZON_FULL, 2·widest window + 2·chunk)),
+    prefilled in the bundle's chunks, then the last D positions one token at a time, D = 2·widest window + 1
+    (so decoding alone wraps every ring and crosses every window edge) or ``DECODE_STEPS`` without windows.
+    Every position is compared, so a mask that differs anywhere up to L shows."""
+    widest = max(info.windows, default=0)
+    chunk = info.prefill_chunk or 64
+    context = info.context
+    length = context if context <= HORIZON_FULL else min(context, max(HORIZON_FULL, 2 * widest + 2 * chunk))
+    decode = min(length - 1, 2 * widest + 1 if widest else DECODE_STEPS)
+    prefill_end = length - decode
+    return [(a, min(a + chunk, prefill_end)) for a in range(0, prefill_end, chunk)] + \
+        [(i, i + 1) for i in range(prefill_end, length)]
+
+
 def compare_generation(reference: str | Path, candidate: str | Path, vocab: int, prompt: int = 8, steps: int = 8,
                        tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
-                       tokens: Sequence[int] | None = None) -> VerifyReport:
-    """A generation bundle against the original past/present export: the same random prompt prefilled in
-    both, then ``steps`` tokens one at a time (the original driven present → past, the bundle with its
-    state in place); logits compared at every position, for every batch row of the bundle."""
+                       tokens: Sequence[int] | None = None, spans: Sequence[tuple[int, int]] | None = None
+                       ) -> VerifyReport:
+    """A generation bundle against the original past/present export: the same random tokens through both,
+    in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
+    time) — the original driven present → past, the bundle with its state in place; logits compared at every
+    position, for every batch row of the bundle, prefill calls and single-token calls reported apart."""
     from lmc.compiler.generate import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
 
     batch = generation_info(candidate).batch
+    if spans is None:
+        spans = [(0, prompt)] + [(i, i + 1) for i in range(prompt, prompt + steps)]
+    length = spans[-1][1]
     if tokens is None:
-        tokens = np.random.default_rng(seed).integers(0, vocab, (batch, prompt + steps))
+        tokens = np.random.default_rng(seed).integers(0, vocab, (batch, length))
     tokens = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)
-    spans = [(0, prompt)] + [(i, i + 1) for i in range(prompt, tokens.shape[1])]
 
     def run(decoder) -> list[np.ndarray]:
         return [decoder.forward(tokens[:, a:b]) for a, b in spans]
@@ -433,34 +469,38 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     weights.release_freed()
     candidate_logits = run(StateDecoder(candidate, session_options=LOW_MEMORY, warm_up=False))
     weights.release_freed()
-    worst = [compare(reference_logits[0], candidate_logits[0], "logits (prefill)")]
-    decode = None
-    for r, c in zip(reference_logits[1:], candidate_logits[1:]):
-        err = compare(r, c, "logits (decode)")
-        decode = err if decode is None or err.max_rel > decode.max_rel else decode
-    if decode is not None:
-        worst.append(decode)
-    return VerifyReport(tuple(worst), len(spans), tolerance)
+    worst: dict[str, OutputError] = {}
+    for (a, b), r, c in zip(spans, reference_logits, candidate_logits):
+        name = "logits (decode)" if b - a == 1 and a > 0 else "logits (prefill)"
+        err = compare(r, c, name)
+        if name not in worst or err.max_rel > worst[name].max_rel:
+            worst[name] = err
+    return VerifyReport(tuple(worst[n] for n in ("logits (prefill)", "logits (decode)") if n in worst),
+                        len(spans), tolerance)
 
 
 def verify_generation(model_path: Path, against: str | Path, info, tolerance: float, seed: int,
                       tokens: str | Path | None, seq_len: int, windows: int) -> VerifyReport:
-    """A generation bundle against its past/present original: prefill + token-by-token logits; with
-    ``tokens`` the original's full-window perplexity next to the bundle's streaming (token-by-token) one."""
+    """A generation bundle against its past/present original over the whole horizon (``check_spans``); with
+    ``tokens`` also both perplexities, each streamed (the bundle token by token), judged against the
+    original's own spread: its perplexity full-window vs token by token. The gap may reach
+    max(tolerance, SPREAD_FACTOR × that spread), relative."""
     from lmc.compiler.generate import PastDecoder, StateDecoder
 
     model = onnx.load(str(model_path), load_external_data=False)
     vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
-    prompt = min(8, info.context // 2)
-    report = compare_generation(against, model_path, vocab, prompt=prompt, steps=min(24, info.context - prompt),
-                                tolerance=tolerance, seed=seed)
+    report = compare_generation(against, model_path, vocab, spans=check_spans(info), tolerance=tolerance, seed=seed)
     if tokens is None:
         return report
     from lmc.compiler.perplexity import load_tokens, streaming_perplexity
 
     length = min(seq_len, info.context) if not info.window else seq_len
     windows_arr = load_tokens(tokens, length, windows)
-    ppl = {"original": streaming_perplexity(PastDecoder(against), windows_arr, chunk=length).perplexity,
+    original = PastDecoder(against)
+    ppl = {"original": streaming_perplexity(original, windows_arr, chunk=length).perplexity,
            "bundle": streaming_perplexity(StateDecoder(model_path), windows_arr, chunk=1).perplexity}
+    stepped = streaming_perplexity(original, windows_arr, chunk=1).perplexity
     ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
+    ppl["spread"] = abs(stepped / ppl["original"] - 1.0)
+    ppl["allowed"] = max(tolerance, SPREAD_FACTOR * ppl["spread"])
     return VerifyReport(report.outputs, report.samples, report.tolerance, ppl)
