@@ -69,6 +69,8 @@ def _probe_feeds(graph: gs.Graph, roles: Roles, pairs: list[CachePair], b: int, 
             feeds[t.name] = np.ones((b, p + s), dtype)
         elif t.name in past_names:
             feeds[t.name] = np.zeros((b, int(t.shape[1]), p, int(t.shape[3])), dtype)
+        elif t.name in roles.fixed and ir.static_shape(t) is not None:    # cross state: fixed while decoding
+            feeds[t.name] = np.zeros([b] + list(ir.static_shape(t)[1:]), dtype)
         else:
             raise LmcError(f"--context: input '{t.name}' is neither ids, positions, attention mask nor cache; "
                            f"lmc cannot drive it during generation")

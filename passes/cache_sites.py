@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
 from lmc.compiler.errors import LmcError
+from lmc.passes.cross_attention import is_fixed_input
 from lmc.passes.fuse.attention import probabilities
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Roles:
     input_ids: str
     position_ids: str | None
     attention_mask: str | None
+    fixed: tuple[str, ...] = ()      # inputs the same at every step: an encoder–decoder's cross state
 
 
 def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
@@ -88,13 +90,14 @@ def state_pairs(graph: gs.Graph) -> list[tuple[str, str]]:
 def find_roles(graph: gs.Graph) -> Roles:
     def named(*keys: str) -> str | None:
         for t in graph.inputs:
-            if any(k in t.name for k in keys):
+            if any(k in t.name for k in keys) and not is_fixed_input(t.name):
                 return t.name
         return None
     ids = named("input_ids")
     if ids is None:
         raise LmcError("--context: the model has cache inputs but no 'input_ids' input")
-    return Roles(ids, named("position_ids"), named("attention_mask"))
+    return Roles(ids, named("position_ids"), named("attention_mask"),
+                 tuple(t.name for t in graph.inputs if is_fixed_input(t.name)))
 
 
 def _scalar_factor(node: gs.Node, t: gs.Tensor) -> float | None:
