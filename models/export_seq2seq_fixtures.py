@@ -4,7 +4,9 @@ against genuine exporter output without torch at test time.
 Run ``python -m lmc.models.export_seq2seq_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
 ``python models/export_seq2seq_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures/seq2seq``. Each
 model is built from a transformers config (random weights, seed 0; every 1-D parameter perturbed so norms and
-biases are distinct, as in ``export_fixtures.py``), saved to a local folder and exported by
+biases are distinct, as in ``export_fixtures.py``; untied output projections and, for Whisper, a larger
+init_std, so that greedy tokens vary with the input instead of repeating the start token), saved to a local
+folder and exported by
 ``optimum.exporters.onnx.main_export`` into ``OUT_DIR/<name>/``:
 
 * ``whisper-tiny`` - ``WhisperForConditionalGeneration`` (task ``automatic-speech-recognition-with-past``):
@@ -51,6 +53,7 @@ MEL_BINS, SOURCE_POSITIONS, TARGET_POSITIONS = 80, 16, 128      # Whisper: 2 × 
 T5_TEXT = 12                                                    # encoder tokens in the validation run
 TOKENS, FIRST = 10, 4                                           # decoder tokens; the first step's share
 MERGED_TOL = 1e-5
+INIT_STD = 0.2          # Whisper's 0.02 leaves the residual stream to the token embedding: every greedy token the same
 ENCODER, DECODER, WITH_PAST, MERGED = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
                                        "decoder_model_merged.onnx")
 
@@ -75,21 +78,23 @@ def _specs():
                             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
                             decoder_ffn_dim=FFN, num_mel_bins=MEL_BINS, max_source_positions=SOURCE_POSITIONS,
                             max_target_positions=TARGET_POSITIONS, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=3, suppress_tokens=[], begin_suppress_tokens=[])
+                            decoder_start_token_id=3, suppress_tokens=[], begin_suppress_tokens=[],
+                            init_std=INIT_STD, tie_word_embeddings=False)
     t5 = T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
                   num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=32,
                   relative_attention_max_distance=128, feed_forward_proj="relu", decoder_start_token_id=0,
-                  pad_token_id=0, eos_token_id=1, tie_word_embeddings=True)
+                  pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     return [
         ("whisper-tiny", WhisperForConditionalGeneration, whisper, "automatic-speech-recognition-with-past",
          {"nb_max_frames": 2 * SOURCE_POSITIONS}, (ENCODER, DECODER, WITH_PAST),
          f"vocab {VOCAB}, d_model {HIDDEN}, {LAYERS} encoder + {LAYERS} decoder layers, {HEADS} heads, ffn {FFN}, "
          f"{MEL_BINS} mel bins × {2 * SOURCE_POSITIONS} frames (max_source_positions {SOURCE_POSITIONS}), "
-         f"max_target_positions {TARGET_POSITIONS}, decoder_start_token_id 3, eos 2, tied embeddings"),
+         f"max_target_positions {TARGET_POSITIONS}, decoder_start_token_id 3, eos 2, init_std {INIT_STD}, untied "
+         "output projection"),
         ("t5-small", T5ForConditionalGeneration, t5, "text2text-generation-with-past", {}, (ENCODER, MERGED),
          f"vocab {VOCAB}, d_model {HIDDEN}, d_kv {HIDDEN // HEADS}, {LAYERS} encoder + {LAYERS} decoder layers, "
          f"{HEADS} heads, d_ff {FFN} (relu), relative attention 32 buckets / max distance 128, "
-         "decoder_start_token_id 0, eos 1, tied embeddings (decoder output scaled by d_model^-0.5)"),
+         "decoder_start_token_id 0, eos 1, untied lm_head"),
     ]
 
 
