@@ -139,7 +139,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("-o", "--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Bundle folder (written atomically; an existing bundle there is replaced).")
 @click.option("-t", "--target", default="cortex-a55", show_default=True,
@@ -178,6 +178,10 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
 @click.option("--kv-cache", type=click.Choice(["float", "int8"]),
               help="Precision of a --context bundle's cache: int8 keeps int8 rows with one scale per token and "
                    "head (about a quarter of the memory; approximate, its error is reported) [default: float].")
+@click.option("--encoder-length", type=POSITIVE, metavar="L",
+              help="MODEL an encoder–decoder export folder (optimum): the encoder's input length, e.g. T5's "
+                   "input_ids [1, L] (shorter inputs are padded) [default: 128; fixed-size inputs such as "
+                   "Whisper's input_features keep theirs].")
 @click.option("--max-ram", metavar="SIZE",
               help="Fit the planned peak RAM into SIZE, e.g. 64MiB: over it, lmc tries the exact means (--in-place, "
                    "chunked attention) and says what it chose, or exits 2 naming the best attempt and what makes "
@@ -198,7 +202,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, calib_method, calib_samples, attention,
-          context, batch, prefill_chunk, kv_cache, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, kv_cache, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -215,6 +219,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
                            ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+                           encoder_length=encoder_length,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and not _State.quiet and sys.stderr.isatty()
 
@@ -262,7 +267,8 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--against", required=True, type=click.Path(dir_okay=False), help="The original model.")
+@click.option("--against", required=True, type=click.Path(),
+              help="The original model (an encoder–decoder bundle: the export's folder).")
 @click.option("--inputs", type=click.Path(dir_okay=False), help=".npz with one array per input name.")
 @click.option("--samples", default=1, show_default=True, type=POSITIVE,
               help="Random samples when --inputs is not given.")
@@ -341,9 +347,12 @@ def _bundle_quantize(bundle: str) -> str | None:
 @click.option("--max-new-tokens", default=32, show_default=True, type=POSITIVE, help="Tokens to generate.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="onnxruntime intra-op threads (0: its default).")
+@click.option("--encoder-inputs", type=click.Path(dir_okay=False),
+              help="An encoder–decoder bundle: .npz with the encoder's inputs by name (T5: input_ids and "
+                   "attention_mask; Whisper: input_features); the prompt then defaults to the decoder start token.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …} on stdout.')
-def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, as_json):
+def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, encoder_inputs, as_json):
     """Generate greedily with a bundle built by `lmc build --context N`.
 
     \b
@@ -354,7 +363,8 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
     """
     from lmc.compiler.generate import generate as run_generate, load_tokenizer, read_prompt_tokens
 
-    if (prompt_tokens is None) == (prompt is None):
+    if prompt_tokens is not None and prompt is not None or (prompt_tokens is None and prompt is None
+                                                            and encoder_inputs is None):
         raise LmcError("give exactly one of --prompt-tokens FILE or --prompt TEXT (with --tokenizer)")
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if prompt is not None:
@@ -362,8 +372,8 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
             raise LmcError("--prompt needs --tokenizer tokenizer.json (or pass ids with --prompt-tokens)")
         ids = tok.encode(prompt).ids
     else:
-        ids = read_prompt_tokens(prompt_tokens)
-    result = run_generate(bundle, ids, max_new_tokens, threads=threads)
+        ids = read_prompt_tokens(prompt_tokens) if prompt_tokens is not None else None
+    result = run_generate(bundle, ids, max_new_tokens, threads=threads, encoder_inputs=encoder_inputs)
     if as_json:
         _emit_json(result.to_dict())
         return

@@ -243,15 +243,25 @@ def bundle_model(bundle: str | Path) -> Path:
     return p
 
 
-def generate(bundle: str | Path, prompt: Sequence[int], max_new_tokens: int = 32, threads: int = 0,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+def generate(bundle: str | Path, prompt: Sequence[int] | None, max_new_tokens: int = 32, threads: int = 0,
+             on_token: Callable[[int], None] | None = None, encoder_inputs=None) -> GenerationResult:
     """Greedy generation with a bundle built by ``lmc build --context N``: the prompt is prefilled in one
-    step, then one token per step with the cache held in place."""
+    step, then one token per step with the cache held in place. An encoder–decoder bundle takes
+    ``encoder_inputs`` (the encoder's inputs by name, or an ``.npz`` path) and by default starts from its
+    decoder start token (``lmc.compiler.seq2seq_generate``)."""
     import time
 
+    from lmc.compiler.seq2seq_generate import generate_seq2seq, seq2seq_info
+
+    if encoder_inputs is not None or seq2seq_info(bundle_model(bundle)) is not None:
+        if encoder_inputs is None:
+            raise LmcError(f"{bundle}: an encoder–decoder bundle needs the encoder's inputs (--encoder-inputs x.npz)")
+        if seq2seq_info(bundle_model(bundle)) is None:
+            raise LmcError(f"{bundle}: not an encoder–decoder bundle; --encoder-inputs does not apply")
+        return generate_seq2seq(bundle, prompt, max_new_tokens, encoder_inputs, threads, on_token)
     if max_new_tokens < 1:
         raise LmcError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    prompt = [int(t) for t in prompt]
+    prompt = [int(t) for t in prompt or []]
     if not prompt:
         raise LmcError("the prompt is empty")
     decoder = StateDecoder(bundle_model(bundle), threads=threads)

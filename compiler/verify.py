@@ -389,6 +389,12 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     """Compare a bundle (folder or model path) with the original model under onnxruntime; with ``tokens``
     also report both models' perplexity over the first ``windows`` windows of ``seq_len`` tokens."""
     model_path = bundle_model_path(bundle)
+    from lmc.compiler.seq2seq_generate import seq2seq_info
+
+    if seq2seq_info(model_path) is not None:       # an encoder–decoder bundle against its export folder
+        from lmc.compiler.seq2seq_verify import verify_seq2seq
+
+        return verify_seq2seq(model_path, against, inputs, tolerance, seed)
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
     from lmc.compiler.generate import generation_info
