@@ -349,12 +349,13 @@ PRECHECK_SEQUENCES = (1, 2, 3)      # decode steps and short prefills, at every 
 
 def precheck_masks(model_path, batch: int, context: int) -> dict:
     """Judge every attention mask over the whole horizon before the compiles (which see one sequence
-    length each). First on one copy of the model with only the batch bound: when its masks' cones are light,
-    every past length 0 … context − S is probed for each S in ``PRECHECK_SEQUENCES``. Otherwise on fully
+    length each). First on one copy of the model with only the batch bound, for each S in
+    ``PRECHECK_SEQUENCES``: every past length 0 … context − S when its masks' cones are light
+    (``cache_masks.dense_probing``), else the past lengths ``cache_masks.horizon`` picks. Otherwise on fully
     bound copies, one per probe, where every shape folds so each mask's cone is a few index ops — at the past
     lengths ``cache_masks.horizon`` picks (both sides of every window edge). Returns {key present name:
     MaskPattern}."""
-    from lmc.passes.cache_masks import judge_masks, mask_keeps, probeable
+    from lmc.passes.cache_masks import dense_probing, judge_masks, mask_keeps, probeable
     from lmc.passes.cache_sites import find_sites
 
     graph, roles, pairs = _bound_copy(model_path, batch, None, None)
@@ -364,7 +365,7 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
         sites = None
     if sites is not None and probeable(graph, pairs, sites):
         return judge_masks(lambda probes: mask_keeps(graph, roles, pairs, sites, probes), context,
-                           PRECHECK_SEQUENCES)
+                           PRECHECK_SEQUENCES, dense=dense_probing(graph, pairs, sites, context))
 
     def keeps_at(probes):
         for past, sequence in probes:

@@ -159,10 +159,23 @@ def horizon(context: int, sequence: int, windows: set[int], dense: bool = True) 
     return sorted(p for p in points if 0 <= p <= last)
 
 
+DENSE_WEIGHT_LIMIT = 1 << 20     # a cone this light is pure index arithmetic: probe every past length
+DENSE_CONTEXT = 1024
+
+
 def probeable(graph: gs.Graph, pairs: list[CachePair], sites: list[AttentionSite]) -> bool:
     """Whether the masks' cone is light enough to evaluate on its own (``PROBE_WEIGHT_LIMIT``)."""
     masks = list({id(s.mask): s.mask for s in sites}.values())
     return _cone_weight_bytes(graph, masks, pairs) <= PROBE_WEIGHT_LIMIT
+
+
+def dense_probing(graph: gs.Graph, pairs: list[CachePair], sites: list[AttentionSite], context: int) -> bool:
+    """Whether to probe every past length (``horizon(dense=True)``): the context is at most ``DENSE_CONTEXT``
+    and the masks' cone holds no more than ``DENSE_WEIGHT_LIMIT`` of weights — some exports slice the mask
+    to the length of the repeated keys, so their cone runs every layer; those are probed at ``horizon``'s
+    sparse points (window edges, powers of two, the ends)."""
+    masks = list({id(s.mask): s.mask for s in sites}.values())
+    return context <= DENSE_CONTEXT and _cone_weight_bytes(graph, masks, pairs) <= DENSE_WEIGHT_LIMIT
 
 
 def mask_keeps(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: list[AttentionSite],
