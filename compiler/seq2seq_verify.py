@@ -8,7 +8,9 @@ and the greedy tokens — the bundle's argmax at every step must be the original
 Inputs: given (the encoder's inputs by name, unpadded: the original runs on them as they are, the bundle pads
 them to its encoder length) or random with a fixed seed: float inputs ~ N(0, 1); token ids uniform in
 [2, vocab) over three quarters of the encoder length (so padding is exercised), with an all-ones mask.
-The prompt is the decoder start token and ``prompt − 1`` random tokens (a prefill), then ``steps`` tokens.
+The prompt is the decoder start token and ``prompt − 1`` random tokens (a prefill, by default longer than one
+prefill chunk when the context allows), then ``steps`` tokens — by default to the last position of the
+context (at most ``HORIZON``), so every position the bundle serves is checked.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from lmc.compiler.verify import DEFAULT_TOLERANCE, OutputError, VerifyReport, co
 
 log = logging.getLogger(__name__)
 
-PROMPT, STEPS = 4, 16
+PROMPT = 4
+HORIZON = 1024          # steps checked at most: the whole context up to this many positions
 
 
 def random_encoder_inputs(info: Seq2SeqInfo, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -53,9 +56,11 @@ def _vocab(model_path: Path, logits: str) -> int:
 
 
 def compare_seq2seq(export: Seq2SeqExport, model_path: str | Path, encoder_inputs: Mapping[str, np.ndarray] | None = None,
-                    prompt: int = PROMPT, steps: int = STEPS, tolerance: float = DEFAULT_TOLERANCE,
+                    prompt: int | None = None, steps: int | None = None, tolerance: float = DEFAULT_TOLERANCE,
                     seed: int = 0) -> VerifyReport:
-    """The bundle at ``model_path`` against ``export`` (see the module docstring)."""
+    """The bundle at ``model_path`` against ``export`` (see the module docstring). ``prompt``: tokens
+    prefilled (default: more than one prefill chunk, at most half the context); ``steps``: tokens decoded
+    after it (default: to the last position of the context, at most ``HORIZON``)."""
     from lmc.compiler.generate import LOW_MEMORY, generation_info
 
     model_path = Path(model_path)
@@ -64,9 +69,12 @@ def compare_seq2seq(export: Seq2SeqExport, model_path: str | Path, encoder_input
         raise LmcError(f"{model_path}: not an encoder–decoder bundle")
     vocab = _vocab(model_path, gen.logits)
     inputs = dict(encoder_inputs) if encoder_inputs is not None else random_encoder_inputs(info, vocab, seed)
+    if prompt is None:
+        prompt = max(1, min(gen.context // 2, max(PROMPT, gen.prefill_chunk + 1)))
     rng = np.random.default_rng(seed + 1)
     tokens = start_tokens(info, None) + [int(t) for t in rng.integers(2, vocab, max(0, prompt - 1))]
-    steps = max(1, min(steps, gen.context - len(tokens) + 1))
+    last = gen.context - len(tokens) + 1
+    steps = max(1, min(steps if steps is not None else HORIZON, last))
 
     # one model at a time, without prepacked copies (as compare_generation)
     reference = OriginalLoop(export, LOW_MEMORY)
