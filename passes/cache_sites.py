@@ -24,6 +24,7 @@ from lmc.passes.fuse.attention import probabilities
 log = logging.getLogger(__name__)
 
 MASKED = -1e4            # an additive mask entry at or below this removes the key (softmax weight 0)
+CROSS_STATE = "reads fixed cross-attention state"      # _to_cache: an operand that is not cache but fixed state
 
 
 @dataclass
@@ -145,6 +146,8 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
         if t.name in presents:
             return presents[t.name], transposes, scale, nodes
         node = ir.producer(t)
+        if node is None and is_fixed_input(t.name):
+            return CROSS_STATE
         if node is None:
             return f"'{t.name}' does not come from a cache present"
         if ir.is_op(node, "Transpose"):
@@ -229,6 +232,8 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite
     if int(softmax.attrs.get("axis", -1)) not in (-1, 3):
         return "softmax is not over the key axis"
     value = _to_cache(anchor.inputs[1], presents)
+    if value == CROSS_STATE:         # cross-attention over an encoder–decoder's fixed state: not a cache site
+        return None
     if isinstance(value, str):
         return f"values: {value}"
     v_pair, v_transposes, v_scale, v_nodes = value
