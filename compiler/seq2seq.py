@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -57,7 +56,7 @@ def _refuse_options(options) -> None:
         what = f"--batch {options.batch} (one sequence at a time)"
     elif options.quantize is not QuantizeMode.NONE:
         what = f"--quantize {options.quantize.value}"
-    elif not AttentionSpec.parse(options.attention).exact or str(AttentionSpec.parse(options.attention)) != "dense":
+    elif str(AttentionSpec.parse(options.attention)) != "dense":
         what = f"--attention {options.attention}"
     elif options.kv_cache != "float":
         what = f"--kv-cache {options.kv_cache}"

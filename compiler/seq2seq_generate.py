@@ -7,7 +7,7 @@ an OrtValue, binds it as the encoder's output (onnxruntime writes it there) and 
 keys/values are computed once per input and read in place at every step, never copied or recomputed. A text
 encoder's inputs shorter than the bundle's encoder length are padded (``input_ids`` with the pad token,
 ``attention_mask`` with 0 — masked keys, so the result is the unpadded one's); the decoder's
-``encoder_attention_mask`` is that mask. Generation starts from ``decoder_start_token_id`` unless a prompt is
+``encoder_attention_mask`` is that mask. Float inputs (Whisper's ``input_features``) must have the bound shape. Generation starts from ``decoder_start_token_id`` unless a prompt is
 given, and is greedy (exactly ``max_new_tokens`` tokens, as ``lmc generate`` does for decoders).
 """
 
@@ -100,7 +100,8 @@ def prepare_encoder_inputs(info: Seq2SeqInfo, given: Mapping[str, np.ndarray],
         if value.ndim != len(dims) or value.shape[0] != dims[0]:
             raise LmcError(f"encoder input '{name}' has shape {list(value.shape)}; the bundle takes {dims}")
         short = [k for k, (got, want) in enumerate(zip(value.shape, dims)) if got != want]
-        if short and (short != [len(dims) - 1] or value.shape[-1] > dims[-1] or name == "input_features"):
+        tokens = np.dtype(dtypes.get(name, value.dtype)).kind in "iub"
+        if short and (short != [len(dims) - 1] or value.shape[-1] > dims[-1] or not tokens):
             raise LmcError(f"encoder input '{name}' has shape {list(value.shape)}; the bundle takes {dims} "
                            f"(rebuild with --encoder-length for longer inputs)")
         if short:

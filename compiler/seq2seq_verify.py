@@ -35,15 +35,16 @@ PROMPT = 4
 HORIZON = 1024          # steps checked at most: the whole context up to this many positions
 
 
-def random_encoder_inputs(info: Seq2SeqInfo, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_encoder_inputs(info: Seq2SeqInfo, dtypes: dict[str, np.dtype], vocab: int,
+                          seed: int = 0) -> dict[str, np.ndarray]:
     """Encoder inputs for a check (see the module docstring): unpadded, as the original takes them."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, dims in info.encoder_inputs.items():
         if name == info.mask_source:
             continue
-        if name == "input_features" or name.endswith("values"):
-            out[name] = rng.standard_normal(dims).astype(np.float32)
+        if np.dtype(dtypes[name]).kind == "f":
+            out[name] = rng.standard_normal(dims).astype(dtypes[name])
         else:
             length = max(1, dims[-1] - dims[-1] // 4)
             out[name] = rng.integers(2, vocab, dims[:-1] + [length]).astype(np.int64)
@@ -68,7 +69,11 @@ def compare_seq2seq(export: Seq2SeqExport, model_path: str | Path, encoder_input
     if info is None or gen is None:
         raise LmcError(f"{model_path}: not an encoder–decoder bundle")
     vocab = _vocab(model_path, gen.logits)
-    inputs = dict(encoder_inputs) if encoder_inputs is not None else random_encoder_inputs(info, vocab, seed)
+    if encoder_inputs is None:
+        encoder = onnx.load(str(model_path.parent / info.encoder), load_external_data=False)
+        dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in encoder.graph.input}
+        encoder_inputs = random_encoder_inputs(info, dtypes, vocab, seed)
+    inputs = dict(encoder_inputs)
     if prompt is None:
         prompt = max(1, min(gen.context // 2, max(PROMPT, gen.prefill_chunk + 1)))
     rng = np.random.default_rng(seed + 1)

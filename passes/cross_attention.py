@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
@@ -154,15 +153,15 @@ def cross_projection_graph(encoder: gs.Graph, without_past: gs.Graph, cross: Cro
     if leaves - {HIDDEN_STATES}:
         raise LmcError(f"--context: the cross-attention keys/values depend on {sorted(leaves - {HIDDEN_STATES})} "
                        f"besides the encoder output; lmc cannot compute them once per input")
-    taken = set(ir.all_names(encoder))
-    renamed: dict[int, gs.Tensor] = {}
+    names = ir.Namer(encoder)
+    renamed: set[int] = set()
     for node in nodes:
-        node.name = _fresh("cross/" + node.name, taken)
+        node.name = names.fresh("cross/" + node.name)
         for t in list(node.inputs) + list(node.outputs):
             if id(t) in renamed or t.name == HIDDEN_STATES:
                 continue
-            renamed[id(t)] = t
-            t.name = _fresh("cross/" + t.name, taken)
+            renamed.add(id(t))
+            t.name = names.fresh("cross/" + t.name)
         for i, t in enumerate(node.inputs):
             if t.name == HIDDEN_STATES:
                 node.inputs[i] = hidden
@@ -184,16 +183,3 @@ def cross_projection_graph(encoder: gs.Graph, without_past: gs.Graph, cross: Cro
     log.info("cross state: %d tensors from the encoder's %s", len(wanted), ", ".join(t.name for t in graph.inputs))
     return graph
 
-
-def _fresh(name: str, taken: set[str]) -> str:
-    base, k = name, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
-
-
-def cross_bytes(bound: dict[str, list[int]], cross: CrossState, itemsize: int = 4) -> int:
-    """Bytes of the cross keys/values at their bound shapes (float32 by default)."""
-    return sum(int(np.prod(bound[name])) * itemsize for name in cross.names)
