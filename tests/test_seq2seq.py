@@ -185,3 +185,21 @@ def test_what_is_not_supported_is_one_line_exit_2(tmp_path, capsys):
     assert "learned positions" in _one_line_error(capsys, ["build", str(WHISPER), "--context", "256", "-o", out])
     assert "add --context" in _one_line_error(capsys, ["build", str(WHISPER), "-o", out])
     assert not Path(out).exists()
+
+
+def test_the_builds_own_check_fails_on_wrong_cross_state(tmp_path, monkeypatch):
+    from lmc.compiler import seq2seq
+    from lmc.compiler.verify import VerificationFailed
+
+    copy = seq2seq._copy_encoder
+
+    def zeroed(bundle: Path, staged: Path) -> None:       # the staged encoder writes zeros for layer 1's values
+        copy(bundle, staged)
+        model = onnx.load(str(staged / "encoder.onnx"), load_external_data=False)
+        _zero_values(model.graph)
+        (staged / "encoder.onnx").write_bytes(model.SerializeToString())
+
+    monkeypatch.setattr(seq2seq, "_copy_encoder", zeroed)
+    with pytest.raises(VerificationFailed, match="original loop"):
+        lmc.build(WHISPER, lmc.BuildOptions(context=16), tmp_path / "gen")
+    assert not (tmp_path / "gen").exists() and not list(tmp_path.iterdir())     # nothing left behind
