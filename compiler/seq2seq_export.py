@@ -138,6 +138,8 @@ def find_export(path: str | Path) -> Seq2SeqExport:
     """The export at ``path`` (its folder, or one of its files: a decoder file given picks that decoder);
     LmcError saying what is missing."""
     p = Path(path)
+    if not p.exists():
+        raise LmcError(f"{path}: no such file or folder")
     folder = p if p.is_dir() else p.parent
     encoder = folder / ENCODER_FILE
     if not encoder.is_file():
