@@ -276,6 +276,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         if graph.ir_version is not None and graph.ir_version < _MIN_IR_VERSION:
             graph.ir_version = _MIN_IR_VERSION
     own_subgraph_outputs(graph)
+    unique_constant_names(graph)
     for const in constants(graph):
         values = const._values
         if isinstance(values, LazyValues) and not isinstance(values, FileValues) and is_file_backed(values.tensor):
@@ -307,6 +308,19 @@ def own_subgraph_outputs(graph: gs.Graph) -> int:
             sub.outputs[i] = out
             added += 1
     return added
+
+
+def unique_constant_names(graph: gs.Graph) -> int:
+    """Rename every constant whose name another, distinct constant already has (sibling If branches may
+    each hold their own initializer of one name; exported stubs and bundle weights are matched by name).
+    Returns how many were renamed."""
+    first: dict[str, int] = {}
+    clashes = [c for c in constants(graph) if first.setdefault(c.name, id(c)) != id(c)]
+    if clashes:
+        names = Namer(graph)
+        for const in clashes:
+            const.name = names.fresh(const.name)
+    return len(clashes)
 
 
 def initializer_inputs(graph: gs.Graph) -> dict[str, tuple[int, onnx.ValueInfoProto]]:

@@ -6,7 +6,7 @@
 from lmc.models.cnn import build_cnn
 from lmc.models.gpt2 import Gpt2Config, build_gpt2
 from lmc.models.llama import LlamaConfig, build_llama
-from lmc.models.vad import build_vad
+from lmc.models.vad import build_vad, build_vad_stateful
 
 BUILDERS = {
     "tiny-llama": build_llama,
@@ -14,4 +14,4 @@ BUILDERS = {
     "small-cnn": build_cnn,
 }
 
-__all__ = ["BUILDERS", "LlamaConfig", "Gpt2Config", "build_llama", "build_gpt2", "build_cnn", "build_vad"]
+__all__ = ["BUILDERS", "LlamaConfig", "Gpt2Config", "build_llama", "build_gpt2", "build_cnn", "build_vad", "build_vad_stateful"]

@@ -71,7 +71,7 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
                  tensor_bytes: Callable[[str], bytes] | None = None) -> bool:
     """Move initializers of ≥ ``threshold`` bytes to ``weights_path`` at aligned offsets. Stub initializers
     (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time."""
-    inits = list(model.graph.initializer)
+    inits = _initializers(model.graph)
     stubbed = any(_is_stub(t) or is_file_backed(t) for t in inits)
     total = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in inits)
     if total <= SMALL_MODEL_BYTES and not stubbed:
@@ -114,6 +114,19 @@ def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thr
     if not wrote:
         weights_path.unlink()
     return wrote
+
+
+def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The initializers of ``graph`` and of its subgraphs at any depth (If branches, Loop/Scan bodies)."""
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    found += _initializers(g)
+    return found
 
 
 def _is_stub(tensor: onnx.TensorProto) -> bool:

@@ -269,3 +269,32 @@ def test_cse_and_dedup_see_inside_bodies():
     for c in (True, False):
         feeds = {"x": x, "c": np.array(c)}
         assert_close(run_ort(model, feeds), run_ort(out, feeds))
+
+
+def test_weights_inside_if_branches_are_emitted_and_run(tmp_path, capsys):
+    """silero-vad-shaped (opset 18): each If branch holds its weights as initializers over the external-data
+    threshold, under the same names in both; the bundle must load, verify and run both branches exactly."""
+    import pytest
+
+    from lmc.compiler.cli import main
+    from lmc.models import build_vad_stateful
+
+    model = build_vad_stateful()
+    onnx.save(model, str(tmp_path / "vad.onnx"))
+    out = tmp_path / "out"
+    args = ["build", str(tmp_path / "vad.onnx"), "--input-shape", "input=1x512", "--input-shape",
+            "state=2x1x128", "-o", str(out)]
+    for argv in (args, ["verify", str(out), "--against", str(tmp_path / "vad.onnx")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0, capsys.readouterr().err
+    bundle = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    branch_weights = [t for n in bundle.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+                      for t in a.g.initializer if np.prod(t.dims) * 4 > 1024]      # basis and decoder, twice
+    assert len(branch_weights) == 4 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in branch_weights)
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.standard_normal((1, 512)).astype(np.float32),
+             "state": rng.standard_normal((2, 1, 128)).astype(np.float32)}
+    for rate in (16000, 8000):
+        feeds["sr"] = np.array(rate, np.int64)
+        assert_close(run_ort(model, feeds), run_ort(out / "model.onnx", feeds))
