@@ -6,7 +6,10 @@ probe values s₁ ≠ s₂, and the results are compared (*specialise twice, gen
 - the two graphs must have the same nodes, names and edges (no decision may depend on the length);
 - every constant must be equal in both (dtype, shape and a digest of its values, whatever its size),
   except Reshape targets, where a differing entry k becomes 0 (copy the input's dim k, which differs in the
-  same way) or −1 (at most one per target), and integer constants affine in S, computed at run time;
+  same way) or −1 (at most one per target), integer constants affine in S, computed at run time, and
+  uniform constants (one value, e.g. the zeros an MoE block scatters into) whose shape is affine in S,
+  made at run time by ConstantOfShape; constants are matched by the node inputs that read them, so a
+  folded length merged with an equal model constant at one probe length only is no difference;
 - anything else that differs (a constant mask of length S, a Range of S) is an error naming the tensor.
 The second graph, so generalised, is the bundle; its plan is made per profile by binding the sequence
 length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` names the pairs.
@@ -80,6 +83,7 @@ class ConstantRecord:
     value: np.ndarray | None = None
     source: weights.FileValues | None = None
     _digest: bytes | None = None
+    fill: np.ndarray | None = None                         # the one value of a uniform in-memory constant
 
     @classmethod
     def of(cls, const: gs.Constant, keep: bool) -> "ConstantRecord":
@@ -90,7 +94,8 @@ class ConstantRecord:
             tensor.CopyFrom(const._values.tensor)          # its dims and location, not the model around it
             return cls(ir.onnx_dtype(const.dtype), shape, source=weights.FileValues(tensor))
         values = ir.const_value(const)
-        return cls(ir.onnx_dtype(const.dtype), shape, np.array(values) if keep else None, _digest=_digest(values))
+        return cls(ir.onnx_dtype(const.dtype), shape, np.array(values) if keep else None, _digest=_digest(values),
+                   fill=_fill(values))
 
     def digest(self) -> bytes:
         if self._digest is None:
@@ -109,6 +114,22 @@ class ConstantRecord:
         if self.source is not None and other.source is not None:
             return _same_bytes(self.source, other.source)
         return self.digest() == other.digest()
+
+
+def _fill(values: np.ndarray) -> np.ndarray | None:
+    """The value every element of ``values`` has (a 0-d array), or None: read a slice at a time, stopping at
+    the first slice that differs (a weight differs in its first few elements)."""
+    values = np.asarray(values)
+    if values.size == 0 or values.dtype.kind not in "biuf":
+        return None
+    flat, first = values.reshape(-1), values.reshape(-1)[0]
+    if not np.all(flat[:4096] == first):                   # most constants (weights) stop here
+        return None
+    step = max(4096, _HASH_SLICE_BYTES // values.itemsize)
+    for i in range(4096, flat.size, step):
+        if not np.all(flat[i:i + step] == first):
+            return None
+    return np.array(first)
 
 
 def _same_bytes(a: weights.FileValues, b: weights.FileValues) -> bool:
@@ -197,16 +218,18 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], seque
     A differing constant is a Reshape target made of copies (0) and at most one −1, or, if integer and
     affine in S (a·S + b), computed at run time from Shape(sequence_of)[1]; anything else is an error.
     Returns how many constants were generalised."""
-    if _signature(graph) != first.signature:
+    second = snapshot(graph)
+    counterparts = _counterparts(first, second)
+    if counterparts is None:
         raise LmcError("--context: the compiled graph depends on the sequence length (different rewrites "
                        "at two lengths); lmc cannot emit one model for prefill and decode")
-    second = snapshot(graph)
     by_name = {c.name: c for c in ir.constants(graph)}
     names = ir.Namer(graph)
     length: list[gs.Tensor] = []
     changed = 0
     for name, record2 in second.constants.items():
-        record1 = first.constants.get(name)
+        olds = [first.constants.get(n) for n in sorted(counterparts.get(name, {name}))]
+        record1 = olds[0] if all(r is not None and r.same_as(olds[0]) for r in olds) else None
         if record1 is not None and record1.same_as(record2):
             continue
         const = by_name[name]
@@ -214,6 +237,17 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], seque
         what = readers[0].op if readers else "nothing"
         refused = LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
                            f"lmc cannot emit it for variable lengths")
+        if record1 is not None and readers and _filled_alike(record1, record2):
+            shape = _affine(np.asarray(record1.shape, np.int64), np.asarray(record2.shape, np.int64), lengths)
+            if shape is None:
+                raise refused
+            runtime = _fill_tensor(graph, names, shape, record2, sequence_of, length, name)
+            for reader in readers:
+                for i, t in enumerate(reader.inputs):
+                    if t is const:
+                        reader.inputs[i] = runtime
+            changed += 1
+            continue
         if record1 is None or (record1.dtype, record1.shape) != (record2.dtype, record2.shape) or not readers:
             raise refused
         reshape = all(ir.is_op(r, "Reshape") for r in readers)
@@ -240,6 +274,48 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], seque
     if length:
         ir.topological_sort(graph)
     return changed
+
+
+def _counterparts(first: Snapshot, second: Snapshot) -> dict[str, set[str]] | None:
+    """For every constant of the second compile, the constants the first compile's nodes read in its
+    place (by node and input slot); None when the two graphs differ in anything but constant names — e.g. a
+    folded length that equals a model constant at one probe length (an expert index 3 at S = 3) is merged
+    with it there and apart from it at the other."""
+    a, b = first.signature, second.signature
+    if len(a) != len(b):
+        return None
+    found: dict[str, set[str]] = {}
+    for (op1, node1, ins1, outs1), (op2, node2, ins2, outs2) in zip(a, b):
+        if (op1, node1, outs1) != (op2, node2, outs2) or len(ins1) != len(ins2):
+            return None
+        for x, y in zip(ins1, ins2):
+            if x != y and (x not in first.constants or y not in second.constants):
+                return None
+            if y in second.constants:
+                found.setdefault(y, set()).add(x)
+    return found
+
+
+def _filled_alike(record1: ConstantRecord, record2: ConstantRecord) -> bool:
+    """Both uniform with the same value and dtype, of the same rank (a fill whose shape follows S)."""
+    return (record1.fill is not None and record2.fill is not None and record1.dtype == record2.dtype
+            and len(record1.shape) == len(record2.shape) and record1.fill.tobytes() == record2.fill.tobytes())
+
+
+def _symbolic(coefficients) -> list:
+    """Dims a·S + b as ``extend_templates`` reads them (ints, ``sequence_length``, ``sequence_length*a+b``)."""
+    a, b = coefficients
+    return [int(y) if x == 0 else SEQUENCE_DIM if (x, y) == (1, 0) else f"{SEQUENCE_DIM}*{int(x)}+{int(y)}"
+            for x, y in zip(a.reshape(-1), b.reshape(-1))]
+
+
+def _fill_tensor(graph, names, shape, record: ConstantRecord, sequence_of, length: list, base: str) -> gs.Tensor:
+    """``ConstantOfShape(a·S + b)`` of the record's fill value: a uniform constant whose shape follows S."""
+    dims = _affine_tensor(graph, names, shape, np.int64, sequence_of, length, base + "_shape")
+    out = gs.Variable(names.fresh(base + "_fill"), dtype=record.fill.dtype, shape=_symbolic(shape))
+    graph.nodes.append(gs.Node("ConstantOfShape", name=out.name, inputs=[dims], outputs=[out],
+                               attrs={"value": onnx.numpy_helper.from_array(record.fill.reshape(1))}))
+    return out
 
 
 def _affine_tensor(graph, names, coefficients, dtype, sequence_of, length: list, base: str) -> gs.Tensor:
@@ -442,6 +518,7 @@ def compile_generation(model_path, context: int, batch: int,
     ids = next(t for t in graph.inputs if t.name == info.input_ids)
     generalised = generalise(graph, first, PROBE_LENGTHS, ids)
     log.info("generalised %d reshape targets over the sequence length", generalised)
+    extend_templates(graph, templates)       # tensors generalise made (fills) from their symbolic dims
     bind_sequence(graph, SEQUENCE_DIM, templates)
     return graph, records, info, templates
 

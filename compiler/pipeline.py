@@ -16,6 +16,7 @@ from lmc.passes.eliminate_noops import EliminateNoops
 from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
 from lmc.passes.merge_matmuls import MergeParallelMatMuls
+from lmc.passes.moe_routing import MoeRouting
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
@@ -115,6 +116,7 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
                  FixedPoint("simplify-state", simplify)]
     return [
         Cleanup(),
+        MoeRouting(),            # before folding: the row ids and masks it adds fold with the rest
         FixedPoint("simplify", simplify),
         *state,
         *[p for p in optional_passes(options, target) if p.name not in disabled],

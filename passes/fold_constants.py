@@ -81,15 +81,11 @@ def _fold_shapes(graph: gs.Graph, stats: FoldStats, names: ir.Namer) -> None:
         if not node.outputs or not node.inputs:
             continue
         if ir.is_op(node, "Shape"):
-            shape = ir.static_shape(node.inputs[0])
-            if shape is None:
+            known = _known_dims(node)
+            if known is None or None in known:     # unknown dims selected: fold the readers that skip them
                 stats.shapes += _fold_known_dims(graph, node, names, outputs)
                 continue
-            rank = len(shape)
-            start = int(node.attrs.get("start", 0))
-            end = int(node.attrs.get("end", rank))
-            start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
-            value = np.array(shape[max(0, start):min(rank, end)], dtype=np.int64)
+            value = np.array(known, dtype=np.int64)
         elif ir.is_op(node, "Size"):
             shape = ir.static_shape(node.inputs[0])
             if shape is None:

@@ -44,6 +44,8 @@ UNCHANGED_MEANING = frozenset({
     # changed between 14 and 17 only by new types or attributes whose defaults keep the old behaviour
     "Add", "Sub", "Mul", "Div", "Pow", "Relu", "LeakyRelu", "PRelu", "Where", "BatchNormalization", "CumSum",
     "ScatterElements", "ScatterND", "GreaterOrEqual", "LessOrEqual",
+    # TopK-24 only adds bfloat16 (the graph is at least at MIN_SOURCE_OPSET, past TopK-11's signed axis)
+    "TopK",
 })
 # The sets above were derived from the operator histories of opsets 14–23 (RoiAlign, whose default
 # coordinate mode changed at 16, is in neither and blocks — onnxruntime 1.32 has no RoiAlign-22 kernel
