@@ -256,7 +256,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                    f"(weights, prepacked copies, session, arena, io, state)")
     if result.verification:
         v = result.verification
-        approx = options.approximations
+        approx = result.approximations
         if not approx:
             click.echo(f"  verified max rel error {v.max_rel:.2e} (tolerance {v.tolerance:g})")
         else:
@@ -565,10 +565,23 @@ def stop_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+class _NotImported(Exception):
+    """Stands in ``main``'s handlers for an exception class whose import was interrupted."""
+
+
+def _interrupted_by(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or ``Terminated``) that ``exc`` was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (see module docstring)."""
-    from lmc.compiler.verify import VerificationFailed
-
     stop_cleanly_on_sigterm()
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -576,7 +589,6 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in flags
     as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     _State.quiet = _State.json_emitted = False
-    _quiet_onnxruntime()
     front = [f for f in flags if f != "--debug"]
 
     def fail(code: int, message: str, extra: dict | None = None, kind: str = "error"):
@@ -590,14 +602,26 @@ def main(argv: list[str] | None = None) -> None:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
 
+    VerificationFailed: type[BaseException] = _NotImported
     try:
+        # (inside the try: these imports take a second or two, and Ctrl-C then is one line too)
+        from lmc.compiler.verify import VerificationFailed
+
+        _quiet_onnxruntime()
         cli.main(args=front + args, prog_name="lmc", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        fail(130, "aborted", kind="")
+    except click.exceptions.Abort as exc:
+        # click turns a KeyboardInterrupt (Terminated included) raised in a command into Abort
+        if isinstance(_interrupted_by(exc), Terminated):
+            fail(143, "terminated", kind="")
+        fail(130, "interrupted" if _interrupted_by(exc) else "aborted", kind="")
     except click.exceptions.ClickException as exc:
         fail(ExitCode.USER_ERROR, (exc.format_message().strip() or type(exc).__name__).splitlines()[0])
+    except Terminated:
+        fail(143, "terminated", kind="")
+    except KeyboardInterrupt:
+        fail(130, "interrupted", kind="")
     except VerificationFailed as exc:
         if debug:
             traceback.print_exc()
@@ -608,11 +632,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         fail(ExitCode.USER_ERROR, first_line(exc))
-    except Terminated:
-        fail(143, "terminated", kind="")
-    except KeyboardInterrupt:
-        fail(130, "interrupted", kind="")
     except Exception as exc:  # an internal bug: one line unless --debug
+        interrupt = _interrupted_by(exc)
+        if isinstance(interrupt, Terminated):   # e.g. a C extension's import stopped part-way: an ImportError
+            fail(143, "terminated", kind="")
+        if interrupt is not None:
+            fail(130, "interrupted", kind="")
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -396,3 +396,69 @@ def test_generation_flags_without_context_exit_2_one_line(model_dir, tmp_path, c
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert all(f in err for f in flags[::2]) and "--context" in err
     assert not (tmp_path / "out").exists()
+
+
+def _restoring_signals(fn):
+    """Run ``fn`` and put back the SIGTERM/SIGINT handlers ``main`` installs."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return fn()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_sigterm_through_main_exits_143_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM during a command run by ``main`` is exit 143 "terminated", not click's 130 "aborted"."""
+    import os
+    import signal
+
+    import lmc.compiler.build
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+
+    monkeypatch.setattr(lmc.compiler.build, "build", terminated)
+    code, _, err = _restoring_signals(lambda: run(
+        ["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "o")],
+        capsys))
+    assert code == 143 and err.strip() == "lmc: terminated"
+    monkeypatch.setattr(lmc.compiler.build, "build", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code, _, err = _restoring_signals(lambda: run(
+        ["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=1x8", "-o", str(tmp_path / "o")],
+        capsys))
+    assert code == 130 and err.strip() == "lmc: interrupted"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("signal_name, code_wanted, message", [("SIGINT", 130, "interrupted"),
+                                                                ("SIGTERM", 143, "terminated")])
+def test_interrupt_while_main_starts_up_exits_one_line(capsys, monkeypatch, signal_name, code_wanted, message):
+    """Ctrl-C or SIGTERM while ``main`` is still importing what it needs (onnxruntime's C extension turns
+    it into "ImportError: initialization failed"): exit 130/143 and one line, no traceback."""
+    import importlib.abc
+    import sys
+
+    from lmc.compiler.cli import Terminated
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "lmc.compiler.verify":
+                if signal_name == "SIGINT":
+                    raise KeyboardInterrupt
+                try:
+                    raise Terminated()
+                except Terminated:
+                    raise ImportError("initialization failed")
+            return None
+
+    monkeypatch.delitem(sys.modules, "lmc.compiler.verify", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    try:
+        code, _, err = _restoring_signals(lambda: run(["targets"], capsys))
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main: the user sees a traceback")
+    assert code == code_wanted and err.strip() == f"lmc: {message}"
