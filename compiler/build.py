@@ -45,6 +45,17 @@ class QuantizeMode(enum.Enum):
     W8A8 = "w8a8"
 
 
+def _choice(flag: str, kind: type[enum.Enum], value: Any) -> enum.Enum:
+    """``value`` as a member of ``kind``: the member itself, or its value as the CLI spells it (any case)."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value.lower():
+                return member
+    raise LmcError(f"{flag} must be one of {', '.join(m.value for m in kind)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """What to build. ``input_shapes`` binds dynamic input dims (name -> dims); ``input_values`` fixes inputs'
@@ -52,7 +63,8 @@ class BuildOptions:
     each such input becomes a constant, and control flow on it folds. The generation options (``batch``,
     ``prefill_chunk``, ``kv_cache``) are None unless given, and given only with ``context``, which sets the
     defaults of those left None (``GENERATION_DEFAULTS``); any other combination is an LmcError at
-    construction (``__post_init__``)."""
+    construction (``__post_init__``). ``quantize`` and ``calib_method`` take their enum or the CLI's
+    string for it (``"int8"``); another value is an LmcError listing the choices."""
 
     target: str = "cortex-a55"
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
@@ -79,6 +91,10 @@ class BuildOptions:
     seed: int = 0
 
     def __post_init__(self):
+        from lmc.passes.quantize.w8a8 import CalibMethod
+
+        object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
+        object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
         generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
         if self.context is None:
             given = [name for name, value in generation.items() if value is not None]

@@ -13,13 +13,14 @@ The public Python API is re-exported here lazily::
 
 __version__ = "0.1.0"
 
-__all__ = ["build", "BuildOptions", "BuildResult", "verify", "inspect_model", "generate", "GenerationResult",
-           "LmcError", "__version__"]
+__all__ = ["build", "BuildOptions", "BuildResult", "QuantizeMode", "verify", "inspect_model", "generate",
+           "GenerationResult", "LmcError", "__version__"]
 
 _LAZY = {
     "build": "lmc.compiler.build",
     "BuildOptions": "lmc.compiler.build",
     "BuildResult": "lmc.compiler.build",
+    "QuantizeMode": "lmc.compiler.build",
     "verify": "lmc.compiler.verify",
     "inspect_model": "lmc.compiler.inspect",
     "generate": "lmc.compiler.generate",
@@ -34,3 +35,8 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    """The module's own names and the lazily imported public ones (so ``dir()`` and ``help()`` list them)."""
+    return sorted(set(globals()) | set(__all__))
