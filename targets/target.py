@@ -33,6 +33,7 @@ class WeightsPlacement(enum.Enum):
 class Isa:
     arch: str
     features: frozenset[str]
+    emulator_cpu: str = ""          # qemu-user CPU model that runs this ISA elsewhere ("": none; lmc verify --on)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Target:
         return {
             "name": self.name,
             "description": self.description,
-            "isa": {"arch": self.isa.arch, "features": sorted(self.isa.features)},
+            "isa": {"arch": self.isa.arch, "features": sorted(self.isa.features),
+                    "emulator_cpu": self.isa.emulator_cpu},
             "tuning": {
                 "runtime": self.tuning.runtime,
                 "runtime_version": self.tuning.runtime_version,
@@ -109,7 +111,8 @@ def _parse(data: dict, source: str) -> Target:
         return Target(
             name=str(data["name"]),
             description=str(data.get("description", "")),
-            isa=Isa(arch=str(isa["arch"]), features=frozenset(isa.get("features", []))),
+            isa=Isa(arch=str(isa["arch"]), features=frozenset(isa.get("features", [])),
+                    emulator_cpu=str(isa.get("emulator_cpu", ""))),
             tuning=Tuning(
                 runtime=str(tuning["runtime"]),
                 runtime_version=str(tuning["runtime_version"]),
