@@ -24,7 +24,7 @@ from lmc.compiler import ir, shapes, weights
 from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
 from lmc.compiler.errors import LmcError, ShapeError
 from lmc.compiler.model_io import load_model
-from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord
+from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord, approximations
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
 from lmc.compiler.runtime import SESSION_OPTIONS_FILE
@@ -147,6 +147,12 @@ class BuildResult:
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     fitted: str = ""                     # the options --max-ram added to fit (empty: built as asked)
 
+    @property
+    def approximations(self) -> tuple[str, ...]:
+        """What the passes that ran changed in the numerics (empty: the bundle is exact and was held to the
+        exact check)."""
+        return approximations(self.records)
+
     def to_dict(self) -> dict:
         plan = self.plan.to_dict()
         return {
@@ -163,6 +169,7 @@ class BuildResult:
             "io_bytes": plan["io_bytes"],
             "seconds": round(self.seconds, 3),
             "fitted": self.fitted,
+            "approximations": list(self.approximations),
             "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "nodes": r.nodes,
                         "weight_bytes": r.weight_bytes, "peak_estimate_bytes": r.peak_estimate_bytes,
                         "stats": r.stats} for r in self.records],
@@ -258,7 +265,6 @@ def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -
 
 
 def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spill) -> BuildResult:
-    approximate = bool(options.approximations)
     if options.block_size not in (16, 32, 64, 128, 256):
         raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
     start = time.perf_counter()
@@ -317,7 +323,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
                 if not given:
                     raise
                 raise LmcError(f"the model does not accept {given}: {str(exc).strip().splitlines()[0]}") from exc
-            if not approximate and not verification.passed:
+            if not approximations(records) and not verification.passed:
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)
         if options.ort_format:
@@ -539,7 +545,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
             verification = compare_generation(model_path, staged / emit.MODEL_FILE, vocab,
                                               spans=check_spans(info), tolerance=options.tolerance,
                                               seed=options.seed)
-            if not options.approximations and not verification.passed:
+            if not approximations(records) and not verification.passed:
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),

@@ -8,6 +8,10 @@ A pass is an object with
 - ``preserves_shapes``: True when every tensor the pass leaves or creates keeps a dtype and shape, so
   shape inference need not run again after it.
 
+Whether a build is exact is derived from the runs: a run that changes numerics says so
+(``PassResult.approximation``, or any modifying run of an ``APPROXIMATE`` pass) and its record keeps it;
+``approximations(records)`` empty means every run was exact and the bundle is held to the exact check.
+
 After every pass the manager restores a topological order, re-infers shapes when the pass modified the
 graph, and records a ``PassRecord``: wall time, node count, weight bytes and the estimated peak (the largest
 live set of intermediates over the current node order — the arena planner's lower bound). A ``FixedPoint``
@@ -49,6 +53,7 @@ class PassResult:
     modified: bool
     stats: dict[str, int | float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    approximation: str | None = None     # what this run changed in the numerics (None: exact)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class PassRecord:
     modified: bool
     stats: dict[str, int | float]
     notes: tuple[str, ...]
+    approximation: str | None = None     # set when the run changed the numerics: the build is then approximate
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,21 @@ class FixedPoint:
 
 
 PeakEstimator = Callable[[gs.Graph], "int | None"]
+
+
+def approximation_of(pass_: Pass, result: PassResult) -> str | None:
+    """What a run changed in the numerics: the pass's own label, or its name when an approximating pass
+    (``PassKind.APPROXIMATE``) modified the graph; None when the run was exact."""
+    if result.approximation:
+        return result.approximation
+    if getattr(pass_, "kind", PassKind.EXACT) is PassKind.APPROXIMATE and result.modified:
+        return pass_.name
+    return None
+
+
+def approximations(records: Sequence[PassRecord]) -> tuple[str, ...]:
+    """The distinct approximations of a build's pass records, in order: empty = the bundle is exact."""
+    return tuple(dict.fromkeys(r.approximation for r in records if r.approximation))
 
 
 def check_requirements(graph: gs.Graph, pass_: Pass, sorted_already: bool = False) -> None:
@@ -128,7 +149,8 @@ class PassManager:
         self._sorted = False
         self._last: PassRecord | None = None
 
-    def _record(self, graph: gs.Graph, name: str, seconds: float, result: PassResult) -> PassRecord:
+    def _record(self, graph: gs.Graph, name: str, seconds: float, result: PassResult,
+                approximation: str | None = None) -> PassRecord:
         if result.modified or self._last is None:
             peak = self.peak_estimator(graph) if self.peak_estimator else None
             nodes, weights = len(graph.nodes), ir.weight_bytes(graph)
@@ -136,7 +158,7 @@ class PassManager:
             peak, nodes, weights = self._last.peak_estimate_bytes, self._last.nodes, self._last.weight_bytes
         record = PassRecord(name=name, seconds=seconds, nodes=nodes, weight_bytes=weights,
                             peak_estimate_bytes=peak, modified=result.modified, stats=dict(result.stats),
-                            notes=tuple(result.notes))
+                            notes=tuple(result.notes), approximation=approximation)
         self._last = record
         log.info("pass %-24s %7.3fs nodes=%d weights=%d modified=%s %s", name, seconds, record.nodes,
                  record.weight_bytes, result.modified, result.stats)
@@ -160,7 +182,7 @@ class PassManager:
             if self.ctx.spill is not None:
                 ir.spill_constants(graph, self.ctx.spill)
         seconds = time.perf_counter() - start
-        records.append(self._record(graph, pass_.name + suffix, seconds, result))
+        records.append(self._record(graph, pass_.name + suffix, seconds, result, approximation_of(pass_, result)))
         return graph, result.modified
 
     def run(self, graph: gs.Graph) -> tuple[gs.Graph, list[PassRecord]]:

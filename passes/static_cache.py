@@ -203,7 +203,11 @@ class StaticKVCache:
         ir.topological_sort(graph)
         ir.remove_dead_nodes(graph)
         per_layer = [f"{site.key.present.name}: {layouts[id(site)].describe(self.context)}" for site in sites]
-        return PassResult(graph, modified=True,
+        narrowed = sum(not layouts[id(s)].exact for s in sites)
+        approximation = ", ".join(filter(None, [
+            f"sliding:{self.window}" + (f",sinks={self.sinks}" if self.sinks else "") + f" on {narrowed} of "
+            f"{len(sites)} attentions" if narrowed else "", "kv-cache int8" if self.kv_int8 else ""])) or None
+        return PassResult(graph, modified=True, approximation=approximation,
                           stats={"cache_pairs": len(pairs), "attention_sites": len(sites),
                                  "windowed_sites": sum(layouts[id(s)].window is not None for s in sites)},
                           notes=[f"{len(pairs)} cache pairs → fixed state, {len(sites)} attentions → Attention-24",

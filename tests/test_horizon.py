@@ -130,9 +130,10 @@ def test_user_window_composes_with_the_models(tmp_path):
                                        prefill_chunk=4), tmp_path / "wide")
     assert set(state_slots(tmp_path / "wide" / "model.onnx").values()) == {WINDOW + 3}
     notes = " ".join(n for r in wide.records for n in r.notes)
-    assert "(approximate)" not in notes and wide.verification.passed
+    assert "(approximate)" not in notes and wide.verification.passed and wide.approximations == ()
     narrow = build(GEMMA3, BuildOptions(target="cortex-a55", context=CONTEXT, attention="sliding:4,sinks=2",
                                         prefill_chunk=4), tmp_path / "narrow")
     assert set(state_slots(tmp_path / "narrow" / "model.onnx").values()) == {2 + 4 + 3}
     notes = " ".join(n for r in narrow.records for n in r.notes)
     assert notes.count("window 4 + 2 sinks (approximate)") == 3
+    assert narrow.approximations == ("sliding:4,sinks=2 on 3 of 3 attentions",)
