@@ -84,6 +84,7 @@ class StateDecoder:
         if info is None:
             raise LmcError(f"{model_path}: not a generation bundle (build it with lmc build --context N)")
         self.info = info
+        self.model_path = Path(model_path)
         settings = {**bundle_session_options(model_path), **(session_options or {})}
         self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
                                             providers=["CPUExecutionProvider"])
@@ -110,6 +111,19 @@ class StateDecoder:
     @property
     def state_bytes(self) -> int:
         return sum(v.numpy().nbytes for v in self.state.values())
+
+    def vocab_size(self) -> int | None:
+        """How many token ids ``input_ids`` takes: the rows of the table it is gathered from, else the
+        logits' last dim; None when neither is known."""
+        model = onnx.load(str(self.model_path), load_external_data=False)
+        tables = {t.name: list(t.dims) for t in model.graph.initializer}
+        for node in model.graph.node:
+            if (node.op_type in ("Gather", "GatherBlockQuantized") and node.input[1:2] == [self.info.input_ids]
+                    and node.input[0] in tables):
+                axis = next((a.i for a in node.attribute if a.name == "gather_axis" or a.name == "axis"), 0)
+                return int(tables[node.input[0]][axis])
+        dim = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.info.logits)
+        return dim if isinstance(dim, int) else None
 
     def reset(self) -> None:
         for value in self.state.values():
@@ -184,6 +198,16 @@ class PastDecoder:
 
 
 Decoder = StateDecoder | PastDecoder
+
+
+def check_token_ids(ids: Sequence[int], vocab: int | None) -> None:
+    """Refuse prompt ids outside 0 … ``vocab`` − 1 (onnxruntime fails on large ones and wraps negative
+    ones round silently)."""
+    values = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((values < 0) | (values >= vocab)) if vocab is not None else []
+    if len(bad):
+        raise LmcError(f"token id {values[bad[0]]} (prompt position {bad[0]}) is outside the bundle's vocabulary: "
+                       f"ids are 0 … {vocab - 1}")
 
 
 def greedy(decoder: Decoder, prompt: Sequence[int], new_tokens: int,
@@ -265,6 +289,7 @@ def generate(bundle: str | Path, prompt: Sequence[int] | None, max_new_tokens: i
     if not prompt:
         raise LmcError("the prompt is empty")
     decoder = StateDecoder(bundle_model(bundle), threads=threads)
+    check_token_ids(prompt, decoder.vocab_size())
     if len(prompt) + max_new_tokens - 1 > decoder.info.context:
         raise LmcError(f"prompt ({len(prompt)}) + {max_new_tokens} new tokens exceed the bundle's context of "
                        f"{decoder.info.context} tokens (rebuild with a larger --context)")

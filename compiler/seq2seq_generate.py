@@ -24,8 +24,8 @@ import onnx
 import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import (GenerationResult, StateDecoder, _options, bundle_model, continue_greedy,
-                                   peak_rss_bytes)
+from lmc.compiler.generate import (GenerationResult, StateDecoder, _options, bundle_model, check_token_ids,
+                                   continue_greedy, peak_rss_bytes)
 from lmc.compiler.runtime import after_load, bundle_session_options
 
 SEQ2SEQ_KEY = "lmc.seq2seq"
@@ -230,6 +230,7 @@ def generate_seq2seq(bundle: str | Path, prompt: Sequence[int] | None, max_new_t
         encoder_inputs = load_encoder_inputs(encoder_inputs)
     decoder = Seq2SeqDecoder(bundle, threads=threads)
     tokens = start_tokens(decoder.info, prompt)
+    check_token_ids(tokens, decoder.decoder.vocab_size())
     if len(tokens) + max_new_tokens - 1 > decoder.context:
         raise LmcError(f"prompt ({len(tokens)}) + {max_new_tokens} new tokens exceed the bundle's context of "
                        f"{decoder.context} tokens (rebuild with a larger --context)")
