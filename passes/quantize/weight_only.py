@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -274,7 +274,8 @@ class QuantizeWeights:
     preserves_shapes = True
 
     def __init__(self, config: QuantizeConfig):
-        self.config = config
+        self.given = config                    # never changed: each run starts from a copy of it
+        self.config = replace(config)
         self.name = f"quantize-weights-int{int(config.bits)}"
         self.reports: list[WeightReport] = []
         self.gram_budget = GRAM_BUDGET_BYTES
@@ -358,7 +359,11 @@ class QuantizeWeights:
         return needs + tables
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Quantize ``graph``'s weights. Every run starts afresh from the configuration it was made with
+        (calibration statistics, the table's bits and the per-weight reports of one run never reach the next)."""
         self._ctx = ctx
+        self.config = replace(self.given, stats=dict(self.given.stats))
+        self.reports = []
         try:
             if self.config.calib_feeds and not self.config.stats:
                 self._calibrate(graph)

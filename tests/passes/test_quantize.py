@@ -453,3 +453,29 @@ def test_gptq_row_slices_give_the_same_bytes(monkeypatch):
     sliced = scales.gptq_blocks(w, x.T @ x, 32)
     for a, b in zip(whole, sliced):
         np.testing.assert_array_equal(a, b)
+
+
+def test_quantize_pass_keeps_no_state_between_runs():
+    """A pass object run twice (the two generation compiles, a --max-ram retry) gives the same result each
+    time: calibration's choices (the table's bits, statistics) and the per-weight reports stay in their run."""
+    import onnx_graphsurgeon as gs
+
+    from lmc.compiler.pass_manager import PassContext
+    from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(2)]
+
+    def graph():
+        x, y = gs.Variable("x", np.float32, [4, 64]), gs.Variable("y", np.float32, [4, 96])
+        return gs.Graph(nodes=[gs.Node("MatMul", inputs=[x, gs.Constant("w", w.copy())], outputs=[y])],
+                        inputs=[x], outputs=[y], opset=21)
+    config = QuantizeConfig(bits=WeightBits.INT4, block_size=16, calib_feeds=feeds)
+    qpass = QuantizeWeights(config)
+    first = qpass.run(graph(), PassContext())
+    reports = list(qpass.reports)
+    second = qpass.run(graph(), PassContext())
+    assert config.table_bits is None and not config.stats           # the caller's configuration untouched
+    assert qpass.reports == reports and len(reports) == 1             # reports do not pile up across runs
+    assert first.stats == second.stats
