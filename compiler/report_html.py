@@ -22,7 +22,7 @@ from __future__ import annotations
 import zlib
 from html import escape
 
-from lmc.compiler.report import peak_live_set
+from lmc.compiler.report import peak_live_set, verdict
 
 HTML_FILE = "report.html"
 MAX_RECTS = 3000            # rectangles drawn in the timeline at most (largest tensors first)
@@ -46,7 +46,7 @@ tr.same td{color:#8a93a3}
 .bar{display:inline-block;height:8px;background:#7c9cd6;vertical-align:middle;margin-right:6px}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
 .notes{font-size:12px;color:#3d4657;margin:0;padding-left:16px}
-.pass{color:#1d7a3a;font-weight:600}.fail{color:#b3261e;font-weight:600}
+.pass{color:#1d7a3a;font-weight:600}.fail{color:#b3261e;font-weight:600}.approx{color:#3d4657;font-weight:600}
 .legend{font-size:12px;color:#3d4657}.sw{display:inline-block;width:11px;height:11px;margin:0 4px -1px 10px;
 border:1px solid #0003}
 svg{background:#fff;border:1px solid #dde2ea;border-radius:6px}
@@ -370,9 +370,10 @@ def _verification(result) -> list[str]:
     v = result.verification
     if v is None:
         return ["<h2>Verification</h2>", '<p class="sub">Not verified (--no-verify).</p>']
-    verdict = '<span class="pass">PASS</span>' if v.passed else '<span class="fail">FAIL</span>'
+    kind, text = verdict(result)
+    judged = "" if kind == "approx" else f", tolerance {v.tolerance:g} (max relative error)"
     out = ["<h2>Verification (onnxruntime, bundle vs original)</h2>",
-           f"<p>{v.samples} random sample(s), tolerance {v.tolerance:g} (max relative error): {verdict}</p>",
+           f'<p>{v.samples} random sample(s){judged}: <span class="{kind}">{_e(text)}</span></p>',
            "<table><tr><th>output</th><th>max abs</th><th>max rel</th><th>cosine</th></tr>"]
     for o in v.outputs:
         out.append(f'<tr><td><code>{_e(o.name)}</code></td><td class="n">{o.max_abs:.2g}</td>'

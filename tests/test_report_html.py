@@ -122,3 +122,25 @@ def test_generation_report_html_shows_profiles_and_state(tmp_path):
     assert "<td>decode</td>" in text and "<td>prefill</td>" in text
     assert "State buffers" in text and "present" in text
     assert "runtime, predicted" in text
+
+
+def test_quantized_build_reports_what_was_measured_not_fail(model_dir, tmp_path):
+    """An int8 build is approximate: its reports say what was measured against what budget, in a neutral
+    colour — never the red "FAIL" of an exact build over its tolerance."""
+    from lmc.compiler.build import BuildOptions, QuantizeMode, build
+
+    out = tmp_path / "int8"
+    result = build(model_dir / "tiny-gpt2.onnx", BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 16)},
+                                                               quantize=QuantizeMode.INT8), out)
+    v = result.verification
+    assert result.approximations and not v.passed      # over the exact tolerance, as int8 is
+    md = (out / "report.md").read_text()
+    section = md[md.index("## Verification"):]
+    assert "FAIL" not in section and "PASS" not in section
+    worst = max(v.outputs, key=lambda o: o.max_rel)
+    assert (f"approximate ({', '.join(result.approximations)}): {worst.name} max rel err {worst.max_rel:.2g}, cosine {worst.cosine:.4f}"
+            f" — not held to the exact tolerance {v.tolerance:g}") in section
+    html = (out / "report.html").read_text()
+    section = html[html.index("<h2>Verification"):]
+    assert 'class="fail"' not in section and "FAIL" not in section
+    assert 'class="approx"' in section and "not held to the exact tolerance" in section
