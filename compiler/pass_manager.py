@@ -20,6 +20,7 @@ group repeats its passes until none modifies the graph (bounded by ``max_iterati
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -30,8 +31,17 @@ from typing import Any, Protocol, runtime_checkable
 import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir, shapes
+from lmc.compiler.errors import LmcError
 
 log = logging.getLogger(__name__)
+
+
+class PassError(RuntimeError):
+    """An internal error inside a pass (not a user error): names the pass it came from."""
+
+    def __init__(self, name: str, cause: BaseException):
+        super().__init__(f"pass '{name}' failed: {type(cause).__name__}: {cause}")
+        self.pass_name = name
 
 
 class PassKind(enum.Enum):
@@ -170,7 +180,12 @@ class PassManager:
         start = time.perf_counter()
         check_requirements(graph, pass_, sorted_already=self._sorted)
         self._sorted = self._sorted or Requirement.TOPOLOGICAL_ORDER in pass_.requires
-        result = pass_.run(graph, self.ctx)
+        try:
+            result = pass_.run(graph, self.ctx)
+        except LmcError:
+            raise
+        except Exception as exc:      # a bug in the pass: say which one
+            raise PassError(pass_.name, exc) from exc
         graph = result.graph
         if result.modified:
             ir.remove_dead_nodes(graph)
@@ -196,6 +211,11 @@ class PassManager:
                         changed |= modified
                     if not changed:
                         break
+                else:
+                    note = (f"{item.name}: still changing the graph after {item.max_iterations} rounds; stopped "
+                            f"there (the graph is valid, perhaps not fully simplified)")
+                    log.warning(note)
+                    records[-1] = dataclasses.replace(records[-1], notes=records[-1].notes + (note,))
             else:
                 graph, _ = self._run_one(graph, item, records)
         return graph, records
