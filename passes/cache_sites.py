@@ -3,7 +3,8 @@
 each pair feeds, matched as exporters write it:
     K' = repeat_kv(present_k)            Unsqueeze(2)→Expand→Reshape, Gather(axis 1, repeat(arange)), or none
     s  = MatMul(Q·c_q, Transpose(K')·c_k) · c_s      (the scalars c may sit on either side, as Mul or Div)
-    s  = s + M  |  Where(C, s, f)        M or (C, f) a mask built at run time (judged by ``cache_masks``)
+    s  = s + M  |  Where(C, s, f)        M or (C, f) a mask built at run time (judged by ``cache_masks``);
+                                         several (GPT-Neo) are judged as one, scalars may follow (CodeGen)
     p  = Softmax(s, axis=-1) [→ Where(IsNaN(p), 0, p)] [Cast]
     y  = MatMul(p, repeat_kv(present_v))
 """
@@ -57,8 +58,36 @@ class Roles:
     fixed: tuple[str, ...] = ()      # inputs the same at every step: an encoder–decoder's cross state
 
 
+def _drop_output_casts(graph: gs.Graph) -> None:
+    """``present = Cast(Concat(past, new))`` with a Cast to the type it already has (GPT-J, CodeGen, GPT-Neo
+    write one on the key): the Concat writes ``present`` itself and the Cast goes — it changes nothing."""
+    inputs = {t.name for t in graph.inputs}
+    for out in graph.outputs:
+        cast = ir.producer(out)
+        if cast is None or not ir.is_op(cast, "Cast") or out.dtype is None:
+            continue
+        inner = cast.inputs[0]
+        concat = ir.producer(inner)
+        if concat is None or not ir.is_op(concat, "Concat") or len(concat.inputs) != 2 or \
+                concat.inputs[0].name not in inputs or inner in graph.outputs:
+            continue
+        past = concat.inputs[0].dtype            # a Concat's type is its inputs'
+        if past is None or np.dtype(past) != np.dtype(out.dtype) or \
+                int(cast.attrs.get("to", -1)) != ir.onnx_dtype(np.dtype(past)):
+            continue
+        for reader in list(inner.outputs):
+            if reader is not cast:
+                reader.inputs[list(reader.inputs).index(inner)] = out
+        cast.inputs.clear()
+        cast.outputs.clear()
+        graph.nodes.remove(cast)
+        concat.outputs[0] = out
+
+
 def find_cache_pairs(graph: gs.Graph) -> list[CachePair]:
-    """Graph outputs written as Concat(graph input, new, axis=2 | -2) of 4-D tensors."""
+    """Graph outputs written as Concat(graph input, new, axis=2 | -2) of 4-D tensors (a same-type Cast after
+    the Concat is dropped first: ``_drop_output_casts``)."""
+    _drop_output_casts(graph)
     inputs = {t.name for t in graph.inputs}
     pairs = []
     for out in graph.outputs:
@@ -221,8 +250,93 @@ def _axes(node: gs.Node) -> list[int] | None:
     return None if v is None else [int(a) for a in v.reshape(-1)]
 
 
-def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite | str | None:
-    """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable)."""
+def _reaches_scores(t: gs.Tensor, depth: int = 6) -> bool:
+    """Whether ``t`` is the scores: a MatMul, through scalar scales, masks added or applied by Where."""
+    t, _, _ = _through_scalars(t)
+    node = ir.producer(t)
+    if node is None or depth == 0:
+        return False
+    if ir.is_op(node, "MatMul"):
+        return True
+    if ir.is_op(node, "Add"):
+        return any(_reaches_scores(x, depth - 1) for x in node.inputs)
+    if ir.is_op(node, "Where"):
+        return any(_reaches_scores(x, depth - 1) for x in node.inputs[1:])
+    return False
+
+
+def _peel_masks(s: gs.Tensor):
+    """From the softmax input back to the scores MatMul: the masks on the way — (tensor, kind) with kind
+    "additive" (Add), "keep-where-true"/"keep-where-false" (Where with a fill ≤ MASKED) — their nodes, the
+    product of the scalar scales on the way (before or after a mask: CodeGen divides the masked scores), the
+    scale nodes, and the tensor reached (the scores, if a MatMul)."""
+    masks, mask_nodes, scale, scale_nodes = [], [], 1.0, []
+    for _ in range(4):
+        s, c, nodes = _through_scalars(s)
+        scale *= c
+        scale_nodes += nodes
+        node = ir.producer(s)
+        if node is None or ir.is_op(node, "MatMul"):
+            break
+        if ir.is_op(node, "Add"):
+            sides = [i for i in (0, 1) if _reaches_scores(node.inputs[i])]
+            if len(sides) != 1:
+                break
+            masks.append((node.inputs[1 - sides[0]], "additive"))
+            s = node.inputs[sides[0]]
+        elif ir.is_op(node, "Where"):
+            for i, keep in ((1, "keep-where-true"), (2, "keep-where-false")):
+                fill = ir.scalar_value(node.inputs[3 - i])
+                if fill is not None and fill <= MASKED and _reaches_scores(node.inputs[i]):
+                    masks.append((node.inputs[0], keep))
+                    s = node.inputs[i]
+                    break
+            else:
+                break
+        else:
+            break
+        mask_nodes.append(node)
+    return masks, mask_nodes, scale, scale_nodes, s
+
+
+def _combined_mask(graph: gs.Graph, masks: list[tuple[gs.Tensor, str]], base: str) -> gs.Tensor:
+    """One additive mask for an attention with several (GPT-Neo: a causal table applied by Where, then the
+    padding mask added): the additive masks summed, each Where's condition as 0 where kept and −inf where
+    not. Additive, so the mask checks still see any bias an additive one carries (ALiBi) and refuse it.
+    Made once per graph (the nodes are appended; nothing reads them but the mask checks)."""
+    name = base + "_lmc_mask"
+    found = graph.tensors().get(name)
+    if found is not None:
+        return found
+    dtype = next((np.dtype(t.dtype) for t, kind in masks if kind == "additive" and t.dtype is not None),
+                 np.dtype(np.float32))
+    zero, removed = np.array(0, dtype), np.array(-np.inf, dtype)
+    nodes, terms = [], []
+    for k, (t, kind) in enumerate(masks):
+        if kind == "additive":
+            terms.append(t)
+            continue
+        flag = gs.Variable(f"{name}_{k}_bool", dtype=np.bool_)
+        term = gs.Variable(f"{name}_{k}", dtype=dtype)
+        kept, dropped = (zero, removed) if kind == "keep-where-true" else (removed, zero)
+        nodes += [gs.Node("Cast", name=flag.name, inputs=[t], outputs=[flag], attrs={"to": 9}),
+                  gs.Node("Where", name=term.name, inputs=[flag, gs.Constant(term.name + "_kept", kept),
+                                                           gs.Constant(term.name + "_dropped", dropped)],
+                          outputs=[term])]
+        terms.append(term)
+    total = terms[0]
+    for k, other in enumerate(terms[1:]):
+        both = gs.Variable(name if k == len(terms) - 2 else f"{name}_sum{k}", dtype=dtype)
+        nodes.append(gs.Node("Add", name=both.name, inputs=[total, other], outputs=[both]))
+        total = both
+    graph.nodes.extend(nodes)
+    return total
+
+
+def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph | None = None
+               ) -> AttentionSite | str | None:
+    """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable).
+    With ``graph``, several masks on the scores become one additive mask appended to it (``_combined_mask``)."""
     if not ir.is_op(anchor, "MatMul"):
         return None
     found = probabilities(anchor.inputs[0])
@@ -239,28 +353,17 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair]) -> AttentionSite
     v_pair, v_transposes, v_scale, v_nodes = value
     if v_transposes or v_scale != 1.0:
         return "values are transposed or scaled"
-    s = softmax.inputs[0]
-    node = ir.producer(s)
-    mask, kind, mask_nodes = None, "", []
-    if node is not None and ir.is_op(node, "Add"):
-        for i in (0, 1):
-            inner, _, _ = _through_scalars(node.inputs[i])
-            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul"):
-                mask, kind, s = node.inputs[1 - i], "additive", node.inputs[i]
-                mask_nodes = [node]
-                break
-    elif node is not None and ir.is_op(node, "Where"):
-        for i, keep in ((1, "keep-where-true"), (2, "keep-where-false")):
-            inner, _, _ = _through_scalars(node.inputs[i])
-            fill = ir.scalar_value(node.inputs[3 - i])
-            if ir.producer(inner) is not None and ir.is_op(ir.producer(inner), "MatMul") and fill is not None \
-                    and fill <= MASKED:
-                mask, kind, s = node.inputs[0], keep, node.inputs[i]
-                mask_nodes = [node]
-                break
-    if mask is None:
+    masks, mask_nodes, s_scale, s_nodes, scores = _peel_masks(softmax.inputs[0])
+    if not masks:
         return "the scores carry no mask (a causal mask is required)"
-    scores, s_scale, s_nodes = _through_scalars(s)
+    if s_scale <= 0:
+        return "the scores are scaled by a negative factor"
+    if len(masks) == 1:
+        mask, kind = masks[0]
+    elif graph is None:
+        return "the scores carry several masks"
+    else:
+        mask, kind = _combined_mask(graph, masks, mask_nodes[0].name), "additive"
     qk = ir.producer(scores)
     if qk is None or not ir.is_op(qk, "MatMul"):
         return "scores are not a MatMul of queries and keys"
@@ -281,7 +384,7 @@ def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
     presents = {p.present.name: p for p in pairs}
     sites, reasons = [], []
     for node in list(graph.nodes):
-        site = match_site(node, presents)
+        site = match_site(node, presents, graph)
         if isinstance(site, AttentionSite):
             sites.append(site)
         elif isinstance(site, str):
