@@ -86,6 +86,7 @@ class BuildOptions:
     prefill_chunk: int | None = None     # generation bundle: prompt tokens per step (bounds prefill memory)
     kv_cache: str | None = None          # generation bundle: cache precision, float | int8 (approximate)
     encoder_length: int | None = None    # encoder–decoder bundle: the encoder's sequence length (lmc.compiler.seq2seq)
+    tokenizer: str | None = None         # generation bundle: tokenizer.json or its folder, copied for onnxruntime-genai
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
@@ -96,6 +97,11 @@ class BuildOptions:
         object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
         generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+        if self.tokenizer is not None:
+            if self.context is None:
+                raise LmcError("--tokenizer applies only to a generation bundle: add --context N or drop it")
+            from lmc.compiler.genai import tokenizer_sources
+            tokenizer_sources(self.tokenizer)          # a missing or unreadable tokenizer: one line, now
         if self.context is None:
             given = [name for name, value in generation.items() if value is not None]
             if given:
@@ -494,6 +500,7 @@ def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: T
 def _build_generation(model_path, options: BuildOptions, target: Target, out_dir: Path, on_pass, progress,
                       start: float, spill=None) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
+    from lmc.compiler.genai import GenaiBundle
     from lmc.compiler.generate import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
     from lmc.compiler.verify import check_spans, compare_generation
@@ -516,6 +523,9 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         graph, more = _quantize_generation(graph, info, options, target, progress, on_pass, spill)
         records = list(records) + more
         extend_templates(graph, templates)
+    # onnxruntime-genai's interface: positions from an attention_mask input; genai_config.json (lmc.compiler.genai)
+    genai = GenaiBundle.prepare(graph, info, templates, options, model_path)
+    info, records = genai.info, list(records) + [genai.record]
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])
@@ -526,6 +536,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     runtime = runtime_for(graph, target)     # one session for every profile: chosen on the unbound graph
     staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
     try:
+        genai.write(staged)
         plans = []
         for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)

@@ -178,6 +178,10 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
 @click.option("--kv-cache", type=click.Choice(["float", "int8"]),
               help="Precision of a --context bundle's cache: int8 keeps int8 rows with one scale per token and "
                    "head (about a quarter of the memory; approximate, its error is reported) [default: float].")
+@click.option("--tokenizer", type=click.Path(), metavar="FILE_OR_DIR",
+              help="A --context bundle: copy this tokenizer.json (or a folder's tokenizer.json, "
+                   "tokenizer_config.json, …) beside the model for onnxruntime-genai; genai_config.json takes its "
+                   "bos/eos/pad ids.")
 @click.option("--encoder-length", type=POSITIVE, metavar="L",
               help="MODEL an encoder–decoder export folder (optimum): the encoder's input length, e.g. T5's "
                    "input_ids [1, L] (shorter inputs are padded) [default: 128; fixed-size inputs such as "
@@ -202,7 +206,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, calib_method, calib_samples, attention,
-          context, batch, prefill_chunk, kv_cache, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, kv_cache, tokenizer, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -219,7 +223,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                            calib_method=calib_method, calib_samples=calib_samples,
                            attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
                            ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
-                           encoder_length=encoder_length,
+                           encoder_length=encoder_length, tokenizer=tokenizer,
                            disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
     show = not as_json and not _State.quiet and sys.stderr.isatty()
 
@@ -251,6 +255,9 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
         click.echo(f"  state    {mib(plan.state_bytes)} KV cache in place ({len(plan.state)} buffers, "
                    f"{options.context} tokens); " + ", ".join(f"{p.name} ({p.sequence} tokens) peak "
                                                             f"{mib(p.peak_ram_bytes)}" for p in plan.profiles))
+    for record in result.records:
+        if record.name == "genai-interface":           # what onnxruntime-genai can do with the bundle
+            click.echo(f"  genai    {record.notes[-1]}")
     if plan.runtime:
         click.echo(f"  runtime  predicted resident peak {mib(plan.runtime['predicted_peak_bytes'])} "
                    f"(weights, prepacked copies, session, arena, io, state)")

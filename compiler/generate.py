@@ -41,12 +41,14 @@ class GenerationInfo:
     sinks: int = 0
     prefill_chunk: int = 0                   # prompts run in steps of at most this many tokens (0: any)
     windows: tuple[int, ...] = ()            # the distinct attention windows of its layers (model's and user's)
+    attention_mask: str = ""                 # [B, total] input the positions come from (empty: position_ids is one)
 
     def to_json(self) -> str:
         return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
                            "position_ids": self.position_ids, "logits": self.logits,
                            "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks,
-                           "prefill_chunk": self.prefill_chunk, "windows": list(self.windows)},
+                           "prefill_chunk": self.prefill_chunk, "windows": list(self.windows),
+                           **({"attention_mask": self.attention_mask} if self.attention_mask else {})},
                           sort_keys=True)
 
     @classmethod
@@ -54,7 +56,8 @@ class GenerationInfo:
         d = json.loads(text)
         return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
                    tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)),
-                   int(d.get("prefill_chunk", 0)), tuple(int(w) for w in d.get("windows", ())))
+                   int(d.get("prefill_chunk", 0)), tuple(int(w) for w in d.get("windows", ())),
+                   d.get("attention_mask", ""))
 
 
 def generation_info(model_path: str | Path) -> GenerationInfo | None:
@@ -144,9 +147,12 @@ class StateDecoder:
         if self.length + s > self.info.context:
             raise LmcError(f"the bundle takes positions below {self.info.context} (its --context); "
                            f"{self.length + s} requested (rebuild with a larger --context)")
-        positions = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64), ids.shape)
         self.binding.bind_cpu_input(self.info.input_ids, ids)
-        self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
+        if self.info.attention_mask:     # positions derived in the graph (as onnxruntime-genai feeds it)
+            self.binding.bind_cpu_input(self.info.attention_mask, np.ones((ids.shape[0], self.length + s), np.int64))
+        else:
+            positions = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64), ids.shape)
+            self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
         self.binding.bind_output(self.info.logits)
         self.session.run_with_iobinding(self.binding)
         self.length += s
