@@ -287,8 +287,11 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2),
               help="Window length for --tokens.")
 @click.option("--windows", default=64, show_default=True, type=POSITIVE, help="Windows evaluated for --tokens.")
+@click.option("--on", "on", type=click.Choice(["host", "aarch64"]), default="host", show_default=True,
+              help="Run both models here, or on the bundle's target instruction set under qemu-user (the CPU model "
+                   "its target names; prepare it once with scripts/setup-aarch64.sh); also reports top-1 agreement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows, as_json):
+def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows, on, as_json):
     """Compare BUNDLE (a folder or model.onnx) with the original under onnxruntime.
 
     Prints max abs / relative error and cosine per output, and the original's own spread between onnxruntime
@@ -298,6 +301,12 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
     """
     from lmc.compiler.verify import VerificationFailed, verify as run_verify
 
+    if on != "host":
+        from functools import partial
+
+        from lmc.compiler.on_target import verify_on
+
+        run_verify = partial(verify_on, on=on)
     report = run_verify(bundle, against, inputs=inputs, tolerance=tolerance, samples=samples, tokens=tokens,
                         seq_len=seq_len, windows=windows)
     note = None
@@ -318,6 +327,8 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
         for o in report.outputs:
             spread = f"  (original's spread {o.spread:.1e})" if o.spread else ""
             click.echo(f"{o.name}: max abs {o.max_abs:.3e}  max rel {o.max_rel:.3e}  cosine {o.cosine:.8f}{spread}")
+        for line in getattr(report, "details", ()):
+            click.echo(line)
         if report.perplexity:
             p = report.perplexity
             allowed = f", may reach ±{p['allowed'] * 100:.3g}%" if "allowed" in p else ""

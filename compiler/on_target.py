@@ -1,0 +1,338 @@
+"""Checks on the target's instruction set: ``lmc verify BUNDLE --against MODEL --on aarch64``.
+
+The bundle and the original both run on the instruction set the bundle was built for — an arm64 onnxruntime
+(the host's version) under qemu-user, ``qemu-aarch64-static -L ROOT -cpu CPU ROOT/usr/bin/python3``, with
+CPU the target's ``isa.emulator_cpu`` (read from the bundle's ``plan.json`` target) — on the inputs the host
+check uses (``lmc.compiler.verify``: the same seeded random feeds or ``--inputs``, the same generation spans
+and tokens), and are judged as there: every output's max relative error within max(tolerance, 2 × the
+original's own spread, measured on the target too) for one-shot bundles, the plain tolerance per logits
+call kind and the perplexity gap for generation bundles; exit 3 beyond. The report adds, per logits output,
+top-1 agreement: the share of positions whose argmax is the original's.
+
+Both models run in one emulated process, ``target_worker.py`` (numpy and onnxruntime only, no lmc), one
+session at a time; ``platform="host"`` runs the same worker under the host's Python, for figures measured
+the same way on both. The environment comes from ``scripts/setup-aarch64.sh`` (default
+``~/.cache/lmc/aarch64``, or ``$LMC_AARCH64_ROOT``): an arm64 Debian root and the aarch64 wheels of
+onnxruntime and numpy. onnxruntime's cpuinfo finds no CPU description there (the root's empty
+``/sys/devices/system/cpu/possible``) and takes the emulated CPU's features from the auxiliary vector, as on
+a device where cpuinfo fails: kernels are chosen by ISA features (dotprod, fp16, i8mm), not by core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lmc.compiler.errors import LmcError
+from lmc.compiler.verify import (DEFAULT_TOLERANCE, SPREAD_FACTOR, OutputError, VerifyReport, bundle_model_path,
+                                 compare, load_inputs, output_tolerance, random_inputs, with_values)
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "LMC_AARCH64_ROOT"
+SETUP = "scripts/setup-aarch64.sh"
+PLATFORMS = ("aarch64",)
+WORKER = Path(__file__).with_name("target_worker.py")
+LOW_MEMORY_ENTRIES = {"session.disable_prepacking": "1"}     # as the host checks run: no prepacked copies
+
+
+def environment_dir() -> Path:
+    """Where ``scripts/setup-aarch64.sh`` prepares the environment: ``$LMC_AARCH64_ROOT`` or
+    ``~/.cache/lmc/aarch64``."""
+    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "lmc" / "aarch64")
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """qemu-user running the arm64 root's Python as one CPU model."""
+
+    qemu: str
+    root: Path
+    site: Path
+    cpu: str
+
+    def command(self) -> list[str]:
+        return [self.qemu, "-L", str(self.root), "-cpu", self.cpu, str(self.root / "usr/bin/python3"), "-I"]
+
+
+def find_emulator(cpu: str, directory: str | Path | None = None) -> Emulator:
+    """The environment ``scripts/setup-aarch64.sh`` prepared (its ``ready`` file), for ``cpu``; LmcError
+    naming the script when it is missing or was prepared for another onnxruntime version."""
+    import onnxruntime
+
+    d = Path(directory) if directory is not None else environment_dir()
+    ready = d / "ready"
+    hint = f"run {SETUP}{'' if directory is None else ' ' + str(d)} once"
+    if not ready.is_file():
+        raise LmcError(f"no aarch64 environment at {d}: {hint} (it installs qemu-user-static and debootstrap, "
+                       f"needs root and about 2 minutes; {ENV_VAR} names another folder)")
+    lines = ready.read_text().splitlines()
+    fields = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+    want = f"onnxruntime=={onnxruntime.__version__}"
+    if not lines or want not in lines[0].split():
+        raise LmcError(f"the aarch64 environment at {d} holds {lines[0] if lines else 'nothing'}, not {want}: {hint}")
+    emulator = Emulator(fields.get("qemu", ""), Path(fields.get("root", d / "root")),
+                        Path(fields.get("site", d / "root/opt/lmc/site-packages")), cpu)
+    if not (shutil.which(emulator.qemu) and (emulator.root / "usr/bin/python3").exists() and emulator.site.is_dir()):
+        raise LmcError(f"the aarch64 environment at {d} is incomplete: {hint}")
+    return emulator
+
+
+def run_worker(tasks: list[dict], arrays: dict[str, np.ndarray], emulator: Emulator | None = None
+               ) -> tuple[list[dict], dict[str, np.ndarray], dict]:
+    """Run ``tasks`` (see ``target_worker``) in one worker process — emulated, or the host's Python when
+    ``emulator`` is None — and return (per-task results, output arrays, {machine, onnxruntime})."""
+    with tempfile.TemporaryDirectory(prefix="lmc-on-target-") as tmp:
+        job = Path(tmp)
+        if arrays:
+            np.savez(job / "in.npz", **arrays)
+        (job / "job.json").write_text(json.dumps({"tasks": tasks, "inputs": bool(arrays)}))
+        if emulator is None:
+            command, site = [sys.executable, "-I"], str(Path(np.__file__).parents[1])
+        else:
+            command, site = emulator.command(), str(emulator.site)
+        proc = subprocess.run([*command, str(WORKER), site, str(job)], capture_output=True, text=True)
+        noise = ("Error in cpuinfo", "onnxruntime warning: cpuinfo_initialize")
+        stderr = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(noise)]
+        if proc.returncode != 0 or not (job / "result.json").is_file():
+            where = f"under {Path(command[0]).name} -cpu {emulator.cpu}" if emulator else "on the host"
+            raise LmcError(f"the check's worker failed {where} (exit {proc.returncode}): "
+                           f"{stderr[-1] if stderr else 'no message'}")
+        if stderr:
+            log.debug("worker stderr:\n%s", "\n".join(stderr))
+        result = json.loads((job / "result.json").read_text())
+        with np.load(job / "out.npz", allow_pickle=False) as out:
+            outputs = {k: out[k] for k in out.files}
+    return result.pop("tasks"), outputs, result
+
+
+@dataclass(frozen=True)
+class OnTargetReport(VerifyReport):
+    """A ``VerifyReport`` measured on ``machine`` (``emulator_cpu``: qemu's CPU model, "" on the host), with
+    top-1 agreement per logits output: (positions whose argmax equals the original's, positions)."""
+
+    machine: str = ""
+    emulator_cpu: str = ""
+    top1: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def details(self) -> tuple[str, ...]:
+        """Lines the CLI prints after the outputs: where it ran and the top-1 agreement."""
+        where = f"{self.machine} (qemu-user -cpu {self.emulator_cpu})" if self.emulator_cpu else self.machine
+        lines = [f"ran on {where}"]
+        lines += [f"{name}: top-1 agreement {a}/{n} ({a / n:.1%})" for name, (a, n) in self.top1.items() if n]
+        return tuple(lines)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "machine": self.machine, "emulator_cpu": self.emulator_cpu,
+                "top1": {k: {"agree": a, "positions": n, "rate": a / n if n else None}
+                         for k, (a, n) in self.top1.items()}}
+
+
+def _target_cpu(model_path: Path) -> tuple[str, str]:
+    """(target name, its emulator CPU) of a bundle, from ``plan.json`` (else the model's lmc metadata)."""
+    from lmc.compiler.build import build_metadata
+    from lmc.targets.target import load_target
+
+    plan = model_path.parent / "plan.json"
+    name = json.loads(plan.read_text()).get("target") if plan.is_file() else None
+    name = name or build_metadata(onnx.load(str(model_path), load_external_data=False)).get("target")
+    if not name:
+        raise LmcError(f"{model_path}: no plan.json or lmc metadata names the bundle's target")
+    target = load_target(name)
+    if not target.isa.emulator_cpu:
+        raise LmcError(f"target {name} ({target.isa.arch}) names no emulator CPU (isa.emulator_cpu): --on aarch64 "
+                       "runs bundles built for an arm64 target such as cortex-a55")
+    return name, target.isa.emulator_cpu
+
+
+def _top1(reference: np.ndarray, candidate: np.ndarray) -> tuple[int, int]:
+    r, c = np.asarray(reference), np.asarray(candidate)
+    if r.ndim < 2 or r.shape[-1] < 2 or r.shape != c.shape:
+        return 0, 0
+    agree = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+    return int(agree.sum()), int(agree.size)
+
+
+def _failed(result: dict, what: str) -> None:
+    if "error" in result:
+        raise LmcError(f"onnxruntime could not run {what} on the target: {result['error']}")
+
+
+def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inputs: str | Path | None = None,
+              tolerance: float = DEFAULT_TOLERANCE, samples: int = 1, seed: int = 0,
+              tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64) -> OnTargetReport:
+    """``lmc.compiler.verify.verify`` with both models run on ``on`` ("aarch64": under the bundle's
+    target's emulator CPU; "host": this machine, through the same worker)."""
+    from lmc.compiler.generate import generation_info
+    from lmc.compiler.seq2seq_generate import seq2seq_info
+
+    model_path = bundle_model_path(bundle)
+    if seq2seq_info(model_path) is not None:
+        raise LmcError("--on applies to one-shot and generation bundles, not encoder–decoder bundles")
+    if not os.path.isfile(against):
+        raise LmcError(f"{against}: no such file")
+    if on == "host":
+        emulator = None
+    elif on in PLATFORMS:
+        cpu = _target_cpu(model_path)[1]
+        emulator = find_emulator(cpu)
+    else:
+        raise LmcError(f"--on {on}: expected host or one of {', '.join(PLATFORMS)}")
+    info = generation_info(model_path)
+    if info is not None:
+        return _verify_generation(model_path, Path(against), info, emulator, tolerance, seed, tokens, seq_len,
+                                  windows)
+    return _verify_oneshot(model_path, Path(against), emulator, inputs, tolerance, samples, seed, tokens, seq_len,
+                           windows)
+
+
+def _session_settings(model_path: Path, low_memory: bool = True) -> dict:
+    """What the host check runs a model under (``verify._load_session``): a bundle's config entries, with
+    prepacking off when ``low_memory``."""
+    from lmc.compiler.runtime import CONFIG_ENTRIES, bundle_session_options
+
+    entries = {k: str(v) for k, v in bundle_session_options(model_path).get(CONFIG_ENTRIES, {}).items()}
+    return {CONFIG_ENTRIES: {**entries, **LOW_MEMORY_ENTRIES} if low_memory else entries}
+
+
+def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows
+                    ) -> OnTargetReport:
+    from lmc.compiler.build import build_metadata, decode_input_values
+
+    bundle_model = onnx.load(str(model_path), load_external_data=False)
+    if inputs is not None:
+        feeds = load_inputs(inputs, {i.name: len(i.type.tensor_type.shape.dim) for i in bundle_model.graph.input})
+    else:
+        shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
+        feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
+    try:
+        fixed = decode_input_values(build_metadata(bundle_model).get("input_values", ""))
+    except ValueError as exc:
+        raise LmcError(f"{model_path}: unreadable lmc.input_values metadata ({exc})") from exc
+    ref_feeds = with_values(against, feeds, fixed) if fixed else feeds
+    if any(v.dtype.kind in "OSU" for f in ref_feeds for v in f.values()):
+        raise LmcError("--on runs numeric inputs only (this model takes strings)")
+    arrays = {f"ref{i}/{k}": v for i, f in enumerate(ref_feeds) for k, v in f.items()}
+    arrays.update({f"cand{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    ref_settings = _session_settings(against)
+    names = [o.name for o in bundle_model.graph.output]
+    tasks = [{"kind": "run", "id": "ref", "model": str(against), "settings": ref_settings,
+              "feeds": [f"ref{i}" for i in range(len(feeds))], "outputs": names},
+             {"kind": "run", "id": "plain", "model": str(against), "settings": ref_settings, "optimize": False,
+              "feeds": [f"ref{i}" for i in range(len(feeds))], "outputs": names},
+             {"kind": "run", "id": "cand", "model": str(model_path), "settings": _session_settings(model_path),
+              "feeds": [f"cand{i}" for i in range(len(feeds))], "outputs": names}]
+    if tokens is not None:
+        from lmc.compiler.perplexity import load_tokens
+
+        arrays["windows"] = load_tokens(tokens, seq_len, windows)
+        tasks += [{"kind": "perplexity", "id": f"ppl-{who}", "model": str(path), "driver": "oneshot",
+                   "windows": "windows", "settings": _session_settings(path, low_memory=False)}
+                  for who, path in (("ref", against), ("cand", model_path))]
+    results, out, machine = run_worker(tasks, arrays, emulator)
+    _failed(results[0], str(against))
+    _failed(results[2], "the bundle")
+    worst: dict[str, OutputError] = {}
+    plain: dict[str, float] = {}
+    top1: dict[str, tuple[int, int]] = {}
+    for s in range(len(feeds)):
+        for name in names:
+            r, c = out[f"ref/{s}/{name}"], out[f"cand/{s}/{name}"]
+            err = compare(r, c, name)
+            if name not in worst or err.max_rel > worst[name].max_rel:
+                worst[name] = err
+            if "error" not in results[1]:
+                p = compare(r, out[f"plain/{s}/{name}"], name).max_rel
+                plain[name] = max(plain.get(name, 0.0), p)
+            if "logits" in name:
+                a, n = _top1(r, c)
+                prev = top1.get(name, (0, 0))
+                top1[name] = (prev[0] + a, prev[1] + n)
+    if "error" in results[1]:
+        log.warning("could not measure the original's numerical spread on the target: %s", results[1]["error"])
+    outputs = []
+    for name in names:
+        err, tol = worst[name], output_tolerance(tolerance, out[f"ref/0/{name}"].dtype)
+        s = plain.get(name)
+        allowed = max(tol, SPREAD_FACTOR * s) if s is not None and np.isfinite(s) else None
+        outputs.append(OutputError(err.name, err.max_abs, err.max_rel, err.cosine,
+                                   tol if tol != tolerance else None, s, allowed))
+    ppl = {}
+    if tokens is not None:
+        _failed(results[3], str(against))
+        _failed(results[4], "the bundle")
+        ppl = {"original": results[3]["perplexity"], "bundle": results[4]["perplexity"]}
+        ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
+    return OnTargetReport(tuple(outputs), len(feeds), tolerance, ppl, SPREAD_FACTOR, machine=machine["machine"],
+                          emulator_cpu=emulator.cpu if emulator else "", top1=top1)
+
+
+def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows
+                       ) -> OnTargetReport:
+    from lmc.compiler.generate import LOW_MEMORY
+    from lmc.compiler.runtime import bundle_session_options
+    from lmc.compiler.verify import check_spans
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
+    spans = check_spans(info)
+    length = spans[-1][1]
+    # the host check's tokens (compare_generation) and sessions (StateDecoder / PastDecoder)
+    ids = np.random.default_rng(seed).integers(0, vocab, (info.batch, length)).astype(np.int64)
+    state_info = {"context": info.context, "batch": info.batch, "input_ids": info.input_ids,
+                  "position_ids": info.position_ids, "logits": info.logits, "state": [list(p) for p in info.state],
+                  "prefill_chunk": info.prefill_chunk, "attention_mask": getattr(info, "attention_mask", "")}
+    bundle_settings = bundle_session_options(model_path)
+    arrays = {"ids": ids}
+    tasks = [{"kind": "decode", "id": "ref", "model": str(against), "driver": "past", "batch": info.batch,
+              "settings": LOW_MEMORY, "tokens": "ids", "spans": spans},
+             {"kind": "decode", "id": "cand", "model": str(model_path), "driver": "state", "info": state_info,
+              "settings": {**bundle_settings, **LOW_MEMORY}, "tokens": "ids", "spans": spans}]
+    if tokens is not None:
+        from lmc.compiler.perplexity import load_tokens
+
+        window = min(seq_len, info.context) if not info.window else seq_len
+        arrays["windows"] = load_tokens(tokens, window, windows)
+        tasks += [{"kind": "perplexity", "id": "ppl-ref", "model": str(against), "driver": "past",
+                   "windows": "windows", "chunk": window},
+                  {"kind": "perplexity", "id": "ppl-cand", "model": str(model_path), "driver": "state",
+                   "info": state_info, "settings": bundle_settings, "windows": "windows", "chunk": 1},
+                  {"kind": "perplexity", "id": "ppl-stepped", "model": str(against), "driver": "past",
+                   "windows": "windows", "chunk": 1}]
+    results, out, machine = run_worker(tasks, arrays, emulator)
+    _failed(results[0], str(against))
+    _failed(results[1], "the bundle")
+    ref, cand = out["ref/logits"], out["cand/logits"]
+    worst: dict[str, OutputError] = {}
+    top1: dict[str, tuple[int, int]] = {}
+    for a, b in spans:
+        name = "logits (decode)" if b - a == 1 and a > 0 else "logits (prefill)"
+        err = compare(ref[:, a:b], cand[:, a:b], name)
+        if name not in worst or err.max_rel > worst[name].max_rel:
+            worst[name] = err
+        agree, n = _top1(ref[:, a:b], cand[:, a:b])
+        prev = top1.get(name, (0, 0))
+        top1[name] = (prev[0] + agree, prev[1] + n)
+    names = [n for n in ("logits (prefill)", "logits (decode)") if n in worst]
+    ppl = {}
+    if tokens is not None:
+        for r, what in zip(results[2:], (str(against), "the bundle", str(against))):
+            _failed(r, what)
+        original, bundle_ppl, stepped = (r["perplexity"] for r in results[2:])
+        ppl = {"original": original, "bundle": bundle_ppl, "relative_change": bundle_ppl / original - 1.0,
+               "spread": abs(stepped / original - 1.0)}
+        ppl["allowed"] = max(tolerance, SPREAD_FACTOR * ppl["spread"])
+    return OnTargetReport(tuple(worst[n] for n in names), len(spans), tolerance, ppl, SPREAD_FACTOR,
+                          machine=machine["machine"], emulator_cpu=emulator.cpu if emulator else "",
+                          top1={n: top1[n] for n in names})
