@@ -462,3 +462,38 @@ def test_interrupt_while_main_starts_up_exits_one_line(capsys, monkeypatch, sign
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main: the user sees a traceback")
     assert code == code_wanted and err.strip() == f"lmc: {message}"
+
+
+# ------------------------------------------------------------------- README example, inspect/diff paths, help
+def test_readme_generation_example_runs_from_a_clean_checkout(tmp_path):
+    """The README's generation example, as written: what it writes is ignored by git, what it reads exists or
+    an earlier line writes, and every line exits 0 (run in a scratch folder, at a smaller context and token
+    count so that the test stays quick)."""
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "lmc generate" in b)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    if shutil.which("git") and (root / ".git").exists():
+        for line in lines:
+            words = shlex.split(line)
+            written = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-o", ">")]
+            for path in written:
+                probe = path + ("plan.json" if path.endswith("/") else "")
+                ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0
+                assert ignored, f"README: `{line}` writes {path} into the checkout, which git does not ignore"
+    (tmp_path / "models").symlink_to(root / "models")
+    lmc = f"{shlex.quote(sys.executable)} -m lmc.compiler.cli"
+    for line in lines:
+        command = re.sub(r"^lmc ", lmc + " ", line)
+        command = command.replace("--context 512", "--context 24").replace("--max-new-tokens 200", "--max-new-tokens 8")
+        out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"README: `{line}` exits {out.returncode}: {out.stderr.strip()[-300:]}"
+
+
