@@ -278,6 +278,13 @@ def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, s
                           emulator_cpu=emulator.cpu if emulator else "", top1=top1)
 
 
+def worker_info(info) -> dict:
+    """What the worker's ``state`` driver needs of a bundle's ``GenerationInfo``."""
+    return {"context": info.context, "batch": info.batch, "input_ids": info.input_ids,
+            "position_ids": info.position_ids, "logits": info.logits, "state": [list(p) for p in info.state],
+            "prefill_chunk": info.prefill_chunk, "attention_mask": getattr(info, "attention_mask", "")}
+
+
 def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows
                        ) -> OnTargetReport:
     from lmc.compiler.generate import LOW_MEMORY
@@ -290,9 +297,7 @@ def _verify_generation(model_path, against, info, emulator, tolerance, seed, tok
     length = spans[-1][1]
     # the host check's tokens (compare_generation) and sessions (StateDecoder / PastDecoder)
     ids = np.random.default_rng(seed).integers(0, vocab, (info.batch, length)).astype(np.int64)
-    state_info = {"context": info.context, "batch": info.batch, "input_ids": info.input_ids,
-                  "position_ids": info.position_ids, "logits": info.logits, "state": [list(p) for p in info.state],
-                  "prefill_chunk": info.prefill_chunk, "attention_mask": getattr(info, "attention_mask", "")}
+    state_info = worker_info(info)
     bundle_settings = bundle_session_options(model_path)
     arrays = {"ids": ids}
     tasks = [{"kind": "decode", "id": "ref", "model": str(against), "driver": "past", "batch": info.batch,

@@ -32,6 +32,7 @@ missing=()
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
