@@ -556,11 +556,14 @@ def _split_global(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _quiet_onnxruntime() -> None:
-    """onnxruntime's own (coloured) warnings would precede lmc's one-line messages: errors only."""
+    """onnxruntime's own (coloured) log lines would precede lmc's one-line messages: fatal ones only (its
+    errors reach lmc as exceptions)."""
     try:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)
+        from lmc.compiler.runtime import ORT_LOG_LEVEL
+
+        onnxruntime.set_default_logger_severity(ORT_LOG_LEVEL)
     except Exception:  # noqa: BLE001 — a missing or odd onnxruntime is reported where it is used
         pass
 

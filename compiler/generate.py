@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import after_load, apply_session_options, bundle_session_options
+from lmc.compiler.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
 
 GENERATION_KEY = "lmc.generation"
 # for checks rather than speed: no prepacked second copy of the weights
@@ -71,7 +71,7 @@ def generation_info(model_path: str | Path) -> GenerationInfo | None:
 
 def _options(threads: int, session_options: dict | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ORT_LOG_LEVEL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

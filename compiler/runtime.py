@@ -83,8 +83,13 @@ def bundle_session_options(model_path: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# onnxruntime's severity for lmc's sessions: fatal only. Its errors reach lmc as exceptions, which lmc reports
+# in one line; at 3 (errors) onnxruntime would also print them itself, in colour, ahead of that line.
+ORT_LOG_LEVEL = 4
+
+
 def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None = None,
-                log_level: int = 3) -> ort.InferenceSession:
+                log_level: int = ORT_LOG_LEVEL) -> ort.InferenceSession:
     """An onnxruntime CPU session on a bundle under its ``session_options.json`` (or ``settings``): the
     configuration its plan's runtime prediction describes."""
     settings = bundle_session_options(model_path) if settings is None else settings
@@ -100,7 +105,7 @@ def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None 
 
 
 def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optimize: bool = True,
-            low_memory: bool = False, log_level: int = 3,
+            low_memory: bool = False, log_level: int = ORT_LOG_LEVEL,
             config_entries: dict[str, str] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``low_memory`` turns weight prepacking off (no second copy of the
     weights; used for verification, where speed matters less than fitting); ``config_entries`` are added

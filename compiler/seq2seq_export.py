@@ -168,11 +168,11 @@ def find_export(path: str | Path) -> Seq2SeqExport:
 
 
 def _session(path: Path, session_options: dict | None = None):
-    from lmc.compiler.runtime import apply_session_options
+    from lmc.compiler.runtime import ORT_LOG_LEVEL, apply_session_options
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ORT_LOG_LEVEL
     apply_session_options(opts, session_options or {})
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

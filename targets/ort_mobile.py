@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from lmc.compiler.runtime import ORT_LOG_LEVEL
+
 ORT_FILE = "model.ort"
 CONFIG_FILE = "required_operators.config"
 
@@ -24,7 +26,7 @@ def write_ort_files(folder: Path, model_file: str = "model.onnx") -> tuple[Path,
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ORT_LOG_LEVEL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(folder / ORT_FILE)
     opts.add_session_config_entry("session.save_model_format", "ORT")
