@@ -180,7 +180,7 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
         if node is None:
             return f"'{t.name}' does not come from a cache present"
         if ir.is_op(node, "Transpose"):
-            if list(node.attrs.get("perm", [])) != [0, 1, 3, 2]:
+            if list(node.attrs.get("perm", [])) not in ([0, 1, 3, 2], [0, 2, 1]):
                 return f"transpose {list(node.attrs.get('perm', []))} is not a swap of the last two axes"
             transposes += 1
         elif ir.is_op(node, ("Mul", "Div")):
@@ -192,6 +192,8 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
             t = src
             nodes.append(node)
             continue
+        elif _head_fold(node):           # heads folded into the batch: the site unfolds q and the output
+            pass
         elif ir.is_op(node, "Reshape") and _folded_transpose(node) is not None:
             inner, y = _folded_transpose(node)
             nodes += [node, inner]
@@ -222,6 +224,24 @@ def _to_cache(t: gs.Tensor, presents: dict[str, CachePair]) -> tuple[CachePair, 
         nodes.append(node)
         t = node.inputs[0]
     return "too long a chain between the cache and the attention"
+
+
+def _head_fold(node: gs.Node, fold: bool = True) -> bool:
+    """A Reshape folding heads into the batch, [B, H, T, D] → [B·H, T, D] (``fold``), or back (Bloom,
+    XGLM write attention as 3-D batched MatMuls so): static shapes, the other dims unchanged."""
+    if not ir.is_op(node, "Reshape"):
+        return False
+    x, y = node.inputs[0].shape, node.outputs[0].shape
+    if fold and (y is None or len(y) != 3 or not isinstance(y[0], int)):    # the target, if the shape is unknown
+        y = ir.const_value(node.inputs[1])
+        y = None if y is None or int(node.attrs.get("allowzero", 0)) == 0 and 0 in y.tolist() else \
+            [int(d) for d in y.reshape(-1)]
+    four, three = (x, y) if fold else (y, x)
+    known = lambda *ds: all(isinstance(d, int) and d >= 0 for d in ds)  # noqa: E731  (a length may be free)
+    return (four is not None and three is not None and len(four) == 4 and len(three) == 3
+            and known(four[0], four[1], three[0]) and three[0] == four[0] * four[1]
+            and all(not known(a, b) or a == b for a, b in zip(four[2:], three[1:]))
+            and sum(known(d) for d in (*four[2:], *three[1:])) >= 2)
 
 
 def _folded_transpose(node: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
@@ -258,11 +278,21 @@ def _reaches_scores(t: gs.Tensor, depth: int = 6) -> bool:
         return False
     if ir.is_op(node, "MatMul"):
         return True
+    if _head_fold(node) or _head_fold(node, fold=False) or _clamp(node):
+        return _reaches_scores(node.inputs[0], depth - 1)
     if ir.is_op(node, "Add"):
         return any(_reaches_scores(x, depth - 1) for x in node.inputs)
     if ir.is_op(node, "Where"):
         return any(_reaches_scores(x, depth - 1) for x in node.inputs[1:])
     return False
+
+
+def _clamp(node: gs.Node) -> bool:
+    """Max(x, c) with c ≤ MASKED (XGLM, Bloom clamp masked scores at finfo.min): changes masked entries only."""
+    if not ir.is_op(node, "Max") or len(node.inputs) != 2:
+        return False
+    c = ir.scalar_value(node.inputs[1])
+    return c is not None and c <= MASKED
 
 
 def _peel_masks(s: gs.Tensor):
@@ -271,13 +301,17 @@ def _peel_masks(s: gs.Tensor):
     product of the scalar scales on the way (before or after a mask: CodeGen divides the masked scores), the
     scale nodes, and the tensor reached (the scores, if a MatMul)."""
     masks, mask_nodes, scale, scale_nodes = [], [], 1.0, []
-    for _ in range(4):
+    for _ in range(8):
         s, c, nodes = _through_scalars(s)
         scale *= c
         scale_nodes += nodes
         node = ir.producer(s)
         if node is None or ir.is_op(node, "MatMul"):
             break
+        if _head_fold(node) or _head_fold(node, fold=False) or _clamp(node):
+            scale_nodes.append(node)              # heads folded/unfolded around the mask, masked entries clamped
+            s = node.inputs[0]
+            continue
         if ir.is_op(node, "Add"):
             sides = [i for i in (0, 1) if _reaches_scores(node.inputs[i])]
             if len(sides) != 1:
@@ -374,8 +408,21 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph 
     k_pair, k_transposes, k_scale, k_nodes = key
     if k_transposes != 1:
         return "keys are not transposed once"
+    out = anchor.outputs[0]
+    folded = [n for n in k_nodes + v_nodes if _head_fold(n)]
+    if folded:                         # 3-D attention over heads folded into the batch: q and y unfolded
+        fold = ir.producer(q)
+        unfold = out.outputs[0] if len(out.outputs) == 1 else None
+        if fold is None or not _head_fold(fold) or unfold is None or not _head_fold(unfold, fold=False) or \
+                len(folded) != 2:
+            return "heads are folded into the batch but the queries or the output are not"
+        q, more, more_nodes = _through_scalars(fold.inputs[0])
+        q_scale *= more
+        q_nodes += [fold] + more_nodes
+        prob_nodes = prob_nodes + [unfold]
+        out = unfold.outputs[0]
     nodes = [anchor, softmax, qk] + prob_nodes + mask_nodes + s_nodes + q_nodes + k_nodes + v_nodes
-    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, anchor.outputs[0], mask, kind, nodes)
+    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, out, mask, kind, nodes)
 
 
 def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
