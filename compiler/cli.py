@@ -404,12 +404,13 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD…", help="Bind dynamic dims.")
 @click.option("-t", "--target", default="cortex-a55", show_default=True, help="Target for the planned peak.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(model, input_shapes, target, as_json):
-    """Ops, parameters by dtype, dynamic dims and (for static shapes) the planned peak of MODEL."""
+    """Ops, parameters by dtype, dynamic dims and (for static shapes) the planned peak of MODEL (a model
+    file or a bundle folder)."""
     from lmc.compiler.inspect import inspect_model
 
     summary = inspect_model(model, parse_input_shapes(input_shapes), target)
@@ -449,6 +450,10 @@ def diff(a, b, input_shapes, as_json):
     whose size or lifetime changed most, weights by dtype and nodes by op."""
     from lmc.compiler.inspect import diff_bundles, diff_models
 
+    for path, other in ((a, b), (b, a)):
+        if not os.path.exists(path):
+            kind = "folder" if path.endswith(("/", os.sep)) or os.path.isdir(other) else "file"
+            raise LmcError(f"{path}: no such {kind}")
     if os.path.isdir(a) or os.path.isdir(b):
         if not (os.path.isdir(a) and os.path.isdir(b)):
             raise LmcError("lmc diff compares two models or two bundle folders, not one of each")

@@ -72,7 +72,15 @@ def inspect_model(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | 
 
 
 def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[ModelSummary, dict[str, tuple]]:
-    """(summary, initializer digests of the model as loaded — only when ``digests``)."""
+    """(summary, initializer digests of the model as loaded — only when ``digests``). ``path`` may be a
+    bundle folder: its model.onnx is inspected."""
+    if Path(path).is_dir():
+        from lmc.targets import emit
+
+        if not is_bundle(path):
+            raise LmcError(f"{path}: a folder that is not an lmc bundle (needs {emit.MODEL_FILE} and "
+                           f"{emit.PLAN_FILE}); give a model file or a bundle folder")
+        path = Path(path) / emit.MODEL_FILE
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     from lmc.compiler.build import build_metadata

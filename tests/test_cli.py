@@ -521,3 +521,20 @@ def test_onnxruntime_log_lines_do_not_precede_the_one_line_error(tmp_path, capfd
     assert len(err.strip().splitlines()) == 1 and err.startswith("lmc: error:"), err
 
 
+def test_inspect_takes_a_bundle_folder(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["build", str(model_dir / "tiny-gpt2.onnx"), "-o", str(out), "--input-shape", "input_ids=1x8"],
+               capsys)[0] == 0
+    code, stdout, err = run(["inspect", str(out), "--json"], capsys)
+    assert code == 0, err
+    by_folder = json.loads(stdout)
+    code, stdout, _ = run(["inspect", str(out / "model.onnx"), "--json"], capsys)
+    assert code == 0 and by_folder == json.loads(stdout)
+    assert by_folder["built_with"]["target"] == "cortex-a55"
+    code, _, err = run(["inspect", str(tmp_path)], capsys)                  # a folder that is not a bundle
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not an lmc bundle" in err
+    # lmc diff with a folder that is not there: say so
+    code, _, err = run(["diff", str(out), str(tmp_path / "missing")], capsys)
+    assert code == 2 and err.strip() == f"lmc: error: {tmp_path / 'missing'}: no such folder"
+
+
