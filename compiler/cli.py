@@ -612,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     flags, args = _split_global(args)
+    if not args:              # a bare ``lmc``: the help, not click's "Missing command" usage error
+        args = ["--help"]
     debug = "--debug" in flags
     as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     _State.quiet = _State.json_emitted = False

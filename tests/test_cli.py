@@ -538,3 +538,8 @@ def test_inspect_takes_a_bundle_folder(model_dir, tmp_path, capsys):
     assert code == 2 and err.strip() == f"lmc: error: {tmp_path / 'missing'}: no such folder"
 
 
+@pytest.mark.parametrize("argv", [[], ["-v"]])
+def test_bare_lmc_prints_the_help(capsys, argv):
+    code, stdout, err = run(argv, capsys)
+    assert code == 0 and not err
+    assert stdout.startswith("Usage: lmc") and "Commands:" in stdout and "build" in stdout
