@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from lmc.compiler import ir, shapes, weights
 from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
 from lmc.compiler.errors import LmcError, ShapeError
+from lmc.compiler.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.compiler.model_io import load_model
 from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord, approximations
 from lmc.compiler.pipeline import default_pipeline
@@ -183,9 +184,6 @@ class BuildResult:
         }
 
 
-METADATA_PREFIX = "lmc."
-
-
 def _stamp(model, options: BuildOptions, target: Target) -> None:
     """Record how the bundle was built in the model's metadata (deterministic: no times, no paths)."""
     from lmc import __version__
@@ -199,34 +197,6 @@ def _stamp(model, options: BuildOptions, target: Target) -> None:
     for key, value in entries.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = METADATA_PREFIX + key, str(value)
-
-
-def _plain(value, name: str):
-    """A bound input value as plain JSON data: numbers (bool, int, finite float) and lists of them."""
-    if isinstance(value, np.ndarray | np.generic):
-        value = value.tolist()
-    if isinstance(value, list | tuple):
-        return [_plain(v, name) for v in value]
-    if isinstance(value, bool | int):
-        return value
-    if isinstance(value, float) and np.isfinite(value):
-        return value
-    raise LmcError(f"--input-value {name}: {value!r} is not a finite number or a list of numbers")
-
-
-def encode_input_values(values: Mapping[str, Any]) -> str:
-    """``input_values`` as the bundle records them (``lmc.input_values``): canonical JSON, keys sorted."""
-    return json.dumps({k: _plain(v, k) for k, v in values.items()}, sort_keys=True, separators=(",", ":"))
-
-
-def decode_input_values(text: str) -> dict[str, np.ndarray]:
-    """The ``lmc.input_values`` metadata back as arrays (name -> value)."""
-    return {k: np.asarray(v) for k, v in json.loads(text).items()} if text else {}
-
-
-def build_metadata(model) -> dict[str, str]:
-    """The ``lmc.*`` metadata of a bundle's model (empty for models lmc did not build)."""
-    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
 def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: str | Path = "out",

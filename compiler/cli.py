@@ -348,7 +348,7 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
 def _bundle_quantize(bundle: str) -> str | None:
     import onnx
 
-    from lmc.compiler.build import build_metadata
+    from lmc.compiler.metadata import build_metadata
     from lmc.compiler.verify import bundle_model_path
 
     try:

@@ -83,7 +83,7 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
         path = Path(path) / emit.MODEL_FILE
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    from lmc.compiler.build import build_metadata
+    from lmc.compiler.metadata import build_metadata
 
     built_with = build_metadata(model)
     graph = ir.to_graph(model)
@@ -209,7 +209,7 @@ def load_bundle_side(path: str | Path) -> BundleSide:
     """A bundle's plan, weights by dtype and op counts (the weights file is not read: sizes come from shapes)."""
     import json
 
-    from lmc.compiler.build import build_metadata
+    from lmc.compiler.metadata import build_metadata
     from lmc.targets import emit
 
     p = Path(path)

@@ -141,7 +141,7 @@ class OnTargetReport(VerifyReport):
 
 def _target_cpu(model_path: Path) -> tuple[str, str]:
     """(target name, its emulator CPU) of a bundle, from ``plan.json`` (else the model's lmc metadata)."""
-    from lmc.compiler.build import build_metadata
+    from lmc.compiler.metadata import build_metadata
     from lmc.targets.target import load_target
 
     plan = model_path.parent / "plan.json"
@@ -208,7 +208,7 @@ def _session_settings(model_path: Path, low_memory: bool = True) -> dict:
 
 def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows
                     ) -> OnTargetReport:
-    from lmc.compiler.build import build_metadata, decode_input_values
+    from lmc.compiler.metadata import build_metadata, decode_input_values
 
     bundle_model = onnx.load(str(model_path), load_external_data=False)
     if inputs is not None:

@@ -410,7 +410,7 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
         feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
-    from lmc.compiler.build import build_metadata, decode_input_values
+    from lmc.compiler.metadata import build_metadata, decode_input_values
 
     try:
         fixed = decode_input_values(build_metadata(bundle_model).get("input_values", ""))

@@ -247,7 +247,7 @@ def _vad_model(path):
 def test_input_value_folds_control_flow_and_the_build_verifies(tmp_path, capsys, rate, rows):
     import onnx
 
-    from lmc.compiler.build import build_metadata
+    from lmc.compiler.metadata import build_metadata
 
     m, out = _vad_model(tmp_path / "vad.onnx"), tmp_path / "out"
     code, stdout, err = run(["build", str(m), "--target", "x86-64", "--input-value", f"sr={rate}", "-o", str(out),
