@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -477,17 +478,38 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     from lmc.targets.plan import Profile
 
     before: list[tuple[int, int]] = []
+    from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
+
+    tables: dict = {}        # a position bias (ALiBi) split off the masks: put back after the state rewrite
 
     def run_passes(graph: gs.Graph, masks: dict):
         before.append((len(graph.nodes), ir.weight_bytes(graph)))
-        manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
+        pipeline = default_pipeline(options, target, [t.name for t in graph.inputs])
+        if tables:       # the bias back as the state attention's float mask, right after the state rewrite
+            at = next(i for i, p in enumerate(pipeline) if getattr(p, "name", "") == "static-kv-cache")
+            pipeline.insert(at + 1, RestorePositionBias(tables))
+        manager = PassManager(pipeline,
                               PassContext(target=target, options=options, progress=progress, spill=spill,
                                           masks=masks),
                               peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
                               on_pass=on_pass if len(before) > 1 else None)
         return manager.run(graph)
 
-    graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
+    try:
+        graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
+    except LmcError as exc:  # the mask checks found a bias on the scores (cache_masks): split it off and retry
+        if "adds a bias" not in str(exc):
+            raise
+        with tempfile.TemporaryDirectory(prefix="lmc-bias-") as work:
+            split = split_decoder_bias(model_path, options.context,
+                                       min(options.prefill_chunk or options.context, options.context), work)
+            if split is None:
+                raise
+            source, found = split
+            tables.update(found)
+            before.clear()
+            graph, records, info, templates = compile_generation(source, options.context, options.batch,
+                                                                 run_passes)
     if options.quantize is not QuantizeMode.NONE:
         # quantized once, on the generalised graph: calibration runs at its own lengths (prefills)
         graph, more = _quantize_generation(graph, info, options, target, progress, on_pass, spill)

@@ -11,6 +11,7 @@ each pair feeds, matched as exporters write it:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class AttentionSite:
     mask: gs.Tensor          # additive mask, or the boolean condition of a Where
     mask_kind: str           # "additive" | "keep-where-true" | "keep-where-false"
     nodes: list[gs.Node] = field(default_factory=list)
+    masks: list[tuple[gs.Tensor, str]] = field(default_factory=list)   # the parts of a combined mask
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,8 @@ def _combined_mask(graph: gs.Graph, masks: list[tuple[gs.Tensor, str]], base: st
     padding mask added): the additive masks summed, each Where's condition as 0 where kept and −inf where
     not. Additive, so the mask checks still see any bias an additive one carries (ALiBi) and refuse it.
     Made once per graph (the nodes are appended; nothing reads them but the mask checks)."""
-    name = base + "_lmc_mask"
+    parts = ",".join(f"{t.name}:{kind}" for t, kind in masks)
+    name = f"{base}_lmc_mask_{hashlib.sha1(parts.encode()).hexdigest()[:8]}"   # a new one if a part changes
     found = graph.tensors().get(name)
     if found is not None:
         return found
@@ -422,7 +425,8 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph 
         prob_nodes = prob_nodes + [unfold]
         out = unfold.outputs[0]
     nodes = [anchor, softmax, qk] + prob_nodes + mask_nodes + s_nodes + q_nodes + k_nodes + v_nodes
-    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, out, mask, kind, nodes)
+    return AttentionSite(q, k_pair, v_pair, q_scale * k_scale * s_scale, out, mask, kind, nodes,
+                         masks if len(masks) > 1 else [])
 
 
 def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:

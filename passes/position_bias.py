@@ -62,12 +62,15 @@ def _feeds(graph: gs.Graph, wanted: set[str], pairs: list[CachePair], ids: str, 
         start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
         feeds[tensor.name] = full[start:(int(end) if end is not None else None)]
     pasts = {pair.past.name: pair for pair in pairs}
+    mask = find_roles(graph).attention_mask
     for t in graph.inputs:
         if t.name not in wanted:
             continue
         dtype = np.dtype(t.dtype) if t.dtype is not None else np.float32
         if t.name == ids:
             feeds[t.name] = np.zeros((1, s), dtype)
+        elif t.name == mask:              # a decoder-only model's padding mask: every token real
+            feeds[t.name] = np.ones((1, p + s), dtype)
         elif t.name in pasts:
             feeds[t.name] = np.zeros((1, int(t.shape[1]), p, int(t.shape[3])), dtype)
         elif ir.static_shape(t) is not None:
@@ -133,7 +136,11 @@ def _check(mask: gs.Tensor, value: np.ndarray, table: BiasTable, p: int, s: int)
     distance = (p + np.arange(s))[:, None] - np.arange(p + s)[None, :]                     # [S, P+S]
     keep = distance >= 0
     expected = table.values[:, np.clip(distance, 0, table.slots - 1)]                      # [H, S, P+S]
-    if not np.all(full[0][:, keep] == expected[:, keep]) or np.any(full[0][:, ~keep] > MASKED):
+    got = full[0]
+    if not np.all(got[:, keep] == expected[:, keep]):   # up to a constant per query, which softmax removes:
+        rows = np.arange(s)                              # MPT's ALiBi is relative to the last key, not the query
+        got = got - got[:, rows, p + rows][:, :, None] + expected[:, rows, p + rows][:, :, None]
+    if not np.all(got[:, keep] == expected[:, keep]) or np.any(full[0][:, ~keep] > MASKED):
         raise LmcError(f"--context: the attention mask '{mask.name}' adds a bias that is not a function of "
                        f"the query–key distance (probe: past {p}, sequence {s}); lmc cannot carry it into "
                        f"the static cache")
@@ -151,19 +158,20 @@ def split_bias(graph: gs.Graph, tables: dict[str, BiasTable]) -> int:
     for site in find_sites(graph, pairs):
         if site.key.present.name not in tables:
             continue
-        add = next((n for n in site.nodes if ir.is_op(n, "Add") and site.mask in n.inputs), None)
-        if add is None:
-            raise LmcError(f"--context: the biased mask of '{site.key.present.name}' is not added to the scores")
-        if id(site.mask) not in made:
-            made[id(site.mask)] = _causal_of(graph, site, names)
-        add.inputs[list(add.inputs).index(site.mask)] = made[id(site.mask)]
+        parts = [t for t, kind in (site.masks or [(site.mask, site.mask_kind)]) if kind == "additive"]
+        for part in parts:            # several masks (MPT: ALiBi added, then Where masks): each added one
+            add = next((n for n in site.nodes if ir.is_op(n, "Add") and part in n.inputs), None)
+            if add is None:
+                raise LmcError(f"--context: the biased mask of '{site.key.present.name}' is not added to the scores")
+            if id(part) not in made:
+                made[id(part)] = _causal_of(graph, part, names)
+            add.inputs[list(add.inputs).index(part)] = made[id(part)]
         changed += 1
     ir.topological_sort(graph)
     return changed
 
 
-def _causal_of(graph: gs.Graph, site: AttentionSite, names: ir.Namer) -> gs.Tensor:
-    mask = site.mask
+def _causal_of(graph: gs.Graph, mask: gs.Tensor, names: ir.Namer) -> gs.Tensor:
     keep = gs.Variable(names.fresh(mask.name + "_keep"), dtype=np.bool_)
     causal = gs.Variable(names.fresh(mask.name + "_causal"), dtype=np.float32)
     graph.nodes += [
@@ -245,3 +253,41 @@ class RestorePositionBias:
         bias = add("Transpose", [rows], var("lmc_position_bias", np.float32), perm=[0, 3, 1, 2])  # [B, H, S, N]
         return add("Where", [keep, bias, const("lmc_bias_fill", np.array(FILL, np.float32))],
                    var("lmc_biased_mask", np.float32))
+
+
+SINGLE_FILE_BYTES = 1 << 30
+
+
+def split_decoder_bias(model_path, context: int, chunk: int, work) -> tuple[object, dict[str, BiasTable]] | None:
+    """A decoder-only past/present model whose self-attention masks carry a position bias (MPT's ALiBi):
+    the model with each bias split off (``split_bias``), saved in folder ``work`` for the generation compile,
+    and the tables ``RestorePositionBias`` puts back after the state rewrite; None when no mask carries one
+    (the model is then compiled as it is). The saved model holds its weights (up to 1 GiB)."""
+    from pathlib import Path
+
+    from lmc.compiler import shapes
+    from lmc.compiler.model_io import load_model
+    from lmc.passes.fold_constants import FoldConstants
+
+    graph = ir.to_graph(load_model(model_path))
+    shapes.infer_shapes(graph)
+    for _ in range(4):                 # Constant nodes become constants: the matchers read scalars
+        if not FoldConstants().run(graph, PassContext()).modified:
+            break
+        ir.remove_dead_nodes(graph)
+        shapes.infer_shapes(graph)
+    try:
+        tables = measure_bias(graph, context, chunk)
+    except LmcError:
+        return None                    # not measurable here: the compile says what it finds
+    if not tables:
+        return None
+    split_bias(graph, tables)
+    ir.remove_dead_nodes(graph)
+    model = ir.to_model(graph)
+    if model.ByteSize() >= SINGLE_FILE_BYTES:
+        raise LmcError("--context: a position bias (ALiBi) is carried into the state only for models under "
+                       f"{SINGLE_FILE_BYTES >> 30} GiB")
+    path = Path(work) / "decoder-split-bias.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, tables

@@ -38,13 +38,12 @@ BUILDS = {
     "codegen-past-optimum.onnx": 2,       # Softmax(Div(Add(MatMul, mask), 4)): scaled after the mask
     "gpt-neo-past-optimum.onnx": 2,       # Where(causal table, scores, min) + padding mask, unscaled
     "xglm-past-dynamo.onnx": 2,           # heads folded into the batch: 3-D MatMuls, Reshape [B*H, T, D]
+    "mpt-past-optimum.onnx": 2,           # ALiBi: Attention-24 with the bias table as a float mask
 }
 # fixture -> (lmc build's one-line error, the exception build raises)
 GAPS = {
     "gpt-oss-past-optimum.onnx": ("lmc: error: --context: no attention recognised for cache output "
                                   "'present.0.key'", LmcError),
-    "mpt-past-optimum.onnx": ("lmc: error: --context: no attention recognised for cache output 'present.0.key' "
-                              "(the scores carry no mask (a causal mask is required))", LmcError),
 }
 WINDOWED = {"starcoder2-sw-past-dynamo.onnx", "mistral-sw-past-optimum.onnx", "qwen2-sw-past-optimum.onnx",
             "gemma3-past-optimum.onnx", "exaone4-past-dynamo.onnx", "gpt-oss-past-optimum.onnx",
