@@ -20,7 +20,6 @@ empty folder is fine.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -30,10 +29,8 @@ from pathlib import Path
 from collections.abc import Callable
 
 import onnx
-from onnx import numpy_helper
 
-from lmc.compiler.ir import STUB_LOCATION
-from lmc.compiler.weights import FileValues, is_file_backed
+from lmc.compiler.external_data import SMALL_MODEL_BYTES, externalize  # noqa: F401  (SMALL_MODEL_BYTES: build reads it here)
 
 from lmc.compiler.errors import LmcError
 
@@ -43,9 +40,6 @@ PLAN_FILE = "plan.json"
 REPORT_FILE = "report.md"
 MARKER_FILE = ".lmc-bundle"
 MARKER_HEADER = "# lmc bundle: files written by lmc (an lmc build replaces this folder only while it holds just these)"
-SMALL_MODEL_BYTES = 64 * 1024
-PAGE_BYTES = 4096                  # onnxruntime mmaps external data only at offsets that are page multiples
-PAGE_ALIGN_MIN_BYTES = 64 * 1024   # tensors this large are page-aligned (the padding is < 6% of each)
 
 log = logging.getLogger(__name__)
 
@@ -58,80 +52,6 @@ class BundleFiles:
     plan: Path
     report: Path
 
-
-def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
-    if is_file_backed(tensor):
-        return FileValues(tensor).read_bytes()
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    return numpy_helper.to_array(tensor).tobytes()
-
-
-def _externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, threshold: int,
-                 tensor_bytes: Callable[[str], bytes] | None = None) -> bool:
-    """Move initializers of ≥ ``threshold`` bytes to ``weights_path`` at aligned offsets. Stub initializers
-    (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time."""
-    inits = _initializers(model.graph)
-    stubbed = any(_is_stub(t) or is_file_backed(t) for t in inits)
-    total = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in inits)
-    if total <= SMALL_MODEL_BYTES and not stubbed:
-        return False
-    offset = 0
-    wrote = False
-    with open(weights_path, "wb") as f:
-        for tensor in inits:
-            if _is_stub(tensor):
-                if tensor_bytes is None:
-                    raise ValueError(f"initializer '{tensor.name}' is a stub and no data source was given")
-                data = tensor_bytes(tensor.name)
-            else:
-                data = _raw_bytes(tensor)
-                if len(data) < threshold:
-                    if is_file_backed(tensor):       # the bundle never points at the source model's files
-                        del tensor.external_data[:]
-                        tensor.data_location = onnx.TensorProto.DEFAULT
-                        tensor.raw_data = data
-                    continue
-            align = alignment if len(data) < PAGE_ALIGN_MIN_BYTES else math.lcm(alignment, PAGE_BYTES)
-            pad = (-offset) % align
-            if pad:
-                f.write(b"\0" * pad)
-                offset += pad
-            f.write(data)
-            length = len(data)
-            del data
-            dtype, dims = tensor.data_type, list(tensor.dims)
-            name = tensor.name
-            tensor.Clear()
-            tensor.name, tensor.data_type = name, dtype
-            tensor.dims.extend(dims)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += length
-            wrote = True
-    if not wrote:
-        weights_path.unlink()
-    return wrote
-
-
-def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """The initializers of ``graph`` and of its subgraphs at any depth (If branches, Loop/Scan bodies)."""
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                found += _initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    found += _initializers(g)
-    return found
-
-
-def _is_stub(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
-        e.key == "location" and e.value == STUB_LOCATION for e in tensor.external_data)
 
 
 def bundle_files(folder: Path) -> list[str] | None:
@@ -203,7 +123,7 @@ def stage_model(model: onnx.ModelProto, out_dir: str | Path, alignment: int,
     except OSError as exc:
         raise LmcError(f"{out_dir}: cannot write the bundle there ({exc.strerror or exc})") from exc
     try:
-        _externalize(model, tmp / WEIGHTS_FILE, alignment, external_data_threshold, tensor_bytes)
+        externalize(model, tmp / WEIGHTS_FILE, alignment, external_data_threshold, tensor_bytes)
         with open(tmp / MODEL_FILE, "wb") as f:
             f.write(model.SerializeToString(deterministic=True))
     except OSError as exc:

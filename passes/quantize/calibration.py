@@ -25,9 +25,11 @@ import onnx_graphsurgeon as gs
 
 from lmc.compiler import ir
 from lmc.compiler.errors import LmcError
+from lmc.compiler.external_data import PAGE_BYTES, externalize
 from lmc.compiler.runtime import session
 
 log = logging.getLogger(__name__)
+CALIB_MODEL, CALIB_WEIGHTS = "calib.onnx", "calib.weights"   # a streamed calibration session's files
 
 STREAM_BYTES = 1 << 30
 INLINE_BYTES = 4096               # ir.export_skeleton keeps constants this small in the model
@@ -167,19 +169,17 @@ class Calibrator:
             if name not in present:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         if stream:
-            from lmc.targets import emit
-
             folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
             try:
                 by_name = {c.name: c for c in ir.constants(graph)}
                 # the stubs (weights) go to the file; the skeleton's inline tensors stay inline (onnxruntime's
                 # shape inference cannot read a Reshape's shape from external data)
-                emit._externalize(model, folder / emit.WEIGHTS_FILE, emit.PAGE_BYTES, INLINE_BYTES + 1,
+                externalize(model, folder / CALIB_WEIGHTS, PAGE_BYTES, INLINE_BYTES + 1,
                                   lambda name: ir.constant_bytes(by_name[name]))
-                with open(folder / emit.MODEL_FILE, "wb") as f:
+                with open(folder / CALIB_MODEL, "wb") as f:
                     f.write(model.SerializeToString())
                 del model, by_name
-                self._sess = session(folder / emit.MODEL_FILE, low_memory=low_memory)
+                self._sess = session(folder / CALIB_MODEL, low_memory=low_memory)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
