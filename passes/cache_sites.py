@@ -370,6 +370,24 @@ def _combined_mask(graph: gs.Graph, masks: list[tuple[gs.Tensor, str]], base: st
     return total
 
 
+def _sink_column(t: gs.Tensor) -> bool:
+    """gpt-oss: p = Slice(Softmax(Concat([scores, sinks], −1) [− max]))[..., :−1] — a softmax over the keys
+    and one learned logit per head, whose column is dropped."""
+    node = ir.producer(t)
+    if node is None or not ir.is_op(node, "Slice"):
+        return False
+    found = probabilities(node.inputs[0])
+    x = found[0].inputs[0] if found is not None else None
+    for _ in range(3):
+        inner = ir.producer(x) if x is not None else None
+        if inner is None:
+            return False
+        if ir.is_op(inner, "Concat") and int(inner.attrs.get("axis", 0)) in (-1, 3):
+            return True
+        x = inner.inputs[0] if ir.is_op(inner, ("Sub", "Cast")) else None
+    return False
+
+
 def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph | None = None
                ) -> AttentionSite | str | None:
     """The attention ending at MatMul ``anchor`` (None: not an attention output; str: why not rewritable).
@@ -378,7 +396,8 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph 
         return None
     found = probabilities(anchor.inputs[0])
     if found is None:
-        return None
+        return "attention sinks (a learned logit column concatenated before the softmax, dropped after it)" \
+            if _sink_column(anchor.inputs[0]) else None
     softmax, prob_nodes = found
     if int(softmax.attrs.get("axis", -1)) not in (-1, 3):
         return "softmax is not over the key axis"
