@@ -368,16 +368,35 @@ def _bundle_quantize(bundle: str) -> str | None:
 @click.option("--encoder-inputs", type=click.Path(dir_okay=False),
               help="An encoder–decoder bundle: .npz with the encoder's inputs by name (T5: input_ids and "
                    "attention_mask; Whisper: input_features); the prompt then defaults to the decoder start token.")
+@click.option("--speculate", metavar="off|lookup[:K]|draft[:K]",
+              help="Verify K drafted tokens per forward, same tokens [default: lookup:4 when greedy, draft:4 "
+                   "with --draft, off when sampling].")
+@click.option("--draft", type=click.Path(), metavar="BUNDLE",
+              help="A smaller generation bundle with the same vocabulary that drafts the tokens.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Sample at this temperature (0: greedy).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample among the k likeliest (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Sample among the likeliest tokens whose probability reaches p.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Divide the logits of tokens already seen (greedy too; 1: none).")
+@click.option("--seed", type=int, help="Seed of the sampler: the same seed, the same tokens.")
+@click.option("--stop-token", "stop_tokens", multiple=True, type=click.IntRange(min=0), metavar="ID",
+              help="End at this token (repeatable; --tokenizer adds its end-of-sequence token).")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …} on stdout.')
-def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, encoder_inputs, as_json):
-    """Generate greedily with a bundle built by `lmc build --context N`.
+              help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …, "acceptance_rate": …} '
+                   'on stdout.')
+def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, encoder_inputs, speculate, draft,
+             temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, as_json):
+    """Generate with a bundle built by `lmc build --context N`: greedy, or sampled.
 
     \b
     The cache stays in place between steps (onnxruntime IOBinding): memory does not grow per token.
+    Greedy decoding verifies tokens drafted by prompt lookup several per forward (same tokens, faster).
     Examples:
       lmc generate gen/ --prompt-tokens prompt.txt --max-new-tokens 200
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
+      lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --temperature 0.7 --top-p 0.9 --seed 1
     """
     from lmc.compiler.generate import generate as run_generate, load_tokenizer, read_prompt_tokens
 
@@ -391,16 +410,47 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
         ids = tok.encode(prompt).ids
     else:
         ids = read_prompt_tokens(prompt_tokens) if prompt_tokens is not None else None
-    result = run_generate(bundle, ids, max_new_tokens, threads=threads, encoder_inputs=encoder_inputs)
+    stops = list(stop_tokens)
+    if tok is not None and encoder_inputs is None:
+        from lmc.compiler.sampling import eos_token_ids
+
+        stops += [t for t in eos_token_ids(tokenizer, bundle) if t not in stops]
+    stream = _TextStream(tok) if tok is not None and not as_json else None
+    result = run_generate(bundle, ids, max_new_tokens, threads=threads, encoder_inputs=encoder_inputs,
+                          on_token=stream, speculate=speculate, draft=draft, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop_tokens=stops)
     if as_json:
-        _emit_json(result.to_dict())
+        _emit_json({**result.to_dict(), **({"text": tok.decode(result.tokens)} if tok is not None else {})})
         return
+    if stream is not None:
+        stream.finish()
     click.echo(" ".join(str(t) for t in result.tokens))
-    if tok is not None:
-        click.echo(tok.decode(result.tokens))
     if not _State.quiet:
+        rate = result.acceptance_rate
+        spec = (f" ({result.speculation}: {result.accepted}/{result.drafted} drafts accepted)" if rate is not None
+                else f" ({result.speculation})" if result.speculation else "")
         click.echo(f"{len(result.tokens)} tokens, prefill {result.prompt_tokens} in {result.prefill_seconds:.3f}s, "
-                   f"decode {result.tokens_per_s:.1f} tokens/s, peak RSS {mib(result.peak_rss_bytes)}", err=True)
+                   f"decode {result.tokens_per_s:.1f} tokens/s{spec}, peak RSS {mib(result.peak_rss_bytes)}", err=True)
+
+
+class _TextStream:
+    """Prints the text of the new tokens as they come (what decoding them all adds to what was printed;
+    held back while it ends in an incomplete character)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        click.echo(text[len(self.shown):], nl=False)
+        self.shown = text
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        click.echo(text[len(self.shown):] if text.startswith(self.shown) else "")
 
 
 @cli.command()

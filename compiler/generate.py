@@ -104,6 +104,8 @@ class StateDecoder:
             self.binding.bind_ortvalue_input(src, self.state[src])
             self.binding.bind_ortvalue_output(dst, self.state[src])
         self.length = 0
+        self._rows: np.ndarray | None = None     # per-row positions once rows are rewound apart (else all at length)
+        self._written = np.zeros(info.batch, np.int64)   # per row: one past the furthest position written
         if warm_up:
             # one step at the last position: the kernels' working memory reaches its full-context size
             # now (as the plan counts it), so memory stays flat while the context fills
@@ -132,6 +134,29 @@ class StateDecoder:
         for value in self.state.values():
             value.update_inplace(np.zeros(value.shape(), value.numpy().dtype))
         self.length = 0
+        self._rows = None
+        self._written = np.zeros(self.info.batch, np.int64)
+
+    def positions(self) -> np.ndarray:
+        """Each batch row's position: where its next token goes (its tokens so far)."""
+        return np.full(self.info.batch, self.length, np.int64) if self._rows is None else self._rows.copy()
+
+    def rewind(self, length: int | Sequence[int]) -> None:
+        """Move the position back to ``length`` (one per batch row, or one for all): the next forward writes
+        from there, over the rows a rejected draft left (never read before: keys beyond a query's position are
+        masked). A bundle with windowed rings allows going back at most its prefill chunk from the furthest
+        position written (``lmc.passes.static_cache.layout_for``: the ring's chunk − 1 extra slots are what
+        such rows may have displaced, so no key a window still needs is lost and the stale ones are masked)."""
+        rows = np.broadcast_to(np.asarray(length, dtype=np.int64), (self.info.batch,)).copy()
+        now = self.positions()
+        if np.any(rows < 0) or np.any(rows > now):
+            raise LmcError(f"rewind to {rows.tolist()}: positions must be between 0 and the current {now.tolist()}")
+        chunk = self.info.prefill_chunk or 1
+        if (self.info.windows or self.info.window) and np.any(self._written - rows > chunk):
+            raise LmcError(f"rewind to {rows.tolist()}: a windowed ring goes back at most {chunk} positions (its "
+                           f"prefill chunk) from the furthest written ({self._written.tolist()})")
+        self._rows = None if np.all(rows == rows[0]) else rows
+        self.length = int(rows.max())
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] of the next S tokens; a prompt longer than the bundle's prefill chunk runs in
@@ -144,18 +169,25 @@ class StateDecoder:
 
     def _step(self, ids: np.ndarray) -> np.ndarray:
         s = ids.shape[1]
+        starts = self.positions()
         if self.length + s > self.info.context:
             raise LmcError(f"the bundle takes positions below {self.info.context} (its --context); "
                            f"{self.length + s} requested (rebuild with a larger --context)")
         self.binding.bind_cpu_input(self.info.input_ids, ids)
         if self.info.attention_mask:     # positions derived in the graph (as onnxruntime-genai feeds it)
-            self.binding.bind_cpu_input(self.info.attention_mask, np.ones((ids.shape[0], self.length + s), np.int64))
+            # a row behind the others (rewound apart) has 0s between its tokens and the step's: its positions
+            # are its own count of tokens, then consecutive (all 1s when the rows are together)
+            cols = np.arange(self.length + s)
+            mask = (cols < starts[:, None]) | (cols >= self.length)
+            self.binding.bind_cpu_input(self.info.attention_mask, mask.astype(np.int64))
         else:
-            positions = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64), ids.shape)
+            positions = starts[:, None] + np.arange(s, dtype=np.int64)
             self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
         self.binding.bind_output(self.info.logits)
         self.session.run_with_iobinding(self.binding)
         self.length += s
+        self._rows = None if self._rows is None else self._rows + s
+        self._written = np.maximum(self._written, starts + s)
         outputs = self.binding.get_outputs()
         assert len(outputs) == len(self.info.state) + 1, "logits re-bound at a new index"
         return outputs[0].numpy()
@@ -247,6 +279,13 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     peak_rss_bytes: int
+    speculation: str = ""        # what drafted (``lmc.compiler.speculate``): "lookup:4", "draft:4", "off"
+    drafted: int = 0             # draft tokens verified
+    accepted: int = 0            # of them kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -256,7 +295,10 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 3),
                 "peak_rss_bytes": self.peak_rss_bytes, "prompt_tokens": self.prompt_tokens,
-                "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4)}
+                "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4),
+                **({"speculation": self.speculation, "drafted": self.drafted, "accepted": self.accepted,
+                    "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4)}
+                   if self.speculation else {})}
 
 
 def peak_rss_bytes() -> int:
@@ -274,13 +316,18 @@ def bundle_model(bundle: str | Path) -> Path:
 
 
 def generate(bundle: str | Path, prompt: Sequence[int] | None, max_new_tokens: int = 32, threads: int = 0,
-             on_token: Callable[[int], None] | None = None, encoder_inputs=None) -> GenerationResult:
-    """Greedy generation with a bundle built by ``lmc build --context N``: the prompt is prefilled in one
-    step, then one token per step with the cache held in place. An encoder–decoder bundle takes
-    ``encoder_inputs`` (the encoder's inputs by name, or an ``.npz`` path) and by default starts from its
-    decoder start token (``lmc.compiler.seq2seq_generate``)."""
-    import time
-
+             on_token: Callable[[int], None] | None = None, encoder_inputs=None, *, speculate=None,
+             draft: str | Path | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int | None = None,
+             stop_tokens: Sequence[int] = ()) -> GenerationResult:
+    """Generation with a bundle built by ``lmc build --context N``: the prompt is prefilled (in chunks of the
+    bundle's prefill chunk), then tokens follow with the cache held in place — greedy, or sampled with
+    ``temperature`` > 0, ``top_k``, ``top_p``, ``repetition_penalty`` and ``seed`` (``lmc.compiler.sampling``),
+    ending early at any of ``stop_tokens``. ``speculate`` (``off``, ``lookup[:K]``, ``draft[:K]``; default:
+    lookup drafts when greedy, ``draft`` bundle drafts when one is given, none when sampling) verifies K
+    drafted tokens per forward with the same result (``lmc.compiler.speculate``). An encoder–decoder bundle
+    takes ``encoder_inputs`` (the encoder's inputs by name, or an ``.npz`` path) and by default starts from its
+    decoder start token (``lmc.compiler.seq2seq_generate``); it decodes greedily."""
     from lmc.compiler.seq2seq_generate import generate_seq2seq, seq2seq_info
 
     if encoder_inputs is not None or seq2seq_info(bundle_model(bundle)) is not None:
@@ -288,7 +335,13 @@ def generate(bundle: str | Path, prompt: Sequence[int] | None, max_new_tokens: i
             raise LmcError(f"{bundle}: an encoder–decoder bundle needs the encoder's inputs (--encoder-inputs x.npz)")
         if seq2seq_info(bundle_model(bundle)) is None:
             raise LmcError(f"{bundle}: not an encoder–decoder bundle; --encoder-inputs does not apply")
+        if temperature or repetition_penalty != 1 or stop_tokens or draft is not None or speculate not in (None, "off"):
+            raise LmcError("sampling, stop tokens and speculation apply to decoder-only generation bundles")
         return generate_seq2seq(bundle, prompt, max_new_tokens, encoder_inputs, threads, on_token)
+    from lmc.compiler.sampling import Sampling
+    from lmc.compiler.speculate import decode
+
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if max_new_tokens < 1:
         raise LmcError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     prompt = [int(t) for t in prompt or []]
@@ -299,12 +352,11 @@ def generate(bundle: str | Path, prompt: Sequence[int] | None, max_new_tokens: i
     if len(prompt) + max_new_tokens - 1 > decoder.info.context:
         raise LmcError(f"prompt ({len(prompt)}) + {max_new_tokens} new tokens exceed the bundle's context of "
                        f"{decoder.info.context} tokens (rebuild with a larger --context)")
-    start = time.perf_counter()
-    logits = decoder.forward(np.asarray(prompt, dtype=np.int64)[None, :])
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens = continue_greedy(decoder, logits, max_new_tokens, on_token)
-    return GenerationResult(tokens, len(prompt), prefill, time.perf_counter() - start, peak_rss_bytes())
+    drafter = StateDecoder(bundle_model(draft), threads=threads) if draft is not None else None
+    run = decode(decoder, [prompt], max_new_tokens, sampling=sampling, speculate=speculate, draft=drafter,
+                 stop_tokens=stop_tokens, on_token=None if on_token is None else lambda _, token: on_token(token))
+    return GenerationResult(run.tokens[0], len(prompt), run.prefill_seconds, run.decode_seconds, peak_rss_bytes(),
+                            run.speculation, run.drafted, run.accepted)
 
 
 def read_prompt_tokens(path: str | Path) -> list[int]:
