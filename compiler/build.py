@@ -478,16 +478,18 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     from lmc.targets.plan import Profile
 
     before: list[tuple[int, int]] = []
+    from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
     from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
 
     tables: dict = {}        # a position bias (ALiBi) split off the masks: put back after the state rewrite
+    sinks: dict = {}         # attention sinks split off the softmax: put back, decomposed, after it too
 
     def run_passes(graph: gs.Graph, masks: dict):
         before.append((len(graph.nodes), ir.weight_bytes(graph)))
         pipeline = default_pipeline(options, target, [t.name for t in graph.inputs])
-        if tables:       # the bias back as the state attention's float mask, right after the state rewrite
+        if tables or sinks:  # bias as the state attention's float mask, sinks decomposed: after the state rewrite
             at = next(i for i, p in enumerate(pipeline) if getattr(p, "name", "") == "static-kv-cache")
-            pipeline.insert(at + 1, RestorePositionBias(tables))
+            pipeline[at + 1:at + 1] = [RestorePositionBias(tables)] * bool(tables) + [RestoreSinks(sinks)] * bool(sinks)
         manager = PassManager(pipeline,
                               PassContext(target=target, options=options, progress=progress, spill=spill,
                                           masks=masks),
@@ -497,16 +499,18 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
 
     try:
         graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
-    except LmcError as exc:  # the mask checks found a bias on the scores (cache_masks): split it off and retry
-        if "adds a bias" not in str(exc):
+    except LmcError as exc:  # a bias on the scores (cache_masks) or sinks (cache_sites): split off, retry
+        biased, sunk = "adds a bias" in str(exc), "attention sinks" in str(exc)
+        if not (biased or sunk):
             raise
-        with tempfile.TemporaryDirectory(prefix="lmc-bias-") as work:
-            split = split_decoder_bias(model_path, options.context,
-                                       min(options.prefill_chunk or options.context, options.context), work)
+        with tempfile.TemporaryDirectory(prefix="lmc-split-") as work:
+            chunk = min(options.prefill_chunk or options.context, options.context)
+            split = split_decoder_bias(model_path, options.context, chunk, work) if biased else \
+                split_decoder_sinks(model_path, work)
             if split is None:
                 raise
             source, found = split
-            tables.update(found)
+            (tables if biased else sinks).update(found)
             before.clear()
             graph, records, info, templates = compile_generation(source, options.context, options.batch,
                                                                  run_passes)

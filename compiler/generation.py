@@ -8,8 +8,9 @@ probe values s₁ ≠ s₂, and the results are compared (*specialise twice, gen
   except Reshape targets, where a differing entry k becomes 0 (copy the input's dim k, which differs in the
   same way) or −1 (at most one per target), integer constants affine in S, computed at run time, and
   uniform constants (one value, e.g. the zeros an MoE block scatters into) whose shape is affine in S,
-  made at run time by ConstantOfShape; constants are matched by the node inputs that read them, so a
-  folded length merged with an equal model constant at one probe length only is no difference;
+  made at run time by ConstantOfShape, and constants broadcast along their S-sized dims, by Expand (of
+  constants small enough to be kept, ``SMALL_CONSTANT``); constants are matched by the node inputs that
+  read them, so a folded length merged with an equal model constant at one probe length is no difference;
 - anything else that differs (a constant mask of length S, a Range of S) is an error naming the tensor.
 The second graph, so generalised, is the bundle; its plan is made per profile by binding the sequence
 length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` names the pairs.
@@ -237,11 +238,14 @@ def generalise(graph: gs.Graph, first: Snapshot, lengths: tuple[int, int], seque
         what = readers[0].op if readers else "nothing"
         refused = LmcError(f"--context: constant '{name}' (read by {what}) depends on the sequence length; "
                            f"lmc cannot emit it for variable lengths")
-        if record1 is not None and readers and _filled_alike(record1, record2):
+        filled = record1 is not None and _filled_alike(record1, record2)
+        slab = _broadcast_alike(record1, const) if record1 is not None and readers and not filled else None
+        if record1 is not None and readers and (filled or slab is not None):
             shape = _affine(np.asarray(record1.shape, np.int64), np.asarray(record2.shape, np.int64), lengths)
             if shape is None:
                 raise refused
-            runtime = _fill_tensor(graph, names, shape, record2, sequence_of, length, name)
+            runtime = _fill_tensor(graph, names, shape, record2, sequence_of, length, name) if slab is None \
+                else _expand_tensor(graph, names, shape, slab, sequence_of, length, name)
             for reader in readers:
                 for i, t in enumerate(reader.inputs):
                     if t is const:
@@ -307,6 +311,34 @@ def _symbolic(coefficients) -> list:
     a, b = coefficients
     return [int(y) if x == 0 else SEQUENCE_DIM if (x, y) == (1, 0) else f"{SEQUENCE_DIM}*{int(x)}+{int(y)}"
             for x, y in zip(a.reshape(-1), b.reshape(-1))]
+
+
+def _slab(values: np.ndarray | None, dims: list[int]) -> np.ndarray | None:
+    """``values`` at index 0 of ``dims`` (kept as size-1 dims) when it is that broadcast along them, else None."""
+    if values is None or not dims:
+        return None
+    slab = values[tuple(slice(0, 1) if d in dims else slice(None) for d in range(values.ndim))]
+    return slab if np.array_equal(np.broadcast_to(slab, values.shape), values) else None
+
+
+def _broadcast_alike(record1: ConstantRecord, const: gs.Constant) -> np.ndarray | None:
+    """The slab both compiles' constants broadcast along the dims their shapes differ in (the per-head sink
+    logits Expanded to [B, H, S, 1]), or None."""
+    second = np.asarray(ir.const_value(const))
+    if len(record1.shape) != second.ndim or record1.dtype != ir.onnx_dtype(second.dtype):
+        return None
+    dims = [d for d, (a, b) in enumerate(zip(record1.shape, second.shape)) if a != b]
+    one, two = _slab(record1.values(), dims), _slab(second, dims)
+    return two if one is not None and two is not None and np.array_equal(one, two) else None
+
+
+def _expand_tensor(graph, names, shape, slab: np.ndarray, sequence_of, length: list, base: str) -> gs.Tensor:
+    """``Expand(slab, a·S + b)``: a constant broadcast along dims whose size follows S."""
+    dims = _affine_tensor(graph, names, shape, np.int64, sequence_of, length, base + "_shape")
+    out = gs.Variable(names.fresh(base + "_expanded"), dtype=slab.dtype, shape=_symbolic(shape))
+    graph.nodes.append(gs.Node("Expand", name=out.name, outputs=[out],
+                               inputs=[gs.Constant(names.fresh(base + "_slab"), np.ascontiguousarray(slab)), dims]))
+    return out
 
 
 def _fill_tensor(graph, names, shape, record: ConstantRecord, sequence_of, length: list, base: str) -> gs.Tensor:

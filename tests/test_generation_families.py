@@ -39,12 +39,10 @@ BUILDS = {
     "gpt-neo-past-optimum.onnx": 2,       # Where(causal table, scores, min) + padding mask, unscaled
     "xglm-past-dynamo.onnx": 2,           # heads folded into the batch: 3-D MatMuls, Reshape [B*H, T, D]
     "mpt-past-optimum.onnx": 2,           # ALiBi: Attention-24 with the bias table as a float mask
+    "gpt-oss-past-optimum.onnx": 0,       # sinks: both attentions decomposed over the in-place state
 }
 # fixture -> (lmc build's one-line error, the exception build raises)
 GAPS = {
-    "gpt-oss-past-optimum.onnx": ("lmc: error: --context: no attention recognised for cache output "
-                                  "'present.0.key' (attention sinks (a learned logit column concatenated before "
-                                  "the softmax, dropped after it))", LmcError),
 }
 WINDOWED = {"starcoder2-sw-past-dynamo.onnx", "mistral-sw-past-optimum.onnx", "qwen2-sw-past-optimum.onnx",
             "gemma3-past-optimum.onnx", "exaone4-past-dynamo.onnx", "gpt-oss-past-optimum.onnx",
@@ -144,3 +142,32 @@ def test_generalise_makes_sequence_sized_fills_at_run_time_and_matches_constants
     y, got, n = ort.InferenceSession(gs.export_onnx(g).SerializeToString(),
                                      providers=["CPUExecutionProvider"]).run(["y", "g", "n"], {"x": x})
     assert np.array_equal(y, x) and np.array_equal(got, x[:, :, 3]) and int(n) == 7
+
+
+def test_generalise_expands_constants_broadcast_along_the_sequence():
+    """Per-head values Expanded to [1, H, S, 1] (gpt-oss's sink logits once folded) become Expand of the
+    [1, H, 1, 1] slab to the run-time shape; values that vary along S are still refused."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    from lmc.compiler.generation import generalise, snapshot
+
+    heads = np.array([0.5, -1.0, 2.0, 0.25], np.float32).reshape(1, 4, 1, 1)
+
+    def graph(s, along=False):
+        x = gs.Variable("x", np.int64, [1, s])
+        y = gs.Variable("y", np.float32, [1, 4, s, 1])
+        value = np.broadcast_to(heads, (1, 4, s, 1)) + (np.arange(s, dtype=np.float32)[:, None] if along else 0)
+        nodes = [gs.Node("Identity", "i", inputs=[gs.Constant("column", np.ascontiguousarray(value))], outputs=[y])]
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=18)
+
+    g = graph(5)
+    assert generalise(g, snapshot(graph(3)), (3, 5), g.inputs[0]) == 1
+    assert any(n.op == "Expand" for n in g.nodes)
+    g.inputs[0].shape, g.outputs[0].shape = [1, "S"], None
+    y = ort.InferenceSession(gs.export_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": np.zeros((1, 7), np.int64)})[0]
+    assert np.array_equal(y, np.broadcast_to(heads, (1, 4, 7, 1)))
+    g = graph(5, along=True)
+    with pytest.raises(LmcError, match="column"):
+        generalise(g, snapshot(graph(3, along=True)), (3, 5), g.inputs[0])
