@@ -21,11 +21,15 @@ and its cache pairs are static [B, kv_heads, slots, head_size]: slots = the cont
 genai sizes at max_length (= context) or, all layers alike, at the model's own length; a windowed layer's
 ring (W + chunk − 1 slots) is genai's windowed cache of ``sliding_window.window_size`` +
 max(``cache_slack``, ``chunk_size`` − 1) rows on the listed ``layers`` (with ``slide_key_value_cache`` and
-``slide_inputs`` off genai only sizes that buffer: the bundle writes and masks its ring itself). The bundle
-runs prompts in chunks of at most its prefill chunk (its plan's prefill profile; a ring needs it), so
-``search.chunk_size`` is that chunk. What genai cannot express — ring sizes that differ between layers, a
-ring of exactly W slots (genai adds 16 for a zero slack), int8 cache rows with scales, cache names without a
-``%d`` pattern — leaves ``genai_config.json`` out, with a one-line statement why.
+``slide_inputs`` off genai only sizes that buffer: the bundle writes and masks its ring itself; a zero slack
+means genai's default, 16 rows, so a ring of exactly W slots is W − 1 + a slack of 1). A ring needs the
+prompt in steps of at most the prefill chunk, which is ``search.chunk_size`` — genai chunks a batch-1 first
+prompt only: a batch's prompt would be cut across its rows (no chunk_size for B > 1), and tokens appended
+later (continuous decoding) run in one step. What genai cannot drive — rings of different sizes, a batch
+over rings, int8 cache rows with scales, cache names without a ``%d`` pattern, outputs besides logits and
+the cache — leaves ``genai_config.json`` out, with a one-line statement why; the limits it can live with
+(appended turns at most a chunk long over rings; ``max_length`` kept at the context when full and windowed
+layers mix, as genai sizes full layers at it) are in the statement.
 
 Token ids come from ``--tokenizer`` (``tokenizer_config.json``'s special tokens looked up in
 ``tokenizer.json``; ``config.json`` / ``generation_config.json`` beside them) or from an optimum export's

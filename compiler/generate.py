@@ -4,8 +4,9 @@ copies the cache), ``PastDecoder`` runs an original past/present export the plai
 fed back as the next ``past``, the attention mask grown by one) — the reference a bundle is judged by.
 
 Both expose ``forward(ids [B, S]) -> logits [B, S, V]`` (advancing the position by S) and ``reset()``;
-``greedy(decoder, prompt, n)`` generates n tokens. Preconditions: batch rows advance together (the
-bundle also takes per-row positions, see ``passes.static_cache``).
+``greedy(decoder, prompt, n)`` generates n tokens. Preconditions: batch rows advance together (a bundle
+with an ``attention_mask`` input also takes right-padded rows, as onnxruntime-genai feeds them, see
+``passes.attention_mask_input``).
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ def _refuse_options(options) -> None:
         what = "--input-shape/--input-value (the encoder's shape comes from --encoder-length)"
     elif options.ort_format:
         what = "--ort"
+    elif options.tokenizer:
+        what = "--tokenizer (onnxruntime-genai's config is written for decoder-only bundles)"
     if what:
         raise LmcError(f"encoder–decoder bundles do not support {what}")
     if options.prefill_chunk < 1:
