@@ -171,14 +171,14 @@ def genai_config(graph: gs.Graph, info: GenerationInfo, chunk: int, tokenizer: l
     keys = [(p, o) for p, o in pairs if _role(p) == "key"]
     values = [(p, o) for p, o in pairs if _role(p) == "value"]
     why = None
-    if len(keys) + len(values) != len(pairs) or len(keys) != len(values):
+    if any(not np.issubdtype(np.dtype(inputs[p].dtype), np.floating) for p, _ in pairs):
+        why = "its cache is int8 rows with scales (--kv-cache int8), which genai's cache does not hold"
+    elif len(keys) + len(values) != len(pairs) or len(keys) != len(values):
         why = f"its state {[p for p, _ in pairs][:4]} is not key/value pairs per layer"
     templates = [_template([n for n, _ in keys]), _template([n for n, _ in values]),
                  _template([o for _, o in keys]), _template([o for _, o in values])]
     if why is None and (any(t is None for t in templates) or len({tuple(t[1]) for t in templates}) != 1):
         why = "its cache names do not follow one per-layer pattern (past_key_values.%d.key)"
-    if why is None and any(not np.issubdtype(np.dtype(inputs[p].dtype), np.floating) for p, _ in pairs):
-        why = "its cache is int8 rows with scales (--kv-cache int8), which genai's cache does not hold"
     if why is None and len(outputs) != len(pairs) + 1:
         why = f"it has outputs besides logits and the cache ({sorted(set(outputs) - {o for _, o in pairs})})"
     if why is not None:

@@ -203,20 +203,24 @@ def test_genai_drives_a_sliding_window_ring(bundles):
     assert max(float(np.abs(a[0] - b).max()) for a, b in zip(logits, reference)) < 1e-4
 
 
-def test_what_genai_cannot_drive_is_said_and_no_config_is_written(tmp_path, capsys):
-    """A batch of two over rings: genai would run the batch's prompts in one step (it chunks only batch 1),
-    past what a ring holds."""
-    out = tmp_path / "b2ring"
+@pytest.mark.parametrize("model, flags, why", [
+    # a batch of two over rings: genai would run the batch's prompts in one step (it chunks only batch 1)
+    (MISTRAL_SW, ["--batch", "2", "--prefill-chunk", "4"], "chunk"),
+    (LLAMA, ["--kv-cache", "int8"], "int8"),               # int8 rows with scales: not genai's cache
+])
+def test_what_genai_cannot_drive_is_said_and_no_config_is_written(tmp_path, capsys, model, flags, why):
+    out = tmp_path / "bundle"
     with pytest.raises(SystemExit) as exc:
-        main(["build", str(MISTRAL_SW), "--context", str(CONTEXT), "--batch", "2", "--prefill-chunk", "4",
-              "--no-verify", "-o", str(out)])
+        main(["build", str(model), "--context", str(CONTEXT), *flags, "--no-verify", "-o", str(out)])
     assert exc.value.code == 0
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  genai ")]
-    assert len(said) == 1 and "genai_config.json not written" in said[0] and "chunk" in said[0]
+    assert len(said) == 1 and "genai_config.json not written" in said[0] and why in said[0]
     assert not (out / "genai_config.json").exists()
     assert "genai_config.json not written" in (out / "report.md").read_text()
     # lmc's own driver still runs the bundle (its attention_mask fed as ones)
-    assert StateDecoder(out / "model.onnx").forward(np.array([[1, 2, 3], [4, 5, 6]])).shape == (2, 3, VOCAB)
+    batch = generation_info(out / "model.onnx").batch
+    assert StateDecoder(out / "model.onnx").forward(np.arange(1, 1 + 3 * batch).reshape(batch, 3)).shape == \
+        (batch, 3, VOCAB)
 
 
 def test_tokenizer_refusals_are_one_line(tmp_path):
