@@ -125,8 +125,8 @@ def _has_group_query_attention(decoder) -> bool:
 class Lookup:
     """Prompt lookup: per row, an index of every n-gram (n ≤ ``NGRAM``) of its tokens to where it last ended."""
 
-    def __init__(self, batch: int, ngram: int = NGRAM):
-        self.ngram = ngram
+    def __init__(self, batch: int, ngram: int = NGRAM, shortest: int = 1):
+        self.ngram, self.shortest = ngram, shortest
         self.last: list[dict[tuple[int, ...], int]] = [{} for _ in range(batch)]
         self.indexed = [0] * batch
 
@@ -140,7 +140,7 @@ class Lookup:
             for n in range(1, min(self.ngram, e + 1) + 1):
                 last[tuple(history[e - n + 1:e + 1])] = e
         self.indexed[row] = max(self.indexed[row], end)
-        for n in range(min(self.ngram, end), 0, -1):
+        for n in range(min(self.ngram, end), self.shortest - 1, -1):
             e = last.get(tuple(history[-n:]))
             if e is not None:
                 return history[e + 1:e + 1 + k]
