@@ -223,7 +223,12 @@ def test_what_genai_cannot_drive_is_said_and_no_config_is_written(tmp_path, caps
         (batch, 3, VOCAB)
 
 
-def test_tokenizer_refusals_are_one_line(tmp_path):
+def test_tokenizer_refusals_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(LLAMA), "--tokenizer", str(tmp_path), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "--context" in err
+    assert not (tmp_path / "out").exists()
     with pytest.raises(LmcError, match="--tokenizer applies only to a generation bundle"):
         BuildOptions(tokenizer=str(tmp_path))
     with pytest.raises(LmcError, match="no such file or folder"):
