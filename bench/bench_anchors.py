@@ -71,7 +71,7 @@ def random_feeds(path: Path, shapes: dict, n: int, seed: int) -> list[dict]:
 
 
 def make_specs(names: list[str], tmp: Path) -> list[Spec]:
-    from lmc.compiler.perplexity import load_tokens
+    from lmc.core.perplexity import load_tokens
     from lmc.models import build_cnn, build_gpt2, build_llama
 
     specs = []
@@ -108,7 +108,7 @@ def nodes_of(model: Path) -> int:
 
 def ort_session(path: Path, threads: int = 0):
     import onnxruntime as ort
-    from lmc.compiler.runtime import apply_session_options, bundle_session_options
+    from lmc.core.runtime import apply_session_options, bundle_session_options
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -122,7 +122,7 @@ def ort_session(path: Path, threads: int = 0):
 def quality(spec: Spec, path: Path, ref) -> dict:
     sess = ort_session(path)
     if spec.kind == "ppl":
-        from lmc.compiler.perplexity import perplexity
+        from lmc.core.perplexity import perplexity
 
         return {"ppl": perplexity(sess, spec.eval_data).perplexity}
     outs = np.concatenate([sess.run(None, feed)[0].astype(np.float64).ravel() for feed in spec.eval_data])

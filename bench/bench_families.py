@@ -46,8 +46,8 @@ def vocab_of(path: Path) -> int:
 
 def run_one(path: Path, context: int, quantize: str | None, work: Path) -> dict:
     from lmc.compiler.build import BuildOptions, QuantizeMode, build
-    from lmc.compiler.errors import LmcError
-    from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+    from lmc.core.errors import LmcError
+    from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
 
     out = work / (path.stem + ("-" + quantize if quantize else ""))
     shutil.rmtree(out, ignore_errors=True)

@@ -42,7 +42,7 @@ def prompts() -> list[list[int]]:
 
 def lmc_worker(bundle: Path) -> dict:
     """lmc's driver (what `lmc generate` runs): one StateDecoder, each prompt prefilled, then greedy steps."""
-    from lmc.compiler.generate import StateDecoder, continue_greedy
+    from lmc.compiler.drivers import StateDecoder, continue_greedy
 
     base = status("VmRSS:")
     decoder = StateDecoder(bundle / "model.onnx", threads=1)

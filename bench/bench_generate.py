@@ -36,8 +36,8 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS, TRACE_TOKENS, WINDOWS = 8, 32, 200, 480, 32
 
 def worker(kind: str, path: str, windows: int, trace_tokens: int = TRACE_TOKENS) -> dict:
     """Runs in its own process: RSS trace, throughput, greedy tokens, streaming perplexity."""
-    from lmc.compiler.generate import PastDecoder, StateDecoder
-    from lmc.compiler.perplexity import load_tokens, streaming_perplexity
+    from lmc.compiler.drivers import PastDecoder, StateDecoder
+    from lmc.core.perplexity import load_tokens, streaming_perplexity
 
     tokens = np.fromfile(str(VAL), dtype="<u2").astype(np.int64)
     base = status("VmRSS:")
@@ -66,7 +66,7 @@ def worker(kind: str, path: str, windows: int, trace_tokens: int = TRACE_TOKENS)
 def throughput(rows) -> dict[str, tuple[float, list[list[int]]]]:
     """Decode tokens/s of every variant in this one process, interleaved prompt by prompt (so a busy
     moment of the machine weighs on all alike), and their greedy tokens."""
-    from lmc.compiler.generate import PastDecoder, StateDecoder
+    from lmc.compiler.drivers import PastDecoder, StateDecoder
 
     tokens = np.fromfile(str(VAL), dtype="<u2").astype(np.int64)
     decoders = {label: (PastDecoder(path, threads=1) if kind == "naive" else

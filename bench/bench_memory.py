@@ -5,7 +5,7 @@ and latency, and a measured account of its peak; then the per-bundle choice (Mat
 or 4, ``[[runtime.choices]]`` in the target file) measured both ways on the bundles it decides for.
 
 Measured, in fresh processes with one onnxruntime thread, through lmc's own runner
-(``lmc.compiler.runtime.open_bundle``: the bundle's session_options.json applied, the heap trimmed after
+(``lmc.core.runtime.open_bundle``: the bundle's session_options.json applied, the heap trimmed after
 the load when it asks): the peak RSS (VmHWM) of loading the bundle and running it twice on the bound
 shapes, above the RSS after the imports, minus the same for an empty session (one Identity node, run once)
 under the same options — the model-attributable peak the prediction is about. The empty session's own
@@ -66,7 +66,7 @@ def worker(model: str, feeds: str, settings: str, runs: int, timed: int, iobind:
 
     import onnxruntime as ort
 
-    from lmc.compiler.runtime import bundle_session_options, open_bundle
+    from lmc.core.runtime import bundle_session_options, open_bundle
 
     if verbose:     # onnxruntime's allocator logs what it reserves (the prepacked copies) at verbose level
         ort.set_default_logger_severity(0)
@@ -131,7 +131,7 @@ def gen_worker(path: str, settings: str) -> dict:
     decode step and prefill, wall and CPU time."""
     import time
 
-    from lmc.compiler.generate import StateDecoder
+    from lmc.compiler.drivers import StateDecoder
 
     tokens = np.fromfile(str(SHARED / "data" / "code-val.u16"), dtype="<u2").astype(np.int64)
     base = status("VmRSS:")
@@ -340,10 +340,10 @@ def choices_table(work: Path, empty: Empty, bundles: dict[str, tuple[Path, Path]
     """The per-bundle choice measured both ways: each bundle at MatMulNBits accuracy level 4 and 0 (its
     session_options.json with the level set), model-attributable peak and CPU time of a run (one-shot) or
     of a decode step and a GEN_PROMPT-token prefill (generation), fresh processes, ROUNDS interleaved."""
-    from lmc.compiler import ir
+    from lmc.core import ir
     from lmc.compiler.backend import decoded_matmuls
     from lmc.compiler.build import BuildOptions, QuantizeMode, build
-    from lmc.compiler.model_io import load_model
+    from lmc.core.model_io import load_model
     from lmc.compiler.verify import random_inputs
 
     ids = np.fromfile(str(SHARED / "data" / "code-calib.u16"), dtype="<u2").reshape(-1, 256)[:CALIB_SEQUENCES]

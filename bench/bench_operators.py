@@ -26,7 +26,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from lmc.compiler.build import BuildOptions, build
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
     from lmc.compiler.verify import VerificationFailed
 
     with warnings.catch_warnings():

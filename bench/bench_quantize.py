@@ -112,8 +112,8 @@ def main() -> None:
     if args.rss:
         rss_child(args.rss)
         return
-    from lmc.compiler.perplexity import load_tokens, perplexity
-    from lmc.compiler.runtime import session
+    from lmc.core.perplexity import load_tokens, perplexity
+    from lmc.core.runtime import session
 
     windows = load_tokens(VAL, 256, args.windows)
     calib_tokens = np.fromfile(str(CALIB), dtype="<u2").reshape(-1, 256)[: args.calib_samples].astype(np.int64)

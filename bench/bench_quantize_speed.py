@@ -56,7 +56,7 @@ def _graph(w: np.ndarray, table: bool) -> gs.Graph:
 def time_lmc(w: np.ndarray, bits: int, table: bool, repeat: int, target) -> tuple[float, float, float]:
     """(best wall seconds, its CPU seconds over all threads, weighted relative error) of the QuantizeWeights
     pass on one weight."""
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     best, cpu, err = float("inf"), float("inf"), float("nan")

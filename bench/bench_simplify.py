@@ -19,11 +19,11 @@ from pathlib import Path
 
 import onnx
 
-from lmc.compiler import ir
-from lmc.compiler import shapes as shape_ops
+from lmc.core import ir
+from lmc.core import shapes as shape_ops
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.pass_manager import FixedPoint, PassContext, PassManager
+from lmc.core.pass_manager import FixedPoint, PassContext, PassManager
 from lmc.compiler.verify import compare_models, random_inputs
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.fold_constants import FoldConstants

@@ -332,7 +332,7 @@ def _cli(args: list[str]) -> tuple[int | None, str, str, str | None]:
 
 def _verify_built(model_path: Path, bundle: Path) -> tuple[str, str]:
     """The build's own check on a bundle built with --no-verify: (outcome, detail)."""
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
     from lmc.compiler.verify import compare_models, random_inputs
 
     bundle_model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)

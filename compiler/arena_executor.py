@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import session
+from lmc.core.errors import LmcError
+from lmc.core.runtime import session
 from lmc.targets.plan import MemoryPlan
 
 _POISON = 0xA5

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.errors import ShapeError
+from lmc.core import ir, shapes
+from lmc.core.errors import ShapeError
 from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step

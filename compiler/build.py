@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes, weights
+from lmc.core import ir, shapes, weights
 from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
-from lmc.compiler.errors import LmcError, ShapeError
-from lmc.compiler.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
-from lmc.compiler.model_io import load_model
-from lmc.compiler.pass_manager import PassContext, PassManager, PassRecord, approximations
+from lmc.core.errors import LmcError, ShapeError
+from lmc.core.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
+from lmc.core.model_io import load_model
+from lmc.core.pass_manager import PassContext, PassManager, PassRecord, approximations
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
-from lmc.compiler.runtime import SESSION_OPTIONS_FILE
+from lmc.core.runtime import SESSION_OPTIONS_FILE
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, VerificationFailed, VerifyReport, compare_models,
                                  random_inputs)
@@ -332,7 +332,7 @@ def _given(options: BuildOptions, values: Mapping[str, np.ndarray]) -> str:
 def _original_fails(model_path, options: BuildOptions, values: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """Why onnxruntime cannot run the original model at the bound input shapes and values (random inputs):
     ("load" or "run", onnxruntime's message); None when it runs (or cannot be tried: inputs left dynamic)."""
-    from lmc.compiler.runtime import session
+    from lmc.core.runtime import session
     from lmc.compiler.verify import random_inputs, with_values
 
     try:
@@ -472,7 +472,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                       start: float, spill=None) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
     from lmc.compiler.genai import GenaiBundle
-    from lmc.compiler.generate import GENERATION_KEY
+    from lmc.core.metadata import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
     from lmc.compiler.verify import check_spans, compare_generation
     from lmc.targets.plan import Profile

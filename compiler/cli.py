@@ -19,7 +19,7 @@ import traceback
 
 import click
 
-from lmc.compiler.errors import ExitCode, LmcError
+from lmc.core.errors import ExitCode, LmcError
 from lmc.compiler.report import mib
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
@@ -348,7 +348,7 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
 def _bundle_quantize(bundle: str) -> str | None:
     import onnx
 
-    from lmc.compiler.metadata import build_metadata
+    from lmc.core.metadata import build_metadata
     from lmc.compiler.verify import bundle_model_path
 
     try:
@@ -398,7 +398,7 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --temperature 0.7 --top-p 0.9 --seed 1
     """
-    from lmc.compiler.generate import generate as run_generate, load_tokenizer, read_prompt_tokens
+    from lmc.compiler.drivers import generate as run_generate, load_tokenizer, read_prompt_tokens
 
     if prompt_tokens is not None and prompt is not None or (prompt_tokens is None and prompt is None
                                                             and encoder_inputs is None):
@@ -461,7 +461,7 @@ class _TextStream:
 def inspect(model, input_shapes, target, as_json):
     """Ops, parameters by dtype, dynamic dims and (for static shapes) the planned peak of MODEL (a model
     file or a bundle folder)."""
-    from lmc.compiler.inspect import inspect_model
+    from lmc.compiler.inspection import inspect_model
 
     summary = inspect_model(model, parse_input_shapes(input_shapes), target)
     if as_json:
@@ -498,7 +498,7 @@ def diff(a, b, input_shapes, as_json):
     """Node, initializer and memory differences between models A and B — or, when A and B are bundle
     folders, between their plans (arena, lower bound, peak RAM, predicted runtime peak, state), the tensors
     whose size or lifetime changed most, weights by dtype and nodes by op."""
-    from lmc.compiler.inspect import diff_bundles, diff_models
+    from lmc.compiler.inspection import diff_bundles, diff_models
 
     for path, other in ((a, b), (b, a)):
         if not os.path.exists(path):
@@ -616,7 +616,7 @@ def _quiet_onnxruntime() -> None:
     try:
         import onnxruntime
 
-        from lmc.compiler.runtime import ORT_LOG_LEVEL
+        from lmc.core.runtime import ORT_LOG_LEVEL
 
         onnxruntime.set_default_logger_severity(ORT_LOG_LEVEL)
     except Exception:  # noqa: BLE001 — a missing or odd onnxruntime is reported where it is used

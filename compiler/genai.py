@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import GenerationInfo
-from lmc.compiler.pass_manager import PassRecord
-from lmc.compiler.runtime import CONFIG_ENTRIES, SESSION_OPTIONS_FILE
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.metadata import GenerationInfo
+from lmc.core.pass_manager import PassRecord
+from lmc.core.runtime import CONFIG_ENTRIES, SESSION_OPTIONS_FILE
 
 CONFIG_FILE = "genai_config.json"
 MODEL_TYPE = "decoder"               # onnxruntime-genai's generic decoder-only type

@@ -29,11 +29,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes, weights
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import GenerationInfo
-from lmc.compiler.model_io import load_model
-from lmc.compiler.pass_manager import PassContext, PassRecord
+from lmc.core import ir, shapes, weights
+from lmc.core.errors import LmcError
+from lmc.core.metadata import GenerationInfo
+from lmc.core.model_io import load_model
+from lmc.core.pass_manager import PassContext, PassRecord
 from lmc.passes.cache_sites import find_cache_pairs, find_roles, state_pairs
 
 log = logging.getLogger(__name__)

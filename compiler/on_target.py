@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, SPREAD_FACTOR, OutputError, VerifyReport, bundle_model_path,
                                  compare, load_inputs, output_tolerance, random_inputs, with_values)
 
@@ -141,7 +141,7 @@ class OnTargetReport(VerifyReport):
 
 def _target_cpu(model_path: Path) -> tuple[str, str]:
     """(target name, its emulator CPU) of a bundle, from ``plan.json`` (else the model's lmc metadata)."""
-    from lmc.compiler.metadata import build_metadata
+    from lmc.core.metadata import build_metadata
     from lmc.targets.target import load_target
 
     plan = model_path.parent / "plan.json"
@@ -174,7 +174,7 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
               tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64) -> OnTargetReport:
     """``lmc.compiler.verify.verify`` with both models run on ``on`` ("aarch64": under the bundle's
     target's emulator CPU; "host": this machine, through the same worker)."""
-    from lmc.compiler.generate import generation_info
+    from lmc.compiler.drivers import generation_info
     from lmc.compiler.seq2seq_generate import seq2seq_info
 
     model_path = bundle_model_path(bundle)
@@ -200,7 +200,7 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
 def _session_settings(model_path: Path, low_memory: bool = True) -> dict:
     """What the host check runs a model under (``verify._load_session``): a bundle's config entries, with
     prepacking off when ``low_memory``."""
-    from lmc.compiler.runtime import CONFIG_ENTRIES, bundle_session_options
+    from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options
 
     entries = {k: str(v) for k, v in bundle_session_options(model_path).get(CONFIG_ENTRIES, {}).items()}
     return {CONFIG_ENTRIES: {**entries, **LOW_MEMORY_ENTRIES} if low_memory else entries}
@@ -208,7 +208,7 @@ def _session_settings(model_path: Path, low_memory: bool = True) -> dict:
 
 def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows
                     ) -> OnTargetReport:
-    from lmc.compiler.metadata import build_metadata, decode_input_values
+    from lmc.core.metadata import build_metadata, decode_input_values
 
     bundle_model = onnx.load(str(model_path), load_external_data=False)
     if inputs is not None:
@@ -234,7 +234,7 @@ def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, s
              {"kind": "run", "id": "cand", "model": str(model_path), "settings": _session_settings(model_path),
               "feeds": [f"cand{i}" for i in range(len(feeds))], "outputs": names}]
     if tokens is not None:
-        from lmc.compiler.perplexity import load_tokens
+        from lmc.core.perplexity import load_tokens
 
         arrays["windows"] = load_tokens(tokens, seq_len, windows)
         tasks += [{"kind": "perplexity", "id": f"ppl-{who}", "model": str(path), "driver": "oneshot",
@@ -287,8 +287,8 @@ def worker_info(info) -> dict:
 
 def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows
                        ) -> OnTargetReport:
-    from lmc.compiler.generate import LOW_MEMORY
-    from lmc.compiler.runtime import bundle_session_options
+    from lmc.compiler.drivers import LOW_MEMORY
+    from lmc.core.runtime import bundle_session_options
     from lmc.compiler.verify import check_spans
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -305,7 +305,7 @@ def _verify_generation(model_path, against, info, emulator, tolerance, seed, tok
              {"kind": "decode", "id": "cand", "model": str(model_path), "driver": "state", "info": state_info,
               "settings": {**bundle_settings, **LOW_MEMORY}, "tokens": "ids", "spans": spans}]
     if tokens is not None:
-        from lmc.compiler.perplexity import load_tokens
+        from lmc.core.perplexity import load_tokens
 
         window = min(seq_len, info.context) if not info.window else seq_len
         arrays["windows"] = load_tokens(tokens, window, windows)

@@ -7,8 +7,8 @@ constant folding cannot be disabled (planning needs static shapes).
 
 from __future__ import annotations
 
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import FixedPoint
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import FixedPoint
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.cse import EliminateCommonSubexpressions
 from lmc.passes.dedup_weights import DedupWeights

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
+from lmc.core import ir
 
 
 def scratch_bytes(node: gs.Node) -> int:

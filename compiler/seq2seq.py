@@ -33,9 +33,9 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes, weights
-from lmc.compiler.errors import LmcError
-from lmc.compiler.model_io import load_model
+from lmc.core import ir, shapes, weights
+from lmc.core.errors import LmcError
+from lmc.core.model_io import load_model
 from lmc.compiler.seq2seq_export import Seq2SeqExport, find_export
 from lmc.compiler.seq2seq_generate import ENCODER_MODEL, ENCODER_WEIGHTS, SEQ2SEQ_KEY, Seq2SeqInfo
 from lmc.passes.cross_attention import CrossState, bind_cross_state, cross_projection_graph, cross_state
@@ -118,7 +118,7 @@ def prepare_decoder(export: Seq2SeqExport, length: int, context: int, chunk: int
     from lmc.passes.eliminate_noops import EliminateNoops
     from lmc.passes.fold_constants import FoldConstants
     from lmc.passes.position_bias import measure_bias, split_bias
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
 
     graph = export.with_past_graph()
     cross = cross_state(graph)
@@ -222,9 +222,9 @@ def build_seq2seq(model_path, options, out_dir, on_pass=None, progress=None):
     """``lmc build FOLDER --context N`` for an encoder–decoder export: see the module docstring."""
     from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
     from lmc.compiler.build import BuildResult, VerificationFailed, _check_budget, _stage
-    from lmc.compiler.generate import GENERATION_KEY
+    from lmc.core.metadata import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation
-    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.compiler.report import render_report
     from lmc.compiler.report_html import HTML_FILE, render_report_html
     from lmc.compiler.seq2seq_verify import compare_seq2seq

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.errors import LmcError
-from lmc.compiler.model_io import load_model
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
+from lmc.core.model_io import load_model
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Seq2SeqExport:
 
 
 def _take_branch(graph: gs.Graph, past: bool, path: Path) -> None:
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
     from lmc.passes.fold_constants import FoldConstants
 
     if USE_CACHE not in {t.name for t in graph.inputs}:
@@ -168,7 +168,7 @@ def find_export(path: str | Path) -> Seq2SeqExport:
 
 
 def _session(path: Path, session_options: dict | None = None):
-    from lmc.compiler.runtime import ORT_LOG_LEVEL, apply_session_options
+    from lmc.core.runtime import ORT_LOG_LEVEL, apply_session_options
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import (GenerationResult, StateDecoder, _options, bundle_model, check_token_ids,
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import (GenerationResult, StateDecoder, _options, bundle_model, check_token_ids,
                                    continue_greedy, peak_rss_bytes)
-from lmc.compiler.runtime import after_load, bundle_session_options
+from lmc.core.runtime import after_load, bundle_session_options
 
 SEQ2SEQ_KEY = "lmc.seq2seq"
 ENCODER_MODEL = "encoder.onnx"

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lmc.compiler import weights
-from lmc.compiler.errors import LmcError
+from lmc.core import weights
+from lmc.core.errors import LmcError
 from lmc.compiler.seq2seq_export import OriginalLoop, Seq2SeqExport, find_export
 from lmc.compiler.seq2seq_generate import (Seq2SeqDecoder, Seq2SeqInfo, load_encoder_inputs, seq2seq_info,
                                            start_tokens, unpadded)
@@ -62,7 +62,7 @@ def compare_seq2seq(export: Seq2SeqExport, model_path: str | Path, encoder_input
     """The bundle at ``model_path`` against ``export`` (see the module docstring). ``prompt``: tokens
     prefilled (default: more than one prefill chunk, at most half the context); ``steps``: tokens decoded
     after it (default: to the last position of the context, at most ``HORIZON``)."""
-    from lmc.compiler.generate import LOW_MEMORY, generation_info
+    from lmc.compiler.drivers import LOW_MEMORY, generation_info
 
     model_path = Path(model_path)
     info, gen = seq2seq_info(model_path), generation_info(model_path)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.compiler.sampling import GREEDY, Sampling, choose, distribution, draw, penalised
 
 DEFAULT_K = 4

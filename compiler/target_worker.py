@@ -7,7 +7,7 @@ emulated interpreter (qemu-user, an arm64 root) or the host's runs as
 ``JOB_DIR/job.json`` lists tasks, run in order, each on its own session (dropped before the next):
 - ``run``: a model on feeds (``in.npz`` arrays ``FEED/NAME``); outputs saved as ``ID/SAMPLE/NAME``;
 - ``decode``: a generation model over token spans (``spans``: consecutive (start, end) calls over the
-  ``tokens`` array [B, L]), driven as ``lmc.compiler.generate`` drives it — ``driver`` ``state``: a bundle,
+  ``tokens`` array [B, L]), driven as ``lmc.compiler.drivers`` drives it — ``driver`` ``state``: a bundle,
   its state bound in place with IOBinding (the same OrtValue its ``past`` input and ``present`` output),
   positions consecutive (or its ``attention_mask`` input all ones over the past and the call, when its
   metadata names one), calls longer than its prefill chunk split; ``past``: an original past/present
@@ -62,7 +62,7 @@ def open_session(task):
 
 
 class StateDriver:
-    """A generation bundle, its state in place (``lmc.compiler.generate.StateDecoder``'s driving)."""
+    """A generation bundle, its state in place (``lmc.compiler.drivers.StateDecoder``'s driving)."""
 
     def __init__(self, sess, info):
         self.sess, self.info = sess, info
@@ -105,7 +105,7 @@ class StateDriver:
 
 
 class PastDriver:
-    """An original past/present export (``lmc.compiler.generate.PastDecoder``'s driving)."""
+    """An original past/present export (``lmc.compiler.drivers.PastDecoder``'s driving)."""
 
     def __init__(self, sess, batch):
         self.sess, self.batch = sess, batch

@@ -31,9 +31,9 @@ import numpy as np
 import onnx
 
 
-from lmc.compiler import weights
-from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import CONFIG_ENTRIES, bundle_session_options, session
+from lmc.core import weights
+from lmc.core.errors import LmcError
+from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         return verify_seq2seq(model_path, against, inputs, tolerance, seed)
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
-    from lmc.compiler.generate import generation_info
+    from lmc.compiler.drivers import generation_info
 
     info = generation_info(model_path)
     if info is not None:
@@ -410,7 +410,7 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
         feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
-    from lmc.compiler.metadata import build_metadata, decode_input_values
+    from lmc.core.metadata import build_metadata, decode_input_values
 
     try:
         fixed = decode_input_values(build_metadata(bundle_model).get("input_values", ""))
@@ -419,7 +419,7 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     report = compare_models(against, model_path, feeds, tolerance, spread=True, hint=VERIFY_HINT,
                             reference_values=fixed)
     if tokens is not None:
-        from lmc.compiler.perplexity import load_tokens, perplexity
+        from lmc.core.perplexity import load_tokens, perplexity
 
         windows_arr = load_tokens(tokens, seq_len, windows)
         ppl = {"original": perplexity(_load_session(against), windows_arr).perplexity,
@@ -457,7 +457,7 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
     time) — the original driven present → past, the bundle with its state in place; logits compared at every
     position, for every batch row of the bundle, prefill calls and single-token calls reported apart."""
-    from lmc.compiler.generate import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
+    from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
 
     batch = generation_info(candidate).batch
     if spans is None:
@@ -491,14 +491,14 @@ def verify_generation(model_path: Path, against: str | Path, info, tolerance: fl
     ``tokens`` also both perplexities, each streamed (the bundle token by token), judged against the
     original's own spread: its perplexity full-window vs token by token. The gap may reach
     max(tolerance, SPREAD_FACTOR × that spread), relative."""
-    from lmc.compiler.generate import PastDecoder, StateDecoder
+    from lmc.compiler.drivers import PastDecoder, StateDecoder
 
     model = onnx.load(str(model_path), load_external_data=False)
     vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
     report = compare_generation(against, model_path, vocab, spans=check_spans(info), tolerance=tolerance, seed=seed)
     if tokens is None:
         return report
-    from lmc.compiler.perplexity import load_tokens, streaming_perplexity
+    from lmc.core.perplexity import load_tokens, streaming_perplexity
 
     length = min(seq_len, info.context) if not info.window else seq_len
     windows_arr = load_tokens(tokens, length, windows)

@@ -22,10 +22,10 @@ _LAZY = {
     "BuildResult": "lmc.compiler.build",
     "QuantizeMode": "lmc.compiler.build",
     "verify": "lmc.compiler.verify",
-    "inspect_model": "lmc.compiler.inspect",
-    "generate": "lmc.compiler.generate",
-    "GenerationResult": "lmc.compiler.generate",
-    "LmcError": "lmc.compiler.errors",
+    "inspect_model": "lmc.compiler.inspection",
+    "generate": "lmc.compiler.drivers",
+    "GenerationResult": "lmc.compiler.drivers",
+    "LmcError": "lmc.core.errors",
 }
 
 

@@ -1,1 +1,1 @@
-"""Graph passes: one job per module, each ``run(graph, ctx) -> PassResult`` (see lmc.compiler.pass_manager)."""
+"""Graph passes: one job per module, each ``run(graph, ctx) -> PassResult`` (see lmc.core.pass_manager)."""

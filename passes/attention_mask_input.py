@@ -31,9 +31,9 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import GenerationInfo
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.metadata import GenerationInfo
 
 ATTENTION_MASK = "attention_mask"
 TOTAL_DIM = "total_sequence_length"

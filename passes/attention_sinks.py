@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.cache_sites import find_cache_pairs, match_site
 from lmc.passes.fuse.attention import probabilities
 
@@ -92,8 +92,8 @@ def split_decoder_sinks(model_path, work) -> tuple[Path, dict[str, np.ndarray]] 
     """The model with its sinks split off (``split_sinks``), saved in folder ``work`` for the generation
     compile, and σ per layer for ``RestoreSinks``; None when it has none. The saved model holds its
     weights (up to 1 GiB)."""
-    from lmc.compiler import shapes
-    from lmc.compiler.model_io import load_model
+    from lmc.core import shapes
+    from lmc.core.model_io import load_model
     from lmc.passes.fold_constants import FoldConstants
 
     graph = ir.to_graph(load_model(model_path))

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
+from lmc.core import ir
+from lmc.core.errors import LmcError
 from lmc.passes.cache_sites import MASKED, AttentionSite, CachePair, Roles
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> li
     """Range outputs that compute the new tokens' positions P … P+S−1 from the cache length (exports
     without a ``position_ids`` input, e.g. Gemma's): checked on the probes, to be read from the positions
     instead (their length would otherwise depend on input values)."""
-    from lmc.compiler.runtime import session
+    from lmc.core.runtime import session
 
     pasts = {p.past.name for p in pairs}
     candidates = [n.outputs[0] for n in graph.nodes if ir.is_op(n, "Range") and ir.scalar_value(n.inputs[2]) == 1
@@ -184,7 +184,7 @@ def mask_keeps(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: lis
     cone under onnxruntime (the batch is the graph's bound batch). An additive mask must be exactly 0 where
     it keeps a key; anything else (a position bias) is refused here. None when the cone is too heavy to
     probe (its weights exceed ``PROBE_WEIGHT_LIMIT``: the masks read shapes only running the layers gives)."""
-    from lmc.compiler.runtime import session
+    from lmc.core.runtime import session
 
     if not probeable(graph, pairs, sites):
         return None

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
+from lmc.core import ir
+from lmc.core.errors import LmcError
 from lmc.passes.cross_attention import is_fixed_input
 from lmc.passes.fuse.attention import probabilities
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext
 
 log = logging.getLogger(__name__)
 

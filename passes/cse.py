@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.fold_constants import is_nondeterministic
 
 # ops outside the ONNX domain known to be pure functions of their inputs (onnxruntime's contrib kernels)

@@ -17,8 +17,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 
 def _bytes(const: gs.Constant) -> bytes:

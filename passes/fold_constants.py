@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.runtime import session
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.runtime import session
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 
 def _scaled(t: gs.Tensor, graph: gs.Graph) -> tuple[gs.Tensor, float, gs.Node] | None:

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir, shapes
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 # Ops the routed rows may pass through between the NonZero and the scatters: row-wise in their first
 # (data) axis or index arithmetic on the row ids.

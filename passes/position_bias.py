@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.cache_sites import MASKED, AttentionSite, CachePair, find_cache_pairs, find_roles, find_sites
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _biased(value: np.ndarray, p: int, s: int) -> bool:
 def measure_bias(graph: gs.Graph, slots: int, chunk: int) -> dict[str, BiasTable]:
     """The bias table of every self-attention whose additive mask carries one, by its key ``present``
     name (empty when none does); LmcError when a bias is not a function of the query–key distance."""
-    from lmc.compiler.runtime import session
+    from lmc.core.runtime import session
 
     pairs = find_cache_pairs(graph)
     sites = [x for x in find_sites(graph, pairs) if x.mask_kind == "additive"]
@@ -265,8 +265,8 @@ def split_decoder_bias(model_path, context: int, chunk: int, work) -> tuple[obje
     (the model is then compiled as it is). The saved model holds its weights (up to 1 GiB)."""
     from pathlib import Path
 
-    from lmc.compiler import shapes
-    from lmc.compiler.model_io import load_model
+    from lmc.core import shapes
+    from lmc.core.model_io import load_model
     from lmc.passes.fold_constants import FoldConstants
 
     graph = ir.to_graph(load_model(model_path))

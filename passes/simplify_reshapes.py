@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 UNARY = ("Relu", "Sigmoid", "Tanh", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Gelu", "LeakyRelu", "Elu", "Softplus",
          "HardSigmoid", "HardSwish", "Mish", "Sin", "Cos", "Reciprocal")

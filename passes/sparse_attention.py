@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 MASKED = float("-inf")
 

@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.cache_masks import MaskPattern, check_masks, position_ranges
 from lmc.passes.cache_sites import Roles, find_cache_pairs, find_roles, find_sites
 

@@ -26,8 +26,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import defs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 AXES_TO_INPUT_AT_18 = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                                  "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
@@ -129,7 +129,7 @@ def _probe(node: gs.Node, current: int, opset: int) -> str | None:
     """None when onnxruntime loads ``node`` alone at ``opset``, else its reason (cached)."""
     key = (node.op, node.domain or "", opset, tuple(ir.onnx_dtype(t.dtype) for t in node.inputs if t.name))
     if key not in _PROBE_CACHE:
-        from lmc.compiler.runtime import session
+        from lmc.core.runtime import session
 
         try:
             session(_probe_model(node, current, opset), optimize=False, log_level=4)

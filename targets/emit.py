@@ -30,9 +30,9 @@ from collections.abc import Callable
 
 import onnx
 
-from lmc.compiler.external_data import SMALL_MODEL_BYTES, externalize  # noqa: F401  (SMALL_MODEL_BYTES: build reads it here)
+from lmc.core.external_data import SMALL_MODEL_BYTES, externalize  # noqa: F401  (SMALL_MODEL_BYTES: build reads it here)
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.weights"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from lmc.compiler.runtime import ORT_LOG_LEVEL
+from lmc.core.runtime import ORT_LOG_LEVEL
 
 ORT_FILE = "model.ort"
 CONFIG_FILE = "required_operators.config"

@@ -29,7 +29,7 @@ the runtime makes of it. A kind ``family@variant`` (the same op run another way,
 family's otherwise; its family's workspace counts once with its own.
 
 The model describes the runtime under ``session_options`` (written into the bundle as
-``session_options.json`` and applied by lmc's drivers, ``lmc.compiler.runtime``); the numbers were
+``session_options.json`` and applied by lmc's drivers, ``lmc.core.runtime``); the numbers were
 measured with the runtime the target file names (``bench/bench_memory.py``). ``choices`` (the target's
 ``[[runtime.choices]]``) make the configuration a per-bundle one: ``choose`` takes what the bundle's
 decoded MatMuls are (weight bits, rows) and returns the model under the first choice that applies — its

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmc.targets.runtime_model import RuntimeModel
-from lmc.compiler.errors import TargetError
+from lmc.core.errors import TargetError
 
 
 class WeightsPlacement(enum.Enum):

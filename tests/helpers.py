@@ -94,9 +94,9 @@ def independent_plan_check(bundle: Path) -> dict:
 
 def apply_passes(model: onnx.ModelProto, passes, shapes: dict | None = None, target: str = "x86-64"):
     """Import ``model``, bind ``shapes``, run ``passes`` through the PassManager; return (graph, records)."""
-    from lmc.compiler import ir
-    from lmc.compiler import shapes as shape_ops
-    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.core import ir
+    from lmc.core import shapes as shape_ops
+    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.targets.target import load_target
 
     graph = ir.to_graph(model)
@@ -109,7 +109,7 @@ def assert_pass_exact(model: onnx.ModelProto, passes, feeds: dict[str, np.ndarra
                       target: str = "x86-64", rel: float = 1e-5):
     """Run passes and check the rewritten graph against onnxruntime on the original; return (graph, records)."""
     graph, records = apply_passes(model, passes, shapes, target)
-    from lmc.compiler import ir
+    from lmc.core import ir
 
     assert_close(run_ort(model, feeds), run_ort(ir.to_model(graph), feeds), rel=rel)
     return graph, records

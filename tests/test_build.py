@@ -130,7 +130,7 @@ def test_ort_mobile_files(model_dir, tmp_path):
 
 def test_generation_options_need_context_and_a_default_build_stays_exact(model_dir, tmp_path, monkeypatch):
     from lmc.compiler import verify
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
 
     model = model_dir / "tiny-llama.onnx"
     for given in ({"kv_cache": "int8"}, {"batch": 2}, {"prefill_chunk": 16}, {"kv_cache": "float"}):

@@ -185,7 +185,7 @@ def test_no_color_progress_has_no_control_sequences(monkeypatch, capsys):
 def test_the_build_check_does_not_suggest_options_build_lacks(model_dir, gpt2_bundle):
     import numpy as np
 
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
     from lmc.compiler.verify import compare_models, verify
 
     m = model_dir / "tiny-gpt2.onnx"
@@ -247,7 +247,7 @@ def _vad_model(path):
 def test_input_value_folds_control_flow_and_the_build_verifies(tmp_path, capsys, rate, rows):
     import onnx
 
-    from lmc.compiler.metadata import build_metadata
+    from lmc.core.metadata import build_metadata
 
     m, out = _vad_model(tmp_path / "vad.onnx"), tmp_path / "out"
     code, stdout, err = run(["build", str(m), "--target", "x86-64", "--input-value", f"sr={rate}", "-o", str(out),
@@ -295,7 +295,7 @@ def test_parse_input_values():
 
 # ------------------------------------------------------------------------ inputs a model cannot take (fuzz)
 def test_a_zero_dim_is_refused_except_on_a_cache_input(model_dir, tmp_path, capsys):
-    from lmc.compiler import ir, shapes
+    from lmc.core import ir, shapes
     from lmc.models import build_llama
 
     code, _, err = run(["build", str(model_dir / "tiny-gpt2.onnx"), "--input-shape", "input_ids=0x8",
@@ -371,7 +371,8 @@ def test_sigterm_unwinds_and_removes_temporary_files(tmp_path):
 
     code = """
 import os, signal, sys
-from lmc.compiler import cli, weights
+from lmc.core import weights
+from lmc.compiler import cli
 cli.stop_cleanly_on_sigterm()
 spill = weights.SpillFile()
 try:

@@ -84,7 +84,7 @@ def test_fused_tensor_read_only_inside_branches_is_scheduled_before_the_if(tmp_p
 
 def test_topological_sort_sees_reads_at_any_depth():
     """A tensor read two subgraph levels down orders its producer before the outer node."""
-    from lmc.compiler import ir
+    from lmc.core import ir
 
     inner_then = helper.make_graph([helper.make_node("Neg", ["h"], ["it"])], "it", [], [_vi("it", [4])])
     inner_else = helper.make_graph([helper.make_node("Abs", ["h"], ["ie"])], "ie", [], [_vi("ie", [4])])
@@ -166,10 +166,10 @@ def _vad_model(tmp_path):
 
 
 def test_if_chosen_by_a_bound_scalar_input_is_inlined_and_planned(tmp_path):
-    from lmc.compiler import ir, shapes
+    from lmc.core import ir, shapes
     from lmc.compiler.backend import plan_memory
-    from lmc.compiler.errors import ShapeError
-    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.core.errors import ShapeError
+    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.compiler.pipeline import default_pipeline
     from lmc.targets.target import load_target
     import pytest
@@ -205,9 +205,9 @@ def test_if_chosen_by_a_bound_scalar_input_is_inlined_and_planned(tmp_path):
 def test_constant_if_inlining_renames_clashing_names_and_keeps_outer_reads():
     """The chosen branch's names may clash with names inside another node's subgraph (legal in ONNX for
     sibling scopes): inlining renames them; reads of outer tensors stay wired."""
-    from lmc.compiler import ir
+    from lmc.core import ir
     from lmc.passes.fold_constants import FoldConstants
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
 
     def branch(name, op):
         return helper.make_graph([helper.make_node(op, ["h", "k"], ["tmp"]),
@@ -237,8 +237,8 @@ def test_constant_if_inlining_renames_clashing_names_and_keeps_outer_reads():
 def test_cse_and_dedup_see_inside_bodies():
     """Duplicate nodes inside a branch merge; a duplicate weight read only inside a branch is stored once;
     a duplicate outer node read only by a branch is merged and the branch reads the kept one."""
-    from lmc.compiler import ir
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core import ir
+    from lmc.core.pass_manager import PassContext
     from lmc.passes.cse import EliminateCommonSubexpressions
     from lmc.passes.dedup_weights import DedupWeights
 

@@ -9,7 +9,7 @@ import pytest
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.cli import main
-from lmc.compiler.inspect import PLAN_KEYS, diff_bundles
+from lmc.compiler.inspection import PLAN_KEYS, diff_bundles
 from lmc.models import build_llama
 
 SHAPES = {"input_ids": (1, 32)}

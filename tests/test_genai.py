@@ -15,8 +15,8 @@ import pytest
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.cli import main
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import PastDecoder, StateDecoder, generate, generation_info, greedy
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import PastDecoder, StateDecoder, generate, generation_info, greedy
 
 try:
     import onnxruntime_genai as og

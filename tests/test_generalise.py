@@ -9,8 +9,9 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from lmc.compiler import generation, weights
-from lmc.compiler.errors import LmcError
+from lmc.core import weights
+from lmc.compiler import generation
+from lmc.core.errors import LmcError
 from lmc.compiler.generation import SMALL_CONSTANT, generalise, snapshot
 
 N = SMALL_CONSTANT + 36          # elements: above the by-value threshold

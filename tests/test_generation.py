@@ -16,8 +16,8 @@ from helpers import cache_layers, op_counts
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.cli import main
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
 from lmc.compiler.verify import compare_generation, verify
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"

@@ -15,8 +15,8 @@ import pytest
 from helpers import cache_layers, op_counts
 
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
 
 FAMILIES = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "families"
 CONTEXT = 64

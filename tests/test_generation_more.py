@@ -13,8 +13,8 @@ import pytest
 from helpers import cache_layers, op_counts
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
 from lmc.compiler.verify import compare_generation
 
 MORE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "more"

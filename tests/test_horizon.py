@@ -17,7 +17,7 @@ import pytest
 import lmc.passes.static_cache as static_cache
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.cli import main
-from lmc.compiler.generate import PastDecoder, StateDecoder, generation_info, greedy
+from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
 from lmc.compiler.generation import precheck_masks
 from lmc.compiler.verify import VerificationFailed, check_spans, verify
 from lmc.passes.cache_masks import MaskPattern, classify, horizon

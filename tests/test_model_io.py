@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import external_data_helper
 
-from lmc.compiler.errors import ModelLoadError
-from lmc.compiler.model_io import load_model
+from lmc.core.errors import ModelLoadError
+from lmc.core.model_io import load_model
 from lmc.models import build_cnn
 
 
@@ -113,8 +113,8 @@ def test_bound_initializer_input_stays_a_run_time_input(tmp_path):
 
 
 def test_initializer_input_binding_checks_rank():
-    from lmc.compiler import ir, shapes
-    from lmc.compiler.errors import ShapeError
+    from lmc.core import ir, shapes
+    from lmc.core.errors import ShapeError
 
     graph = ir.to_graph(_zoo_model())
     assert [t.name for t in graph.inputs] == ["x"]

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.cli import main
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.compiler.on_target import ENV_VAR, SETUP, find_emulator, verify_on
 from lmc.compiler.verify import verify
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.compiler.verify import VerificationFailed
 
 

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Source folder -> the import name it is installed under (pyproject.toml's [tool.setuptools.package-dir]).
-ROOTS = {"lmc": "lmc", "compiler": "lmc.compiler", "passes": "lmc.passes", "targets": "lmc.targets",
+ROOTS = {"lmc": "lmc", "core": "lmc.core", "compiler": "lmc.compiler", "passes": "lmc.passes", "targets": "lmc.targets",
          "models": "lmc.models"}
 BUILD_FILES = ("pyproject.toml", "setup.py", "README.md")
 

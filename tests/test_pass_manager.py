@@ -7,8 +7,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import (FixedPoint, PassContext, PassError, PassKind, PassManager, PassResult,
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import (FixedPoint, PassContext, PassError, PassKind, PassManager, PassResult,
                                        approximations)
 
 

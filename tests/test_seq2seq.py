@@ -16,7 +16,7 @@ import pytest
 
 import lmc
 from lmc.compiler.cli import main
-from lmc.compiler.generate import greedy
+from lmc.compiler.drivers import greedy
 from lmc.compiler.seq2seq_export import OriginalLoop, find_export
 from lmc.compiler.seq2seq_generate import seq2seq_info
 from lmc.compiler.verify import verify

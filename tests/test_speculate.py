@@ -16,8 +16,8 @@ import lmc
 from lmc.compiler import speculate
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.cli import main
-from lmc.compiler.errors import LmcError
-from lmc.compiler.generate import StateDecoder, greedy
+from lmc.core.errors import LmcError
+from lmc.compiler.drivers import StateDecoder, greedy
 from lmc.compiler.speculate import Speculate, decode
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.compiler.verify import (SPREAD_FACTOR, OutputError, VerificationFailed, VerifyReport, compare_models,
                                  measure_spread, random_inputs, verify, with_values)
 

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lmc.compiler import ir, shapes, weights
+from lmc.core import ir, shapes, weights
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.model_io import load_model
-from lmc.compiler.runtime import session
+from lmc.core.model_io import load_model
+from lmc.core.runtime import session
 from lmc.compiler.verify import bundle_model_path
 
 
@@ -143,7 +143,7 @@ def _parallel(folder, d: int = 512):
 
 
 def test_weights_a_pass_creates_are_spilled(tmp_path):
-    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.passes.merge_matmuls import MergeParallelMatMuls
 
     path, a, b = _parallel(tmp_path)
@@ -195,7 +195,7 @@ def test_quantized_build_spills_its_new_weights(tmp_path, monkeypatch):
 _PEAK_CHILD = """
 import sys
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.runtime import session
+from lmc.core.runtime import session
 
 def status(key):
     with open("/proc/self/status") as f:

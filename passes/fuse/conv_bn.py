@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph, sole_reader
 
 CONV = OpRef("Conv", "", 1, core=True)

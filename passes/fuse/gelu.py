@@ -12,8 +12,8 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.rule import Match, OpRef, Reject, close, first_runnable, produced_by, replace_subgraph, sole_reader
 
 ERF_CHOICES = (OpRef("Gelu", "", 20), OpRef("Gelu", ir.MS_DOMAIN))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.norms import last_axis_mean, match_inverse_rms, weight_vector
 from lmc.passes.fuse.rule import Match, OpRef, Reject, first_runnable, produced_by, replace_subgraph, sole_reader
 

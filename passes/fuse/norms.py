@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
+from lmc.core import ir
 from lmc.passes.fuse.rule import close, other_input, produced_by, sole_reader
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.norms import match_inverse_rms, weight_vector
 from lmc.passes.fuse.rule import Match, OpRef, Reject, first_runnable, replace_subgraph, sole_reader
 

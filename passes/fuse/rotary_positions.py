@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.rotary import ROTARY, _rotate_half
 from lmc.passes.fuse.rule import Match, Reject, produced_by, replace_subgraph, sole_reader
 
@@ -37,7 +37,7 @@ class PositionTables:
 
     @staticmethod
     def _evaluate(graph, t, positions, rows) -> np.ndarray | str:
-        from lmc.compiler.runtime import session
+        from lmc.core.runtime import session
 
         model = ir.cone_model(graph, [t], inputs=[positions])
         b, s = (int(d) for d in positions.shape)

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.pass_manager import PassContext
+from lmc.core import ir
+from lmc.core.pass_manager import PassContext
 from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph, sole_reader
 
 QUICK_GELU = OpRef("QuickGelu", ir.MS_DOMAIN)

@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.external_data import PAGE_BYTES, externalize
-from lmc.compiler.runtime import session
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.external_data import PAGE_BYTES, externalize
+from lmc.core.runtime import session
 
 log = logging.getLogger(__name__)
 CALIB_MODEL, CALIB_WEIGHTS = "calib.onnx", "calib.weights"   # a streamed calibration session's files
@@ -38,7 +38,7 @@ INLINE_BYTES = 4096               # ir.export_skeleton keeps constants this smal
 def _in_memory_bytes(graph: gs.Graph) -> int:
     """Weight bytes the graph holds in memory: file-backed weights (``weights.FileValues``) are linked into a
     session, not copied, so only the rest decides whether to stream."""
-    from lmc.compiler.weights import FileValues
+    from lmc.core.weights import FileValues
 
     return sum(ir.tensor_nbytes(c) or 0 for c in ir.constants(graph) if not isinstance(c._values, FileValues))
 

@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.quantize.calibration import collect
 from lmc.passes.quantize.scales import quantize_channels
 from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits

@@ -42,11 +42,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from lmc.compiler import ir
-from lmc.compiler.errors import LmcError
-from lmc.compiler.pass_manager import PassContext, PassKind, PassResult, Requirement
-from lmc.compiler.perplexity import log_softmax
-from lmc.compiler.runtime import session
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core.perplexity import log_softmax
+from lmc.core.runtime import session
 from lmc.passes.quantize.calibration import Calibrator, ChannelStats, collect
 from lmc.passes.quantize.scales import (GptqFactor, gptq_blocks, gptq_prepare, pack_int4, pack_uint4,
                                        pack_uint4_flat, quantize_blocks, quantize_blocks_asymmetric,

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from lmc.compiler.cli import main
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.models import build_llama
 from lmc.passes.quantize.calibration import load_calibration
 

@@ -68,7 +68,7 @@ def _feed(shape, dtype=np.float32):
 def _check(model, feeds, passes=None, kept=None, removed=None):
     from helpers import run_ort
 
-    from lmc.compiler import ir
+    from lmc.core import ir
 
     graph, records = assert_pass_exact(model, passes or [EliminateNoops(), Cleanup()], feeds)
     ref, got = run_ort(model, feeds), run_ort(ir.to_model(graph), feeds)

@@ -7,7 +7,7 @@ import pytest
 from helpers import assert_pass_exact
 from onnx import helper, numpy_helper
 
-from lmc.compiler import ir
+from lmc.core import ir
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.dedup_weights import DedupWeights
 
@@ -38,7 +38,7 @@ def test_llama_dedups_folded_masks(tmp_path):
     from lmc.models import build_llama
     from lmc.passes.fold_constants import FoldConstants
 
-    from lmc.compiler.pass_manager import FixedPoint
+    from lmc.core.pass_manager import FixedPoint
 
     graph, records = assert_pass_exact(build_llama(), [FixedPoint("fold", [FoldConstants(), Cleanup()]),
                                                        DedupWeights(), Cleanup()],

@@ -7,7 +7,7 @@ import onnx
 from helpers import apply_passes, assert_pass_exact, op_count, token_feed
 from onnx import TensorProto, helper
 
-from lmc.compiler.pass_manager import FixedPoint
+from lmc.core.pass_manager import FixedPoint
 from lmc.models import build_gpt2, build_llama
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.fold_constants import FoldConstants

@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_pass_exact, op_count, token_feed
 from onnx import TensorProto, helper, numpy_helper
 
-from lmc.compiler.pass_manager import FixedPoint
+from lmc.core.pass_manager import FixedPoint
 from lmc.models import LlamaConfig, build_cnn, build_gpt2, build_llama
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.fold_constants import FoldConstants

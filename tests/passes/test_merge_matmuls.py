@@ -2,7 +2,7 @@
 
 from helpers import assert_pass_exact, op_count, token_feed
 
-from lmc.compiler.pass_manager import FixedPoint
+from lmc.core.pass_manager import FixedPoint
 from lmc.models import build_llama
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.fold_constants import FoldConstants

@@ -10,8 +10,8 @@ from helpers import independent_plan_check, run_ort, token_feed
 
 from lmc.compiler.arena_executor import ArenaExecutor
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
-from lmc.compiler.perplexity import load_tokens, perplexity
-from lmc.compiler.runtime import session
+from lmc.core.perplexity import load_tokens, perplexity
+from lmc.core.runtime import session
 from lmc.compiler.verify import compare
 from lmc.models import LlamaConfig, build_llama
 from lmc.passes.quantize.scales import gptq_blocks, quantize_blocks, quantize_blocks_asymmetric, quantize_channels
@@ -119,7 +119,7 @@ def test_w8a8_runs_integer_gemms(tiny_llama, tmp_path):
 
 
 def test_w8a8_without_calibration_is_a_user_error(tiny_llama, tmp_path):
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
 
     path, _ = tiny_llama
     with pytest.raises(LmcError, match="--calib"):
@@ -252,7 +252,7 @@ def test_float16_weights_are_quantized_with_float16_scales(tmp_path, mode):
 def test_bfloat16_weights_are_refused(tmp_path):
     from onnx import TensorProto
 
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
 
     onnx.save(_half_model(TensorProto.BFLOAT16), str(tmp_path / "bf16.onnx"))
     with pytest.raises(LmcError, match="bfloat16.*w1|bfloat16.*table"):
@@ -262,7 +262,7 @@ def test_bfloat16_weights_are_refused(tmp_path):
 
 
 def test_w8a8_refuses_float16_weights(tmp_path):
-    from lmc.compiler.errors import LmcError
+    from lmc.core.errors import LmcError
 
     onnx.save(_half_model(), str(tmp_path / "half.onnx"))
     np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 256, (4, 16, 64)))
@@ -332,7 +332,7 @@ def test_search_error_is_pinned(dist, weighted):
 def test_search_error_is_pinned_through_the_pass():
     import onnx_graphsurgeon as gs
 
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     w = _pinned_weights()[0]["normal"]
@@ -460,7 +460,7 @@ def test_quantize_pass_keeps_no_state_between_runs():
     time: calibration's choices (the table's bits, statistics) and the per-weight reports stay in their run."""
     import onnx_graphsurgeon as gs
 
-    from lmc.compiler.pass_manager import PassContext
+    from lmc.core.pass_manager import PassContext
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     rng = np.random.default_rng(3)

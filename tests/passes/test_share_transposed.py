@@ -6,7 +6,7 @@ import numpy as np
 from helpers import apply_passes, assert_pass_exact, token_feed
 from onnx import TensorProto, helper, numpy_helper
 
-from lmc.compiler import ir
+from lmc.core import ir
 from lmc.models import build_gpt2, build_llama
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.share_transposed import ShareTransposedWeights, is_transpose

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import assert_pass_exact, op_count, token_feed
 
-from lmc.compiler.pass_manager import FixedPoint
+from lmc.core.pass_manager import FixedPoint
 from lmc.models import LlamaConfig, build_gpt2, build_llama
 from lmc.passes.cleanup import Cleanup
 from lmc.passes.fold_constants import FoldConstants

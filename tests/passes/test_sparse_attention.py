@@ -11,7 +11,7 @@ from helpers import assert_close, independent_plan_check, run_ort, token_feed
 
 from lmc.compiler.arena_executor import ArenaExecutor
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 from lmc.models import LlamaConfig, build_llama
 from lmc.passes.sparse_attention import AttentionKind, AttentionSpec, row_mask
 

@@ -5,9 +5,9 @@ import onnx
 from helpers import apply_passes, assert_close, run_ort
 from onnx import TensorProto, helper
 
-from lmc.compiler import ir, shapes
+from lmc.core import ir, shapes
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.pass_manager import PassContext
+from lmc.core.pass_manager import PassContext
 from lmc.passes import upgrade_opset
 from lmc.passes.upgrade_opset import UpgradeOpset, runtime_blockers
 
@@ -52,7 +52,7 @@ def test_runtime_probe_blocks_an_op_without_a_kernel_even_when_the_hand_list_all
 
 
 def test_probes_are_cached_and_only_for_ops_whose_version_changes(monkeypatch):
-    import lmc.compiler.runtime as runtime
+    import lmc.core.runtime as runtime
 
     calls = []
     real = runtime.session

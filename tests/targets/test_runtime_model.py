@@ -1,5 +1,5 @@
 """The runtime cost model (``lmc.targets.runtime_model``) and the session configuration bundles carry
-(``lmc.compiler.runtime``): what each item counts, the x86-64 model as measured on onnxruntime 1.32, and
+(``lmc.core.runtime``): what each item counts, the x86-64 model as measured on onnxruntime 1.32, and
 small bundles' predictions against their measured model-attributable peak."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from lmc.compiler.build import BuildOptions, QuantizeMode, build
-from lmc.compiler import runtime
-from lmc.compiler.runtime import CPU_ARENA, TRIM_HEAP, USE_ENV_ALLOCATORS, after_load, apply_session_options, open_bundle
+from lmc.core import runtime
+from lmc.core.runtime import CPU_ARENA, TRIM_HEAP, USE_ENV_ALLOCATORS, after_load, apply_session_options, open_bundle
 from lmc.models import build_llama
 from lmc.targets.runtime_model import (DECODED_MATMUL, Choice, DecodedMatMul, RuntimeModel,
                                        merge_session_options)
@@ -223,9 +223,9 @@ def test_each_bundle_carries_the_session_options_chosen_for_what_it_holds(tiny_b
 def test_the_plan_predicts_the_chosen_configuration(tiny_bundles):
     """The level-0 bundle's prediction is the runtime model's under its choice: the decoded weights as
     accuracy level 0 packs them, fewer per-call temporaries than the same graph at level 4."""
-    from lmc.compiler import ir
+    from lmc.core import ir
     from lmc.compiler.backend import decoded_matmuls, plan_memory, runtime_for
-    from lmc.compiler.model_io import load_model
+    from lmc.core.model_io import load_model
 
     target = load_target("x86-64")
     graph = ir.to_graph(load_model(tiny_bundles["int4-2x64"] / "model.onnx"))
@@ -267,7 +267,7 @@ def test_open_bundle_runs_a_bundle_as_onnxruntime_does(tiny_bundles):
 MEASURE = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from lmc.compiler.runtime import open_bundle
+    from lmc.core.runtime import open_bundle
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))

@@ -11,7 +11,6 @@ with an ``attention_mask`` input also takes right-padded rows, as onnxruntime-ge
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,54 +19,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lmc.compiler.errors import LmcError
-from lmc.compiler.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
+from lmc.core.errors import LmcError
+from lmc.core.metadata import GenerationInfo, generation_info
+from lmc.core.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
 
-GENERATION_KEY = "lmc.generation"
 # for checks rather than speed: no prepacked second copy of the weights
 LOW_MEMORY = {"config_entries": {"session.disable_prepacking": "1"}}
-
-
-@dataclass(frozen=True)
-class GenerationInfo:
-    """What a driver needs to know about a generation bundle (stored as JSON in the model's metadata)."""
-
-    context: int
-    batch: int
-    input_ids: str
-    position_ids: str
-    logits: str
-    state: tuple[tuple[str, str], ...]      # (input, output) pairs bound to one buffer
-    window: int = 0                          # sliding window (0: full attention)
-    sinks: int = 0
-    prefill_chunk: int = 0                   # prompts run in steps of at most this many tokens (0: any)
-    windows: tuple[int, ...] = ()            # the distinct attention windows of its layers (model's and user's)
-    attention_mask: str = ""                 # [B, total] input the positions come from (empty: position_ids is one)
-
-    def to_json(self) -> str:
-        return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
-                           "position_ids": self.position_ids, "logits": self.logits,
-                           "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks,
-                           "prefill_chunk": self.prefill_chunk, "windows": list(self.windows),
-                           **({"attention_mask": self.attention_mask} if self.attention_mask else {})},
-                          sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GenerationInfo":
-        d = json.loads(text)
-        return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
-                   tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)),
-                   int(d.get("prefill_chunk", 0)), tuple(int(w) for w in d.get("windows", ())),
-                   d.get("attention_mask", ""))
-
-
-def generation_info(model_path: str | Path) -> GenerationInfo | None:
-    """The generation metadata of a bundle's model, or None for a one-shot model."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == GENERATION_KEY:
-            return GenerationInfo.from_json(prop.value)
-    return None
 
 
 def _options(threads: int, session_options: dict | None = None) -> ort.SessionOptions:

@@ -12,8 +12,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from lmc.compiler.ir import STUB_LOCATION
-from lmc.compiler.weights import FileValues, is_file_backed
+from lmc.core.ir import STUB_LOCATION
+from lmc.core.weights import FileValues, is_file_backed
 
 SMALL_MODEL_BYTES = 64 * 1024
 PAGE_BYTES = 4096                  # onnxruntime mmaps external data only at offsets that are page multiples

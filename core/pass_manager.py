@@ -30,8 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.errors import LmcError
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from lmc.compiler.weights import FileValues, is_file_backed
+from lmc.core.weights import FileValues, is_file_backed
 
 
 log = logging.getLogger(__name__)

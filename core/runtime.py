@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from lmc.compiler import weights
+from lmc.core import weights
 
 SESSION_OPTIONS_FILE = "session_options.json"
 CONFIG_ENTRIES = "config_entries"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmc.compiler.errors import LmcError
+from lmc.core.errors import LmcError
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def perplexity(session, tokens: np.ndarray) -> Perplexity:
 
 
 def streaming_perplexity(decoder, tokens: np.ndarray, chunk: int = 1) -> Perplexity:
-    """Perplexity of a token-by-token decoder (``lmc.compiler.generate``): each window from an empty cache,
+    """Perplexity of a token-by-token decoder (``lmc.compiler.drivers``): each window from an empty cache,
     fed ``chunk`` tokens per step (1: pure decoding, as generation runs)."""
     def logits_of(window):
         decoder.reset()

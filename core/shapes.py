@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler.errors import ShapeError
-from lmc.compiler.ir import INPUT_ORDER, export_skeleton, graph_outputs, initializer_inputs, static_shape
+from lmc.core.errors import ShapeError
+from lmc.core.ir import INPUT_ORDER, export_skeleton, graph_outputs, initializer_inputs, static_shape
 
 
 def infer_shapes(graph: gs.Graph) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from lmc.compiler import weights
-from lmc.compiler.errors import ModelLoadError
+from lmc.core import weights
+from lmc.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.compiler import ir, shapes
-from lmc.compiler.errors import LmcError
-from lmc.compiler.model_io import load_model
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
+from lmc.core.model_io import load_model
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
         path = Path(path) / emit.MODEL_FILE
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    from lmc.compiler.metadata import build_metadata
+    from lmc.core.metadata import build_metadata
 
     built_with = build_metadata(model)
     graph = ir.to_graph(model)
@@ -97,7 +97,7 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
         return summary, found
     from lmc.compiler.backend import plan_memory
     from lmc.compiler.build import BuildOptions
-    from lmc.compiler.pass_manager import PassContext, PassManager
+    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.compiler.pipeline import default_pipeline
     from lmc.targets.target import load_target
 
@@ -209,7 +209,7 @@ def load_bundle_side(path: str | Path) -> BundleSide:
     """A bundle's plan, weights by dtype and op counts (the weights file is not read: sizes come from shapes)."""
     import json
 
-    from lmc.compiler.metadata import build_metadata
+    from lmc.core.metadata import build_metadata
     from lmc.targets import emit
 
     p = Path(path)
