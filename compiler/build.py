@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes, weights
 from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
-from lmc.core.errors import LmcError, ShapeError
+from lmc.core.errors import AttentionSinksFound, LmcError, PositionBiasFound, ShapeError
 from lmc.core.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassContext, PassManager, PassRecord, approximations
@@ -499,10 +499,8 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
 
     try:
         graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
-    except LmcError as exc:  # a bias on the scores (cache_masks) or sinks (cache_sites): split off, retry
-        biased, sunk = "adds a bias" in str(exc), "attention sinks" in str(exc)
-        if not (biased or sunk):
-            raise
+    except (PositionBiasFound, AttentionSinksFound) as exc:  # a bias on the scores or sinks: split off, retry
+        biased = isinstance(exc, PositionBiasFound)
         with tempfile.TemporaryDirectory(prefix="lmc-split-") as work:
             chunk = min(options.prefill_chunk or options.context, options.context)
             split = split_decoder_bias(model_path, options.context, chunk, work) if biased else \

@@ -31,3 +31,13 @@ class ShapeError(LmcError):
 
 class TargetError(LmcError):
     """The target name is unknown or its description is invalid."""
+
+
+class PositionBiasFound(LmcError):
+    """An attention mask adds a bias to the scores it keeps (ALiBi, a relative position bias): not a plain
+    mask. A generation build answers it by splitting the bias off and compiling again."""
+
+
+class AttentionSinksFound(LmcError):
+    """An attention concatenates learned sink logits before its softmax. A generation build answers it by
+    splitting the sinks off and compiling again."""

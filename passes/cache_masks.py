@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lmc.core import ir
-from lmc.core.errors import LmcError
+from lmc.core.errors import LmcError, PositionBiasFound
 from lmc.passes.cache_sites import MASKED, AttentionSite, CachePair, Roles
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _keep(mask: gs.Tensor, value, kind: str, b: int, p: int, s: int) -> np.ndarr
     if kind == "additive":
         keep = full > MASKED
         if np.any(full[keep] != 0):
-            raise LmcError(f"--context: the attention mask '{mask.name}' adds a bias to the scores it keeps "
+            raise PositionBiasFound(f"--context: the attention mask '{mask.name}' adds a bias to the scores it keeps "
                            f"(a position bias, e.g. ALiBi); lmc cannot replace it exactly")
         return keep
     return full.astype(bool) if kind == "keep-where-true" else ~full.astype(bool)

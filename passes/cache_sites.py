@@ -19,11 +19,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.core import ir
-from lmc.core.errors import LmcError
+from lmc.core.errors import AttentionSinksFound, LmcError
 from lmc.passes.cross_attention import is_fixed_input
 from lmc.passes.fuse.attention import probabilities
 
 log = logging.getLogger(__name__)
+SINKS = "attention sinks"        # the reason a sink attention gives (find_sites raises AttentionSinksFound)
 
 MASKED = -1e4            # an additive mask entry at or below this removes the key (softmax weight 0)
 CROSS_STATE = "reads fixed cross-attention state"      # _to_cache: an operand that is not cache but fixed state
@@ -396,7 +397,7 @@ def match_site(anchor: gs.Node, presents: dict[str, CachePair], graph: gs.Graph 
         return None
     found = probabilities(anchor.inputs[0])
     if found is None:
-        return "attention sinks (a learned logit column concatenated before the softmax, dropped after it)" \
+        return SINKS + " (a learned logit column concatenated before the softmax, dropped after it)" \
             if _sink_column(anchor.inputs[0]) else None
     softmax, prob_nodes = found
     if int(softmax.attrs.get("axis", -1)) not in (-1, 3):
@@ -463,7 +464,8 @@ def find_sites(graph: gs.Graph, pairs: list[CachePair]) -> list[AttentionSite]:
     missing = [p.present.name for p in pairs if id(p) not in used]
     if missing or len(set(used)) != len(used):
         why = f" ({reasons[0]})" if reasons else ""
-        raise LmcError(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
+        error = AttentionSinksFound if any(r.startswith(SINKS) for r in reasons) else LmcError
+        raise error(f"--context: no attention recognised for cache output '{missing[0] if missing else '?'}'"
                        f"{why}")
     return sites
 
