@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmc.core.errors import LmcError
 from lmc.compiler.sampling import GREEDY, Sampling, choose, distribution, draw, penalised
+from lmc.core.errors import LmcError
 
 DEFAULT_K = 4
 NGRAM = 3          # longest n-gram prompt lookup matches (then shorter ones, down to 1)

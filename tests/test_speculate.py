@@ -16,9 +16,9 @@ import lmc
 from lmc.compiler import speculate
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.cli import main
-from lmc.core.errors import LmcError
 from lmc.compiler.drivers import StateDecoder, greedy
 from lmc.compiler.speculate import Speculate, decode
+from lmc.core.errors import LmcError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"
 LLAMA = FIXTURES / "llama-past-optimum.onnx"
