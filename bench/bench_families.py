@@ -11,6 +11,10 @@ exporter and from torch.onnx), in one process:
   required equal: int8 is approximate).
 A build that exits 0 but generates other tokens is a *silent wrong* — the column that must stay 0.
 
+Encoder–decoder exports (``fixtures/seq2seq``: Whisper- and T5-shaped, optimum's layout) are built at
+``--context`` min(C, 32) (Whisper's learned positions) and generate context − 1 tokens from 3 random inputs
+against optimum's own loop.
+
     python bench/bench_families.py [--context 128] [--int8] [--only NAME[,NAME]] [--json OUT]
 """
 
@@ -85,6 +89,53 @@ def run_one(path: Path, context: int, quantize: str | None, work: Path) -> dict:
     return row
 
 
+SEQ2SEQ = {"whisper-tiny": {}, "t5-small": {"encoder_length": 16}}     # optimum export folders in fixtures/seq2seq
+
+
+def run_seq2seq(name: str, context: int, work: Path) -> dict:
+    """An encoder–decoder export built with --context, its greedy tokens against optimum's own loop (encoder →
+    decoder → decoder with past) from 3 random encoder inputs."""
+    import lmc
+    from lmc.compiler.build import BuildOptions, build
+    from lmc.compiler.drivers import greedy
+    from lmc.core.errors import LmcError
+    from lmc.compiler.seq2seq_export import OriginalLoop, find_export
+
+    folder, out = FIXTURES / "seq2seq" / name, work / name
+    row = {"fixture": f"seq2seq/{name}", "mode": "exact"}
+    start = time.perf_counter()
+    try:
+        result = build(folder, BuildOptions(target="cortex-a55", context=context, **SEQ2SEQ[name]), out)
+    except LmcError as exc:
+        row.update(status="refused", reason=str(exc).splitlines()[0][:160])
+        return row
+    row.update(build_s=round(time.perf_counter() - start, 1), windows=[], check_passed=bool(result.verification.passed),
+               max_rel=float(result.verification.max_rel), layers="self-attention cache in place, cross K/V as state")
+    export = find_export(folder)
+    rng = np.random.default_rng(0)
+    new = context - 1
+    equal, first_diff = 0, None
+    for _ in range(PROMPTS):
+        inputs = ({"input_features": rng.standard_normal((1, 80, 32)).astype(np.float32)} if "whisper" in name
+                  else {"input_ids": rng.integers(2, 256, (1, 11))})
+        ours = lmc.generate(out, None, new, encoder_inputs=inputs).tokens
+        loop = OriginalLoop(export)
+        given = dict(inputs)
+        if "input_ids" in given:
+            given["attention_mask"] = np.ones_like(given["input_ids"])
+        loop.encode(given)
+        theirs = greedy(loop, [export.decoder_start_token_id], new)
+        if ours == theirs:
+            equal += 1
+        else:
+            at = next(i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y)
+            first_diff = at if first_diff is None else min(first_diff, at)
+    row.update(status="built", new_tokens=new, greedy_equal=f"{equal}/{PROMPTS}", first_diff=first_diff)
+    if equal < PROMPTS:
+        row["silent_wrong"] = True
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=128)
@@ -105,6 +156,10 @@ def main() -> None:
                 row = run_one(path, args.context, mode, Path(tmp))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+        for name in SEQ2SEQ:
+            if not only or name in only:
+                rows.append(run_seq2seq(name, min(args.context, 32), Path(tmp)))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\n--context {args.context}; greedy over max(4 × widest window, 96) new tokens (capped at the context), "
           f"{PROMPTS} prompts\n")
     print("| fixture | mode | result | windows (layers) | greedy equal | build s |")
