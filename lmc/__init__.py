@@ -8,7 +8,9 @@ The public Python API is re-exported here lazily::
     result = lmc.build("model.onnx", lmc.BuildOptions(target="cortex-a55",
                        input_shapes={"input_ids": (1, 256)}), "out/")
     lmc.build("decoder-with-past.onnx", lmc.BuildOptions(context=512), "gen/")
-    print(lmc.generate("gen/", [1, 2, 3], max_new_tokens=20).tokens)
+    print(lmc.generate("gen/", [1, 2, 3], max_new_tokens=20).tokens)      # greedy, prompt-lookup drafts
+    run = lmc.generate("gen/", [1, 2, 3], 20, speculate="lookup:4")         # or "off", "draft:4" with draft=
+    run = lmc.generate("gen/", [1, 2, 3], 20, temperature=0.7, top_p=0.9, seed=1, stop_tokens=[2])
 """
 
 __version__ = "0.1.0"
