@@ -544,3 +544,21 @@ def test_bare_lmc_prints_the_help(capsys, argv):
     code, stdout, err = run(argv, capsys)
     assert code == 0 and not err
     assert stdout.startswith("Usage: lmc") and "Commands:" in stdout and "build" in stdout
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """The console script imports the CLI inside a guard: an interrupt during that import exits 130, one line."""
+    import builtins
+
+    import lmc.entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "lmc.compiler.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        lmc.entry.main()
+    assert exc.value.code == 130 and capsys.readouterr().err == "lmc: interrupted\n"
