@@ -8,31 +8,28 @@ Nothing is written to ``out_dir`` unless every stage succeeded; the input file i
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes, weights
-from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
+from lmc.compiler.backend import plan_memory, runtime_for
 from lmc.core.errors import AttentionSinksFound, LmcError, PositionBiasFound, ShapeError
 from lmc.core.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.core.model_io import load_model
-from lmc.core.pass_manager import PassContext, PassManager, PassRecord, approximations
+from lmc.core.pass_manager import PassRecord, approximations
+from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
 from lmc.core.runtime import SESSION_OPTIONS_FILE
-from lmc.passes.sparse_attention import AttentionSpec
-from lmc.compiler.verify import (DEFAULT_TOLERANCE, VerificationFailed, VerifyReport, compare_models,
-                                 random_inputs)
+from lmc.compiler.verify import VerificationFailed, VerifyReport, compare_models, random_inputs
 from lmc.targets import emit
 from lmc.targets.plan import MemoryPlan, check_plan
 from lmc.targets.target import Target, load_target
@@ -40,104 +37,6 @@ from lmc.targets.target import Target, load_target
 log = logging.getLogger(__name__)
 
 
-class QuantizeMode(enum.Enum):
-    NONE = "none"
-    INT8 = "int8"
-    INT4 = "int4"
-    W8A8 = "w8a8"
-
-
-def _choice(flag: str, kind: type[enum.Enum], value: Any) -> enum.Enum:
-    """``value`` as a member of ``kind``: the member itself, or its value as the CLI spells it (any case)."""
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, str):
-        for member in kind:
-            if member.value == value.lower():
-                return member
-    raise LmcError(f"{flag} must be one of {', '.join(m.value for m in kind)}; got {value!r}")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What to build. ``input_shapes`` binds dynamic input dims (name -> dims); ``input_values`` fixes inputs'
-    values (name -> a number or a (nested) list of numbers, JSON-able so the bundle's metadata records them):
-    each such input becomes a constant, and control flow on it folds. The generation options (``batch``,
-    ``prefill_chunk``, ``kv_cache``) are None unless given, and given only with ``context``, which sets the
-    defaults of those left None (``GENERATION_DEFAULTS``); any other combination is an LmcError at
-    construction (``__post_init__``). ``quantize`` and ``calib_method`` take their enum or the CLI's
-    string for it (``"int8"``); another value is an LmcError listing the choices."""
-
-    target: str = "cortex-a55"
-    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
-    input_values: Mapping[str, Any] = field(default_factory=dict)
-    quantize: QuantizeMode = QuantizeMode.NONE
-    attention: str = "dense"             # dense | chunked[:Q] | sliding:W[,sinks=S]
-    max_ram: int | None = None           # bytes; None: the target's RAM budget
-    allow_approx: bool = False           # --max-ram may choose quantization to fit
-    inplace: bool = False                # plan elementwise/view outputs over their dying inputs
-    ort_format: bool = False             # also write ORT Mobile files (model.ort + required_operators.config)
-    block_size: int = 32
-    table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
-    calib: str | None = None
-    calib_samples: int = 32
-    calib_method: str = "mse"            # w8a8 activation clip: mse | minmax | percentile | entropy
-    disabled_passes: tuple[str, ...] = ()
-    context: int | None = None           # generation bundle: cache slots (past/present decoders only)
-    batch: int | None = None             # generation bundle: batch rows
-    prefill_chunk: int | None = None     # generation bundle: prompt tokens per step (bounds prefill memory)
-    kv_cache: str | None = None          # generation bundle: cache precision, float | int8 (approximate)
-    encoder_length: int | None = None    # encoder–decoder bundle: the encoder's sequence length (lmc.compiler.seq2seq)
-    tokenizer: str | None = None         # generation bundle: tokenizer.json or its folder, copied for onnxruntime-genai
-    verify: bool = True
-    tolerance: float = DEFAULT_TOLERANCE
-    seed: int = 0
-
-    def __post_init__(self):
-        from lmc.passes.quantize.w8a8 import CalibMethod
-
-        object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
-        object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
-        generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
-        if self.tokenizer is not None:
-            if self.context is None:
-                raise LmcError("--tokenizer applies only to a generation bundle: add --context N or drop it")
-            from lmc.compiler.genai import tokenizer_sources
-            tokenizer_sources(self.tokenizer)          # a missing or unreadable tokenizer: one line, now
-        if self.context is None:
-            given = [name for name, value in generation.items() if value is not None]
-            if given:
-                flags = ", ".join("--" + name.replace("_", "-") for name in given)
-                verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-                raise LmcError(f"{flags} {verb} only to a generation bundle: add --context N or drop {them}")
-            return
-        if self.context < 2:
-            raise LmcError(f"--context must be at least 2 tokens, got {self.context}")
-        if self.input_shapes:
-            raise LmcError("--context binds the sequence and cache lengths itself; drop --input-shape")
-        if self.input_values:
-            raise LmcError("--context binds a decoder's inputs itself; drop --input-value")
-        for name, value in generation.items():
-            if value is None:
-                object.__setattr__(self, name, GENERATION_DEFAULTS[name])
-        if self.batch < 1:
-            raise LmcError(f"--batch must be at least 1, got {self.batch}")
-        if self.kv_cache not in ("float", "int8"):
-            raise LmcError(f"--kv-cache must be float or int8, got {self.kv_cache!r}")
-        if self.prefill_chunk < 1:
-            raise LmcError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
-
-    @property
-    def approximations(self) -> list[str]:
-        """The options that change the model's numerics (quantization, sliding attention, an int8 cache);
-        empty = exact."""
-        found = [self.quantize.value] if self.quantize is not QuantizeMode.NONE else []
-        spec = AttentionSpec.parse(self.attention)
-        kv = ["kv-cache int8"] if self.context is not None and self.kv_cache == "int8" else []
-        return found + ([] if spec.exact else [str(spec)]) + kv
-
-
-GENERATION_DEFAULTS = {"batch": 1, "prefill_chunk": 64, "kv_cache": "float"}    # given only with context
 
 
 @dataclass(frozen=True)
@@ -190,7 +89,7 @@ def _stamp(model, options: BuildOptions, target: Target) -> None:
     from lmc import __version__
 
     entries = {"version": __version__, "target": target.name, "quantize": options.quantize.value,
-               "attention": str(AttentionSpec.parse(options.attention)),
+               "attention": str(options.attention_spec),
                "input_shapes": ",".join(f"{k}={'x'.join(str(d) for d in v)}"
                                         for k, v in sorted(options.input_shapes.items()))}
     if options.input_values:
@@ -253,7 +152,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     values = decode_input_values(encode_input_values(options.input_values))     # checked, as they are stamped
     if options.context:
         spill.active = weights.large_external(model_path)     # each compile loads the model itself
-        return _build_generation(model_path, options, target, out_dir, on_pass, progress, start, spill)
+        return _build_generation(model_path, Compilation(options, target, spill, progress, on_pass), out_dir, start)
     model = load_model(model_path)
     spill.active = bool(weights.file_backed(model))
     graph = ir.to_graph(model)
@@ -264,10 +163,8 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
         shapes.infer_shapes(graph)
         shapes.require_static_inputs(graph)
         nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
-        manager = PassManager(default_pipeline(options, target, [t.name for t in graph.inputs]),
-                              PassContext(target=target, options=options, progress=progress, spill=spill),
-                              peak_estimator=lambda g: estimate_peak(g, target.memory.alignment), on_pass=on_pass)
-        graph, records = manager.run(graph)
+        compilation = Compilation(options, target, spill, progress, on_pass)
+        graph, records = compilation.run(graph, default_pipeline(options, target, [t.name for t in graph.inputs]))
         plan = plan_memory(graph, target, inplace=options.inplace)
     except ShapeError as exc:     # a shape left dynamic: say so plainly when the original cannot run either
         _blame_model(model_path, options, values, exc)
@@ -440,7 +337,7 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[
     planned over dying inputs, attention in chunks), then — only with ``allow_approx`` — quantization,
     in order of the error it measured on language models (int8 weights, w8a8 with calibration, int4)."""
     exact = [("--in-place", dataclasses.replace(options, inplace=True))]
-    spec = AttentionSpec.parse(options.attention)
+    spec = options.attention_spec
     if spec.kind.value == "dense":
         exact.append(("--in-place --attention chunked:64",
                       dataclasses.replace(options, inplace=True, attention="chunked:64")))
@@ -453,24 +350,22 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[
     return found
 
 
-def _quantize_generation(graph: gs.Graph, info, options: BuildOptions, target: Target, progress, on_pass,
-                         spill=None):
+def _quantize_generation(graph: gs.Graph, info, compilation: Compilation):
     from lmc.compiler.generation import calibration_feeds
     from lmc.compiler.pipeline import quantize_passes
     from lmc.passes.quantize.calibration import load_calibration
 
+    options, target = compilation.options, compilation.target
     feeds = None
     if options.calib:
         feeds = calibration_feeds(load_calibration(options.calib, [info.input_ids], options.calib_samples),
                                   info, graph)
-    manager = PassManager(quantize_passes(options, target, [info.input_ids], feeds),
-                          PassContext(target=target, options=options, progress=progress, spill=spill), on_pass=on_pass)
-    return manager.run(graph)
+    return compilation.run(graph, quantize_passes(options, target, [info.input_ids], feeds))
 
 
-def _build_generation(model_path, options: BuildOptions, target: Target, out_dir: Path, on_pass, progress,
-                      start: float, spill=None) -> BuildResult:
+def _build_generation(model_path, compilation: Compilation, out_dir: Path, start: float) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
+    options, target = compilation.options, compilation.target
     from lmc.compiler.genai import GenaiBundle
     from lmc.core.metadata import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
@@ -490,12 +385,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
         if tables or sinks:  # bias as the state attention's float mask, sinks decomposed: after the state rewrite
             at = next(i for i, p in enumerate(pipeline) if getattr(p, "name", "") == "static-kv-cache")
             pipeline[at + 1:at + 1] = [RestorePositionBias(tables)] * bool(tables) + [RestoreSinks(sinks)] * bool(sinks)
-        manager = PassManager(pipeline,
-                              PassContext(target=target, options=options, progress=progress, spill=spill,
-                                          masks=masks),
-                              peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
-                              on_pass=on_pass if len(before) > 1 else None)
-        return manager.run(graph)
+        return compilation.run(graph, pipeline, masks=masks, report=len(before) > 1)
 
     try:
         graph, records, info, templates = compile_generation(model_path, options.context, options.batch, run_passes)
@@ -514,7 +404,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
                                                                  run_passes)
     if options.quantize is not QuantizeMode.NONE:
         # quantized once, on the generalised graph: calibration runs at its own lengths (prefills)
-        graph, more = _quantize_generation(graph, info, options, target, progress, on_pass, spill)
+        graph, more = _quantize_generation(graph, info, compilation)
         records = list(records) + more
         extend_templates(graph, templates)
     # onnxruntime-genai's interface: positions from an attention_mask input; genai_config.json (lmc.compiler.genai)
@@ -524,7 +414,7 @@ def _build_generation(model_path, options: BuildOptions, target: Target, out_dir
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])
     chunk = min(options.prefill_chunk, options.context)
-    spec = AttentionSpec.parse(options.attention)
+    spec = options.attention_spec
     info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks,
                                windows=tuple(sorted(set(info.windows) | ({spec.window} if spec.window else set()))))
     runtime = runtime_for(graph, target)     # one session for every profile: chosen on the unbound graph

@@ -96,15 +96,14 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
     if not plan or any(ir.static_shape(t) is None for t in graph.inputs):
         return summary, found
     from lmc.compiler.backend import plan_memory
-    from lmc.compiler.build import BuildOptions
-    from lmc.core.pass_manager import PassContext, PassManager
+    from lmc.compiler.compilation import BuildOptions, Compilation
     from lmc.compiler.pipeline import default_pipeline
     from lmc.targets.target import load_target
 
     tgt = load_target(target)
     options = BuildOptions(target=target, input_shapes=dict(input_shapes or {}))
     shapes.infer_shapes(graph)
-    graph, _ = PassManager(default_pipeline(options, tgt), PassContext(target=tgt, options=options)).run(graph)
+    graph, _ = Compilation(options, tgt).run(graph, default_pipeline(options, tgt))
     try:
         mem = plan_memory(graph, tgt)
     except LmcError:

@@ -7,6 +7,8 @@ constant folding cannot be disabled (planning needs static shapes).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lmc.core.errors import LmcError
 from lmc.core.pass_manager import FixedPoint
 from lmc.passes.cleanup import Cleanup
@@ -36,10 +38,13 @@ from lmc.passes.simplify_repeat import SimplifyRepeat
 from lmc.passes.simplify_reshapes import SimplifyReshapes
 from lmc.passes.upgrade_opset import UpgradeOpset
 
+if TYPE_CHECKING:
+    from lmc.compiler.compilation import BuildOptions
+
 REQUIRED = frozenset({"cleanup", "fold-constants"})
 
 
-def optional_passes(options, target) -> list:
+def optional_passes(options: BuildOptions | None, target) -> list:
     # Element-wise fusions run before scales move across MatMuls (GELU's 0.5 would be folded into the next
     # weight); attention runs after, once q·√s and kᵀ·√s have become one scale on the scores.
     return [
@@ -50,7 +55,7 @@ def optional_passes(options, target) -> list:
         FuseRules("fuse", [ConvBatchNormRule(), LayerNormRule(), RmsNormRule(), GeluRule(), SiluRule(),
                            RotaryRule(), RotaryPositionsRule(), MatMulAddRule()]),
         FoldMatMulScale(),
-        *([MergeParallelMatMuls()] if getattr(options, "context", None) else []),
+        *([MergeParallelMatMuls()] if options is not None and options.context else []),
         # Conv+BN must fold before the activation joins the Conv: the second group sees the folded Conv.
         FuseRules("fuse-late", [AttentionRule(), GroupQueryAttentionRule(), ConvActivationRule()]),
         # attention left unfused (a run-time mask): one mask tensor for all layers, scale into the weights
@@ -63,39 +68,38 @@ def optional_passes(options, target) -> list:
     ]
 
 
-def quantize_passes(options, target, graph_inputs: list[str], feeds: list[dict] | None = None) -> list:
+def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feeds: list[dict] | None = None) -> list:
     """The approximating passes the options ask for (none by default); calibration ``feeds`` default to
     ``options.calib`` read for ``graph_inputs``."""
-    mode = getattr(options, "quantize", None)
-    mode = getattr(mode, "value", mode)
-    if mode in (None, "none"):
+    mode = options.quantize.value
+    if mode == "none":
         return []
     from lmc.passes.quantize.calibration import load_calibration
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     if feeds is None and options.calib:
         feeds = load_calibration(options.calib, graph_inputs, options.calib_samples,
-                                 shapes=getattr(options, "input_shapes", None))
+                                 shapes=options.input_shapes)
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
-        table_bits = getattr(options, "table_bits", None)
+        table_bits = options.table_bits
         return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size, table_bits=table_bits,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":
         from lmc.passes.merge_matmuls import MergeParallelMatMuls
         from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
 
-        method = CalibMethod(getattr(options, "calib_method", "mse"))
+        method = CalibMethod(options.calib_method)
         return [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()]
     raise LmcError(f"--quantize {mode} is not available")
 
 
-def pass_names(options=None, target=None) -> list[str]:
+def pass_names(options: BuildOptions | None = None, target=None) -> list[str]:
     return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)]
 
 
-def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> list:
-    disabled = set(getattr(options, "disabled_passes", ()) or ())
+def default_pipeline(options: BuildOptions, target, graph_inputs: list[str] | None = None) -> list:
+    disabled = set(options.disabled_passes)
     known = set(pass_names(options, target))
     unknown = disabled - known
     if unknown:
@@ -105,14 +109,13 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
         raise LmcError(f"--disable-pass: {', '.join(sorted(disabled & REQUIRED))} cannot be disabled")
     simplify = [FoldConstants()] + ([EliminateNoops()] if "eliminate-noops" not in disabled else []) + [Cleanup()]
     state = []
-    if getattr(options, "context", None):
-        from lmc.passes.sparse_attention import AttentionSpec
+    if options.context:
         from lmc.passes.static_cache import StaticKVCache
 
         # shape chains are constants once the bound dims fold; the cache rewrite then sees plain scalars
-        spec = AttentionSpec.parse(str(getattr(options, "attention", "dense") or "dense"))
-        state = [StaticKVCache(options.context, options.batch, spec.window, spec.sinks,
-                               getattr(options, "prefill_chunk", 1), getattr(options, "kv_cache", "float") == "int8"),
+        spec = options.attention_spec
+        state = [StaticKVCache(options.context, options.batch, spec.window, spec.sinks, options.prefill_chunk,
+                               options.kv_cache == "int8"),
                  FixedPoint("simplify-state", simplify)]
     return [
         Cleanup(),
@@ -121,16 +124,16 @@ def default_pipeline(options, target, graph_inputs: list[str] | None = None) -> 
         *state,
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
-        *([] if getattr(options, "context", None) else attention_passes(options)),
-        *([] if getattr(options, "context", None) else quantize_passes(options, target, graph_inputs or [])),
+        *([] if options.context else attention_passes(options)),
+        *([] if options.context else quantize_passes(options, target, graph_inputs or [])),
     ]
 
 
-def attention_passes(options) -> list:
+def attention_passes(options: BuildOptions) -> list:
     """``--attention chunked[:Q]`` (exact) or ``sliding:W[,sinks=S]`` (approximate) on fused attention."""
-    from lmc.passes.sparse_attention import AttentionKind, AttentionSpec, SparseAttention
+    from lmc.passes.sparse_attention import AttentionKind, SparseAttention
 
-    spec = AttentionSpec.parse(str(getattr(options, "attention", "dense") or "dense"))
+    spec = options.attention_spec
     if spec.kind is AttentionKind.DENSE:
         return []
     return [SparseAttention(spec), DedupWeights(), Cleanup()]   # layers share their chunk masks

@@ -49,14 +49,13 @@ MASK_SOURCE = "attention_mask"
 def _refuse_options(options) -> None:
     """What encoder–decoder bundles do not support yet, as one-line errors."""
     from lmc.compiler.build import QuantizeMode
-    from lmc.passes.sparse_attention import AttentionSpec
-
+    
     what = None
     if options.batch != 1:
         what = f"--batch {options.batch} (one sequence at a time)"
     elif options.quantize is not QuantizeMode.NONE:
         what = f"--quantize {options.quantize.value}"
-    elif str(AttentionSpec.parse(options.attention)) != "dense":
+    elif str(options.attention_spec) != "dense":
         what = f"--attention {options.attention}"
     elif options.kv_cache != "float":
         what = f"--kv-cache {options.kv_cache}"
@@ -220,11 +219,11 @@ def _combined_plan(enc_plan, plans, cross_names: tuple[str, ...], length: int):
 
 def build_seq2seq(model_path, options, out_dir, on_pass=None, progress=None):
     """``lmc build FOLDER --context N`` for an encoder–decoder export: see the module docstring."""
-    from lmc.compiler.backend import estimate_peak, plan_memory, runtime_for
+    from lmc.compiler.backend import plan_memory, runtime_for
     from lmc.compiler.build import BuildResult, VerificationFailed, _check_budget, _stage
+    from lmc.compiler.compilation import Compilation
     from lmc.core.metadata import GENERATION_KEY
     from lmc.compiler.generation import bind_sequence, compile_generation
-    from lmc.core.pass_manager import PassContext, PassManager
     from lmc.compiler.report import render_report
     from lmc.compiler.report_html import HTML_FILE, render_report_html
     from lmc.compiler.seq2seq_verify import compare_seq2seq
@@ -259,13 +258,8 @@ def build_seq2seq(model_path, options, out_dir, on_pass=None, progress=None):
 
         def run_passes(graph: gs.Graph, masks=None):
             before.append((len(graph.nodes), ir.weight_bytes(graph)))
-            ctx = PassContext(target=target, options=options, progress=progress)
-            if masks is not None:
-                ctx.masks = masks
-            manager = PassManager(_decoder_pipeline(options, target, graph, tables), ctx,
-                                  peak_estimator=lambda g: estimate_peak(g, target.memory.alignment),
-                                  on_pass=on_pass if len(before) > 1 else None)
-            return manager.run(graph)
+            return Compilation(options, target, progress=progress, on_pass=on_pass).run(
+                graph, _decoder_pipeline(options, target, graph, tables), masks=masks, report=len(before) > 1)
 
         graph, records, info, templates = compile_generation(decoder_path, options.context, 1, run_passes)
         missing = [name for name in cross.names if name not in {t.name for t in graph.inputs}]

@@ -20,9 +20,9 @@ __all__ = ["build", "BuildOptions", "BuildResult", "QuantizeMode", "verify", "in
 
 _LAZY = {
     "build": "lmc.compiler.build",
-    "BuildOptions": "lmc.compiler.build",
+    "BuildOptions": "lmc.compiler.compilation",
     "BuildResult": "lmc.compiler.build",
-    "QuantizeMode": "lmc.compiler.build",
+    "QuantizeMode": "lmc.compiler.compilation",
     "verify": "lmc.compiler.verify",
     "inspect_model": "lmc.compiler.inspection",
     "generate": "lmc.compiler.drivers",
