@@ -7,10 +7,13 @@ check uses (``lmc.compiler.verify``: the same seeded random feeds or ``--inputs`
 and tokens), and are judged as there: every output's max relative error within max(tolerance, 2 × the
 original's own spread, measured on the target too) for one-shot bundles, the plain tolerance per logits
 call kind and the perplexity gap for generation bundles; exit 3 beyond. The report adds, per logits output,
-top-1 agreement: the share of positions whose argmax is the original's.
+top-1 agreement: the share of positions whose argmax is the original's. Unlike the host check, which turns
+weight prepacking off to hold one copy of the weights, both models run as deployed — a bundle under its whole
+``session_options.json`` — so the kernels checked are the device's: without prepacking, onnxruntime's
+MatMulNBits dequantizes its weights and runs a float GEMM instead of its int8-activation kernel.
 
 Both models run in one emulated process, ``target_worker.py`` (numpy and onnxruntime only, no lmc), one
-session at a time; ``platform="host"`` runs the same worker under the host's Python, for figures measured
+session at a time; ``on="host"`` runs the same worker under the host's Python, for figures measured
 the same way on both. The environment comes from ``scripts/setup-aarch64.sh`` (default
 ``~/.cache/lmc/aarch64``, or ``$LMC_AARCH64_ROOT``): an arm64 Debian root and the aarch64 wheels of
 onnxruntime and numpy. onnxruntime's cpuinfo finds no CPU description there (the root's empty
@@ -43,7 +46,6 @@ ENV_VAR = "LMC_AARCH64_ROOT"
 SETUP = "scripts/setup-aarch64.sh"
 PLATFORMS = ("aarch64",)
 WORKER = Path(__file__).with_name("target_worker.py")
-LOW_MEMORY_ENTRIES = {"session.disable_prepacking": "1"}     # as the host checks run: no prepacked copies
 
 
 def environment_dir() -> Path:
@@ -88,10 +90,50 @@ def find_emulator(cpu: str, directory: str | Path | None = None) -> Emulator:
     return emulator
 
 
-def run_worker(tasks: list[dict], arrays: dict[str, np.ndarray], emulator: Emulator | None = None
-               ) -> tuple[list[dict], dict[str, np.ndarray], dict]:
+def _task_key(task: dict, arrays: dict[str, np.ndarray], emulator: Emulator | None) -> str:
+    """What a task's results depend on: the task, the model file's identity, the input arrays it reads and
+    the machine."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([task, emulator.cpu if emulator else "host"], sort_keys=True).encode())
+    for path in (Path(task["model"]), Path(task["model"]).with_name("model.weights")):
+        if path.exists():
+            st = path.stat()
+            h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    names = [task[k] for k in ("tokens", "windows") if k in task]
+    prefixes = tuple(f + "/" for f in task.get("feeds", ()))
+    for name in sorted(k for k in arrays if k in names or (prefixes and k.startswith(prefixes))):
+        h.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+def run_worker(tasks: list[dict], arrays: dict[str, np.ndarray], emulator: Emulator | None = None,
+               cache: dict | None = None) -> tuple[list[dict], dict[str, np.ndarray], dict]:
     """Run ``tasks`` (see ``target_worker``) in one worker process — emulated, or the host's Python when
-    ``emulator`` is None — and return (per-task results, output arrays, {machine, onnxruntime})."""
+    ``emulator`` is None — and return (per-task results, output arrays, {machine, onnxruntime}).
+    ``cache`` (a dict the caller keeps): tasks run before on the same model, inputs and machine are taken
+    from it, the others added as (task, result, outputs, machine) — for checking several bundles against
+    one original."""
+    keys = [_task_key(t, arrays, emulator) for t in tasks] if cache is not None else [None] * len(tasks)
+    todo = [t for t, k in zip(tasks, keys) if k is None or k not in cache]
+    results, outputs, machine = _run_worker(todo, arrays, emulator) if todo else ([], {}, {})
+    fresh = dict(zip((id(t) for t in todo), results))
+    merged, merged_outputs = [], {}
+    for task, key in zip(tasks, keys):
+        prefix = task["id"] + "/"
+        if id(task) in fresh:
+            result, own = fresh[id(task)], {k: v for k, v in outputs.items() if k.startswith(prefix)}
+            if key is not None and "error" not in result:
+                cache[key] = (task, result, own, machine)
+        else:
+            _, result, own, cached_machine = cache[key]
+            machine = machine or cached_machine
+        merged.append(result)
+        merged_outputs.update(own)
+    return merged, merged_outputs, machine
+
+
+def _run_worker(tasks, arrays, emulator):
     with tempfile.TemporaryDirectory(prefix="lmc-on-target-") as tmp:
         job = Path(tmp)
         if arrays:
@@ -171,9 +213,10 @@ def _failed(result: dict, what: str) -> None:
 
 def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inputs: str | Path | None = None,
               tolerance: float = DEFAULT_TOLERANCE, samples: int = 1, seed: int = 0,
-              tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64) -> OnTargetReport:
+              tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64,
+              cache: dict | None = None) -> OnTargetReport:
     """``lmc.compiler.verify.verify`` with both models run on ``on`` ("aarch64": under the bundle's
-    target's emulator CPU; "host": this machine, through the same worker)."""
+    target's emulator CPU; "host": this machine, through the same worker); ``cache``: see ``run_worker``."""
     from lmc.compiler.drivers import generation_info
     from lmc.compiler.seq2seq_generate import seq2seq_info
 
@@ -192,22 +235,23 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
     info = generation_info(model_path)
     if info is not None:
         return _verify_generation(model_path, Path(against), info, emulator, tolerance, seed, tokens, seq_len,
-                                  windows)
+                                  windows, cache)
     return _verify_oneshot(model_path, Path(against), emulator, inputs, tolerance, samples, seed, tokens, seq_len,
-                           windows)
+                           windows, cache)
 
 
-def _session_settings(model_path: Path, low_memory: bool = True) -> dict:
-    """What the host check runs a model under (``verify._load_session``): a bundle's config entries, with
-    prepacking off when ``low_memory``."""
-    from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options
+def session_settings(model_path: str | Path) -> dict:
+    """What a model runs under here: a bundle's whole ``session_options.json``, as deployed — weight
+    prepacking on, so MatMulNBits runs the kernel it packs for (int8 activations at accuracy level 4);
+    with prepacking off, as the host check runs to hold one copy of the weights, it dequantizes the weights
+    and runs a float GEMM instead."""
+    from lmc.core.runtime import bundle_session_options
 
-    entries = {k: str(v) for k, v in bundle_session_options(model_path).get(CONFIG_ENTRIES, {}).items()}
-    return {CONFIG_ENTRIES: {**entries, **LOW_MEMORY_ENTRIES} if low_memory else entries}
+    return bundle_session_options(model_path)
 
 
-def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows
-                    ) -> OnTargetReport:
+def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows,
+                    cache=None) -> OnTargetReport:
     from lmc.core.metadata import build_metadata, decode_input_values
 
     bundle_model = onnx.load(str(model_path), load_external_data=False)
@@ -225,22 +269,22 @@ def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, s
         raise LmcError("--on runs numeric inputs only (this model takes strings)")
     arrays = {f"ref{i}/{k}": v for i, f in enumerate(ref_feeds) for k, v in f.items()}
     arrays.update({f"cand{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
-    ref_settings = _session_settings(against)
+    ref_settings = session_settings(against)
     names = [o.name for o in bundle_model.graph.output]
     tasks = [{"kind": "run", "id": "ref", "model": str(against), "settings": ref_settings,
               "feeds": [f"ref{i}" for i in range(len(feeds))], "outputs": names},
              {"kind": "run", "id": "plain", "model": str(against), "settings": ref_settings, "optimize": False,
               "feeds": [f"ref{i}" for i in range(len(feeds))], "outputs": names},
-             {"kind": "run", "id": "cand", "model": str(model_path), "settings": _session_settings(model_path),
+             {"kind": "run", "id": "cand", "model": str(model_path), "settings": session_settings(model_path),
               "feeds": [f"cand{i}" for i in range(len(feeds))], "outputs": names}]
     if tokens is not None:
         from lmc.core.perplexity import load_tokens
 
         arrays["windows"] = load_tokens(tokens, seq_len, windows)
         tasks += [{"kind": "perplexity", "id": f"ppl-{who}", "model": str(path), "driver": "oneshot",
-                   "windows": "windows", "settings": _session_settings(path, low_memory=False)}
+                   "windows": "windows", "settings": session_settings(path)}
                   for who, path in (("ref", against), ("cand", model_path))]
-    results, out, machine = run_worker(tasks, arrays, emulator)
+    results, out, machine = run_worker(tasks, arrays, emulator, cache)
     _failed(results[0], str(against))
     _failed(results[2], "the bundle")
     worst: dict[str, OutputError] = {}
@@ -285,9 +329,8 @@ def worker_info(info) -> dict:
             "prefill_chunk": info.prefill_chunk, "attention_mask": getattr(info, "attention_mask", "")}
 
 
-def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows
-                       ) -> OnTargetReport:
-    from lmc.compiler.drivers import LOW_MEMORY
+def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows,
+                       cache=None) -> OnTargetReport:
     from lmc.core.runtime import bundle_session_options
     from lmc.compiler.verify import check_spans
 
@@ -301,9 +344,9 @@ def _verify_generation(model_path, against, info, emulator, tolerance, seed, tok
     bundle_settings = bundle_session_options(model_path)
     arrays = {"ids": ids}
     tasks = [{"kind": "decode", "id": "ref", "model": str(against), "driver": "past", "batch": info.batch,
-              "settings": LOW_MEMORY, "tokens": "ids", "spans": spans},
+              "settings": session_settings(against), "tokens": "ids", "spans": spans},
              {"kind": "decode", "id": "cand", "model": str(model_path), "driver": "state", "info": state_info,
-              "settings": {**bundle_settings, **LOW_MEMORY}, "tokens": "ids", "spans": spans}]
+              "settings": bundle_settings, "tokens": "ids", "spans": spans}]
     if tokens is not None:
         from lmc.core.perplexity import load_tokens
 
@@ -315,7 +358,7 @@ def _verify_generation(model_path, against, info, emulator, tolerance, seed, tok
                    "info": state_info, "settings": bundle_settings, "windows": "windows", "chunk": 1},
                   {"kind": "perplexity", "id": "ppl-stepped", "model": str(against), "driver": "past",
                    "windows": "windows", "chunk": 1}]
-    results, out, machine = run_worker(tasks, arrays, emulator)
+    results, out, machine = run_worker(tasks, arrays, emulator, cache)
     _failed(results[0], str(against))
     _failed(results[1], "the bundle")
     ref, cand = out["ref/logits"], out["cand/logits"]

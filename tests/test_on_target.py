@@ -69,7 +69,8 @@ def emulator():
         pytest.skip(str(exc))         # it names scripts/setup-aarch64.sh
 
 
-# --- the worker under the host's Python: the host check's numbers, no emulator needed ---------------------
+# --- the worker under the host's Python: the host check's numbers (exact bundles: prepacking, which the target
+# check keeps on and the host check turns off, changes none of their kernels), no emulator needed -------------
 
 @pytest.mark.parametrize("kind", ["one", "gen"])
 def test_the_worker_on_the_host_reproduces_lmc_verify(bundles, kind):
