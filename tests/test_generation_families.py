@@ -1,5 +1,5 @@
 """Generation bundles (``lmc build --context 64``) of the decoder families in ``models/fixtures/families``
-(written by ``models/export_family_fixtures.py``): sliding-window and mixed sliding/full layers, GPT-Neo's
+(written by ``models/exporters/export_family_fixtures.py``): sliding-window and mixed sliding/full layers, GPT-Neo's
 local/global attention, mixture of experts, ALiBi, attention sinks, GPT-J/CodeGen/XGLM. Every fixture lmc
 builds must generate, greedily, the same tokens as the original's own present→past loop over three prompts
 and 32 new tokens (past every window), with logits close at every step; the ones it does not yet build are

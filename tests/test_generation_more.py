@@ -1,5 +1,5 @@
 """Generation bundles (``lmc build --context N``) from a wider set of real exporter outputs
-(``models/fixtures/more``, written by ``models/export_more_fixtures.py``): every architecture lmc compiles must
+(``models/fixtures/more``, written by ``models/exporters/export_more_fixtures.py``): every architecture lmc compiles must
 be exact against the original's own present→past loop, with each attention fused; the ones it does not yet
 compile are listed as strict xfails carrying lmc's one-line error, so a fix shows up as an XPASS."""
 

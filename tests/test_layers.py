@@ -20,14 +20,14 @@ ALLOWED = {
     "lmc.models": {"lmc.core", "lmc.models"},
     "lmc.compiler": {"lmc", "lmc.core", "lmc.passes", "lmc.targets", "lmc.compiler", "lmc.models"},
 }
-FIXTURE_SCRIPTS = "export_"      # models/export_*.py: fixture generators run by hand (torch), not library code
+FIXTURES = "exporters"      # models/exporters/: fixture generators run by hand (torch), not a package
 
 
 def _modules():
     for folder, package in LAYERS.items():
         for path in sorted((REPO / folder).rglob("*.py")):
             rel = path.relative_to(REPO / folder).with_suffix("")
-            if folder == "models" and rel.name.startswith(FIXTURE_SCRIPTS):
+            if folder == "models" and rel.parts[0] == FIXTURES:
                 continue
             parts = [p for p in rel.parts if p != "__init__"]
             yield ".".join([package, *parts]), package, path

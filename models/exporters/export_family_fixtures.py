@@ -2,8 +2,7 @@
 Llama: sliding-window attention (everywhere, or alternating with full layers), local/global attention, mixture
 of experts, ALiBi, attention sinks and the older GPT-J/CodeGen/XGLM layouts.
 
-Run ``python -m lmc.models.export_family_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
-``python models/export_family_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures/families``;
+Run ``python models/exporters/export_family_fixtures.py [OUT_DIR]`` (after ``pip install -e ".[export]"``); OUT_DIR defaults to ``models/fixtures/families``;
 ``--only NAME[,NAME]`` exports a subset (the README is written only by a full run).
 
 Each model is built from a tiny transformers config (vocab 256, hidden 64, head_dim 16, 2 layers — 3 or 4 where
@@ -40,15 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # python models/export_family_fixtures.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import export_fixtures as base  # type: ignore[no-redef]
-    import export_more_fixtures as more  # type: ignore[no-redef]
-else:
-    from lmc.models import export_fixtures as base
-    from lmc.models import export_more_fixtures as more
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the sibling exporters
+import export_fixtures as base  # noqa: E402
+import export_more_fixtures as more  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures" / "families"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures" / "families"
 SEED, OPSET, TOL = base.SEED, base.OPSET, base.TOL
 V, H, I = base.VOCAB, base.HIDDEN, base.INTERMEDIATE  # 256, 64, 128
 WINDOW = 8
@@ -570,13 +565,13 @@ def write_readme(out: Path, done: list[Result], skipped: list, versions: dict) -
         "",
         "Small decoders with past key/values for the families beyond Llama: sliding-window attention "
         "(everywhere or alternating with full layers), local/global attention, mixture of experts, ALiBi, "
-        "attention sinks, GPT-J/CodeGen/XGLM. Written by `models/export_family_fixtures.py` from tiny transformers "
+        "attention sinks, GPT-J/CodeGen/XGLM. Written by `models/exporters/export_family_fixtures.py` from tiny transformers "
         f"configs (random weights, seed {SEED}, every 1-D parameter perturbed).",
         "",
         "Regenerate (needs the `export` extra):",
         "",
         "```sh",
-        "python -m lmc.models.export_family_fixtures models/fixtures/families   # or: python models/export_family_fixtures.py",
+        "python models/exporters/export_family_fixtures.py models/fixtures/families",
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in versions.items()) + ".",

@@ -1,8 +1,7 @@
 """Write small ONNX fixtures produced by the real exporters, so tests can check lmc's rewrite rules against
 genuine exporter output without torch at test time.
 
-Run ``python -m lmc.models.export_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
-``python models/export_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures`` next to this file.
+Run ``python models/exporters/export_fixtures.py [OUT_DIR]`` (after ``pip install -e ".[export]"``); OUT_DIR defaults to ``models/fixtures``.
 Every model has random weights from a fixed seed and a tiny config. Written:
 
 * ``llama-past-optimum.onnx``  - transformers ``LlamaForCausalLM`` (GQA 4/2 heads, tied embeddings) exported by
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures"
 SEED = 0
 OPSET = 18
 MAX_BYTES = 1 << 20
@@ -406,7 +405,7 @@ def write_readme(out: Path, fixtures: list[Fixture]) -> None:
         "",
         "```sh",
         'pip install -e ".[export]"',
-        "python -m lmc.models.export_fixtures models/fixtures   # or: python models/export_fixtures.py",
+        "python models/exporters/export_fixtures.py models/fixtures",
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",

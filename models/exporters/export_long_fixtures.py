@@ -2,8 +2,7 @@
 produced by the real exporters, so lmc can be checked on long sequences (``--input-shape input_ids=1x2048``)
 against genuine exporter output without torch at test time.
 
-Run ``python -m lmc.models.export_long_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
-``python models/export_long_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures/long``. Random weights
+Run ``python models/exporters/export_long_fixtures.py [OUT_DIR]`` (after ``pip install -e ".[export]"``); OUT_DIR defaults to ``models/fixtures/long``. Random weights
 from seed 0; every model has input ``input_ids`` int64 [batch, sequence] and output ``logits`` float32
 [batch, sequence, 256]. Written:
 
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures" / "long"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures" / "long"
 SEED = 0
 MAX_BYTES = 1 << 20
 TOL = 1e-4
@@ -439,7 +438,7 @@ def write_readme(out: Path, fixtures: list[Fixture]) -> None:
         "",
         "```sh",
         'pip install -e ".[export]"',
-        "python -m lmc.models.export_long_fixtures models/fixtures/long   # or: python models/export_long_fixtures.py",
+        "python models/exporters/export_long_fixtures.py models/fixtures/long",
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",

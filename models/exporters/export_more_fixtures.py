@@ -2,8 +2,7 @@
 lmc's generation path is tested on a wider set of genuine exporter outputs (see ``export_fixtures.py`` for the
 first five).
 
-Run ``python -m lmc.models.export_more_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
-``python models/export_more_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures/more``. Each model is
+Run ``python models/exporters/export_more_fixtures.py [OUT_DIR]`` (after ``pip install -e ".[export]"``); OUT_DIR defaults to ``models/fixtures/more``. Each model is
 built from a transformers config (random weights, seed 0; every 1-D parameter perturbed so norms and biases
 are distinct, as in ``export_fixtures.py``), saved to a local folder and exported by
 ``optimum.exporters.onnx.main_export(task="text-generation-with-past")``; ``--only NAME[,NAME]`` exports a subset.
@@ -28,13 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # python models/export_more_fixtures.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import export_fixtures as base  # type: ignore[no-redef]
-else:
-    from lmc.models import export_fixtures as base
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the sibling exporters
+import export_fixtures as base  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures" / "more"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures" / "more"
 SEED, OPSET, TOL = base.SEED, base.OPSET, base.TOL
 PREFILL, DECODE = base.PREFILL, base.DECODE
 V, H, L, I = base.VOCAB, base.HIDDEN, base.LAYERS, base.INTERMEDIATE  # 256, 64, 2, 128
@@ -277,7 +273,7 @@ def write_readme(out: Path, fixtures: list, skipped: list[tuple[str, str]]) -> N
         "Regenerate (needs the `export` extra):",
         "",
         "```sh",
-        "python -m lmc.models.export_more_fixtures models/fixtures/more   # or: python models/export_more_fixtures.py",
+        "python models/exporters/export_more_fixtures.py models/fixtures/more",
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",

@@ -1,8 +1,7 @@
 """Write small encoder–decoder models exported by optimum, so lmc's encoder–decoder generation bundles are tested
 against genuine exporter output without torch at test time.
 
-Run ``python -m lmc.models.export_seq2seq_fixtures [OUT_DIR]`` (after ``pip install -e ".[export]"``) or
-``python models/export_seq2seq_fixtures.py [OUT_DIR]``; OUT_DIR defaults to ``models/fixtures/seq2seq``. Each
+Run ``python models/exporters/export_seq2seq_fixtures.py [OUT_DIR]`` (after ``pip install -e ".[export]"``); OUT_DIR defaults to ``models/fixtures/seq2seq``. Each
 model is built from a transformers config (random weights, seed 0; every 1-D parameter perturbed so norms and
 biases are distinct, as in ``export_fixtures.py``; untied output projections and, for Whisper, a larger
 init_std, so that greedy tokens vary with the input instead of repeating the start token), saved to a local
@@ -40,13 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # python models/export_seq2seq_fixtures.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import export_fixtures as base  # type: ignore[no-redef]
-else:
-    from lmc.models import export_fixtures as base
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the sibling exporters
+import export_fixtures as base  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures" / "seq2seq"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fixtures" / "seq2seq"
 SEED, OPSET, TOL, MAX_BYTES = base.SEED, base.OPSET, base.TOL, base.MAX_BYTES
 VOCAB, HIDDEN, LAYERS, HEADS, FFN = base.VOCAB, base.HIDDEN, base.LAYERS, 4, 128
 MEL_BINS, SOURCE_POSITIONS, TARGET_POSITIONS = 80, 16, 128      # Whisper: 2 × 16 = 32 input frames
@@ -260,8 +256,7 @@ def write_readme(out: Path, fixtures: list[Fixture]) -> None:
         "",
         "```sh",
         'pip install -e ".[export]"',
-        "python -m lmc.models.export_seq2seq_fixtures models/fixtures/seq2seq   "
-        "# or: python models/export_seq2seq_fixtures.py",
+        "python models/exporters/export_seq2seq_fixtures.py models/fixtures/seq2seq   "
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
