@@ -19,8 +19,11 @@ which no query at or after the accepted length can still see (q − (p' − r) �
 accepted + chunk), and the stale rows hold positions its mask already excludes for the same reason.
 
 Greedy decoding stays exactly greedy: a draft is kept only when it equals the argmax (of the penalised
-logits, with a repetition penalty) at its position, so the tokens are plain greedy's — up to the floating-point
-difference between a k-token and a 1-token forward, which can flip a near-tie. Sampling stays exact by the
+logits, with a repetition penalty) at its position, so the tokens are plain greedy's as far as the bundle
+computes a token's logits alike alone or among others. Float bundles do (within 1e-5); onnxruntime runs an int4
+bundle's 4-bit MatMuls with int8 activations in kernels that round one row differently from several (logits
+0.1–0.4 apart on the reference model), so there speculation can leave plain greedy at a near-tie — the tokens
+are then greedy under multi-token steps, as a chunked prefill's are (bench/RESULTS.md). Sampling stays exact by the
 standard rejection rule (Leviathan et al. 2023, Chen et al. 2023): draft x is kept with probability
 min(1, p(x) / q(x)) and on rejection the token is drawn from max(0, p − q) normalised; a lookup draft is a
 point mass (q(x) = 1: kept with probability p(x), else drawn from p without x); if every draft is kept, one
