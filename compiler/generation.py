@@ -33,7 +33,7 @@ from lmc.core import ir, shapes, weights
 from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo
 from lmc.core.model_io import load_model
-from lmc.core.pass_manager import PassContext, PassRecord
+from lmc.core.pass_manager import PassRecord
 from lmc.passes.cache_sites import find_cache_pairs, find_roles, state_pairs
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
 def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
     """The model with its batch (and, given, its past and sequence lengths) bound and folded:
     (graph, roles, cache pairs)."""
-    from lmc.passes.fold_constants import FoldConstants
+    from lmc.passes.fold_constants import fold_to_fixed_point
 
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)
@@ -501,11 +501,7 @@ def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
         elif t.name in pasts:
             t.shape = [batch, int(t.shape[1]), past if past is not None else t.shape[2], int(t.shape[3])]
     shapes.infer_shapes(graph)
-    for _ in range(4):
-        if not FoldConstants().run(graph, PassContext()).modified:
-            break
-        ir.remove_dead_nodes(graph)
-        shapes.infer_shapes(graph)
+    fold_to_fixed_point(graph)
     return graph, roles, pairs
 
 

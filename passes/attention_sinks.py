@@ -94,15 +94,11 @@ def split_decoder_sinks(model_path, work) -> tuple[Path, dict[str, np.ndarray]] 
     weights (up to 1 GiB)."""
     from lmc.core import shapes
     from lmc.core.model_io import load_model
-    from lmc.passes.fold_constants import FoldConstants
+    from lmc.passes.fold_constants import fold_to_fixed_point
 
     graph = ir.to_graph(load_model(model_path))
     shapes.infer_shapes(graph)
-    for _ in range(4):                 # Constant nodes become constants: the matchers read them
-        if not FoldConstants().run(graph, PassContext()).modified:
-            break
-        ir.remove_dead_nodes(graph)
-        shapes.infer_shapes(graph)
+    fold_to_fixed_point(graph)
     sinks = split_sinks(graph)
     if not sinks:
         return None

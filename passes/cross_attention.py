@@ -21,7 +21,6 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
-from lmc.core.pass_manager import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +105,10 @@ def bind_cross_state(graph: gs.Graph, cross: CrossState, batch: int, length: int
 
 
 def _fold(graph: gs.Graph) -> None:
-    from lmc.passes.fold_constants import FoldConstants
+    from lmc.passes.fold_constants import fold_to_fixed_point
 
     shapes.infer_shapes(graph)
-    for _ in range(6):
-        if not FoldConstants().run(graph, PassContext()).modified:
-            break
-        ir.remove_dead_nodes(graph)
-        shapes.infer_shapes(graph)
+    fold_to_fixed_point(graph, 6)
 
 
 def cross_projection_graph(encoder: gs.Graph, without_past: gs.Graph, cross: CrossState,

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.core import ir
+from lmc.core import ir, shapes
 from lmc.core.runtime import session
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
@@ -399,3 +399,14 @@ def _inline_branch(graph: gs.Graph, node: gs.Node, branch: gs.Graph, names: ir.N
     at = next(i for i, n in enumerate(nodes) if n is node)
     graph.nodes = nodes[:at] + list(branch.nodes) + extra + nodes[at + 1:]
     log.debug("inlined the %s branch of If '%s' (condition '%s')", branch.name, node.name, cond.name)
+
+
+def fold_to_fixed_point(graph: gs.Graph, rounds: int = 4) -> None:
+    """Fold ``graph``'s constants until nothing more folds (at most ``rounds`` rounds), dropping dead nodes and
+    re-inferring shapes after each: Constant nodes and shape chains over bound dims become constants, which
+    the matchers read. For analyses on a copy of a model, outside a build's pipeline."""
+    for _ in range(rounds):
+        if not FoldConstants().run(graph, PassContext()).modified:
+            break
+        ir.remove_dead_nodes(graph)
+        shapes.infer_shapes(graph)

@@ -267,15 +267,11 @@ def split_decoder_bias(model_path, context: int, chunk: int, work) -> tuple[obje
 
     from lmc.core import shapes
     from lmc.core.model_io import load_model
-    from lmc.passes.fold_constants import FoldConstants
+    from lmc.passes.fold_constants import fold_to_fixed_point
 
     graph = ir.to_graph(load_model(model_path))
     shapes.infer_shapes(graph)
-    for _ in range(4):                 # Constant nodes become constants: the matchers read scalars
-        if not FoldConstants().run(graph, PassContext()).modified:
-            break
-        ir.remove_dead_nodes(graph)
-        shapes.infer_shapes(graph)
+    fold_to_fixed_point(graph)
     try:
         tables = measure_bias(graph, context, chunk)
     except LmcError:
