@@ -408,6 +408,8 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
         records = list(records) + more
         extend_templates(graph, templates)
     # onnxruntime-genai's interface: positions from an attention_mask input; genai_config.json (lmc.compiler.genai)
+    # positions computed from the cache length (no position_ids input) serve every row from row 0's
+    info = dataclasses.replace(info, rows_apart=not any(r.stats.get("row0_positions") for r in records))
     genai = GenaiBundle.prepare(graph, info, templates, options, model_path)
     info, records = genai.info, list(records) + [genai.record]
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)

@@ -113,6 +113,9 @@ class StateDecoder:
         if (self.info.windows or self.info.window) and np.any(self._written - rows > chunk):
             raise LmcError(f"rewind to {rows.tolist()}: a windowed ring goes back at most {chunk} positions (its "
                            f"prefill chunk) from the furthest written ({self._written.tolist()})")
+        if not self.info.rows_apart and not np.all(rows == rows[0]):
+            raise LmcError(f"rewind to {rows.tolist()}: this bundle's rows share row 0's positions (its export "
+                           f"computes them from the cache length); rows must stay at one position")
         self._rows = None if np.all(rows == rows[0]) else rows
         self.length = int(rows.max())
 

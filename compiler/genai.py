@@ -181,6 +181,9 @@ def genai_config(graph: gs.Graph, info: GenerationInfo, chunk: int, tokenizer: l
         why = "its cache names do not follow one per-layer pattern (past_key_values.%d.key)"
     if why is None and len(outputs) != len(pairs) + 1:
         why = f"it has outputs besides logits and the cache ({sorted(set(outputs) - {o for _, o in pairs})})"
+    if why is None and info.batch > 1 and not info.rows_apart:
+        why = ("its rows share row 0's positions (the export computes them from the cache length), and genai "
+               "pads a batch's rows to different lengths")
     if why is not None:
         return None, f"genai_config.json not written: onnxruntime-genai cannot drive this bundle ({why})"
     layers = templates[0][1]

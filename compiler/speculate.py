@@ -109,6 +109,8 @@ def multi_token_limit(decoder) -> tuple[int, str]:
         return 1, f"{type(decoder).__name__} cannot rewind its cache"
     if chunk < 2:
         return 1, "the bundle's prefill chunk is 1 token"
+    if info.batch > 1 and not info.rows_apart:
+        return 1, "the bundle's rows share row 0's positions (computed from the cache length), so rows cannot accept apart"
     if info.batch > 1 and _has_group_query_attention(decoder):
         return 1, ("onnxruntime's GroupQueryAttention takes no multi-token steps at batch > 1 "
                    "(build with --disable-pass fuse-late to keep ONNX Attention)")

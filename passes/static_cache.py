@@ -193,22 +193,25 @@ class StaticKVCache:
             else:
                 write(pair.past, pair.new, pair.present)
             pair.present.shape = list(pair.past.shape)
+        row_positions = []
         for t in ranges:          # positions P … P+S−1 computed from the cache length: row 0 of the positions
             row = add("Gather", [positions, c("lmc_row_zero", 0)], var(t.name + "_positions", i64, [positions.shape[1]]),
                       axis=0)
             ir.replace_tensor(graph, t, row)
+            row_positions.append(row)
         graph.nodes.extend(nodes)
         if roles.attention_mask is not None:
             self._replace_attention_mask(graph, roles, total, names, c, var)
         ir.topological_sort(graph)
         ir.remove_dead_nodes(graph)
+        shared = sum(bool(r.outputs) for r in row_positions)    # still read (e.g. by rotary), not only by masks
         per_layer = [f"{site.key.present.name}: {layouts[id(site)].describe(self.context)}" for site in sites]
         narrowed = sum(not layouts[id(s)].exact for s in sites)
         approximation = ", ".join(filter(None, [
             f"sliding:{self.window}" + (f",sinks={self.sinks}" if self.sinks else "") + f" on {narrowed} of "
             f"{len(sites)} attentions" if narrowed else "", "kv-cache int8" if self.kv_int8 else ""])) or None
         return PassResult(graph, modified=True, approximation=approximation,
-                          stats={"cache_pairs": len(pairs), "attention_sites": len(sites),
+                          stats={"cache_pairs": len(pairs), "attention_sites": len(sites), "row0_positions": shared,
                                  "windowed_sites": sum(layouts[id(s)].window is not None for s in sites)},
                           notes=[f"{len(pairs)} cache pairs → fixed state, {len(sites)} attentions → Attention-24",
                                  "layers: " + "; ".join(per_layer)])

@@ -230,3 +230,26 @@ def test_cli_and_api(bundles, tmp_path, capsys):
     api = lmc.generate(bundle, p, 30, speculate="lookup:2")
     assert api.tokens == outs["off"]["tokens"] and api.speculation == "lookup:2"
     assert lmc.generate(bundle, p, 30, speculate="off").drafted == 0
+
+
+def test_rows_sharing_row0_positions_never_stand_apart(tmp_path):
+    """Gemma's export computes positions from the cache length (no position_ids input): the bundle's rows
+    share row 0's positions, so its rows are never rewound apart — batch speculation is off, with the reason,
+    and each row still generates its prompt alone's tokens; onnxruntime-genai (which pads rows apart) gets no
+    config."""
+    gemma = FIXTURES / "more" / "gemma-past-optimum.onnx"
+    build(gemma, BuildOptions(target="cortex-a55", context=48, batch=2, prefill_chunk=8,
+                              disabled_passes=("fuse-late",)), tmp_path / "b2")
+    build(gemma, BuildOptions(target="cortex-a55", context=48, prefill_chunk=8), tmp_path / "b1")
+    d, alone = StateDecoder(tmp_path / "b2" / "model.onnx"), StateDecoder(tmp_path / "b1" / "model.onnx")
+    assert not d.info.rows_apart and alone.info.rows_apart is False
+    assert not (tmp_path / "b2" / "genai_config.json").exists()
+    p0, p1 = prompts(2, seed=5)
+    n = min(len(p0), len(p1))
+    p0, p1 = p0[:n], p1[:n]                  # rows at one position throughout
+    run = decode(d, [p0, p1], 12)
+    assert run.speculation == "off" and "row 0" in run.notes[0]
+    assert run.tokens == [greedy(alone, p0, 12), greedy(alone, p1, 12)]
+    d.forward(np.zeros((2, 3), np.int64))
+    with pytest.raises(LmcError, match="row 0"):
+        d.rewind([1, 2])
