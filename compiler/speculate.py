@@ -28,7 +28,8 @@ standard rejection rule (Leviathan et al. 2023, Chen et al. 2023): draft x is ke
 min(1, p(x) / q(x)) and on rejection the token is drawn from max(0, p − q) normalised; a lookup draft is a
 point mass (q(x) = 1: kept with probability p(x), else drawn from p without x); if every draft is kept, one
 more token is drawn from p. Each token so follows the sampling distribution p exactly. Lookup speculation
-is on by default only when decoding greedily (under sampling, drafts are accepted less often; ask for it).
+is on by default only when decoding greedily with a float bundle (under sampling, drafts are accepted less often;
+on a quantized bundle, multi-token steps round differently from one-token ones: ask for it).
 
 Batch rows advance by their own accepted counts: the bundle takes per-row positions (its attention_mask
 holds a row's 0s between its tokens and the step's), so each row is rewound to its own length. Where the
@@ -115,6 +116,19 @@ def multi_token_limit(decoder) -> tuple[int, str]:
         return 1, ("onnxruntime's GroupQueryAttention takes no multi-token steps at batch > 1 "
                    "(build with --disable-pass fuse-late to keep ONNX Attention)")
     return chunk, ""
+
+
+def _rounds_steps_apart(decoder) -> bool:
+    """Whether the bundle runs kernels whose multi-token steps round differently from one-token steps
+    (MatMulNBits' and the integer MatMuls' int8 activations): a quantized bundle."""
+    import onnx
+
+    path = getattr(decoder, "model_path", None)
+    if path is None:
+        return False
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type in ("MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+               for n in model.graph.node)
 
 
 def _has_group_query_attention(decoder) -> bool:
@@ -286,8 +300,14 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         raise LmcError("the prompt is empty")
     if max_new_tokens < 1:
         raise LmcError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    asked = Speculate.parse(speculate) is not None or draft is not None
     spec = resolve(speculate, sampling, draft is not None)
     notes: list[str] = []
+    if not asked and spec.mode != "off" and _rounds_steps_apart(decoder):
+        spec = Speculate("off", 0)
+        notes.append("speculation off by default: this bundle's quantized kernels round a multi-token step "
+                     "differently from one-token steps, so drafts could change greedy tokens at near-ties "
+                     "(--speculate lookup turns it on)")
     widest, why = multi_token_limit(decoder)
     k_max = spec.k if spec.mode != "off" else 0
     if draft is not None:

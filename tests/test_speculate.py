@@ -253,3 +253,15 @@ def test_rows_sharing_row0_positions_never_stand_apart(tmp_path):
     d.forward(np.zeros((2, 3), np.int64))
     with pytest.raises(LmcError, match="row 0"):
         d.rewind([1, 2])
+
+
+def test_quantized_bundles_do_not_speculate_unless_asked(tmp_path):
+    """int4 kernels round a multi-token step differently from one-token steps: by default such a bundle decodes
+    one token at a time (tokens = plain greedy), and speculates only when asked."""
+    build(LLAMA, BuildOptions(target="cortex-a55", context=48, quantize="int4", block_size=16), tmp_path / "q")
+    d = StateDecoder(tmp_path / "q" / "model.onnx")
+    p = prompts(1, seed=6)[0]
+    plain = decode(d, [p], 16)
+    assert plain.speculation == "off" and "quantized" in plain.notes[0]
+    assert plain.tokens == [greedy(d, p, 16)]
+    assert decode(d, [p], 16, speculate="lookup").speculation.startswith("lookup")
