@@ -1,4 +1,4 @@
-"""``build()``: model file in, verified bundle out. It reads like the data flow of DESIGN.md:
+"""``build()``: model file in, verified bundle out. It reads like the life of a build in ARCHITECTURE.md:
 
 load -> bind shapes -> passes -> schedule + liveness + arena plan -> stage bundle -> verify -> commit.
 
