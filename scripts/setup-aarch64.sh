@@ -9,13 +9,18 @@
 # DIR/root/opt/lmc/site-packages   the aarch64 wheels of onnxruntime (the host's version) and numpy
 # DIR/wheels the downloaded wheels (pip download --platform manylinux_2_28_aarch64)
 # DIR/ready  what was installed; lmc checks it before running anything there
+# lmc then runs `qemu-aarch64-static -L DIR/root -cpu CPU DIR/root/usr/bin/python3 -I compiler/target_worker.py …`
+# (CPU: the bundle's target's isa.emulator_cpu); host paths (bundles, models) stay visible through -L.
 #
 # Needs root (apt-get, debootstrap) and Debian's and PyPI's servers. Idempotent: each step is skipped when
 # its result is already there, so a second run changes nothing and takes a second or two.
 set -euo pipefail
 
 DIR=${1:-${LMC_AARCH64_ROOT:-$HOME/.cache/lmc/aarch64}}
-PYTHON=${PYTHON:-python3}                 # the host Python lmc runs under (its onnxruntime version is used)
+# the host Python lmc runs under: its onnxruntime version is the one installed in the root
+if [ -z "${PYTHON:-}" ]; then
+    for PYTHON in python3 python; do "$PYTHON" -c 'import onnxruntime' 2>/dev/null && break; done
+fi
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ROOT="$DIR/root"
 SITE="$ROOT/opt/lmc/site-packages"
