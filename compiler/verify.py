@@ -138,13 +138,15 @@ def _load_session(path: str | Path, low_memory: bool = False, optimize: bool = T
 
 
 def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
-    """Input name -> rows of the constant table it indexes through Gather (axis 0)."""
+    """Input name -> rows of the constant table it indexes through Gather, or through a quantized table's
+    com.microsoft GatherBlockQuantized (``gather_axis``; its packed data keeps one row per id)."""
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     rows: dict[str, int] = {}
     inputs = {i.name for i in model.graph.input}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        quantized = node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft"
+        if (node.op_type == "Gather" and len(node.input) == 2 or quantized) and node.input[1] in inputs:
+            axis = next((a.i for a in node.attribute if a.name == ("gather_axis" if quantized else "axis")), 0)
             table = shapes.get(node.input[0])
             if table:
                 rows[node.input[1]] = min(rows.get(node.input[1], table[axis]), table[axis])

@@ -162,3 +162,21 @@ def test_checks_run_a_bundle_under_its_own_config_entries(tmp_path):
     sess = verify_module._load_session(tmp_path / "model.onnx", low_memory=True)
     assert sess.get_session_options().get_session_config_entry(key) == "0"
     assert sess.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def test_quantized_tables_give_token_ids_over_the_whole_vocabulary(tmp_path):
+    """An int4 bundle gathers its embedding through GatherBlockQuantized: the check's random ids still span
+    the table's rows (they were 0 and 1 only, checking a quantized bundle on a trivial input)."""
+    import onnx as _onnx
+
+    import lmc
+    from lmc.compiler.verify import random_inputs
+    from lmc.models import build_llama
+
+    _onnx.save(build_llama(), str(tmp_path / "m.onnx"))
+    lmc.build(tmp_path / "m.onnx", lmc.BuildOptions(input_shapes={"input_ids": (1, 16)}, quantize="int4",
+                                                    block_size=16), tmp_path / "out")
+    model = _onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert "GatherBlockQuantized" in {n.op_type for n in model.graph.node}
+    ids = random_inputs(tmp_path / "out" / "model.onnx", {"input_ids": [1, 16]}, samples=1, seed=0)[0]["input_ids"]
+    assert ids.max() > 16
