@@ -118,27 +118,30 @@ def multi_token_limit(decoder) -> tuple[int, str]:
     return chunk, ""
 
 
+def _op_types(decoder) -> frozenset[str]:
+    """The op types of the bundle ``decoder`` runs (empty for a decoder without a model file), read once."""
+    import onnx
+
+    path = getattr(decoder, "model_path", None)
+    if path is None:
+        return frozenset()
+    if getattr(decoder, "_op_types", None) is None:
+        model = onnx.load(str(path), load_external_data=False)
+        decoder._op_types = frozenset(n.op_type for n in model.graph.node)
+    return decoder._op_types
+
+
+QUANTIZED_MATMULS = frozenset({"MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+
+
 def _rounds_steps_apart(decoder) -> bool:
     """Whether the bundle runs kernels whose multi-token steps round differently from one-token steps
     (MatMulNBits' and the integer MatMuls' int8 activations): a quantized bundle."""
-    import onnx
-
-    path = getattr(decoder, "model_path", None)
-    if path is None:
-        return False
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type in ("MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
-               for n in model.graph.node)
+    return bool(_op_types(decoder) & QUANTIZED_MATMULS)
 
 
 def _has_group_query_attention(decoder) -> bool:
-    import onnx
-
-    path = getattr(decoder, "model_path", None)
-    if path is None:
-        return False
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    return "GroupQueryAttention" in _op_types(decoder)
 
 
 class Lookup:
