@@ -14,17 +14,19 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes
 from lmc.core.errors import ShapeError
+from lmc.core.runtime import Int8Products
 from lmc.compiler.scratch import decode_scratch, scratch_bytes
 from lmc.targets.arena import ArenaPlanner
 from lmc.targets.dataflow import Dataflow, Step
 from lmc.targets.inplace import merge_inplace
 from lmc.targets.liveness import SCRATCH_SUFFIX, align_up, compute_liveness, lower_bound, peak_live
 from lmc.targets.plan import MemoryPlan, PlannedTensor, StateBuffer
-from lmc.targets.runtime_model import DECODED_MATMUL, DecodedMatMul, RuntimeModel
+from lmc.targets.runtime_model import DECODED_MATMUL, DecodedMatMul, RuntimeModel, merge_session_options
 from lmc.targets.schedule import choose_schedule
 from lmc.targets.target import Target, WeightsPlacement
 
@@ -189,11 +191,27 @@ def decoded_matmuls(graph: gs.Graph) -> list[DecodedMatMul]:
     return out
 
 
+INT8_ACTIVATIONS_KEPT = {"config_entries": {"session.qdqisint8allowed": "1"}}
+
+
+def int8_activations(graph: gs.Graph) -> bool:
+    """True when the graph quantizes an activation to int8 (w8a8's QuantizeLinear with an int8 zero point)."""
+    return any(ir.is_op(n, "QuantizeLinear") and len(n.inputs) > 2 and n.inputs[2].dtype == np.int8
+               for n in graph.nodes)
+
+
 def runtime_for(graph: gs.Graph, target: Target) -> RuntimeModel:
     """The target's runtime model under the session configuration it chooses for ``graph``'s bundle (the
     first of its ``choices`` that applies to the graph's decoded MatMuls; ``session_options`` is what the
-    bundle carries)."""
-    return target.runtime.choose(decoded_matmuls(graph))
+    bundle carries). A bundle with int8 activations for a target whose integer GEMM is exact on int8
+    (``Int8Products.EXACT``: Arm's SDOT, where onnxruntime keeps them int8 by default) carries
+    ``session.qdqisint8allowed = 1``, so that every machine that runs or checks it — an x86-64 host too,
+    which would otherwise shift them to uint8 for a kernel that saturates — computes what the device does."""
+    model = target.runtime.choose(decoded_matmuls(graph))
+    if target.isa.int8_products is Int8Products.EXACT and int8_activations(graph):
+        model = dataclasses.replace(model, session_options=merge_session_options(model.session_options,
+                                                                                  INT8_ACTIVATIONS_KEPT))
+    return model
 
 
 def _integer_gemm_input(dq: gs.Node) -> bool:

@@ -19,6 +19,7 @@ e.g. MatMulNBits' accuracy level) — holds onnxruntime ``SessionOptions`` attri
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,17 @@ import onnx
 import onnxruntime as ort
 
 from lmc.core import weights
+
+class Int8Products(enum.Enum):
+    """How the runtime's integer GEMM multiplies int8 activations by int8 weights on an ISA.
+
+    ``EXACT``: every product and its sum reach an int32 accumulator (Arm SDOT/UDOT or widening multiplies;
+    x86 VNNI's VPDPBUSD). ``SATURATING_PAIRS``: x86 AVX2 without VNNI, where onnxruntime shifts the
+    activations to uint8 and VPMADDUBSW adds each pair of u8 × s8 products in int16, saturating at ±32767 —
+    exact only when |w| ≤ 63 (2 · 255 · 63 = 32130)."""
+    EXACT = "exact"
+    SATURATING_PAIRS = "saturating-pairs"
+
 
 SESSION_OPTIONS_FILE = "session_options.json"
 CONFIG_ENTRIES = "config_entries"

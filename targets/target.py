@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lmc.targets.runtime_model import RuntimeModel
 from lmc.core.errors import TargetError
+from lmc.core.runtime import Int8Products
 
 
 class WeightsPlacement(enum.Enum):
@@ -29,11 +30,22 @@ class WeightsPlacement(enum.Enum):
     RAM = "ram"      # weights copied into RAM: they count in the RAM peak
 
 
+VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
+
+
 @dataclass(frozen=True)
 class Isa:
     arch: str
     features: frozenset[str]
     emulator_cpu: str = ""          # qemu-user CPU model that runs this ISA elsewhere ("": none; lmc verify --on)
+
+    @property
+    def int8_products(self) -> Int8Products:
+        """The integer GEMM this ISA gets from onnxruntime (``features`` decide: avx2 without a VNNI
+        feature saturates pair sums; every Arm and VNNI path is exact)."""
+        if "avx2" in self.features and not self.features & VNNI_FEATURES:
+            return Int8Products.SATURATING_PAIRS
+        return Int8Products.EXACT
 
 
 @dataclass(frozen=True)

@@ -288,9 +288,13 @@ def _blocked(w: np.ndarray, block: int, axis: int, importance, search_fn, output
 
 
 def quantize_channels(w: np.ndarray, axis: int, importance: np.ndarray | None = None,
-                      search: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along ``axis``: (q int8 same shape as w, scales float32 [w.shape[axis]]).
-    ``importance`` (optional) is h over the *other* axis of a 2-D weight."""
+                      search: bool = True, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis``: (q int8 in [-qmax, qmax], same shape as w; scales float32
+    [w.shape[axis]]). ``importance`` (optional) is h over the *other* axis of a 2-D weight. ``qmax`` < 127
+    narrows the range (63: 7-bit weights, whose products with uint8 activations never saturate a pair sum
+    in int16: 2 · 255 · 63 = 32130 ≤ 32767)."""
+    if not 1 <= qmax <= 127:
+        raise ValueError(f"qmax must be in 1..127, got {qmax}")
     axis = axis % w.ndim
     columns = w.ndim == 2 and axis == 1
     groups = w if columns else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)    # a view for axis 0
@@ -307,9 +311,9 @@ def quantize_channels(w: np.ndarray, axis: int, importance: np.ndarray | None = 
         part = groups[:, c0:c1].T if columns else groups[c0:c1]
         src = np.ascontiguousarray(part, dtype=src_dtype)                    # [n, L]
         g = src if src.dtype == np.float32 else src.astype(np.float32)
-        s32 = _sym_search(_Groups(g, h, rows=True), -127, 127, search).astype(np.float32)
+        s32 = _sym_search(_Groups(g, h, rows=True), -qmax, qmax, search).astype(np.float32)
         scales[c0:c1] = s32
-        qc = _round(src.T, s32, 0, -127, 127).T.astype(np.int8)
+        qc = _round(src.T, s32, 0, -qmax, qmax).T.astype(np.int8)
         if columns:
             q[:, c0:c1] = qc.T
         else:

@@ -12,6 +12,9 @@ norm, gate/up, down, o):
    Σ_j ‖X W_j − Q(X/s)·Q(diag(s) W_j)‖² / ‖X W_j‖² is evaluated for every candidate and the smallest kept.
 4. A group whose best error is still above ``max_error`` keeps float activations (weights int8): the few
    tensors that break int8 are left in higher precision, and the report names them.
+5. The target's ISA decides the weights' range (``Int8Products``): where onnxruntime's integer GEMM adds
+   u8 × s8 pairs in int16 (x86 AVX2 without VNNI) the GEMMs' weights take 7 bits (|q| ≤ 63), so no sum
+   saturates and the bundle computes what was verified; elsewhere the full [-127, 127].
 
 Rewrite: x → QuantizeLinear(x, s_x, 0) → DequantizeLinear → MatMul(·, DequantizeLinear(W_q, s_w, axis=1)),
 which onnxruntime runs as QuantizeLinear + MatMulIntegerToFloat (integer GEMM). Everything else
@@ -30,6 +33,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.errors import LmcError
+from lmc.core.runtime import Int8Products
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.quantize.calibration import collect
 from lmc.passes.quantize.scales import quantize_channels
@@ -282,8 +286,12 @@ class QuantizeW8A8:
                 absmax = float(st.absmax.max())
             if quantize_act:
                 act_scales[act] = clip * absmax / 127.0
-        # weights: int8 per channel everywhere (incl. the smoothed ones and the tied table)
-        weights_pass = QuantizeWeights(QuantizeConfig(bits=WeightBits.INT8))
+        # weights: int8 per channel everywhere (incl. the smoothed ones and the tied table); those of integer
+        # GEMMs in 7 bits where the target's kernel saturates pair sums (its ISA decides, see Int8Products)
+        narrow = frozenset()
+        if ctx.target is not None and ctx.target.isa.int8_products is Int8Products.SATURATING_PAIRS:
+            narrow = frozenset(m.inputs[1].name for act in act_scales for m in groups[act])
+        weights_pass = QuantizeWeights(QuantizeConfig(bits=WeightBits.INT8, narrow_int8=narrow))
         weights_result = weights_pass.run(graph, ctx)
         for act, scale in act_scales.items():
             x = groups[act][0].inputs[0]
@@ -303,12 +311,15 @@ class QuantizeW8A8:
                                            inputs=[q, sc, zp], outputs=[dq]))
                 m.inputs[0] = dq
         kept = [c for c in self.choices if not c.quantized]
-        notes = [f"{c.activation}: kept in float (best int8 error {c.error:.4f} > {self.max_error})" for c in kept]
+        notes = ([f"{len(narrow)} integer-GEMM weights in 7 bits: {ctx.target.name}'s int8 kernel saturates "
+                  "8-bit pair sums"] if narrow else [])
+        notes += [f"{c.activation}: kept in float (best int8 error {c.error:.4f} > {self.max_error})" for c in kept]
         smoothed = [c for c in self.choices if c.quantized and c.alpha]
         notes += [f"{c.activation}: α={c.alpha}, clip={c.clip}, error {c.error:.4f}" for c in
                   sorted(self.choices, key=lambda c: -c.error)[:5]]
         stats_out = dict(weights_result.stats)
         stats_out.update({"activation_groups": len(self.choices), "activations_int8": len(act_scales),
+                          "weights_7bit": len(narrow),
                           "activations_kept_float": len(kept), "smoothed_groups": len(smoothed),
                           "mean_group_error": float(np.mean([c.error for c in self.choices])) if self.choices else 0.0})
         return PassResult(graph, modified=True, stats=stats_out, notes=notes + weights_result.notes)

@@ -54,6 +54,8 @@ from lmc.passes.quantize.scales import (GptqFactor, gptq_blocks, gptq_prepare, p
 
 log = logging.getLogger(__name__)
 
+NARROW_INT8_MAX = 63     # 7-bit weights: u8 × s8 pair sums stay within int16 (2 · 255 · 63 ≤ 32767)
+
 
 # Weight dtypes quantized (DequantizeLinear yields the scale's dtype: float32 or float16 on onnxruntime's CPU).
 QUANTIZABLE_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -98,6 +100,7 @@ class QuantizeConfig:
     gptq: bool = True                        # int4 with calibration: GPTQ error compensation
     stats: dict[str, ChannelStats] = field(default_factory=dict)   # activation name -> stats
     calib_feeds: list[dict] | None = None     # when given, ``stats`` are collected from these feeds first
+    narrow_int8: frozenset[str] = frozenset()  # int8 weights quantized in [-63, 63] (see scales.quantize_channels)
 
 
 def _int4_constant(name: str, q: np.ndarray, unsigned: bool = False) -> gs.Constant:
@@ -502,7 +505,8 @@ class QuantizeWeights:
 
     def _int8(self, const: gs.Constant, axis: int, importance=None):
         w = ir.const_value(const)
-        q, s = quantize_channels(w, axis, importance, self.config.search)
+        qmax = NARROW_INT8_MAX if const.name in self.config.narrow_int8 else 127
+        q, s = quantize_channels(w, axis, importance, self.config.search, qmax)
         shape = [1] * w.ndim
         shape[axis] = -1
         s = s.astype(_np_dtype(const))      # float16 weights: float16 scales (the dequantized dtype)

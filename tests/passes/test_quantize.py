@@ -479,3 +479,50 @@ def test_quantize_pass_keeps_no_state_between_runs():
     assert config.table_bits is None and not config.stats           # the caller's configuration untouched
     assert qpass.reports == reports and len(reports) == 1             # reports do not pile up across runs
     assert first.stats == second.stats
+
+
+def _logits(model_path, feed, int8_kept: bool):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if int8_kept:
+        opts.add_session_config_entry("session.qdqisint8allowed", "1")
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_w8a8_weights_follow_the_targets_integer_gemm(tiny_llama, tmp_path):
+    """x86-64 (AVX2, no VNNI) adds u8 × s8 pairs in int16: its w8a8 GEMM weights take 7 bits, so the
+    saturating kernel an x86-64 host runs gives what the exact s8 × s8 one gives, bit for bit. cortex-a55
+    (SDOT, exact) keeps 8 bits and ships session.qdqisint8allowed = 1 — on an x86-64 host without it the
+    same bundle saturates and computes something else, which is what the entry prevents."""
+    from lmc.core.runtime import bundle_session_options
+
+    path, calib = tiny_llama
+    feed = token_feed(1, 32, vocab=512, seed=7)
+    out = {}
+    for target in ("x86-64", "cortex-a55"):
+        out[target] = tmp_path / target
+        build(path, BuildOptions(target=target, input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.W8A8,
+                                 calib=str(calib)), out[target])
+    model = onnx.load(str(out["x86-64"] / "model.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantized = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+
+    def dq_of(name):                      # the DequantizeLinear making ``name``, or None
+        node = producer.get(name)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    gemm_weights = [weights[dq_of(n.input[1]).input[0]] for n in model.graph.node
+                    if n.op_type == "MatMul" and dq_of(n.input[0]) is not None and dq_of(n.input[1]) is not None
+                    and dq_of(n.input[0]).input[0] in quantized]
+    assert len(gemm_weights) >= 4 and all(int(np.abs(w).max()) <= 63 for w in gemm_weights)
+    x86 = out["x86-64"] / "model.onnx"
+    np.testing.assert_array_equal(_logits(x86, feed, False), _logits(x86, feed, True))
+    assert "session.qdqisint8allowed" not in bundle_session_options(x86).get("config_entries", {})
+
+    a55 = out["cortex-a55"] / "model.onnx"
+    assert bundle_session_options(a55)["config_entries"]["session.qdqisint8allowed"] == "1"
+    model = onnx.load(str(a55), load_external_data=False)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert not np.array_equal(_logits(a55, feed, False), _logits(a55, feed, True))
