@@ -1,0 +1,365 @@
+"""C emitters for what decoder graphs keep after lmc's passes (family "transformer", float32 with the int64 /
+bool index and mask arithmetic around it).
+
+Ops: Gather (any element type, int64/int32 indices checked in range at run time: an id outside the table is
+``lmc_run`` code 3), Slice / Expand (strided copies, constant bounds), Split, Where, IsNaN, Not, And/Or/Xor,
+Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos, ReduceMean/ReduceSum/ReduceMax
+(one run of adjacent axes), Range, Shape (its values are static), ConstantOfShape, TensorScatter (opset 24,
+the in-place KV cache update) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask,
+``nonpad_kv_seqlen``, ``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float
+emitters of family "cnn" leave to this family (``extend``: tried when the first emitter refuses).
+
+Math: as ONNX defines each op; Attention is y = softmax(scale · q kᵀ + mask) v per head, query head h
+reading kv head h / (Hq / Hkv), computed in two passes over the keys (max, then exp-sum with the weighted
+values accumulated in the output row), so it needs no scratch memory.
+
+Broadcasting: each operand is read through its element strides along the output's dims (0 where broadcast),
+adjacent dims merged where every operand steps contiguously (``ops_cnn.collapse``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lmc.targets.cbundle.ops_cnn import broadcast_strides, collapse, strides_of
+from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext, TensorRef, UnsupportedOp
+
+FAMILY = "transformer"
+MAX_DIMS = 8
+F32, I64, I32, BOOL = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.bool_)
+
+# ONNX TensorProto element type codes of the dtypes the kernels cast between
+DTYPE_CODES = {F32: 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, I32: 6, I64: 7, BOOL: 9}
+BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Pow": "POW", "Max": "MAX", "Min": "MIN"}
+COMPARE = {"Equal": "EQUAL", "Less": "LESS", "LessOrEqual": "LESS_OR_EQUAL", "Greater": "GREATER",
+           "GreaterOrEqual": "GREATER_OR_EQUAL"}
+LOGICAL = {"And": "AND", "Or": "OR", "Xor": "XOR"}
+UNARY = {"Sin": "SIN", "Cos": "COS", "Neg": "NEG", "Sqrt": "SQRT", "Sigmoid": "SIGMOID", "Exp": "EXP",
+         "Reciprocal": "RECIPROCAL", "Abs": "ABS", "Tanh": "TANH", "Relu": "RELU"}
+REDUCE = {"ReduceMean": "MEAN", "ReduceSum": "SUM", "ReduceMax": "MAX"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _ints(values: Sequence[int]) -> str:
+    return ", ".join(str(int(v)) for v in values)
+
+
+def _array(op: OpContext, tag: str, values: Sequence[int]) -> tuple[str, str]:
+    """A static const int32_t parameter array: (its name, its definition)."""
+    name = f"{op.prefix}_{tag}"
+    values = list(values) or [0]
+    return name, f"static const int32_t {name}[{len(values)}] = {{{_ints(values)}}};"
+
+
+def _checked(call: str) -> str:
+    """A kernel call whose nonzero return becomes lmc_run's."""
+    return f"{{ int lmc_rc = {call}; if (lmc_rc != 0) return lmc_rc; }}"
+
+
+def _broadcast(op: OpContext, y: TensorRef, *operands: TensorRef) -> tuple[str, list[str], str, int]:
+    """(dims array name, stride array names, parameter definitions, rank) of y = f(operands...)."""
+    dims, strides = collapse(list(y.shape) or [1], *[broadcast_strides(list(y.shape) or [1], list(x.shape))
+                                                     for x in operands])
+    if len(dims) > MAX_DIMS:
+        raise op.unsupported(f"more than {MAX_DIMS} broadcast dims")
+    dname, ddef = _array(op, "dims", dims)
+    names, defs = [], [ddef]
+    for i, st in enumerate(strides):
+        n, d = _array(op, f"s{i}", st)
+        names.append(n)
+        defs.append(d)
+    return dname, names, "\n".join(defs), len(dims)
+
+
+def _const_ints(op: OpContext, i: int, what: str) -> list[int] | None:
+    ref = op.inputs[i] if i < len(op.inputs) else None
+    if ref is None:
+        return None
+    if ref.value is None:
+        raise op.unsupported(f"{what} computed at run time are not supported (the C bundle needs static shapes)")
+    return [int(v) for v in np.asarray(ref.value).reshape(-1)]
+
+
+def extend(*op_types: str):
+    """Register an emitter for ops another family may have registered first: tried after it, when it
+    refuses (``UnsupportedOp``: e.g. an int64 Add the float kernels do not take)."""
+    def register(fn):
+        for op_type in op_types:
+            REGISTRY.add_fallback("", op_type, fn)
+        return fn
+    return register
+
+
+# ------------------------------------------------------------------------------------------------ elementwise
+@extend(*BINARY)
+def emit_binary(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(1), op.outputs[0]
+    if len([t for t in op.inputs if t is not None]) != 2:
+        raise op.unsupported("only two operands are supported")
+    if {a.dtype, b.dtype, y.dtype} == {F32}:
+        fn, ctype = "lmc_tf_binary_f32", "float"
+    elif {a.dtype, b.dtype, y.dtype} == {I64}:
+        fn, ctype = "lmc_tf_binary_i64", "int64_t"
+    else:
+        raise op.unsupported(f"dtypes {a.dtype}, {b.dtype} -> {y.dtype}: the kernels take float32 or int64")
+    dims, (sa, sb), params, rank = _broadcast(op, y, a, b)
+    return KernelCall(f"{fn}(LMC_TF_{BINARY[op.op_type]}, {a.ptr()}, {sa}, {b.ptr()}, {sb}, {y.out}, {dims}, "
+                      f"{rank});", (FAMILY,), params)
+
+
+@REGISTRY.op(*COMPARE)
+def emit_compare(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(1), op.outputs[0]
+    if a.dtype != b.dtype or a.dtype not in (F32, I64):
+        raise op.unsupported(f"comparisons of {a.dtype} and {b.dtype}: the kernels take float32 or int64 pairs")
+    fn = "lmc_tf_compare_f32" if a.dtype == F32 else "lmc_tf_compare_i64"
+    dims, (sa, sb), params, rank = _broadcast(op, y, a, b)
+    return KernelCall(f"{fn}(LMC_TF_{COMPARE[op.op_type]}, {a.ptr()}, {sa}, {b.ptr()}, {sb}, {y.out}, {dims}, "
+                      f"{rank});", (FAMILY,), params)
+
+
+@REGISTRY.op(*LOGICAL)
+def emit_logical(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(1), op.outputs[0]
+    op.expect_dtype([a, b, y], np.bool_)
+    dims, (sa, sb), params, rank = _broadcast(op, y, a, b)
+    return KernelCall(f"lmc_tf_logical(LMC_TF_{LOGICAL[op.op_type]}, {a.ptr()}, {sa}, {b.ptr()}, {sb}, {y.out}, "
+                      f"{dims}, {rank});", (FAMILY,), params)
+
+
+@REGISTRY.op("Where")
+def emit_where(op: OpContext) -> KernelCall:
+    c, x, z, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    op.expect_dtype([c], np.bool_)
+    if x.dtype != y.dtype or z.dtype != y.dtype:
+        raise op.unsupported("Where's branches must have the output's dtype")
+    dims, (sc, sx, sz), params, rank = _broadcast(op, y, c, x, z)
+    return KernelCall(f"lmc_tf_where({c.ptr()}, {sc}, {x.address}, {sx}, {z.address}, {sz}, {y.address}, {dims}, "
+                      f"{rank}, {y.dtype.itemsize});", (FAMILY,), params)
+
+
+@extend(*UNARY)
+def emit_unary(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    if op.op_type == "Neg" and x.dtype == I64:
+        return KernelCall(f"lmc_tf_neg_i64({x.ptr()}, {y.out}, {x.numel});", (FAMILY,))
+    op.expect_dtype([x, y], F32)
+    return KernelCall(f"lmc_tf_unary_f32(LMC_TF_{UNARY[op.op_type]}, {x.ptr()}, {y.out}, {x.numel});", (FAMILY,))
+
+
+@REGISTRY.op("IsNaN")
+def emit_isnan(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x], F32)
+    return KernelCall(f"lmc_tf_isnan_f32({x.ptr()}, {y.out}, {x.numel});", (FAMILY,))
+
+
+@REGISTRY.op("Not")
+def emit_not(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x, y], np.bool_)
+    return KernelCall(f"lmc_tf_not({x.ptr()}, {y.out}, {x.numel});", (FAMILY,))
+
+
+@REGISTRY.op("Cast")
+def emit_cast(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    for r in (x, y):
+        if r.dtype not in DTYPE_CODES:
+            raise op.unsupported(f"Cast of {r.dtype}: the kernel takes {', '.join(map(str, DTYPE_CODES))}")
+    if x.dtype == y.dtype:
+        return KernelCall(f"lmc_copy({y.address}, {x.address}, {y.nbytes}u);")
+    return KernelCall(f"lmc_tf_cast({x.address}, {DTYPE_CODES[x.dtype]}, {y.address}, {DTYPE_CODES[y.dtype]}, "
+                      f"{x.numel});", (FAMILY,))
+
+
+# ------------------------------------------------------------------------------------------------ products
+@REGISTRY.op("Attention")
+def emit_attention(op: OpContext) -> KernelCall:
+    q, k, v, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    mask = op.input(3, required=False)
+    if op.input(4, required=False) is not None or op.input(5, required=False) is not None:
+        raise op.unsupported("past_key/past_value inputs are not supported (lmc's cache is state)")
+    nonpad = op.input(6, required=False)
+    if len(op.outputs) > 1:
+        raise op.unsupported("only the Y output is supported")
+    if any(len(r.shape) != 4 for r in (q, k, v, y)):
+        raise op.unsupported("only 4-D q/k/v ([batch, heads, sequence, head_dim]) are supported")
+    if float(op.attr("softcap", 0.0)) != 0.0 or int(op.attr("qk_matmul_output_mode", 0)) != 0:
+        raise op.unsupported("softcap and qk_matmul_output_mode are not supported")
+    op.expect_dtype([q, k, v, y], F32)
+    b, hq, s, d = q.shape
+    _, hkv, t, dv = v.shape
+    if k.shape[:3] != (b, hkv, t) or k.shape[3] != d or hq % hkv:
+        raise op.unsupported(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not fit")
+    scale = op.attr("scale", None)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    params, mask_bool, mask_f32, strides = "", "0", "0", "0"
+    if mask is not None:
+        if mask.dtype == BOOL:
+            mask_bool = mask.ptr()
+        elif mask.dtype == F32:
+            mask_f32 = mask.ptr()
+        else:
+            raise op.unsupported(f"attn_mask of {mask.dtype}: bool or float32 only")
+        strides, params = _array(op, "mask", broadcast_strides([b, hq, s, t], list(mask.shape)))
+    if nonpad is not None:
+        op.expect_dtype([nonpad], I64)
+    call = (f"lmc_tf_attention_f32({q.ptr()}, {k.ptr()}, {v.ptr()}, {mask_bool}, {mask_f32}, {strides}, "
+            f"{nonpad.ptr() if nonpad is not None else '0'}, {y.out}, {b}, {hq}, {hkv}, {s}, {t}, {d}, {dv}, "
+            f"{np.float32(scale)!r}f, {int(op.attr('is_causal', 0))})")
+    return KernelCall(_checked(call), (FAMILY,), params, b * hq * s * t * (2 * d + dv))
+
+
+@REGISTRY.op("TensorScatter")
+def emit_tensor_scatter(op: OpContext) -> KernelCall:
+    past, update, y = op.input(0), op.input(1), op.outputs[0]
+    idx = op.input(2, required=False)
+    op.expect_dtype([past, update, y], F32)
+    rank = len(past.shape)
+    axis = int(op.attr("axis", -2)) % rank
+    if axis == 0:
+        raise op.unsupported("the cache axis cannot be the batch axis")
+    mode = op.attr("mode", "linear")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if idx is not None:
+        op.expect_dtype([idx], I64)
+    pre, post = math.prod(past.shape[1:axis]), math.prod(past.shape[axis + 1:])
+    call = (f"lmc_tf_tensor_scatter_f32({past.ptr()}, {update.ptr()}, {idx.ptr() if idx is not None else '0'}, "
+            f"{y.out}, {past.shape[0]}, {pre}, {past.shape[axis]}, {update.shape[axis]}, {post}, "
+            f"{int(mode == 'circular')})")
+    return KernelCall(_checked(call), (FAMILY,))
+
+
+# ------------------------------------------------------------------------------------------------ reductions
+@REGISTRY.op(*REDUCE)
+def emit_reduce(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    rank = len(x.shape)
+    axes = _const_ints(op, 1, "reduction axes") if len(op.inputs) > 1 else None
+    if axes is None:
+        axes = op.attr("axes", None)
+    if not axes:
+        if int(op.attr("noop_with_empty_axes", 0)):
+            return KernelCall(f"lmc_copy({y.address}, {x.address}, {y.nbytes}u);")
+        axes = list(range(rank))
+    axes = sorted(int(a) % rank for a in axes)
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        raise op.unsupported(f"axes {axes} are not adjacent")
+    outer, r, inner = (math.prod(x.shape[:axes[0]]), math.prod(x.shape[axes[0]:axes[-1] + 1]),
+                       math.prod(x.shape[axes[-1] + 1:]))
+    if x.dtype == I64 and op.op_type == "ReduceSum":
+        return KernelCall(f"lmc_tf_reduce_sum_i64({x.ptr()}, {y.out}, {outer}, {r}, {inner});", (FAMILY,))
+    op.expect_dtype([x, y], F32)
+    return KernelCall(f"lmc_tf_reduce_f32(LMC_TF_REDUCE_{REDUCE[op.op_type]}, {x.ptr()}, {y.out}, {outer}, {r}, "
+                      f"{inner});", (FAMILY,))
+
+
+# ------------------------------------------------------------------------------------------------ data movement
+@REGISTRY.op("Gather")
+def emit_gather(op: OpContext) -> KernelCall:
+    data, idx, y = op.input(0), op.input(1), op.outputs[0]
+    if idx.dtype not in (I64, I32):
+        raise op.unsupported(f"indices of {idx.dtype}: int64 or int32 only")
+    axis = int(op.attr("axis", 0)) % len(data.shape)
+    outer, inner = math.prod(data.shape[:axis]), math.prod(data.shape[axis + 1:]) * data.dtype.itemsize
+    fn = "lmc_tf_gather_i64" if idx.dtype == I64 else "lmc_tf_gather_i32"
+    call = f"{fn}({data.address}, {idx.ptr()}, {y.address}, {outer}, {data.shape[axis]}, {inner}, {max(idx.numel, 1)})"
+    return KernelCall(_checked(call), (FAMILY,))
+
+
+def _strided(op: OpContext, x: TensorRef, y: TensorRef, offset: int, strides: Sequence[int]) -> KernelCall:
+    dims, (st,) = collapse(list(y.shape) or [1], list(strides) or [0])
+    if len(dims) > MAX_DIMS:
+        raise op.unsupported(f"more than {MAX_DIMS} dims")
+    dname, ddef = _array(op, "dims", dims)
+    sname, sdef = _array(op, "st", st)
+    if not y.numel:
+        return KernelCall(f"/* {y.name} is empty */")
+    return KernelCall(f"lmc_tf_strided_copy({x.address}, {offset}, {sname}, {y.address}, {dname}, {len(dims)}, "
+                      f"{y.dtype.itemsize});", (FAMILY,), ddef + "\n" + sdef)
+
+
+@REGISTRY.op("Slice")
+def emit_slice(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    rank = len(x.shape)
+    starts, ends = _const_ints(op, 1, "Slice starts"), _const_ints(op, 2, "Slice ends")
+    axes = _const_ints(op, 3, "Slice axes") or list(range(len(starts)))
+    steps = _const_ints(op, 4, "Slice steps") or [1] * len(starts)
+    begin, step = [0] * rank, [1] * rank
+    for start, axis, st in zip(starts, axes, steps):
+        axis %= rank
+        dim = x.shape[axis]
+        if st == 0:
+            raise op.unsupported("a step of 0")
+        if start < 0:
+            start += dim
+        begin[axis] = max(0, min(start, dim)) if st > 0 else max(0, min(start, dim - 1))
+        step[axis] = st
+    in_st = strides_of(x.shape)
+    offset = sum(b * s for b, s in zip(begin, in_st)) if y.numel else 0
+    return _strided(op, x, y, offset, [st * s for st, s in zip(step, in_st)])
+
+
+@REGISTRY.op("Expand")
+def emit_expand(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    return _strided(op, x, y, 0, broadcast_strides(list(y.shape), list(x.shape)))
+
+
+@REGISTRY.op("Split")
+def emit_split(op: OpContext) -> KernelCall:
+    x = op.input(0)
+    axis = int(op.attr("axis", 0)) % len(x.shape)
+    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:]) * x.dtype.itemsize
+    lines, at = [], 0
+    for y in op.outputs:
+        block = y.shape[axis] * inner
+        if block:
+            lines.append(f"lmc_tf_split_part({x.address}, {y.address}, {outer}, {x.shape[axis] * inner}, {at}, "
+                         f"{block});")
+        at += block
+    return KernelCall("\n".join(lines), (FAMILY,))
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+@REGISTRY.op("Shape")
+def emit_shape(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    rank = len(x.shape)
+    start, end = int(op.attr("start", 0)), op.attr("end", None)
+    dims = list(x.shape)[slice(start, rank if end is None else int(end))]
+    name = f"{op.prefix}_shape"
+    params = f"static const int64_t {name}[{max(len(dims), 1)}] = {{{_ints(dims) or '0'}}};"
+    return KernelCall(f"lmc_copy({y.address}, {name}, {y.nbytes}u);", (), params)
+
+
+@REGISTRY.op("ConstantOfShape")
+def emit_constant_of_shape(op: OpContext) -> KernelCall:
+    y = op.outputs[0]
+    value = op.attr("value", None)
+    fill = np.zeros(1, y.dtype) if value is None else np.asarray(value.values if hasattr(value, "values") else value)
+    if fill.reshape(-1)[0] != 0:
+        raise op.unsupported("only zero fills are supported")
+    return KernelCall(f"memset({y.address}, 0, {y.nbytes}u);")
+
+
+@REGISTRY.op("Range")
+def emit_range(op: OpContext) -> KernelCall:
+    start, limit, delta, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    if y.dtype == I64:
+        fn = "lmc_tf_range_i64"
+    elif y.dtype == F32:
+        fn = "lmc_tf_range_f32"
+    else:
+        raise op.unsupported(f"Range of {y.dtype}: int64 or float32 only")
+    op.expect_dtype([start, limit, delta], y.dtype)
+    return KernelCall(_checked(f"{fn}({start.ptr()}, {limit.ptr()}, {delta.ptr()}, {y.out}, {y.numel})"),
+                      (FAMILY,))
+
+
+__all__ = ["FAMILY", "UnsupportedOp", "extend"]
