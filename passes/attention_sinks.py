@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.core import ir
+from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
+from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.cache_sites import find_cache_pairs, match_site
+from lmc.passes.fold_constants import fold_to_fixed_point
 from lmc.passes.fuse.attention import probabilities
 
 log = logging.getLogger(__name__)
@@ -92,10 +94,6 @@ def split_decoder_sinks(model_path, work) -> tuple[Path, dict[str, np.ndarray]] 
     """The model with its sinks split off (``split_sinks``), saved in folder ``work`` for the generation
     compile, and σ per layer for ``RestoreSinks``; None when it has none. The saved model holds its
     weights (up to 1 GiB)."""
-    from lmc.core import shapes
-    from lmc.core.model_io import load_model
-    from lmc.passes.fold_constants import fold_to_fixed_point
-
     graph = ir.to_graph(load_model(model_path))
     shapes.infer_shapes(graph)
     fold_to_fixed_point(graph)

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.errors import LmcError, PositionBiasFound
+from lmc.core.runtime import session
 from lmc.passes.cache_sites import MASKED, AttentionSite, CachePair, Roles
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ def position_ranges(graph: gs.Graph, roles: Roles, pairs: list[CachePair]) -> li
     """Range outputs that compute the new tokens' positions P … P+S−1 from the cache length (exports
     without a ``position_ids`` input, e.g. Gemma's): checked on the probes, to be read from the positions
     instead (their length would otherwise depend on input values)."""
-    from lmc.core.runtime import session
-
     pasts = {p.past.name for p in pairs}
     candidates = [n.outputs[0] for n in graph.nodes if ir.is_op(n, "Range") and ir.scalar_value(n.inputs[2]) == 1
                   and ir.cone([n.outputs[0]])[1] & pasts]
@@ -184,8 +183,6 @@ def mask_keeps(graph: gs.Graph, roles: Roles, pairs: list[CachePair], sites: lis
     cone under onnxruntime (the batch is the graph's bound batch). An additive mask must be exactly 0 where
     it keeps a key; anything else (a position bias) is refused here. None when the cone is too heavy to
     probe (its weights exceed ``PROBE_WEIGHT_LIMIT``: the masks read shapes only running the layers gives)."""
-    from lmc.core.runtime import session
-
     if not probeable(graph, pairs, sites):
         return None
     masks = list({id(s.mask): s.mask for s in sites}.values())

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
+from lmc.passes.fold_constants import fold_to_fixed_point
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def bind_cross_state(graph: gs.Graph, cross: CrossState, batch: int, length: int
 
 
 def _fold(graph: gs.Graph) -> None:
-    from lmc.passes.fold_constants import fold_to_fixed_point
-
     shapes.infer_shapes(graph)
     fold_to_fixed_point(graph, 6)
 

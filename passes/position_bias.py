@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lmc.core import ir
+from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
+from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core.runtime import session
 from lmc.passes.cache_sites import MASKED, AttentionSite, CachePair, find_cache_pairs, find_roles, find_sites
+from lmc.passes.fold_constants import fold_to_fixed_point
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +93,6 @@ def _biased(value: np.ndarray, p: int, s: int) -> bool:
 def measure_bias(graph: gs.Graph, slots: int, chunk: int) -> dict[str, BiasTable]:
     """The bias table of every self-attention whose additive mask carries one, by its key ``present``
     name (empty when none does); LmcError when a bias is not a function of the query–key distance."""
-    from lmc.core.runtime import session
-
     pairs = find_cache_pairs(graph)
     sites = [x for x in find_sites(graph, pairs) if x.mask_kind == "additive"]
     if not sites:
@@ -263,12 +265,6 @@ def split_decoder_bias(model_path, context: int, chunk: int, work) -> tuple[obje
     the model with each bias split off (``split_bias``), saved in folder ``work`` for the generation compile,
     and the tables ``RestorePositionBias`` puts back after the state rewrite; None when no mask carries one
     (the model is then compiled as it is). The saved model holds its weights (up to 1 GiB)."""
-    from pathlib import Path
-
-    from lmc.core import shapes
-    from lmc.core.model_io import load_model
-    from lmc.passes.fold_constants import fold_to_fixed_point
-
     graph = ir.to_graph(load_model(model_path))
     shapes.infer_shapes(graph)
     fold_to_fixed_point(graph)

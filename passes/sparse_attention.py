@@ -28,6 +28,8 @@ import onnx_graphsurgeon as gs
 from lmc.core import ir
 from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.fuse.attention import ATTENTION, AttentionRule
+from lmc.passes.fuse.rule import Match, can_run
 
 MASKED = float("-inf")
 
@@ -238,9 +240,6 @@ class SparseAttention:
 def _fuse_for_chunking(graph: gs.Graph, ctx: PassContext | None, names: ir.Namer) -> None:
     """Recognise decomposed attention (``AttentionRule``) even where the target has no fused kernel: the
     Attention nodes made here are all lowered back to standard ops, chunk by chunk, by this pass."""
-    from lmc.passes.fuse.attention import AttentionRule
-    from lmc.passes.fuse.rule import Match
-
     rule, removed = AttentionRule(), set()
     for anchor in reversed(list(graph.nodes)):
         if id(anchor) in removed or not anchor.outputs:
@@ -253,9 +252,6 @@ def _fuse_for_chunking(graph: gs.Graph, ctx: PassContext | None, names: ir.Namer
 
 
 def _can_emit_attention(graph: gs.Graph, ctx: PassContext | None) -> bool:
-    from lmc.passes.fuse.attention import ATTENTION
-    from lmc.passes.fuse.rule import can_run
-
     return ctx is None or ctx.target is None or can_run(graph, ATTENTION, ctx) is None
 
 

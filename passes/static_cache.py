@@ -41,6 +41,7 @@ from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.cache_masks import MaskPattern, check_masks, position_ranges
 from lmc.passes.cache_sites import Roles, find_cache_pairs, find_roles, find_sites
+from lmc.passes.upgrade_opset import UpgradeOpset
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ class StaticKVCache:
     @staticmethod
     def _require_opset(graph: gs.Graph, ctx: PassContext | None) -> None:
         """TensorScatter and Attention with ``nonpad_kv_seqlen`` are opset 24: upgrade, or say why not."""
-        from lmc.passes.upgrade_opset import UpgradeOpset
-
         target = getattr(ctx, "target", None)
         if target is not None and "TensorScatter" not in target.tuning.fused_ops:
             raise LmcError(f"--context: target {target.name} has no in-place cache kernel (TensorScatter-24); "

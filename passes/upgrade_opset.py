@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import defs
 
-from lmc.core import ir
+from lmc.core import ir, runtime
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 
 AXES_TO_INPUT_AT_18 = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -129,10 +129,8 @@ def _probe(node: gs.Node, current: int, opset: int) -> str | None:
     """None when onnxruntime loads ``node`` alone at ``opset``, else its reason (cached)."""
     key = (node.op, node.domain or "", opset, tuple(ir.onnx_dtype(t.dtype) for t in node.inputs if t.name))
     if key not in _PROBE_CACHE:
-        from lmc.core.runtime import session
-
         try:
-            session(_probe_model(node, current, opset), optimize=False, log_level=4)
+            runtime.session(_probe_model(node, current, opset), optimize=False, log_level=4)
             _PROBE_CACHE[key] = None
         except Exception as exc:  # onnxruntime raises several types; the message is the reason
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.pass_manager import PassContext
+from lmc.core.runtime import session
 from lmc.passes.fuse.rule import Match, OpRef, Reject, produced_by, replace_subgraph
 
 ATTENTION = OpRef("Attention", "", 23)
@@ -120,8 +121,6 @@ def constant_value(graph: gs.Graph, t: gs.Tensor, cache: dict | None = None) -> 
     nodes, leaves = ir.cone([t], graph)
     value = None
     if not leaves and not any(ir.has_subgraph(n) or n.op.startswith("Random") for n in nodes):
-        from lmc.core.runtime import session
-
         try:
             value = np.asarray(session(ir.cone_model(graph, [t], inputs=[]), optimize=False).run(None, {})[0])
         except Exception:  # onnxruntime's own errors: the mask stays unknown, the rule says why

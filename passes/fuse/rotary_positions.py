@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.pass_manager import PassContext
+from lmc.core.runtime import session
 from lmc.passes.fuse.rotary import ROTARY, _rotate_half
 from lmc.passes.fuse.rule import Match, Reject, produced_by, replace_subgraph, sole_reader
 
@@ -37,8 +38,6 @@ class PositionTables:
 
     @staticmethod
     def _evaluate(graph, t, positions, rows) -> np.ndarray | str:
-        from lmc.core.runtime import session
-
         model = ir.cone_model(graph, [t], inputs=[positions])
         b, s = (int(d) for d in positions.shape)
         sess = session(model, optimize=False)

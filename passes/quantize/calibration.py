@@ -27,6 +27,7 @@ from lmc.core import ir
 from lmc.core.errors import LmcError
 from lmc.core.external_data import PAGE_BYTES, externalize
 from lmc.core.runtime import session
+from lmc.core.weights import FileValues
 
 log = logging.getLogger(__name__)
 CALIB_MODEL, CALIB_WEIGHTS = "calib.onnx", "calib.weights"   # a streamed calibration session's files
@@ -38,8 +39,6 @@ INLINE_BYTES = 4096               # ir.export_skeleton keeps constants this smal
 def _in_memory_bytes(graph: gs.Graph) -> int:
     """Weight bytes the graph holds in memory: file-backed weights (``weights.FileValues``) are linked into a
     session, not copied, so only the rest decides whether to stream."""
-    from lmc.core.weights import FileValues
-
     return sum(ir.tensor_nbytes(c) or 0 for c in ir.constants(graph) if not isinstance(c._values, FileValues))
 
 
