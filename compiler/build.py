@@ -118,7 +118,7 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
         if options.max_ram is None:
             raise
         attempts = [("as asked", first)]
-        for name, candidate in fitting_candidates(options, options.allow_approx):
+        for name, candidate in fitting_candidates(options, options.allow_approx, load_target(options.target)):
             log.info("over budget: trying %s", name)
             try:
                 result = _build_once(model_path, candidate, out_dir, on_pass, progress)
@@ -141,8 +141,6 @@ def _build_once(model_path, options: BuildOptions, out_dir, on_pass, progress) -
 
 
 def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spill) -> BuildResult:
-    if options.block_size not in (16, 32, 64, 128, 256):
-        raise LmcError(f"--block-size must be a power of two from 16 to 256, got {options.block_size}")
     start = time.perf_counter()
     target = load_target(options.target)
     out_dir = Path(out_dir)
@@ -332,10 +330,12 @@ def _check_budget(plan: MemoryPlan, options: BuildOptions, target: Target) -> No
                              f"it is made of {dominant_parts(plan)}", plan)
 
 
-def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[str, BuildOptions]]:
+def fitting_candidates(options: BuildOptions, allow_approx: bool, target: Target) -> list[tuple[str, BuildOptions]]:
     """What ``--max-ram`` tries when the build as asked is over budget: the exact means first (outputs
-    planned over dying inputs, attention in chunks), then — only with ``allow_approx`` — quantization,
-    in order of the error it measured on language models (int8 weights, w8a8 with calibration, int4)."""
+    planned over dying inputs, attention in chunks), then — only with ``allow_approx`` — quantization: the
+    target's ``preferred_quantization`` first (w8a8 on microcontrollers: int8 activations shrink the arena,
+    weight-only int8 does not), then the rest in order of the error measured on language models (int8
+    weights, w8a8 with calibration, int4); w8a8 only with ``--calib``."""
     exact = [("--in-place", dataclasses.replace(options, inplace=True))]
     spec = options.attention_spec
     if spec.kind.value == "dense":
@@ -345,6 +345,10 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool) -> list[tuple[
     if allow_approx and options.quantize is QuantizeMode.NONE:
         base_name, base = found[-1] if found else ("", options)
         modes = [QuantizeMode.INT8] + ([QuantizeMode.W8A8] if options.calib else []) + [QuantizeMode.INT4]
+        preferred = QuantizeMode(target.tuning.preferred_quantization)
+        if preferred in modes:
+            modes.remove(preferred)
+            modes.insert(0, preferred)
         for mode in modes:
             found.append((f"{base_name} --quantize {mode.value}".strip(), dataclasses.replace(base, quantize=mode)))
     return found

@@ -154,8 +154,8 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="none keeps the model exact; int8: weights per channel; int4: weights in blocks (with --calib: "
                    "GPTQ, and the embedding/tied head at 4 bits too; without: that table at int8); w8a8: int8 "
                    "weights and activations (needs --calib).")
-@click.option("--block-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="int4 block size (power of two, 16..256).")
+@click.option("--block-size", default=None, type=click.IntRange(min=1),
+              help="int4 block size (power of two, 16..256)  [default: the target's int4_block_size, see lmc targets]")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile", "entropy"]), default="mse",
@@ -589,11 +589,13 @@ def targets(as_json):
     for t in found:
         m = t.memory
         click.echo(f"{t.name}: {t.description}")
-        click.echo(f"  isa      {t.isa.arch} [{', '.join(sorted(t.isa.features))}]")
+        click.echo(f"  isa      {t.isa.arch} [{', '.join(sorted(t.isa.features))}], int8 products "
+                   f"{t.isa.int8_products.value}")
         click.echo(f"  runtime  {t.tuning.runtime} {t.tuning.runtime_version}, opset <= {t.tuning.max_opset}, "
                    f"fused ops: {', '.join(sorted(t.tuning.fused_ops))}")
-        click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}, "
-                   f"cache line {m.cache_line}")
+        click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}")
+        click.echo(f"  quantize preferred {t.tuning.preferred_quantization} (first tried by --max-ram --allow-approx), "
+                   f"int4 blocks of {t.tuning.int4_block_size} unless --block-size")
 
 
 GLOBAL_FLAGS = {"--debug", "-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}

@@ -57,7 +57,7 @@ class BuildOptions:
     allow_approx: bool = False           # --max-ram may choose quantization to fit
     inplace: bool = False                # plan elementwise/view outputs over their dying inputs
     ort_format: bool = False             # also write ORT Mobile files (model.ort + required_operators.config)
-    block_size: int = 32
+    block_size: int | None = None        # int4 block; None: the target's int4_block_size
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
     calib_samples: int = 32
@@ -80,6 +80,8 @@ class BuildOptions:
         object.__setattr__(self, "attention_spec", AttentionSpec.parse(str(self.attention or "dense")))
         object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
         generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
         if self.tokenizer is not None:
             if self.context is None:
@@ -119,6 +121,7 @@ class BuildOptions:
         return found + ([] if spec.exact else [str(spec)]) + kv
 
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 GENERATION_DEFAULTS = {"batch": 1, "prefill_chunk": 64, "kv_cache": "float"}    # given only with context
 
 

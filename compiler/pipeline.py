@@ -83,7 +83,7 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
         table_bits = options.table_bits
-        return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size, table_bits=table_bits,
+        return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size or target.tuning.int4_block_size, table_bits=table_bits,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":
         from lmc.passes.merge_matmuls import MergeParallelMatMuls

@@ -30,6 +30,7 @@ class WeightsPlacement(enum.Enum):
     RAM = "ram"      # weights copied into RAM: they count in the RAM peak
 
 
+QUANTIZATIONS = ("int8", "int4", "w8a8")     # what tuning.preferred_quantization may name (lmc build --quantize)
 VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
 
 
@@ -70,8 +71,6 @@ class MemoryMode:
     ram_bytes: int
     weights_placement: WeightsPlacement
     alignment: int
-    cache_line: int
-    l2_bytes: int
     external_data_threshold: int
     fold_max_bytes: int
 
@@ -106,8 +105,6 @@ class Target:
                 "ram_bytes": self.memory.ram_bytes,
                 "weights_placement": self.memory.weights_placement.value,
                 "alignment": self.memory.alignment,
-                "cache_line": self.memory.cache_line,
-                "l2_bytes": self.memory.l2_bytes,
                 "external_data_threshold": self.memory.external_data_threshold,
                 "fold_max_bytes": self.memory.fold_max_bytes,
             },
@@ -120,6 +117,13 @@ def _parse(data: dict, source: str) -> Target:
         alignment = int(memory["alignment"])
         if alignment <= 0 or alignment & (alignment - 1):
             raise TargetError(f"{source}: memory.alignment must be a power of two, got {alignment}")
+        preferred = str(tuning.get("preferred_quantization", "int8"))
+        if preferred not in QUANTIZATIONS:
+            raise TargetError(f"{source}: tuning.preferred_quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                              f"got {preferred!r}")
+        block = int(tuning.get("int4_block_size", 32))
+        if block not in (16, 32, 64, 128, 256):
+            raise TargetError(f"{source}: tuning.int4_block_size must be a power of two from 16 to 256, got {block}")
         return Target(
             name=str(data["name"]),
             description=str(data.get("description", "")),
@@ -131,16 +135,14 @@ def _parse(data: dict, source: str) -> Target:
                 max_opset=int(tuning["max_opset"]),
                 allowed_domains=frozenset(tuning.get("allowed_domains", [""])),
                 fused_ops=frozenset(tuning.get("fused_ops", [])),
-                preferred_quantization=str(tuning.get("preferred_quantization", "int8")),
-                int4_block_size=int(tuning.get("int4_block_size", 32)),
+                preferred_quantization=preferred,
+                int4_block_size=block,
                 nbits_accuracy_level=int(tuning.get("nbits_accuracy_level", 0)),
             ),
             memory=MemoryMode(
                 ram_bytes=int(memory["ram_bytes"]),
                 weights_placement=WeightsPlacement(memory["weights_placement"]),
                 alignment=alignment,
-                cache_line=int(memory.get("cache_line", alignment)),
-                l2_bytes=int(memory.get("l2_bytes", 0)),
                 external_data_threshold=int(memory.get("external_data_threshold", 1024)),
                 fold_max_bytes=int(memory.get("fold_max_bytes", 1 << 22)),
             ),

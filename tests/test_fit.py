@@ -56,3 +56,50 @@ def test_quantization_only_with_allow_approx(llama, tmp_path):
     import dataclasses
     fitted = build(llama, dataclasses.replace(opts, allow_approx=True), tmp_path / "q")
     assert fitted.fitted.endswith("--quantize int8") and fitted.plan.peak_ram_bytes <= budget
+
+
+def test_the_targets_preferred_quantization_is_tried_first():
+    """cortex-m55 prefers w8a8 (int8 activations shrink the arena; weight-only int8 does not): with
+    calibration data it comes first, without it w8a8 cannot run and the error-ordered list stays."""
+    from lmc.compiler.build import QuantizeMode, fitting_candidates
+    from lmc.targets.target import load_target
+
+    m55, x86 = load_target("cortex-m55"), load_target("x86-64")
+    opts = BuildOptions(target="cortex-m55", input_shapes={"input_ids": (1, 8)}, calib="calib.npz")
+    modes = [o.quantize for _, o in fitting_candidates(opts, True, m55) if o.quantize is not QuantizeMode.NONE]
+    assert modes == [QuantizeMode.W8A8, QuantizeMode.INT8, QuantizeMode.INT4]
+    assert [o.quantize for _, o in fitting_candidates(opts, True, x86)][-3:] == [
+        QuantizeMode.INT8, QuantizeMode.W8A8, QuantizeMode.INT4]
+    plain = BuildOptions(target="cortex-m55", input_shapes={"input_ids": (1, 8)})
+    assert [o.quantize for _, o in fitting_candidates(plain, True, m55)][-2:] == [QuantizeMode.INT8, QuantizeMode.INT4]
+    assert all(o.quantize is QuantizeMode.NONE for _, o in fitting_candidates(opts, False, m55))
+
+
+def test_int4_blocks_default_to_the_targets(llama, tmp_path):
+    """--block-size unset: the target file's int4_block_size; given, it wins; bad values are one-line errors."""
+    from lmc.compiler.build import QuantizeMode
+    from lmc.core.errors import LmcError, TargetError
+    from lmc.targets.target import load_target
+
+    text = (TARGETS / "x86_64.toml").read_text().replace("int4_block_size = 32", "int4_block_size = 16")
+    target = tmp_path / "b16.toml"
+    target.write_text(text.replace('name = "x86-64"', 'name = "x86-64-b16"'))
+
+    def blocks(out, **kw):
+        build(llama, BuildOptions(target=str(target), input_shapes={"input_ids": (1, 16)}, quantize=QuantizeMode.INT4,
+                                  verify=False, **kw), out)
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        return {a.i for n in model.graph.node if n.op_type == "DequantizeLinear"
+                for a in n.attribute if a.name == "block_size"}
+
+    assert blocks(tmp_path / "t") == {16}
+    assert blocks(tmp_path / "u", block_size=64) == {64}
+    with pytest.raises(LmcError, match="--block-size must be a power of two"):
+        BuildOptions(block_size=24)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("int4_block_size = 16", "int4_block_size = 24"))
+    with pytest.raises(TargetError, match="int4_block_size"):
+        load_target(str(bad))
+    bad.write_text(text.replace('preferred_quantization = "int8"', 'preferred_quantization = "fp8"'))
+    with pytest.raises(TargetError, match="preferred_quantization"):
+        load_target(str(bad))
