@@ -158,6 +158,12 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="int4 block size (power of two, 16..256)  [default: the target's int4_block_size, see lmc targets]")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
+@click.option("--prune", metavar="mlp=F[,heads=F][,kv=F]",
+              help="Structured pruning (approximate, needs --calib): remove the fraction F of MLP channels, of each "
+                   "key/value group's query heads (heads=, e.g. 1/3), and of whole key/value groups with their "
+                   "cache (kv=), the least salient on the calibration data, globally across layers; the "
+                   "projection reading them is refit by least squares. Runs before --quantize.")
+@click.option("--prune-per-layer", is_flag=True, help="--prune the same share from every layer.")
 @click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile", "entropy"]), default="mse",
               show_default=True, help="w8a8 activation ranges: searched by measured error (mse) or a fixed "
                                       "statistic.")
@@ -205,7 +211,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Max relative output error accepted by the built-in verification (at least twice the "
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, calib_method, calib_samples, attention,
+def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, prune, prune_per_layer, calib_method, calib_samples, attention,
           context, batch, prefill_chunk, kv_cache, tokenizer, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
@@ -220,7 +226,8 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            input_values=parse_input_values(input_values),
                            quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
-                           calib_method=calib_method, calib_samples=calib_samples,
+                           calib_method=calib_method, calib_samples=calib_samples, prune=prune,
+                           prune_per_layer=prune_per_layer,
                            attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
                            ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
                            encoder_length=encoder_length, tokenizer=tokenizer,

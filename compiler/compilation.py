@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassManager, PassRecord
 from lmc.compiler.verify import DEFAULT_TOLERANCE
+from lmc.passes.prune import PruneSpec
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.targets.target import Target
 
@@ -72,13 +73,24 @@ class BuildOptions:
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
+    prune: str | None = None             # mlp=F[,heads=F][,kv=F]: structured pruning (approximate, needs calib)
+    prune_per_layer: bool = False        # the same share from every layer instead of one global ranking
     attention_spec: AttentionSpec = field(init=False, repr=False, compare=False)    # ``attention``, parsed once
+    prune_spec: PruneSpec | None = field(init=False, repr=False, compare=False)     # ``prune``, parsed once
 
     def __post_init__(self):
         from lmc.passes.quantize.w8a8 import CalibMethod
 
         object.__setattr__(self, "attention_spec", AttentionSpec.parse(str(self.attention or "dense")))
         object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
+        object.__setattr__(self, "prune_spec", PruneSpec.parse(self.prune, self.prune_per_layer) if self.prune else None)
+        if self.prune_per_layer and not self.prune:
+            raise LmcError("--prune-per-layer applies only with --prune")
+        if self.prune and not self.calib:
+            raise LmcError("--prune needs --calib calib.npz: which channels and heads go, and the compensation, "
+                           "are measured on it")
+        if self.prune and self.context is not None:
+            raise LmcError("--prune applies to one-shot builds only for now; drop --context or --prune")
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
@@ -118,7 +130,8 @@ class BuildOptions:
         found = [self.quantize.value] if self.quantize is not QuantizeMode.NONE else []
         spec = self.attention_spec
         kv = ["kv-cache int8"] if self.context is not None and self.kv_cache == "int8" else []
-        return found + ([] if spec.exact else [str(spec)]) + kv
+        pruned = [f"prune {self.prune_spec}"] if self.prune_spec else []
+        return pruned + found + ([] if spec.exact else [str(spec)]) + kv
 
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -19,6 +19,8 @@ from lmc.passes.fold_constants import FoldConstants
 from lmc.passes.fold_matmul_scale import FoldMatMulScale
 from lmc.passes.merge_matmuls import MergeParallelMatMuls
 from lmc.passes.moe_routing import MoeRouting
+from lmc.passes.prune import Prune, PruneConfig
+from lmc.passes.quantize.calibration import load_calibration
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
@@ -94,6 +96,17 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
     raise LmcError(f"--quantize {mode} is not available")
 
 
+def prune_passes(options: BuildOptions, graph_inputs: list[str], feeds: list[dict] | None = None) -> list:
+    """``--prune``: structured pruning calibrated on ``feeds`` (default: ``options.calib`` read for
+    ``graph_inputs``), before any quantization (which then quantizes the smaller weights)."""
+    spec = options.prune_spec
+    if spec is None:
+        return []
+    if feeds is None:
+        feeds = load_calibration(options.calib, graph_inputs, options.calib_samples, shapes=options.input_shapes)
+    return [Prune(PruneConfig(spec, feeds)), DedupWeights(), Cleanup()]
+
+
 def pass_names(options: BuildOptions | None = None, target=None) -> list[str]:
     return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)]
 
@@ -124,6 +137,7 @@ def default_pipeline(options: BuildOptions, target, graph_inputs: list[str] | No
         *state,
         *[p for p in optional_passes(options, target) if p.name not in disabled],
         Cleanup(),
+        *([] if options.context else prune_passes(options, graph_inputs or [])),
         *([] if options.context else attention_passes(options)),
         *([] if options.context else quantize_passes(options, target, graph_inputs or [])),
     ]

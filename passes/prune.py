@@ -1,0 +1,331 @@
+"""Structured pruning (approximate): whole MLP channels, query heads and key/value groups leave the graph,
+chosen by a measured saliency on calibration data and compensated by a least-squares refit of the weight
+that reads them (the math: ``lmc.passes.prune_fit``).
+
+Sites, matched on the fused graph (static shapes):
+- MLP: ``MatMul(h, W_down[I, N])`` where h comes from MatMuls ``x · W[D, I]`` (their constant columns) through
+  channel-wise ops only — activations (Sigmoid, QuickGelu, Gelu, Relu, …) and Mul/Add/Sub/Div of such tensors
+  or of constants [I] / scalars — each intermediate read only inside the MLP. Removing channel j drops
+  column j of every producer weight and bias and row j of W_down.
+- Attention: ONNX ``Attention`` over [B, H, S, d] q/k/v, each ``Transpose(Reshape(x · W [+ b]))`` with an
+  optional ``RotaryEmbedding`` (its tables are per position, shared by every head), read by
+  ``Reshape(Transpose(·)) · W_o[H·d, N]``. Query head h belongs to key/value group h // (H / H_kv); every
+  kept group keeps the same number of query heads (the op's grouping), so ``heads=F`` removes that share of
+  each group's query heads and ``kv=F`` removes whole groups — with their keys, values and query heads.
+  Reshape targets and head-count attributes follow.
+A candidate (an MLP-looking MatMul, an Attention node) whose pruned dimension is read by something else, or
+that does not fit the form, is refused with the reason — never pruned half-way.
+
+Choice: the units (channels, heads, groups) of least saliency go — globally across layers by default (one
+ranking of every layer's units; a layer gives at most ``MAX_SHARE`` of its channels, and keeps at least one
+query head per group and one group), or the same share from each layer (``per_layer``). Compensation:
+W_down / W_o's kept rows are refit to the calibration activations of the original model. Each site's
+relative output error (with and without the refit) goes to the report.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lmc.core import ir
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.passes.prune_fit import (Step, choose_global, magnitude_saliency, measured_saliency, refit,
+                                  unit_rows)
+from lmc.passes.prune_sites import AttentionSite, Cut, Dim, MlpSite, TargetFix, find_sites
+from lmc.passes.quantize.calibration import Calibrator
+
+log = logging.getLogger(__name__)
+
+MAX_SHARE = 0.75        # global choice: a layer gives at most this share of its MLP channels
+
+
+class Saliency(enum.Enum):
+    MEASURED = "measured"        # activation statistics × weight norms (the default)
+    MAGNITUDE = "magnitude"      # weight norms only (a comparison baseline)
+
+
+def _fraction(key: str, text: str) -> float:
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise LmcError(f"--prune {key}={text}: not a number (a fraction such as 0.2 or 1/3)") from None
+    if not 0.0 <= value < 1.0:
+        raise LmcError(f"--prune {key}={text}: the fraction removed must be at least 0 and below 1")
+    return value
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """``--prune mlp=F[,heads=F][,kv=F]``: fractions of MLP channels, of each kv group's query heads, and of
+    whole kv groups. ``choose=magnitude`` and ``refit=off`` select the comparison baselines."""
+
+    mlp: float = 0.0
+    heads: float = 0.0
+    kv: float = 0.0
+    saliency: Saliency = Saliency.MEASURED
+    compensate: bool = True
+    per_layer: bool = False
+
+    @classmethod
+    def parse(cls, text: str, per_layer: bool = False) -> PruneSpec:
+        values: dict = {"per_layer": per_layer}
+        for part in (p for p in str(text).split(",") if p.strip()):
+            key, eq, value = part.partition("=")
+            key = key.strip().lower()
+            if not eq:
+                raise LmcError(f"--prune: expected KEY=VALUE, got {part!r} (e.g. mlp=0.2,heads=1/3)")
+            if key in ("mlp", "heads", "kv"):
+                values[key] = _fraction(key, value)
+            elif key == "choose":
+                try:
+                    values["saliency"] = Saliency(value.strip().lower())
+                except ValueError:
+                    raise LmcError(f"--prune choose= must be measured or magnitude, got {value!r}") from None
+            elif key == "refit":
+                if value.strip().lower() not in ("on", "off"):
+                    raise LmcError(f"--prune refit= must be on or off, got {value!r}")
+                values["compensate"] = value.strip().lower() == "on"
+            else:
+                raise LmcError(f"--prune: unknown key {key!r} (mlp, heads, kv; choose, refit)")
+        spec = cls(**values)
+        if not (spec.mlp or spec.heads or spec.kv):
+            raise LmcError(f"--prune {text!r} removes nothing: give mlp=F, heads=F or kv=F with F > 0")
+        return spec
+
+    def __str__(self) -> str:
+        parts = [f"{k}={getattr(self, k):.3g}" for k in ("mlp", "heads", "kv") if getattr(self, k)]
+        if self.saliency is not Saliency.MEASURED:
+            parts.append(f"choose={self.saliency.value}")
+        if not self.compensate:
+            parts.append("refit=off")
+        return ",".join(parts) + (" per layer" if self.per_layer else "")
+
+
+# --------------------------------------------------------------------------------------------- the pass
+@dataclass
+class SiteReport:
+    name: str
+    kind: str                  # "mlp" | "attention"
+    removed: str               # what went, in words
+    kept_units: int
+    units: int
+    rel_error: float           # output error of the site's reader on the calibration data, as built
+    rel_error_plain: float     # the same without the refit
+
+
+@dataclass
+class PruneConfig:
+    spec: PruneSpec
+    calib_feeds: list[dict] = field(default_factory=list)
+
+
+def _budget(fraction: float, total: int) -> int:
+    return int(math.floor(fraction * total + 0.5))
+
+
+class Prune:
+    """The pruning pass (see the module docstring). ``reports`` holds the last run's per-site results."""
+
+    name = "prune"
+    kind = PassKind.APPROXIMATE
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER, Requirement.STATIC_SHAPES})
+    in_place = True
+    preserves_shapes = True      # every pruned axis is set to its new size (``_resize``)
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+        self.reports: list[SiteReport] = []
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        spec = self.config.spec
+        if not self.config.calib_feeds:
+            raise LmcError("--prune needs --calib calib.npz: the saliency and the compensation are measured on it")
+        mlps, atts = find_sites(graph, bool(spec.mlp), bool(spec.heads or spec.kv))
+        readers = [s.reader.inputs[0].name for s in [*mlps, *atts]]
+        with Calibrator(graph, readers, self.config.calib_feeds) as calibrator:
+            stats = calibrator.run(gram=True, progress=lambda i, n: ctx.report("pruning: calibrating", i, n))
+        grams = {}
+        for name, st in stats.items():
+            rows = float(np.trace(st.gram)) / max(float(st.second_moment.sum()), 1e-30)
+            grams[name] = st.gram / max(rows, 1.0)
+        self.reports = []
+        namer = ir.Namer(graph)
+        if mlps:
+            self._prune_mlps(mlps, grams, namer)
+        if atts:
+            self._prune_heads(atts, grams, namer)
+        notes = [f"{r.name} ({r.kind}): {r.removed}; output error {100 * r.rel_error:.2f}%"
+                 + (f" (without the refit {100 * r.rel_error_plain:.2f}%)" if spec.compensate else "")
+                 for r in self.reports]
+        stats_out: dict[str, int | float] = {
+            "mlp_channels_removed": sum(r.units - r.kept_units for r in self.reports if r.kind == "mlp"),
+            "query_heads_removed": sum(r.units - r.kept_units for r in self.reports if r.kind == "attention"),
+            "max_rel_error": max((r.rel_error for r in self.reports), default=0.0)}
+        modified = any(r.kept_units < r.units for r in self.reports)
+        return PassResult(graph, modified, stats_out, notes, approximation=f"prune {spec}" if modified else None)
+
+    # ----------------------------------------------------------------------------------------- MLP
+    def _scores(self, site, grams, unit_size: int, producers: list[Cut]) -> np.ndarray:
+        weight = ir.const_value(site.reader.inputs[1])
+        if self.config.spec.saliency is Saliency.MAGNITUDE:
+            return magnitude_saliency(weight, [ir.const_value(c.node.inputs[c.slot]).reshape(-1, weight.shape[0])
+                                               for c in producers if c.slot == 1 and c.axis == 1], unit_size)
+        return measured_saliency(grams[site.reader.inputs[0].name], weight, unit_size)
+
+    def _prune_mlps(self, sites: list[MlpSite], grams, namer) -> None:
+        spec = self.config.spec
+        steps: dict[int, list[Step]] = {}
+        for i, site in enumerate(sites):
+            scores = self._scores(site, grams, 1, site.cuts)
+            order = np.argsort(scores, kind="stable")
+            steps[i] = [Step(i, 1, float(scores[j]), (int(j),)) for j in order]
+        if spec.per_layer:
+            chosen: dict[int, list[int]] = {}
+            for i, site in enumerate(sites):
+                n = _budget(spec.mlp, site.channels)
+                if n >= site.channels:
+                    raise LmcError(f"--prune mlp={spec.mlp:.3g} leaves {site.name} without channels")
+                chosen[i] = [s.units[0] for s in steps[i][:n]]
+        else:
+            total = sum(s.channels for s in sites)
+            caps = {i: int(MAX_SHARE * s.channels) for i, s in enumerate(sites)}
+            budget = _budget(spec.mlp, total)
+            if budget > sum(caps.values()):
+                raise LmcError(f"--prune mlp={spec.mlp:.3g} would leave layers with under "
+                               f"{100 * (1 - MAX_SHARE):.0f}% of their channels")
+            chosen = {i: [] for i in range(len(sites))}
+            for step in choose_global(steps, budget, caps):
+                chosen[step.site].append(step.units[0])
+        for i, site in enumerate(sites):
+            drop = set(chosen[i])
+            keep = np.array([j for j in range(site.channels) if j not in drop], dtype=np.int64)
+            fit = self._refit(site.reader, grams, keep)
+            if drop:
+                for cut in site.cuts:
+                    _slice(cut, keep, namer)
+                _set_weight(site.reader, fit.weight, namer)
+                _resize(site.dims, {"mlp": len(keep)})
+            self.reports.append(SiteReport(site.name, "mlp", f"{len(drop)} of {site.channels} channels",
+                                           len(keep), site.channels, fit.rel_error, fit.rel_error_plain))
+
+    def _refit(self, reader: gs.Node, grams, keep_rows: np.ndarray):
+        weight = ir.const_value(reader.inputs[1])
+        return refit(grams[reader.inputs[0].name], weight, keep_rows, self.config.spec.compensate)
+
+    # ----------------------------------------------------------------------------------------- heads
+    def _prune_heads(self, sites: list[AttentionSite], grams, namer) -> None:
+        spec = self.config.spec
+        head_scores = [self._scores(s, grams, s.head_dim, s.q_cuts) for s in sites]
+        groups = [list(range(s.kv_heads)) for s in sites]           # kept kv groups per site
+        if spec.kv:
+            steps = {}
+            for i, s in enumerate(sites):
+                g = head_scores[i].reshape(s.kv_heads, s.group).sum(axis=1)
+                steps[i] = [Step(i, 1, float(g[j]), (int(j),)) for j in np.argsort(g, kind="stable")]
+            gone = self._choose(sites, steps, spec.kv, [s.kv_heads for s in sites], "kv",
+                                lambda s: f"all {s.kv_heads} key/value groups")
+            groups = [[j for j in range(s.kv_heads) if j not in gone[i]] for i, s in enumerate(sites)]
+        heads = [[j * s.group + h for j in groups[i] for h in range(s.group)] for i, s in enumerate(sites)]
+        if spec.heads:
+            steps = {}
+            for i, s in enumerate(sites):
+                ranked = [sorted(range(s.group), key=lambda h: head_scores[i][j * s.group + h]) for j in groups[i]]
+                steps[i] = [Step(i, len(groups[i]),
+                                 float(sum(head_scores[i][j * s.group + r[level]] for j, r in zip(groups[i], ranked))),
+                                 tuple(j * s.group + r[level] for j, r in zip(groups[i], ranked)))
+                            for level in range(s.group)]
+            gone = self._choose(sites, steps, spec.heads, [s.group for s in sites], "heads",
+                                lambda s: f"every query head of a key/value group of {s.group} (use kv= to remove "
+                                          "whole groups)", per_group=True, groups=groups)
+            heads = [[h for h in heads[i] if h not in gone[i]] for i in range(len(sites))]
+        for i, site in enumerate(sites):
+            self._apply_heads(site, groups[i], heads[i], grams, namer)
+
+    def _choose(self, sites, steps, fraction, levels, key, empty, per_group=False, groups=None) -> list[set[int]]:
+        """Units removed per site: ``fraction`` of each site's (per-layer) or of all (global) steps' costs."""
+        gone: list[set[int]] = [set() for _ in sites]
+        if self.config.spec.per_layer:
+            for i, s in enumerate(sites):
+                n = _budget(fraction, levels[i])
+                if n >= levels[i]:
+                    raise LmcError(f"--prune {key}={fraction:.3g} removes {empty(s)} of {s.name}")
+                for step in steps[i][:n]:
+                    gone[i].update(step.units)
+            return gone
+        total = sum(step.cost for i in steps for step in steps[i])
+        budget = _budget(fraction, total)
+        caps = {i: levels[i] - 1 for i in range(len(sites))}
+        taken = choose_global(steps, budget, caps)
+        spent = sum(step.cost for step in taken)
+        most = max(step.cost for i in steps for step in steps[i])
+        if budget - spent >= most:
+            raise LmcError(f"--prune {key}={fraction:.3g} cannot be met without removing {empty(sites[0])} "
+                           "in some layer")
+        for step in taken:
+            gone[step.site].update(step.units)
+        return gone
+
+    def _apply_heads(self, site: AttentionSite, groups: list[int], heads: list[int], grams, namer) -> None:
+        d = site.head_dim
+        keep_q = unit_rows(heads, d)
+        fit = self._refit(site.reader, grams, keep_q)
+        removed_q = site.heads - len(heads)
+        removed_kv = site.kv_heads - len(groups)
+        if removed_q:
+            keep_kv = unit_rows(groups, d)
+            for cut in site.q_cuts:
+                _slice(cut, keep_q, namer)
+            for cut in site.kv_cuts:
+                _slice(cut, keep_kv, namer)
+            for fix in site.q_fixes:
+                _fix_target(fix, len(heads), namer)
+            for fix in site.kv_fixes:
+                _fix_target(fix, len(groups), namer)
+            if "q_num_heads" in site.attention.attrs:
+                site.attention.attrs["q_num_heads"] = len(heads)
+            if "kv_num_heads" in site.attention.attrs:
+                site.attention.attrs["kv_num_heads"] = len(groups)
+            _set_weight(site.reader, fit.weight, namer)
+            _resize(site.dims, {"q": len(heads), "kv": len(groups)})
+        words = f"{removed_q} of {site.heads} query heads" + (f" ({', '.join(map(str, sorted(set(range(site.heads)) - set(heads))))})"
+                                                              if removed_q else "")
+        if removed_kv:
+            words += f", {removed_kv} of {site.kv_heads} key/value groups"
+        self.reports.append(SiteReport(site.name, "attention", words, len(heads), site.heads, fit.rel_error,
+                                       fit.rel_error_plain))
+
+
+def _slice(cut: Cut, keep: np.ndarray, namer) -> None:
+    old = cut.node.inputs[cut.slot]
+    value = np.ascontiguousarray(np.take(ir.const_value(old), keep, axis=cut.axis))
+    cut.node.inputs[cut.slot] = gs.Constant(namer.fresh(old.name + "_pruned"), value)
+
+
+def _set_weight(node: gs.Node, value: np.ndarray, namer) -> None:
+    old = node.inputs[1]
+    node.inputs[1] = gs.Constant(namer.fresh(old.name + "_pruned"), np.ascontiguousarray(value))
+
+
+def _fix_target(fix: TargetFix, units: int, namer) -> None:
+    old = fix.node.inputs[1]
+    value = ir.const_value(old).copy()
+    if int(value[fix.index]) != -1:
+        value[fix.index] = units * fix.per_unit
+    fix.node.inputs[1] = gs.Constant(namer.fresh(old.name + "_pruned"), value)
+
+
+def _resize(dims: list[Dim], units: dict[str, int]) -> None:
+    """Each listed tensor's pruned axis becomes the kept units × per unit (shapes stay exact: the fused
+    contrib ops on the way have no onnx shape inference)."""
+    for d in dims:
+        shape = list(d.tensor.shape)
+        shape[d.axis] = units[d.role] * d.per_unit
+        d.tensor.shape = shape

@@ -1,0 +1,217 @@
+"""Structured pruning (passes/prune.py, prune_sites.py, prune_fit.py) on the tiny Llama (4 query heads on 2
+key/value heads, MLP 128, 2 layers): the pruned graph runs, shapes and Reshape targets follow, the refit
+lowers the output error, and what cannot be pruned soundly is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from helpers import run_ort
+from lmc.compiler.build import build
+from lmc.compiler.compilation import BuildOptions, Compilation
+from lmc.compiler.pipeline import default_pipeline
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
+from lmc.core.pass_manager import PassContext
+from lmc.models import build_llama
+from lmc.models.llama import LlamaConfig
+from lmc.passes import prune as prune_pass
+from lmc.passes import prune_fit
+from lmc.passes.prune import Prune, PruneConfig, PruneSpec
+from lmc.targets.target import load_target
+
+SEQ = 16
+CFG = LlamaConfig()
+
+
+def _fused(cfg: LlamaConfig = CFG) -> gs.Graph:
+    options = BuildOptions(target="x86-64", input_shapes={"input_ids": (1, SEQ)})
+    target = load_target("x86-64")
+    graph = ir.to_graph(build_llama(cfg))
+    shapes.bind_input_shapes(graph, {"input_ids": (1, SEQ)})
+    shapes.infer_shapes(graph)
+    graph, _ = Compilation(options, target).run(graph, default_pipeline(options, target, ["input_ids"]))
+    return graph
+
+
+def _feeds(n: int = 8, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, CFG.vocab, (1, SEQ), dtype=np.int64)} for _ in range(n)]
+
+
+def _prune(graph: gs.Graph, text: str, per_layer: bool = False, feeds=None) -> tuple[gs.Graph, Prune, list]:
+    graph = ir.to_graph(ir.to_model(graph))      # a copy: the fused original stays as it was
+    p = Prune(PruneConfig(PruneSpec.parse(text, per_layer), feeds or _feeds()))
+    options = BuildOptions(target="x86-64", input_shapes={"input_ids": (1, SEQ)})
+    graph, records = Compilation(options, load_target("x86-64")).run(graph, [p])
+    return graph, p, records
+
+
+@pytest.fixture(scope="module")
+def fused() -> gs.Graph:
+    return _fused()
+
+
+def _matmul_weight(graph: gs.Graph, what: str) -> list[list[int]]:
+    """Shapes of the MatMul weights named blocks.<i>.<what> (pruned copies are named <name>_pruned)."""
+    return [list(n.inputs[1].shape) for n in graph.nodes if ir.is_op(n, "MatMul") and isinstance(n.inputs[1], gs.Constant)
+            and n.inputs[1].name.split("_pruned")[0].endswith("." + what)]
+
+
+def run_graph(graph: gs.Graph, feed: dict) -> list[np.ndarray]:
+    return run_ort(ir.to_model(graph), feed)
+
+
+def _logits_error(original: gs.Graph, pruned: gs.Graph, feeds) -> float:
+    """Mean squared logits difference over ``feeds`` (one session per graph, the feeds as one batch)."""
+    ids = {"input_ids": np.concatenate([f["input_ids"] for f in feeds])}
+    a, b = ir.to_model(original), ir.to_model(pruned)
+    return float(np.mean([np.mean((run_ort(a, {"input_ids": r[None]})[0] - run_ort(b, {"input_ids": r[None]})[0]) ** 2)
+                          for r in ids["input_ids"]]))
+
+
+def test_spec_parses_fractions_and_refuses_nonsense():
+    spec = PruneSpec.parse("mlp=0.2,heads=1/3")
+    assert spec.mlp == pytest.approx(0.2) and spec.heads == pytest.approx(1 / 3) and spec.kv == 0
+    assert spec.compensate and spec.saliency is prune_pass.Saliency.MEASURED
+    assert not PruneSpec.parse("mlp=0.1,refit=off,choose=magnitude").compensate
+    for bad in ("mlp=1", "mlp=-0.1", "mlp=x", "depth=0.2", "mlp", "mlp=0", "heads=0.2,choose=random"):
+        with pytest.raises(LmcError):
+            PruneSpec.parse(bad)
+
+
+def test_options_refuse_prune_without_calib():
+    with pytest.raises(LmcError, match="--calib"):
+        BuildOptions(prune="mlp=0.2")
+    with pytest.raises(LmcError, match="--prune"):
+        BuildOptions(prune_per_layer=True)
+    assert "prune mlp=0.2" in BuildOptions(prune="mlp=0.2", calib="c.npz").approximations[0]
+
+
+def test_mlp_and_heads_shapes_follow_and_the_graph_runs(fused):
+    graph, p, records = _prune(fused, "mlp=0.25,heads=0.5", per_layer=True)
+    head_dim = CFG.d_model // CFG.heads
+    assert _matmul_weight(graph, "down") == [[96, CFG.d_model]] * CFG.layers
+    assert _matmul_weight(graph, "gate") == [[CFG.d_model, 96]] * CFG.layers
+    assert _matmul_weight(graph, "q") == [[CFG.d_model, 2 * head_dim]] * CFG.layers    # one query head per group
+    assert _matmul_weight(graph, "k") == [[CFG.d_model, 2 * head_dim]] * CFG.layers    # both groups stay
+    assert _matmul_weight(graph, "o") == [[2 * head_dim, CFG.d_model]] * CFG.layers
+    attention = [n for n in graph.nodes if ir.is_op(n, "Attention", "")]
+    assert [list(n.inputs[0].shape)[1] for n in attention] == [2] * CFG.layers
+    targets = [ir.const_value(n.inputs[1]).tolist() for n in graph.nodes if ir.is_op(n, "Reshape")]
+    assert [1, SEQ, 2, head_dim] in targets and [1, SEQ, 2 * head_dim] in targets
+    assert all(t[-1] != CFG.d_model for t in targets if len(t) == 3)      # no merge to the old width is left
+    out = run_graph(graph, _feeds(1)[0])[0]
+    assert out.shape == (1, SEQ, CFG.vocab) and np.isfinite(out).all()
+    record = records[-1]
+    assert record.approximation.startswith("prune mlp=0.25")
+    assert record.stats["mlp_channels_removed"] == 2 * 32 and record.stats["query_heads_removed"] == 2 * 2
+    assert len(record.notes) == 2 * CFG.layers and all("output error" in n for n in record.notes)
+
+
+def test_whole_kv_groups_go_with_their_query_heads(fused):
+    graph, p, _ = _prune(fused, "kv=0.5", per_layer=True)
+    head_dim = CFG.d_model // CFG.heads
+    assert _matmul_weight(graph, "k") == [[CFG.d_model, head_dim]] * CFG.layers
+    assert _matmul_weight(graph, "v") == [[CFG.d_model, head_dim]] * CFG.layers
+    assert _matmul_weight(graph, "q") == [[CFG.d_model, 2 * head_dim]] * CFG.layers
+    attention = [n for n in graph.nodes if ir.is_op(n, "Attention", "")]
+    assert [(n.inputs[0].shape[1], n.inputs[1].shape[1]) for n in attention] == [(2, 1)] * CFG.layers
+    assert np.isfinite(run_graph(graph, _feeds(1)[0])[0]).all()
+    assert all("1 of 2 key/value groups" in r.removed for r in p.reports)
+
+
+def test_global_choice_counts_over_all_layers(fused):
+    _, p, records = _prune(fused, "mlp=0.3")
+    assert records[-1].stats["mlp_channels_removed"] == round(0.3 * CFG.layers * CFG.mlp)
+    _, p, records = _prune(fused, "heads=0.5")           # 4 of 8 query heads, in steps of one per group
+    assert records[-1].stats["query_heads_removed"] == 4
+
+
+def test_refit_lowers_the_output_error_on_the_calibration_data(fused, monkeypatch):
+    feeds = _feeds()
+    plain, _, _ = _prune(fused, "mlp=0.4,heads=0.5,refit=off", per_layer=True, feeds=feeds)
+    fitted, p, _ = _prune(fused, "mlp=0.4,heads=0.5", per_layer=True, feeds=feeds)
+    e_plain, e_fit = _logits_error(fused, plain, feeds), _logits_error(fused, fitted, feeds)
+    assert e_fit < e_plain
+    assert all(r.rel_error <= r.rel_error_plain for r in p.reports)
+    assert any(r.rel_error < 0.9 * r.rel_error_plain for r in p.reports)
+
+    # broken: a "refit" that perturbs the kept rows instead — the same check catches it
+    real = prune_fit.refit
+
+    def broken(gram, weight, keep, compensate=True, damp=prune_fit.DAMP):
+        fit = real(gram, weight, keep, False)
+        noise = np.random.default_rng(0).standard_normal(fit.weight.shape).astype(fit.weight.dtype)
+        return dataclasses.replace(fit, weight=fit.weight + 0.5 * noise * np.abs(fit.weight).mean())
+
+    monkeypatch.setattr(prune_pass, "refit", broken)
+    wrong, _, _ = _prune(fused, "mlp=0.4,heads=0.5", per_layer=True, feeds=feeds)
+    assert not _logits_error(fused, wrong, feeds) < e_plain
+
+
+def test_measured_saliency_beats_magnitude_here(fused):
+    feeds = _feeds()
+    measured, _, _ = _prune(fused, "mlp=0.4,refit=off", feeds=feeds)
+    magnitude, _, _ = _prune(fused, "mlp=0.4,refit=off,choose=magnitude", feeds=feeds)
+    assert _logits_error(fused, measured, feeds) < _logits_error(fused, magnitude, feeds)
+
+
+def test_refusals(fused):
+    with pytest.raises(LmcError, match="every query head"):     # 2 query heads per group: 0.75 → both
+        _prune(fused, "heads=0.75", per_layer=True)
+    with pytest.raises(LmcError, match="all 2 key/value groups"):
+        _prune(fused, "kv=0.75", per_layer=True)
+    with pytest.raises(LmcError, match="--calib"):
+        Prune(PruneConfig(PruneSpec.parse("mlp=0.2"), [])).run(ir.to_graph(ir.to_model(fused)), PassContext())
+    # the MLP's activation also read elsewhere (here: a graph output): its channels cannot be followed
+    graph = ir.to_graph(ir.to_model(fused))
+    act = next(n for n in graph.nodes if ir.is_op(n, "QuickGelu", ir.MS_DOMAIN) or ir.is_op(n, "Sigmoid"))
+    graph.outputs.append(act.outputs[0])
+    with pytest.raises(LmcError, match="also read outside the MLP|graph output"):
+        _prune(graph, "mlp=0.2")
+    # an attention output read by something else than the merge Reshape
+    graph = ir.to_graph(ir.to_model(fused))
+    att = next(n for n in graph.nodes if ir.is_op(n, "Attention", ""))
+    graph.outputs.append(att.outputs[0])
+    with pytest.raises(LmcError, match="cannot prune the heads"):
+        _prune(graph, "heads=0.5")
+    # no MLP at all: a model without one refuses mlp=
+    graph = ir.to_graph(ir.to_model(fused))
+    for n in graph.nodes:
+        if ir.is_op(n, "QuickGelu", ir.MS_DOMAIN) or ir.is_op(n, "Mul"):
+            n.op = "Max" if n.op == "Mul" else n.op
+    with pytest.raises(LmcError, match="no MLP|cannot prune"):
+        _prune(graph, "mlp=0.2")
+
+
+def test_refit_math_matches_the_samples():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))      # correlated features
+    w = rng.standard_normal((12, 5))
+    gram = x.T @ x / len(x)
+    keep = np.array([0, 2, 3, 5, 7, 8, 11])
+    fit = prune_fit.refit(gram, w, keep, damp=0.0)
+    direct = np.linalg.lstsq(x[:, keep], x @ w, rcond=None)[0]
+    np.testing.assert_allclose(fit.weight, direct, rtol=1e-6, atol=1e-8)
+    err = np.linalg.norm(x @ w - x[:, keep] @ fit.weight) / np.linalg.norm(x @ w)
+    plain = np.linalg.norm(x @ w - x[:, keep] @ w[keep]) / np.linalg.norm(x @ w)
+    assert fit.rel_error == pytest.approx(err, rel=1e-6) and fit.rel_error_plain == pytest.approx(plain, rel=1e-6)
+    assert fit.rel_error < fit.rel_error_plain
+    scores = prune_fit.measured_saliency(gram, w, 1)
+    np.testing.assert_allclose(scores, (x ** 2).mean(axis=0) * (w ** 2).sum(axis=1), rtol=1e-9)
+
+
+def test_build_with_prune_writes_an_approximate_bundle(tmp_path, model_dir):
+    feeds = _feeds(4)
+    np.savez(tmp_path / "calib.npz", input_ids=np.concatenate([f["input_ids"] for f in feeds]))
+    result = build(model_dir / "tiny-llama.onnx",
+                   BuildOptions(target="x86-64", input_shapes={"input_ids": (1, SEQ)}, prune="mlp=0.25,heads=0.5",
+                                calib=str(tmp_path / "calib.npz"), quantize="int8"), tmp_path / "out")
+    assert any(a.startswith("prune") for a in result.approximations)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "output error" in report and "channels" in report
