@@ -1,0 +1,241 @@
+/* lmc kernels, family "cnn": float32 convolution, pooling, matrix products, elementwise and softmax.
+ * Portable C99; sums accumulate in float in the natural loop order. */
+#include <math.h>
+
+#include "lmc_kernels_cnn.h"
+
+void lmc_conv2d_f32(const float *x, const float *w, const float *bias, float *y, const lmc_conv2d_params *p)
+{
+    const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group;
+    int32_t n, g, oc, oh, ow, ic, r, s;
+    for (n = 0; n < p->n; ++n) {
+        for (g = 0; g < p->group; ++g) {
+            for (oc = 0; oc < cout_g; ++oc) {
+                const int32_t co = g * cout_g + oc;
+                const float *wc = w + (long)co * cin_g * p->kh * p->kw;
+                float *yc = y + ((long)n * p->c_out + co) * p->h_out * p->w_out;
+                const float b = bias ? bias[co] : 0.0f;
+                for (oh = 0; oh < p->h_out; ++oh) {
+                    const int32_t ih0 = oh * p->stride_h - p->pad_top;
+                    for (ow = 0; ow < p->w_out; ++ow) {
+                        const int32_t iw0 = ow * p->stride_w - p->pad_left;
+                        float acc = b;
+                        for (ic = 0; ic < cin_g; ++ic) {
+                            const float *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
+                            const float *wk = wc + (long)ic * p->kh * p->kw;
+                            for (r = 0; r < p->kh; ++r) {
+                                const int32_t ih = ih0 + r * p->dil_h;
+                                if (ih < 0 || ih >= p->h_in) continue;
+                                for (s = 0; s < p->kw; ++s) {
+                                    const int32_t iw = iw0 + s * p->dil_w;
+                                    if (iw < 0 || iw >= p->w_in) continue;
+                                    acc += xc[(long)ih * p->w_in + iw] * wk[r * p->kw + s];
+                                }
+                            }
+                        }
+                        yc[(long)oh * p->w_out + ow] = lmc_apply_act(acc, &p->act);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void pool2d(const float *x, float *y, const lmc_pool2d_params *p, int is_max)
+{
+    int32_t plane, oh, ow, r, s;
+    const int32_t planes = p->n * p->c;
+    for (plane = 0; plane < planes; ++plane) {
+        const float *xp = x + (long)plane * p->h_in * p->w_in;
+        float *yp = y + (long)plane * p->h_out * p->w_out;
+        for (oh = 0; oh < p->h_out; ++oh) {
+            const int32_t h0 = oh * p->stride_h - p->pad_top;
+            for (ow = 0; ow < p->w_out; ++ow) {
+                const int32_t w0 = ow * p->stride_w - p->pad_left;
+                float acc = is_max ? -INFINITY : 0.0f;
+                int32_t count = 0;
+                for (r = 0; r < p->kh; ++r) {
+                    const int32_t ih = h0 + r * p->dil_h;
+                    if (ih < 0 || ih >= p->h_in) continue;
+                    for (s = 0; s < p->kw; ++s) {
+                        const int32_t iw = w0 + s * p->dil_w;
+                        float v;
+                        if (iw < 0 || iw >= p->w_in) continue;
+                        v = xp[(long)ih * p->w_in + iw];
+                        if (is_max) {
+                            if (v > acc || v != v) acc = v;
+                        } else {
+                            acc += v;
+                        }
+                        ++count;
+                    }
+                }
+                if (!is_max) {
+                    if (p->count_include_pad) {
+                        int32_t h1 = h0 + p->kh, w1 = w0 + p->kw;
+                        if (h1 > p->h_in + p->pad_bottom) h1 = p->h_in + p->pad_bottom;
+                        if (w1 > p->w_in + p->pad_right) w1 = p->w_in + p->pad_right;
+                        count = (h1 - h0) * (w1 - w0);
+                    }
+                    acc = count > 0 ? acc / (float)count : 0.0f;
+                }
+                yp[(long)oh * p->w_out + ow] = acc;
+            }
+        }
+    }
+}
+
+void lmc_maxpool2d_f32(const float *x, float *y, const lmc_pool2d_params *p) { pool2d(x, y, p, 1); }
+void lmc_avgpool2d_f32(const float *x, float *y, const lmc_pool2d_params *p) { pool2d(x, y, p, 0); }
+
+void lmc_global_avgpool_f32(const float *x, float *y, int32_t nc, int32_t hw)
+{
+    int32_t i, j;
+    for (i = 0; i < nc; ++i) {
+        const float *xp = x + (long)i * hw;
+        float acc = 0.0f;
+        for (j = 0; j < hw; ++j) acc += xp[j];
+        y[i] = acc / (float)hw;
+    }
+}
+
+void lmc_global_maxpool_f32(const float *x, float *y, int32_t nc, int32_t hw)
+{
+    int32_t i, j;
+    for (i = 0; i < nc; ++i) {
+        const float *xp = x + (long)i * hw;
+        float acc = -INFINITY;
+        for (j = 0; j < hw; ++j)
+            if (xp[j] > acc || xp[j] != xp[j]) acc = xp[j];
+        y[i] = acc;
+    }
+}
+
+void lmc_matmul_f32(const float *a, const float *b, float *y, int32_t m, int32_t k, int32_t n, int32_t batch,
+                    const int32_t *a_off, const int32_t *b_off)
+{
+    int32_t bt, i, j, t;
+    for (bt = 0; bt < batch; ++bt) {
+        const float *ab = a + (a_off ? a_off[bt] : 0);
+        const float *bb = b + (b_off ? b_off[bt] : 0);
+        float *yb = y + (long)bt * m * n;
+        for (i = 0; i < m; ++i) {
+            float *yr = yb + (long)i * n;
+            const float *ar = ab + (long)i * k;
+            for (j = 0; j < n; ++j) yr[j] = 0.0f;
+            for (t = 0; t < k; ++t) {
+                const float av = ar[t];
+                const float *br = bb + (long)t * n;
+                for (j = 0; j < n; ++j) yr[j] += av * br[j];
+            }
+        }
+    }
+}
+
+void lmc_gemm_f32(const float *a, const float *b, const float *c, float *y, const lmc_gemm_params *p)
+{
+    int32_t i, j, t;
+    for (i = 0; i < p->m; ++i) {
+        for (j = 0; j < p->n; ++j) {
+            float acc = 0.0f, v;
+            for (t = 0; t < p->k; ++t) {
+                const float av = p->trans_a ? a[(long)t * p->m + i] : a[(long)i * p->k + t];
+                const float bv = p->trans_b ? b[(long)j * p->k + t] : b[(long)t * p->n + j];
+                acc += av * bv;
+            }
+            v = p->alpha * acc;
+            if (c) v += p->beta * c[(long)i * p->c_rs + (long)j * p->c_cs];
+            y[(long)i * p->n + j] = lmc_apply_act(v, &p->act);
+        }
+    }
+}
+
+static float binary(lmc_binary_kind op, float a, float b)
+{
+    switch (op) {
+    case LMC_BIN_ADD: return a + b;
+    case LMC_BIN_SUB: return a - b;
+    case LMC_BIN_MUL: return a * b;
+    case LMC_BIN_DIV: return a / b;
+    case LMC_BIN_MAX: return (a > b || a != a) ? a : b;
+    case LMC_BIN_MIN: return (a < b || a != a) ? a : b;
+    case LMC_BIN_POW: return powf(a, b);
+    default: return 0.0f;
+    }
+}
+
+void lmc_binary_f32(lmc_binary_kind op, const float *a, const float *b, float *y, const lmc_bcast *g)
+{
+    int32_t idx[LMC_MAX_DIMS];
+    const int32_t nd = g->ndim;
+    int32_t d;
+    long total = 1, i, ia = 0, ib = 0;
+    for (d = 0; d < nd; ++d) {
+        idx[d] = 0;
+        total *= g->dims[d];
+    }
+    if (nd == 1 && g->sa[0] == 1 && g->sb[0] == 1) {            /* same shapes */
+        for (i = 0; i < total; ++i) y[i] = binary(op, a[i], b[i]);
+        return;
+    }
+    for (i = 0; i < total; ++i) {
+        y[i] = binary(op, a[ia], b[ib]);
+        for (d = nd - 1; d >= 0; --d) {
+            ia += g->sa[d];
+            ib += g->sb[d];
+            if (++idx[d] < g->dims[d]) break;
+            ia -= (long)g->sa[d] * g->dims[d];
+            ib -= (long)g->sb[d] * g->dims[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+void lmc_activation_f32(const float *x, float *y, int32_t n, const lmc_act *act)
+{
+    int32_t i;
+    if (act->kind == LMC_ACT_RELU) {
+        for (i = 0; i < n; ++i) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        return;
+    }
+    for (i = 0; i < n; ++i) y[i] = lmc_apply_act(x[i], act);
+}
+
+void lmc_unary_f32(lmc_unary_kind op, const float *x, float *y, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        const float v = x[i];
+        float r;
+        switch (op) {
+        case LMC_UN_EXP: r = expf(v); break;
+        case LMC_UN_LOG: r = logf(v); break;
+        case LMC_UN_SQRT: r = sqrtf(v); break;
+        case LMC_UN_NEG: r = -v; break;
+        case LMC_UN_ABS: r = fabsf(v); break;
+        case LMC_UN_RECIPROCAL: r = 1.0f / v; break;
+        case LMC_UN_ERF: r = erff(v); break;
+        default: r = v; break;
+        }
+        y[i] = r;
+    }
+}
+
+void lmc_softmax_f32(const float *x, float *y, int32_t outer, int32_t len, int32_t inner)
+{
+    int32_t o, j, t;
+    for (o = 0; o < outer; ++o) {
+        for (t = 0; t < inner; ++t) {
+            const long base = (long)o * len * inner + t;
+            float mx = -INFINITY, sum = 0.0f;
+            for (j = 0; j < len; ++j)
+                if (x[base + (long)j * inner] > mx) mx = x[base + (long)j * inner];
+            for (j = 0; j < len; ++j) {
+                const float e = expf(x[base + (long)j * inner] - mx);
+                y[base + (long)j * inner] = e;
+                sum += e;
+            }
+            for (j = 0; j < len; ++j) y[base + (long)j * inner] /= sum;
+        }
+    }
+}
