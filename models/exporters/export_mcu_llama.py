@@ -7,7 +7,9 @@ benchmark, into a folder of its own: 1.39 MB, over the fixture limit).
 
 Config (transformers ``LlamaConfig``): dim 64, 5 layers, 8 heads / 4 kv heads (head_dim 8), hidden 172
 (SwiGLU), vocab 256 (stories260K has 512; see below), rms_norm_eps 1e-5, rope_theta 10000, max_position_embeddings 512, tied embeddings;
-random weights (seed 0, every 1-D parameter perturbed as in ``export_fixtures.py``). Exported by
+random weights (seed 0) drawn with standard deviation 0.2 (``initializer_range``; transformers' 0.02 makes a
+model whose greedy continuation repeats one token, which would not test the cache), every 1-D parameter
+perturbed as in ``export_fixtures.py``. Exported by
 ``optimum.exporters.onnx.main_export(task="text-generation-with-past")`` at opset 18, so the file has the
 past/present layout lmc's generation bundles take (``lmc build … --context N``) and serves the one-shot build
 too (``--input-shape input_ids=1x16`` with an empty past).
@@ -35,12 +37,13 @@ NAME = "llama260k-past-optimum"
 MAX_BYTES = int(1.2 * (1 << 20))
 VOCAB, DIM, LAYERS, HEADS, KV_HEADS, HIDDEN = 256, 64, 5, 8, 4, 172
 RMS_EPS, ROPE_THETA, MAX_POS = 1e-5, 10000.0, 512
+INIT_STD = 0.2
 
 
 def _describe(vocab: int) -> str:
     return (f"LlamaForCausalLM (stories260K shape): vocab {vocab}, dim {DIM}, {LAYERS} layers, {HEADS} heads / "
             f"{KV_HEADS} kv heads, head_dim {DIM // HEADS}, hidden {HIDDEN} (SwiGLU), rms_norm_eps {RMS_EPS:g}, "
-            f"rope_theta {ROPE_THETA:g}, max_position_embeddings {MAX_POS}, tied embeddings")
+            f"rope_theta {ROPE_THETA:g}, max_position_embeddings {MAX_POS}, tied embeddings, initializer_range {INIT_STD:g}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     config = LlamaConfig(vocab_size=vocab, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                          num_key_value_heads=KV_HEADS, head_dim=DIM // HEADS, intermediate_size=HIDDEN,
                          rms_norm_eps=RMS_EPS, rope_theta=ROPE_THETA, tie_word_embeddings=True,
-                         max_position_embeddings=MAX_POS)
+                         max_position_embeddings=MAX_POS, initializer_range=INIT_STD)
     base.LAYERS = LAYERS  # validate() feeds one past pair per layer
     v = base._versions()
     fx = base.Fixture(name, f"optimum {v['optimum']} / optimum-onnx {v['optimum-onnx']} (`main_export`, "

@@ -47,6 +47,12 @@ def _ints(values: Sequence[int]) -> str:
     return ", ".join(str(int(v)) for v in values)
 
 
+def _float(v: float) -> str:
+    """A float32 C literal that round-trips (9 significant digits)."""
+    text = f"{float(np.float32(v)):.9g}"
+    return text + (".0f" if not any(c in text for c in ".eEn") else "f")
+
+
 def _array(op: OpContext, tag: str, values: Sequence[int]) -> tuple[str, str]:
     """A static const int32_t parameter array: (its name, its definition)."""
     name = f"{op.prefix}_{tag}"
@@ -210,7 +216,7 @@ def emit_attention(op: OpContext) -> KernelCall:
         op.expect_dtype([nonpad], I64)
     call = (f"lmc_tf_attention_f32({q.ptr()}, {k.ptr()}, {v.ptr()}, {mask_bool}, {mask_f32}, {strides}, "
             f"{nonpad.ptr() if nonpad is not None else '0'}, {y.out}, {b}, {hq}, {hkv}, {s}, {t}, {d}, {dv}, "
-            f"{np.float32(scale)!r}f, {int(op.attr('is_causal', 0))})")
+            f"{_float(scale)}, {int(op.attr('is_causal', 0))})")
     return KernelCall(_checked(call), (FAMILY,), params, b * hq * s * t * (2 * d + dv))
 
 
@@ -285,24 +291,48 @@ def _strided(op: OpContext, x: TensorRef, y: TensorRef, offset: int, strides: Se
 
 @REGISTRY.op("Slice")
 def emit_slice(op: OpContext) -> KernelCall:
+    """Constant bounds: one strided copy. Starts computed at run time (the output's shape is static, so
+    only the offset moves): the offset is computed in C from them, clamped as ONNX clamps them."""
     x, y = op.input(0), op.outputs[0]
     rank = len(x.shape)
-    starts, ends = _const_ints(op, 1, "Slice starts"), _const_ints(op, 2, "Slice ends")
-    axes = _const_ints(op, 3, "Slice axes") or list(range(len(starts)))
-    steps = _const_ints(op, 4, "Slice steps") or [1] * len(starts)
-    begin, step = [0] * rank, [1] * rank
-    for start, axis, st in zip(starts, axes, steps):
-        axis %= rank
+    axes = _const_ints(op, 3, "Slice axes")
+    steps = _const_ints(op, 4, "Slice steps")
+    starts_ref = op.input(1)
+    n = starts_ref.numel
+    axes = [a % rank for a in (axes if axes is not None else range(n))]
+    steps = steps or [1] * n
+    if 0 in steps:
+        raise op.unsupported("a step of 0")
+    in_st = strides_of(x.shape)
+    step = [1] * rank
+    for axis, st in zip(axes, steps):
+        step[axis] = st
+    strides = [st * s for st, s in zip(step, in_st)]
+    starts = starts_ref.value
+    if starts is None:                                   # run-time starts: the offset in C
+        if starts_ref.dtype not in (I64, I32):
+            raise op.unsupported(f"starts of {starts_ref.dtype}")
+        call = _strided(op, x, y, 0, strides)
+        if not y.numel:
+            return call
+        lines = ["{", "    int64_t lmc_off = 0, lmc_at;"]
+        for i, (axis, st) in enumerate(zip(axes, steps)):
+            dim = x.shape[axis]
+            hi = dim if st > 0 else dim - 1
+            lines += [f"    lmc_at = (int64_t){starts_ref.ptr()}[{i}];",
+                      f"    if (lmc_at < 0) lmc_at += {dim};",
+                      f"    lmc_at = lmc_at < 0 ? 0 : (lmc_at > {hi} ? {hi} : lmc_at);",
+                      f"    lmc_off += lmc_at * {in_st[axis]};"]
+        lines += ["    " + call.code.replace(f"({x.address}, 0,", f"({x.address}, lmc_off,", 1), "}"]
+        return KernelCall("\n".join(lines), call.families, call.params)
+    begin = [0] * rank
+    for start, axis, st in zip((int(v) for v in np.asarray(starts).reshape(-1)), axes, steps):
         dim = x.shape[axis]
-        if st == 0:
-            raise op.unsupported("a step of 0")
         if start < 0:
             start += dim
         begin[axis] = max(0, min(start, dim)) if st > 0 else max(0, min(start, dim - 1))
-        step[axis] = st
-    in_st = strides_of(x.shape)
     offset = sum(b * s for b, s in zip(begin, in_st)) if y.numel else 0
-    return _strided(op, x, y, offset, [st * s for st, s in zip(step, in_st)])
+    return _strided(op, x, y, offset, strides)
 
 
 @REGISTRY.op("Expand")
