@@ -31,6 +31,7 @@ from lmc.compiler.report import render_report
 from lmc.core.runtime import SESSION_OPTIONS_FILE
 from lmc.compiler.verify import VerificationFailed, VerifyReport, compare_models, random_inputs
 from lmc.targets import emit
+from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
 from lmc.targets.plan import MemoryPlan, check_plan
 from lmc.targets.target import Target, load_target
 
@@ -53,6 +54,7 @@ class BuildResult:
     seconds: float
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     fitted: str = ""                     # the options --max-ram added to fit (empty: built as asked)
+    cbundle: CBundle | None = None       # the C bundle written beside model.onnx (--emit c)
 
     @property
     def approximations(self) -> tuple[str, ...]:
@@ -81,6 +83,8 @@ class BuildResult:
                         "weight_bytes": r.weight_bytes, "peak_estimate_bytes": r.peak_estimate_bytes,
                         "stats": r.stats} for r in self.records],
             "verification": self.verification.to_dict() if self.verification else None,
+            **({"c_bundle": {"macs": self.cbundle.macs, "weight_bytes": self.cbundle.weight_bytes,
+                             "kernel_families": list(self.cbundle.families)}} if self.cbundle else {}),
         }
 
 
@@ -181,6 +185,12 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
     staged = _stage(graph, options, target, out_dir)
+    try:
+        cbundle = emit_c(graph, plan, target, staged) if (options.emit or default_emit(target)) is EmitFormat.C \
+            else None
+    except BaseException:
+        emit.discard(staged)
+        raise
     del graph
     weights.release_freed()
     try:
@@ -210,7 +220,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
-                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)

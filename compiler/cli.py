@@ -206,13 +206,16 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
                    "the pairs under 'inplace').")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME",
               help="Leave a pass out (repeatable), e.g. share-transposed.")
+@click.option("--emit", "emit_format", type=click.Choice(["onnx", "c"]), default=None,
+              help="Bundle form: onnx, or c (model.h/model.c/weights.c + kernels beside model.onnx, the arena "
+                   "as one static buffer). Default: c where the target keeps weights in flash, else onnx.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the original.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Max relative output error accepted by the built-in verification (at least twice the "
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, prune, prune_per_layer, calib_method, calib_samples, attention,
-          context, batch, prefill_chunk, kv_cache, tokenizer, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, no_verify, tolerance, as_json):
+          context, batch, prefill_chunk, kv_cache, tokenizer, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, emit_format, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
     \b
@@ -231,7 +234,8 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                            attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
                            ort_format=ort_format, context=context, batch=batch, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
                            encoder_length=encoder_length, tokenizer=tokenizer,
-                           disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance)
+                           disabled_passes=tuple(disabled), verify=not no_verify, tolerance=tolerance,
+                           emit=emit_format)
     show = not as_json and not _State.quiet and sys.stderr.isatty()
 
     def on_pass(record):
@@ -265,6 +269,10 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
     for record in result.records:
         if record.name == "genai-interface":           # what onnxruntime-genai can do with the bundle
             click.echo(f"  genai    {record.notes[-1]}")
+    if result.cbundle:
+        c = result.cbundle
+        click.echo(f"  C        model.c + {', '.join(c.families)} kernels: {c.macs:,} MACs per inference, "
+                   f"weights {c.weight_bytes:,} bytes (flash), arena {c.arena_bytes:,} bytes")
     if plan.runtime:
         click.echo(f"  runtime  predicted resident peak {mib(plan.runtime['predicted_peak_bytes'])} "
                    f"(weights, prepacked copies, session, arena, io, state)")

@@ -18,6 +18,7 @@ from lmc.core.pass_manager import PassContext, PassManager, PassRecord
 from lmc.compiler.verify import DEFAULT_TOLERANCE
 from lmc.passes.prune import PruneSpec
 from lmc.passes.sparse_attention import AttentionSpec
+from lmc.targets.cbundle.emit import EmitFormat
 from lmc.targets.target import Target
 
 
@@ -75,6 +76,7 @@ class BuildOptions:
     seed: int = 0
     prune: str | None = None             # mlp=F[,heads=F][,kv=F]: structured pruning (approximate, needs calib)
     prune_per_layer: bool = False        # the same share from every layer instead of one global ranking
+    emit: EmitFormat | None = None       # onnx | c (a C bundle beside model.onnx); None: the target's default
     attention_spec: AttentionSpec = field(init=False, repr=False, compare=False)    # ``attention``, parsed once
     prune_spec: PruneSpec | None = field(init=False, repr=False, compare=False)     # ``prune``, parsed once
 
@@ -94,6 +96,8 @@ class BuildOptions:
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
+        if self.emit is not None:
+            object.__setattr__(self, "emit", _choice("--emit", EmitFormat, self.emit))
         generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
         if self.tokenizer is not None:
             if self.context is None:

@@ -391,6 +391,14 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     """Compare a bundle (folder or model path) with the original model under onnxruntime; with ``tokens``
     also report both models' perplexity over the first ``windows`` windows of ``seq_len`` tokens."""
     model_path = bundle_model_path(bundle)
+    from lmc.compiler.cbundle_check import is_c_bundle, verify_cbundle    # it imports this module
+
+    if is_c_bundle(model_path.parent):             # a C bundle: compiled with the host cc and run too
+        if tokens is not None:
+            raise LmcError("--tokens applies to language models; a C bundle is checked on inputs")
+        if not os.path.isfile(against):
+            raise LmcError(f"{against}: no such file")
+        return verify_cbundle(model_path.parent, against, inputs, tolerance, samples, seed)
     from lmc.compiler.seq2seq_generate import seq2seq_info
 
     if seq2seq_info(model_path) is not None:       # an encoder–decoder bundle against its export folder
