@@ -22,6 +22,9 @@ import click
 from lmc.core.errors import ExitCode, LmcError
 from lmc.compiler.report import mib
 
+# lmc verify --on: the microcontroller targets with an emulated board (lmc.targets.cbundle.board.board_targets(),
+# not imported here to keep the command line's start light; tests/test_on_board.py keeps the two equal)
+ON_BOARDS = ("cortex-m55", "cortex-m7")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -302,9 +305,11 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2),
               help="Window length for --tokens.")
 @click.option("--windows", default=64, show_default=True, type=POSITIVE, help="Windows evaluated for --tokens.")
-@click.option("--on", "on", type=click.Choice(["host", "aarch64"]), default="host", show_default=True,
+@click.option("--on", "on", type=click.Choice(["host", "aarch64", *ON_BOARDS]), default="host", show_default=True,
               help="Run both models here, or on the bundle's target instruction set under qemu-user (the CPU model "
-                   "its target names; prepare it once with scripts/setup-aarch64.sh); also reports top-1 agreement.")
+                   "its target names; prepare it once with scripts/setup-aarch64.sh); also reports top-1 agreement. "
+                   "cortex-m55 / cortex-m7: a C bundle cross-compiled and run on that target's board under "
+                   "qemu-system-arm (scripts/setup-mcu.sh), with its RAM, flash, arena and instruction count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows, on, as_json):
     """Compare BUNDLE (a folder or model.onnx) with the original under onnxruntime.

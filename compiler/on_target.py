@@ -37,8 +37,10 @@ import numpy as np
 import onnx
 
 from lmc.core.errors import LmcError
+from lmc.compiler.on_board import verify_on_board
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, SPREAD_FACTOR, OutputError, VerifyReport, bundle_model_path,
                                  compare, load_inputs, output_tolerance, random_inputs, with_values)
+from lmc.targets.cbundle.board import board_targets
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +218,16 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
               tokens: str | Path | None = None, seq_len: int = 256, windows: int = 64,
               cache: dict | None = None) -> OnTargetReport:
     """``lmc.compiler.verify.verify`` with both models run on ``on`` ("aarch64": under the bundle's
-    target's emulator CPU; "host": this machine, through the same worker); ``cache``: see ``run_worker``."""
+    target's emulator CPU; "host": this machine, through the same worker); ``cache``: see ``run_worker``.
+    A microcontroller target with a board (``cortex-m55``, ``cortex-m7``): the C bundle runs on that board
+    (``lmc.compiler.on_board``)."""
     from lmc.compiler.drivers import generation_info
     from lmc.compiler.seq2seq_generate import seq2seq_info
 
+    if on in board_targets():
+        if tokens is not None:
+            raise LmcError(f"--tokens applies to language models; on {on} a C bundle is checked on inputs")
+        return verify_on_board(bundle, against, on, inputs, tolerance, samples, seed)
     model_path = bundle_model_path(bundle)
     if seq2seq_info(model_path) is not None:
         raise LmcError("--on applies to one-shot and generation bundles, not encoder–decoder bundles")
@@ -231,7 +239,7 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
         cpu = _target_cpu(model_path)[1]
         emulator = find_emulator(cpu)
     else:
-        raise LmcError(f"--on {on}: expected host or one of {', '.join(PLATFORMS)}")
+        raise LmcError(f"--on {on}: expected host or one of {', '.join(PLATFORMS + board_targets())}")
     info = generation_info(model_path)
     if info is not None:
         return _verify_generation(model_path, Path(against), info, emulator, tolerance, seed, tokens, seq_len,
