@@ -227,6 +227,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
       lmc build vad.onnx --input-shape input=1x512 --input-value sr=16000 -o vad/
       lmc build decoder-with-past.onnx --context 512 -o gen/ && lmc generate gen/ --prompt-tokens p.txt
     """
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.build import BuildOptions, QuantizeMode, build as run_build
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
@@ -319,11 +320,13 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
     spread). Exits 3 when one is over. Quantized bundles are approximate: pass a looser --tolerance and judge
     them by --tokens perplexity.
     """
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.verify import VerificationFailed, verify as run_verify
 
     if on != "host":
         from functools import partial
 
+        # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
         from lmc.compiler.on_target import verify_on
 
         run_verify = partial(verify_on, on=on)
@@ -366,6 +369,7 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
 
 
 def _bundle_quantize(bundle: str) -> str | None:
+    # deferred: startup time (this hint is needed only after a failed check)
     import onnx
 
     from lmc.core.metadata import build_metadata
@@ -418,7 +422,9 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --temperature 0.7 --top-p 0.9 --seed 1
     """
-    from lmc.compiler.drivers import generate as run_generate, load_tokenizer, read_prompt_tokens
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
+    from lmc.compiler.drivers import load_tokenizer, read_prompt_tokens
+    from lmc.compiler.generate import generate as run_generate
 
     if prompt_tokens is not None and prompt is not None or (prompt_tokens is None and prompt is None
                                                             and encoder_inputs is None):
@@ -432,6 +438,7 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
         ids = read_prompt_tokens(prompt_tokens) if prompt_tokens is not None else None
     stops = list(stop_tokens)
     if tok is not None and encoder_inputs is None:
+        # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
         from lmc.compiler.sampling import eos_token_ids
 
         stops += [t for t in eos_token_ids(tokenizer, bundle) if t not in stops]
@@ -481,6 +488,7 @@ class _TextStream:
 def inspect(model, input_shapes, target, as_json):
     """Ops, parameters by dtype, dynamic dims and (for static shapes) the planned peak of MODEL (a model
     file or a bundle folder)."""
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.inspection import inspect_model
 
     summary = inspect_model(model, parse_input_shapes(input_shapes), target)
@@ -518,6 +526,7 @@ def diff(a, b, input_shapes, as_json):
     """Node, initializer and memory differences between models A and B — or, when A and B are bundle
     folders, between their plans (arena, lower bound, peak RAM, predicted runtime peak, state), the tensors
     whose size or lifetime changed most, weights by dtype and nodes by op."""
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.inspection import diff_bundles, diff_models
 
     for path, other in ((a, b), (b, a)):
@@ -600,6 +609,7 @@ def _diff_bundles(d, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the target descriptions as JSON.")
 def targets(as_json):
     """List the built-in targets: ISA features, tuning and memory mode."""
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.targets.target import available_targets
 
     found = available_targets()
@@ -636,6 +646,7 @@ def _quiet_onnxruntime() -> None:
     """onnxruntime's own (coloured) log lines would precede lmc's one-line messages: fatal ones only (its
     errors reach lmc as exceptions)."""
     try:
+        # deferred: inside the try, so a missing or broken onnxruntime is reported where it is used
         import onnxruntime
 
         from lmc.core.runtime import ORT_LOG_LEVEL

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo
 from lmc.core.pass_manager import PassRecord
 from lmc.core.runtime import CONFIG_ENTRIES, SESSION_OPTIONS_FILE
+from lmc.passes.attention_mask_input import add_attention_mask
 
 CONFIG_FILE = "genai_config.json"
 MODEL_TYPE = "decoder"               # onnxruntime-genai's generic decoder-only type
@@ -98,10 +100,6 @@ class GenaiBundle:
     def prepare(cls, graph: gs.Graph, info: GenerationInfo, templates: dict, options, model_path) -> "GenaiBundle":
         """Give ``graph`` the ``attention_mask`` input genai feeds (``passes.attention_mask_input``) and
         make the config for it."""
-        import time
-
-        from lmc.passes.attention_mask_input import add_attention_mask
-
         start = time.perf_counter()
         info = add_attention_mask(graph, info, templates)
         tokenizer = tokenizer_sources(options.tokenizer) if getattr(options, "tokenizer", None) else []

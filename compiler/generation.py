@@ -34,7 +34,9 @@ from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo
 from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassRecord
-from lmc.passes.cache_sites import find_cache_pairs, find_roles, state_pairs
+from lmc.passes.cache_masks import dense_probing, judge_masks, mask_keeps, probeable
+from lmc.passes.cache_sites import find_cache_pairs, find_roles, find_sites, state_pairs
+from lmc.passes.fold_constants import fold_to_fixed_point
 
 log = logging.getLogger(__name__)
 
@@ -463,9 +465,6 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
     bound copies, one per probe, where every shape folds so each mask's cone is a few index ops — at the past
     lengths ``cache_masks.horizon`` picks (both sides of every window edge). Returns {key present name:
     MaskPattern}."""
-    from lmc.passes.cache_masks import dense_probing, judge_masks, mask_keeps, probeable
-    from lmc.passes.cache_sites import find_sites
-
     graph, roles, pairs = _bound_copy(model_path, batch, None, None)
     try:
         sites = find_sites(graph, pairs)
@@ -484,8 +483,6 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
 def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
     """The model with its batch (and, given, its past and sequence lengths) bound and folded:
     (graph, roles, cache pairs)."""
-    from lmc.passes.fold_constants import fold_to_fixed_point
-
     graph = ir.to_graph(load_model(model_path))
     check_generation_model(graph)
     roles = find_roles(graph)
@@ -506,9 +503,6 @@ def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
 
 
 def _precheck_one(model_path, batch: int, past: int, sequence: int):
-    from lmc.passes.cache_masks import mask_keeps
-    from lmc.passes.cache_sites import find_sites
-
     graph, roles, pairs = _bound_copy(model_path, batch, past, sequence)
     keeps = mask_keeps(graph, roles, pairs, find_sites(graph, pairs), [(past, sequence)])
     if keeps is None:

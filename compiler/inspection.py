@@ -9,6 +9,8 @@ tensors whose size or lifetime changed most, weights by dtype and op counts.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,13 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
+from lmc.core.metadata import build_metadata
 from lmc.core.model_io import load_model
+from lmc.targets import emit
+from lmc.targets.target import load_target
+from lmc.compiler.backend import plan_memory
+from lmc.compiler.compilation import BuildOptions, Compilation
+from lmc.compiler.pipeline import default_pipeline
 
 
 @dataclass
@@ -75,15 +83,12 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
     """(summary, initializer digests of the model as loaded — only when ``digests``). ``path`` may be a
     bundle folder: its model.onnx is inspected."""
     if Path(path).is_dir():
-        from lmc.targets import emit
-
         if not is_bundle(path):
             raise LmcError(f"{path}: a folder that is not an lmc bundle (needs {emit.MODEL_FILE} and "
                            f"{emit.PLAN_FILE}); give a model file or a bundle folder")
         path = Path(path) / emit.MODEL_FILE
     model = load_model(path)
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    from lmc.core.metadata import build_metadata
 
     built_with = build_metadata(model)
     graph = ir.to_graph(model)
@@ -95,10 +100,6 @@ def _inspect(path, input_shapes, target, plan, digests: bool = False) -> tuple[M
         shapes.bind_input_shapes(graph, dict(input_shapes))
     if not plan or any(ir.static_shape(t) is None for t in graph.inputs):
         return summary, found
-    from lmc.compiler.backend import plan_memory
-    from lmc.compiler.compilation import BuildOptions, Compilation
-    from lmc.compiler.pipeline import default_pipeline
-    from lmc.targets.target import load_target
 
     tgt = load_target(target)
     options = BuildOptions(target=target, input_shapes=dict(input_shapes or {}))
@@ -131,8 +132,6 @@ class ModelDiff:
 
 
 def _initializer_digest(graph: gs.Graph) -> dict[str, tuple]:
-    import hashlib
-
     out = {}
     for const in ir.constants(graph):
         values = ir.const_value(const)
@@ -198,19 +197,12 @@ class BundleSide:
 
 
 def is_bundle(path: str | Path) -> bool:
-    from lmc.targets import emit
-
     p = Path(path)
     return p.is_dir() and (p / emit.PLAN_FILE).is_file() and (p / emit.MODEL_FILE).is_file()
 
 
 def load_bundle_side(path: str | Path) -> BundleSide:
     """A bundle's plan, weights by dtype and op counts (the weights file is not read: sizes come from shapes)."""
-    import json
-
-    from lmc.core.metadata import build_metadata
-    from lmc.targets import emit
-
     p = Path(path)
     if not is_bundle(p):
         raise LmcError(f"{p}: not an lmc bundle (needs {emit.MODEL_FILE} and {emit.PLAN_FILE})")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lmc.core.errors import LmcError
+from lmc.compiler.genai import TOKENIZER_FILES, special_token_ids
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,6 @@ def draw(p: np.ndarray, rng: np.random.Generator) -> int:
 def eos_token_ids(tokenizer: str | Path, bundle: str | Path | None = None) -> list[int]:
     """The end-of-sequence token id of a tokenizer.json (and the files beside it; ``bundle``'s folder is
     searched for configs too), or [] when none is known."""
-    from lmc.compiler.genai import TOKENIZER_FILES, special_token_ids
-
     path = Path(tokenizer)
     folder = path if path.is_dir() else path.parent
     files = [path / "tokenizer.json" if path.is_dir() else path]

@@ -35,10 +35,28 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir, shapes, weights
 from lmc.core.errors import LmcError
+from lmc.core.metadata import GENERATION_KEY
 from lmc.core.model_io import load_model
-from lmc.compiler.seq2seq_export import Seq2SeqExport, find_export
-from lmc.compiler.seq2seq_generate import ENCODER_MODEL, ENCODER_WEIGHTS, SEQ2SEQ_KEY, Seq2SeqInfo
+from lmc.core.pass_manager import PassContext
 from lmc.passes.cross_attention import CrossState, bind_cross_state, cross_projection_graph, cross_state
+from lmc.passes.drop_zero_addends import DropZeroAddends
+from lmc.passes.eliminate_noops import EliminateNoops
+from lmc.passes.fold_constants import FoldConstants
+from lmc.passes.position_bias import RestorePositionBias, measure_bias, split_bias
+from lmc.targets import emit
+from lmc.targets.plan import Profile, check_plan
+from lmc.targets.target import load_target
+from lmc.compiler.backend import plan_memory, runtime_for
+from lmc.compiler.build import BuildResult, _check_budget, _stage, build
+from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
+from lmc.compiler.generation import bind_sequence, compile_generation
+from lmc.compiler.pipeline import default_pipeline
+from lmc.compiler.report import render_report
+from lmc.compiler.report_html import HTML_FILE, render_report_html
+from lmc.compiler.seq2seq_export import Seq2SeqExport, find_export, is_export_path
+from lmc.compiler.seq2seq_generate import ENCODER_MODEL, ENCODER_WEIGHTS, SEQ2SEQ_KEY, Seq2SeqInfo
+from lmc.compiler.seq2seq_verify import compare_seq2seq
+from lmc.compiler.verify import VerificationFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +66,6 @@ MASK_SOURCE = "attention_mask"
 
 def _refuse_options(options) -> None:
     """What encoder–decoder bundles do not support yet, as one-line errors."""
-    from lmc.compiler.build import QuantizeMode
-    
     what = None
     if options.batch != 1:
         what = f"--batch {options.batch} (one sequence at a time)"
@@ -114,11 +130,6 @@ def prepare_decoder(export: Seq2SeqExport, length: int, context: int, chunk: int
     """The decoder with past as the generation compile takes it: its fixed inputs bound ([1, H, L, D]), no-op
     casts removed, a relative position bias measured and split off (``position_bias``). Returns (path of the
     prepared model, the cross state, the bias tables)."""
-    from lmc.passes.eliminate_noops import EliminateNoops
-    from lmc.passes.fold_constants import FoldConstants
-    from lmc.passes.position_bias import measure_bias, split_bias
-    from lmc.core.pass_manager import PassContext
-
     graph = export.with_past_graph()
     cross = cross_state(graph)
     bind_cross_state(graph, cross, 1, length)
@@ -140,8 +151,6 @@ def prepare_decoder(export: Seq2SeqExport, length: int, context: int, chunk: int
 
 def _encoder_bundle(export: Seq2SeqExport, cross: CrossState, options, work: Path, on_pass, progress):
     """The encoder joined to the cross projections, built one-shot (lmc's pipeline, verified) in ``work``."""
-    from lmc.compiler.build import BuildOptions, build
-
     encoder = ir.to_graph(load_model(export.encoder))
     bound = encoder_shapes(encoder, options.encoder_length)
     joined = cross_projection_graph(encoder, export.without_past_graph(), cross, bound)
@@ -179,10 +188,6 @@ def _copy_encoder(bundle: Path, staged: Path) -> None:
 
 
 def _decoder_pipeline(options, target, graph: gs.Graph, tables) -> list:
-    from lmc.compiler.pipeline import default_pipeline
-    from lmc.passes.drop_zero_addends import DropZeroAddends
-    from lmc.passes.position_bias import RestorePositionBias
-
     pipeline = default_pipeline(options, target, [t.name for t in graph.inputs])
     at = next(i for i, p in enumerate(pipeline) if getattr(p, "name", "") == "static-kv-cache")
     if tables:
@@ -194,8 +199,6 @@ def _decoder_pipeline(options, target, graph: gs.Graph, tables) -> list:
 def _combined_plan(enc_plan, plans, cross_names: tuple[str, ...], length: int):
     """One plan for the bundle: profiles encoder, decode, prefill; state = self-attention + cross buffers
     (in every profile); weights of both models; the top level from the profile with the highest peak."""
-    from lmc.targets.plan import Profile
-
     weights_bytes = {k: enc_plan.weights_bytes.get(k, 0) + plans[0][2].weights_bytes.get(k, 0)
                      for k in set(enc_plan.weights_bytes) | set(plans[0][2].weights_bytes)}
     state = plans[0][2].state
@@ -219,20 +222,6 @@ def _combined_plan(enc_plan, plans, cross_names: tuple[str, ...], length: int):
 
 def build_seq2seq(model_path, options, out_dir, on_pass=None, progress=None):
     """``lmc build FOLDER --context N`` for an encoder–decoder export: see the module docstring."""
-    from lmc.compiler.backend import plan_memory, runtime_for
-    from lmc.compiler.build import BuildResult, VerificationFailed, _check_budget, _stage
-    from lmc.compiler.compilation import Compilation
-    from lmc.core.metadata import GENERATION_KEY
-    from lmc.compiler.generation import bind_sequence, compile_generation
-    from lmc.compiler.report import render_report
-    from lmc.compiler.report_html import HTML_FILE, render_report_html
-    from lmc.compiler.seq2seq_verify import compare_seq2seq
-    from lmc.targets import emit
-    from lmc.targets.plan import check_plan
-    from lmc.targets.target import load_target
-
-    from lmc.compiler.seq2seq_export import is_export_path
-
     start = time.perf_counter()
     if not is_export_path(model_path):
         raise LmcError(f"--encoder-length applies only to an encoder–decoder export (a folder holding "

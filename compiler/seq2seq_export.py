@@ -22,10 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
 from lmc.core.model_io import load_model
+from lmc.core.pass_manager import PassContext
+from lmc.core.runtime import ORT_LOG_LEVEL, apply_session_options
+from lmc.passes.fold_constants import FoldConstants
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +92,6 @@ class Seq2SeqExport:
 
 
 def _take_branch(graph: gs.Graph, past: bool, path: Path) -> None:
-    from lmc.core.pass_manager import PassContext
-    from lmc.passes.fold_constants import FoldConstants
-
     if USE_CACHE not in {t.name for t in graph.inputs}:
         raise LmcError(f"{path}: a merged decoder without a '{USE_CACHE}' input; lmc cannot pick its branches")
     shapes.bind_input_values(graph, {USE_CACHE: np.array([past])})
@@ -168,9 +169,6 @@ def find_export(path: str | Path) -> Seq2SeqExport:
 
 
 def _session(path: Path, session_options: dict | None = None):
-    from lmc.core.runtime import ORT_LOG_LEVEL, apply_session_options
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_LEVEL
     apply_session_options(opts, session_options or {})

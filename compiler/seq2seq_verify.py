@@ -24,6 +24,7 @@ import onnx
 
 from lmc.core import weights
 from lmc.core.errors import LmcError
+from lmc.compiler.drivers import LOW_MEMORY, generation_info
 from lmc.compiler.seq2seq_export import OriginalLoop, Seq2SeqExport, find_export
 from lmc.compiler.seq2seq_generate import (Seq2SeqDecoder, Seq2SeqInfo, load_encoder_inputs, seq2seq_info,
                                            start_tokens, unpadded)
@@ -62,8 +63,6 @@ def compare_seq2seq(export: Seq2SeqExport, model_path: str | Path, encoder_input
     """The bundle at ``model_path`` against ``export`` (see the module docstring). ``prompt``: tokens
     prefilled (default: more than one prefill chunk, at most half the context); ``steps``: tokens decoded
     after it (default: to the last position of the context, at most ``HORIZON``)."""
-    from lmc.compiler.drivers import LOW_MEMORY, generation_info
-
     model_path = Path(model_path)
     info, gen = seq2seq_info(model_path), generation_info(model_path)
     if info is None or gen is None:
