@@ -222,24 +222,47 @@ def _read_tokens(folder: Path, status: int, bundle: Path) -> list[int]:
     return [int(v) for v in np.frombuffer((folder / TOKENS_FILE).read_bytes(), dtype="<i8")]
 
 
-def generate_host(bundle: str | Path, prompt: Sequence[int], count: int, cc: str | None = None) -> list[int]:
-    """Compile the bundle's C with the host compiler and generate ``count`` greedy tokens after ``prompt``."""
-    bundle = Path(bundle)
-    cc = cc or find_cc()
-    if cc is None:
-        raise LmcError("no host C compiler (cc, gcc or clang on PATH, or $CC) to build the C bundle")
-    with tempfile.TemporaryDirectory(prefix="lmc-cgen-") as tmp:
-        work = Path(tmp)
-        exe = work / "lmc_generate"
-        sources = sorted(str(p) for p in bundle.glob("*.c"))
-        done = subprocess.run([cc, *CFLAGS, "-I", str(bundle), *sources, "-o", str(exe), "-lm"],
+class HostGenerator:
+    """The bundle's C compiled once with the host compiler; ``generate`` runs the runner in a fresh folder.
+    ``close()`` (or the context manager) removes the build."""
+
+    def __init__(self, bundle: str | Path, cc: str | None = None):
+        self.bundle = Path(bundle)
+        cc = cc or find_cc()
+        if cc is None:
+            raise LmcError("no host C compiler (cc, gcc or clang on PATH, or $CC) to build the C bundle")
+        self.work = Path(tempfile.mkdtemp(prefix="lmc-cgen-"))
+        self.exe = self.work / "lmc_generate"
+        sources = sorted(str(p) for p in self.bundle.glob("*.c"))
+        done = subprocess.run([cc, *CFLAGS, "-I", str(self.bundle), *sources, "-o", str(self.exe), "-lm"],
                               capture_output=True, text=True)
         if done.returncode != 0:
+            self.close()
             first = (done.stderr.strip().splitlines() or ["(no message)"])[0]
             raise HostRunError(f"{bundle}: the C bundle does not compile with {Path(cc).name}: {first}")
-        _write_inputs(work, prompt, count)
-        done = subprocess.run([str(exe)], cwd=work, capture_output=True, timeout=RUN_TIMEOUT_S)
-        return _read_tokens(work, done.returncode, bundle)
+
+    def generate(self, prompt: Sequence[int], count: int) -> list[int]:
+        """``count`` greedy tokens after ``prompt``."""
+        with tempfile.TemporaryDirectory(prefix="run-", dir=self.work) as tmp:
+            run_dir = Path(tmp)
+            _write_inputs(run_dir, prompt, count)
+            done = subprocess.run([str(self.exe)], cwd=run_dir, capture_output=True, timeout=RUN_TIMEOUT_S)
+            return _read_tokens(run_dir, done.returncode, self.bundle)
+
+    def __enter__(self) -> "HostGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def generate_host(bundle: str | Path, prompt: Sequence[int], count: int, cc: str | None = None) -> list[int]:
+    """Compile the bundle's C with the host compiler and generate ``count`` greedy tokens after ``prompt``."""
+    with HostGenerator(bundle, cc) as generator:
+        return generator.generate(prompt, count)
 
 
 @dataclass(frozen=True)
@@ -290,5 +313,5 @@ def generate_board(bundle: str | Path, target, prompt: Sequence[int], count: int
                                    round(ticks * 1e9 / image.board.cpu_hz) if calls else None, calls)
 
 
-__all__ = ["BoardGeneration", "GenerationRunError", "StepIo", "generate_board", "generate_host", "runner_c",
+__all__ = ["BoardGeneration", "GenerationRunError", "HostGenerator", "StepIo", "generate_board", "generate_host", "runner_c",
            "step_io", "emit_generation_c"]

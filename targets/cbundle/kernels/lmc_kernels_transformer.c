@@ -481,14 +481,14 @@ int lmc_tf_attention_f32(const float *q, const float *k, const float *v, const u
                 for (c = 0; c < dv; ++c) yi[c] = 0.0f;
                 for (j = 0; j < t; ++j) {           /* pass 1: the largest visible score */
                     int64_t at = mrow + (int64_t)j * (mask_strides ? mask_strides[3] : 0);
-                    int hidden = j >= visible_end || (is_causal && j > i + t - s) || (mask_bool && !mask_bool[at]);
+                    int hidden = j >= visible_end || (is_causal && j > i) || (mask_bool && !mask_bool[at]);
                     float sc = lmc_tf_score(qi, kb + (int64_t)j * d, d, scale, hidden, mask_f32 ? mask_f32 + at : 0);
                     if (sc > mx) mx = sc;
                 }
                 if (mx == -INFINITY) continue;      /* no visible key: 0 */
                 for (j = 0; j < t; ++j) {           /* pass 2: exp, sum and the weighted values */
                     int64_t at = mrow + (int64_t)j * (mask_strides ? mask_strides[3] : 0);
-                    int hidden = j >= visible_end || (is_causal && j > i + t - s) || (mask_bool && !mask_bool[at]);
+                    int hidden = j >= visible_end || (is_causal && j > i) || (mask_bool && !mask_bool[at]);
                     float sc = lmc_tf_score(qi, kb + (int64_t)j * d, d, scale, hidden, mask_f32 ? mask_f32 + at : 0);
                     float e;
                     if (sc == -INFINITY) continue;

@@ -1,0 +1,337 @@
+"""The C bundle's transformer kernels (family "transformer") against onnxruntime, their run-time checks failing
+on bad data, and the 260K-parameter Llama fixture as a one-shot C bundle and as C greedy generation.
+
+One "zoo" graph (opset 24) holds one output per op case, so its kernels compile once. Everything compiles
+with the host C compiler (skipped without one); the board run needs arm-none-eabi-gcc and qemu-system-arm.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lmc.compiler.backend import plan_memory
+from lmc.compiler.build import BuildOptions, build
+from lmc.core import ir, shapes
+from lmc.core.errors import LmcError
+from lmc.core.metadata import GenerationInfo
+from lmc.targets.cbundle import board as boards
+from lmc.targets.cbundle.emit import emit_c
+from lmc.targets.cbundle.generation import GenerationRunError, HostGenerator, generate_board, generate_host, step_io
+from lmc.targets.cbundle.host import HostBuild, HostRunError, find_cc
+from lmc.targets.target import load_target
+
+pytestmark = pytest.mark.skipif(find_cc() is None, reason="no host C compiler (cc, gcc or clang) on PATH")
+
+FIXTURE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "mcu" / "llama260k-past-optimum.onnx"
+LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 5, 4, 8, 256
+F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+RNG = np.random.default_rng(11)
+OPSET = 24
+
+
+def _c(name: str, value, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def emit_bundle(model: onnx.ModelProto, folder: Path, target: str = "cortex-m7"):
+    """Plan ``model`` as it is (no passes) and write its C bundle beside its model.onnx."""
+    graph = ir.to_graph(model)
+    shapes.infer_shapes(graph)
+    plan = plan_memory(graph, load_target(target))
+    folder.mkdir(parents=True)
+    onnx.save(ir.to_model(graph), str(folder / "model.onnx"))
+    return emit_c(graph, plan, load_target(target), folder)
+
+
+# ----------------------------------------------------------------------------------------------- the zoo
+ZOO_INPUTS = {
+    "ids": ([2, 5], I64), "x": ([2, 3, 5, 8], F), "q": ([1, 4, 3, 8], F), "k": ([1, 2, 6, 8], F),
+    "v": ([1, 2, 6, 4], F), "mask": ([1, 1, 3, 6], B), "fmask": ([3, 6], F), "nonpad": ([1], I64),
+    "cache": ([1, 2, 6, 8], F), "upd": ([1, 2, 2, 8], F), "widx": ([1], I64), "pos": ([1, 4], I64),
+    "am": ([1, 6], I64),
+}
+
+
+def _zoo() -> tuple[onnx.ModelProto, list[str]]:
+    nodes, outs = [], []
+    inits = [_c("table", RNG.standard_normal((16, 8))), _c("table_t", RNG.standard_normal((8, 16))),
+             _c("idx_neg", [-1, 0], np.int64), _c("i0", 0, np.int64), _c("i1", 1, np.int64),
+             _c("one1", [1], np.int64), _c("zero_f", 0.0), _c("half", 0.5), _c("three", 3, np.int64),
+             _c("sl_starts", [1, -6], np.int64), _c("sl_ends", [4, 100], np.int64), _c("sl_axes", [2, 3], np.int64),
+             _c("rev_s", [-1], np.int64), _c("rev_e", [-100], np.int64), _c("rev_a", [3], np.int64),
+             _c("rev_st", [-2], np.int64), _c("big", [1 << 40], np.int64), _c("col", RNG.standard_normal((3, 1))),
+             _c("shape_e", [2, 3, 4], np.int64), _c("split_35", [3, 5], np.int64), _c("last", [-1], np.int64),
+             _c("ax12", [1, 2], np.int64), _c("ax3", [3], np.int64), _c("slots", np.arange(6), np.int64),
+             _c("ax2", [2], np.int64), _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
+
+    def node(op, ins, out, **attrs):
+        nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
+                                      **attrs))
+        return out
+
+    def case(name, op, ins, **attrs):
+        outs.append(name)
+        return node(op, ins, name, **attrs)
+
+    case("gather_rows", "Gather", ["table", "ids"])
+    case("gather_cols", "Gather", ["table_t", "ids"], axis=1)
+    case("gather_negative", "Gather", ["x", "idx_neg"], axis=2)
+    case("gather_scalar", "Gather", ["pos", "i0"], axis=1)
+    case("slice_const", "Slice", ["x", "sl_starts", "sl_ends", "sl_axes"])
+    case("slice_reversed", "Slice", ["x", "rev_s", "rev_e", "rev_a", "rev_st"])
+    length = node("Shape", ["pos"], "pos_len", start=1, end=2)
+    case("slice_runtime", "Slice", ["am", node("Neg", [length], "neg_len"), "big", "one1"])
+    case("expand", "Expand", ["col", "shape_e"])
+    outs.extend(["split_a", "split_b"])
+    node("Split", ["x", "split_35"], ["split_a", "split_b"], axis=-1)
+    positive = node("Greater", ["x", "zero_f"], "positive")
+    case("where", "Where", [positive, "x", "half"])
+    case("isnan", "IsNaN", [node("Sqrt", ["x"], "sqrt_x")])
+    small = node("Less", ["x", "half"], "small")
+    case("and", "And", [positive, small])
+    case("or", "Or", [positive, small])
+    case("xor", "Xor", [positive, small])
+    case("not", "Not", [positive])
+    case("less_equal_i64", "LessOrEqual", ["slots", node("Unsqueeze", ["pos", "ax2"], "pos_col")])
+    case("equal_i64", "Equal", ["ids", "three"])
+    case("cast_i64_f32", "Cast", ["ids"], to=F)
+    case("cast_f32_i64", "Cast", ["x"], to=I64)
+    case("cast_bool_f32", "Cast", [positive], to=F)
+    case("cast_i64_bool", "Cast", ["am"], to=B)
+    case("sin", "Sin", ["x"])
+    case("cos", "Cos", ["x"])
+    case("reduce_mean", "ReduceMean", ["x", "last"])
+    case("reduce_sum", "ReduceSum", ["x", "ax12"], keepdims=0)
+    case("reduce_max", "ReduceMax", ["x", "ax3"])
+    case("reduce_sum_i64", "ReduceSum", ["am", "one1"])
+    count = node("Gather", [node("Shape", ["ids"], "ids_shape"), "i1"], "ids_len")
+    case("range", "Range", ["i0", count, "i1"])
+    case("add_i64", "Add", ["pos", node("Sub", ["reduce_sum_i64_2", "i1"], "past")])
+    node("ReduceSum", ["am", "one1"], "reduce_sum_i64_2")
+    case("neg_i64", "Neg", ["pos"])
+    case("mul_i64", "Mul", ["pos", "pos"])
+    case("matmul_broadcast", "MatMul", ["x", "w3"])
+    case("attention_bool", "Attention", ["q", "k", "v", "mask", "", "", "nonpad"], scale=0.3)
+    case("attention_float", "Attention", ["q", "k", "v", "fmask"])
+    case("attention_causal", "Attention", ["q", "k", "v"], is_causal=1)
+    case("scatter_linear", "TensorScatter", ["cache", "upd", "widx"], axis=2)
+    case("scatter_circular", "TensorScatter", ["cache", "upd", "nonpad"], axis=2, mode="circular")
+    inputs = [helper.make_tensor_value_info(n, t, s) for n, (s, t) in ZOO_INPUTS.items()]
+    graph = helper.make_graph(_toposort(nodes), "zoo", inputs, [helper.make_tensor_value_info(o, 0, None) for o in outs],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = onnx.shape_inference.infer_shapes(model)
+    known = {"slice_runtime": (I64, [1, 4]), "range": (I64, [5])}      # shapes that depend on values
+    inferred = {v.name: v for v in model.graph.value_info}
+    for o in model.graph.output:
+        if o.name in known:
+            o.type.CopyFrom(helper.make_tensor_type_proto(*known[o.name]))
+        elif o.name in inferred:
+            o.type.CopyFrom(inferred[o.name].type)
+    return model, outs
+
+
+def _toposort(nodes):
+    ready, done, order = set(ZOO_INPUTS) | {""}, set(), []
+    produced = {o for n in nodes for o in n.output}
+    pending = list(nodes)
+    while pending:
+        for n in list(pending):
+            if all(i in ready or i not in produced for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+                pending.remove(n)
+    return order
+
+
+def _zoo_feeds() -> dict[str, np.ndarray]:
+    feeds = {}
+    for name, (shape, t) in ZOO_INPUTS.items():
+        if t == F:
+            feeds[name] = RNG.standard_normal(shape).astype(np.float32)
+        elif t == B:
+            feeds[name] = RNG.random(shape) < 0.7
+        else:
+            feeds[name] = RNG.integers(0, 16, shape).astype(np.int64)
+    feeds["x"] *= 4.0                                  # casts to int64 see values beyond ±1
+    feeds["mask"][..., 0] = True                       # every row sees a key
+    feeds["nonpad"] = np.array([5], np.int64)
+    feeds["widx"] = np.array([3], np.int64)
+    feeds["pos"] = np.array([[2, 3, 4, 5]], np.int64)
+    feeds["am"] = np.array([[0, 1, 1, 1, 1, 1]], np.int64)
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    model, outs = _zoo()
+    folder = tmp_path_factory.mktemp("zoo") / "bundle"
+    emit_bundle(model, folder)
+    feeds = _zoo_feeds()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    with HostBuild(folder) as host:
+        got = dict(zip([o.name for o in sess.get_outputs()], host.run(feeds)))
+    return reference, got
+
+
+CASES = _zoo()[1]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_onnxruntime(zoo, case):
+    reference, got = zoo
+    r, c = reference[case], got[case]
+    assert r.shape == c.shape and r.dtype == c.dtype, (r.shape, c.shape, r.dtype, c.dtype)
+    if r.dtype.kind == "f":
+        scale = float(np.abs(r).max()) or 1.0
+        assert float(np.abs(r - c).max()) / scale <= 1e-5, case
+    else:
+        np.testing.assert_array_equal(r, c)
+
+
+# ----------------------------------------------------------------------------------------------- run-time checks
+def test_gather_refuses_ids_outside_the_table(tmp_path):
+    table = _c("table", RNG.standard_normal((16, 4)))
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], name="g"),
+             helper.make_node("Identity", ["rows"], ["y"], name="i")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", I64, [3])],
+                              [helper.make_tensor_value_info("y", F, [3, 4])], [table])
+    emit_bundle(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), tmp_path / "b")
+    with HostBuild(tmp_path / "b") as host:
+        got = host.run([np.array([15, -16, 0], np.int64)])[0]          # -16 is row 0
+        np.testing.assert_array_equal(got, numpy_helper.to_array(table)[[15, 0, 0]])
+        for bad in ([16, 0, 0], [0, -17, 0]):
+            with pytest.raises(HostRunError, match="status 3"):
+                host.run([np.array(bad, np.int64)])
+
+
+def test_tensor_scatter_refuses_a_write_past_the_cache(tmp_path):
+    nodes = [helper.make_node("TensorScatter", ["cache", "upd", "at"], ["written"], name="s", axis=2),
+             helper.make_node("Identity", ["written"], ["y"], name="i")]
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("cache", F, [1, 2, 6, 4]),
+                                            helper.make_tensor_value_info("upd", F, [1, 2, 2, 4]),
+                                            helper.make_tensor_value_info("at", I64, [1])],
+                              [helper.make_tensor_value_info("y", F, [1, 2, 6, 4])])
+    emit_bundle(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), tmp_path / "b")
+    cache, upd = np.zeros((1, 2, 6, 4), np.float32), np.ones((1, 2, 2, 4), np.float32)
+    with HostBuild(tmp_path / "b") as host:
+        assert host.run([cache, upd, np.array([4], np.int64)])[0][0, :, 4:].min() == 1.0
+        with pytest.raises(HostRunError, match="status 3"):
+            host.run([cache, upd, np.array([5], np.int64)])
+
+
+# ----------------------------------------------------------------------------------------------- the 260K Llama
+def _oneshot_shapes(seq: int) -> dict:
+    found = {"input_ids": (1, seq), "attention_mask": (1, seq), "position_ids": (1, seq)}
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            found[f"past_key_values.{i}.{kind}"] = (1, KV_HEADS, 0, HEAD_DIM)
+    return found
+
+
+def test_llama260k_oneshot_c_logits_match_onnxruntime(tmp_path):
+    out = tmp_path / "one"
+    result = build(FIXTURE, BuildOptions(target="cortex-m7", input_shapes=_oneshot_shapes(16)), out)
+    assert result.cbundle is not None and "transformer" in result.cbundle.families
+    header = (out / "model.h").read_text()
+    assert f"#define LMC_ARENA_BYTES {result.plan.arena_bytes}u" in header
+    ids = np.random.default_rng(0).integers(0, VOCAB, (1, 16)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, 16), np.int64),
+             "position_ids": np.arange(16, dtype=np.int64)[None]}
+    feeds.update({n: np.zeros(s, np.float32) for n, s in _oneshot_shapes(16).items() if n.startswith("past")})
+    reference = ort.InferenceSession(str(FIXTURE), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    with HostBuild(out) as host:
+        logits = host.run(feeds)[0]
+    assert float(np.abs(logits - reference).max()) / float(np.abs(reference).max()) <= 1e-5
+
+
+def greedy_onnxruntime(prompt: list[int], count: int) -> list[int]:
+    """The original export driven the plain way: prefill, then one token at a time, present fed back."""
+    sess = ort.InferenceSession(str(FIXTURE), providers=["CPUExecutionProvider"])
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
+            for i in range(LAYERS) for k in ("key", "value")}
+    feed_ids, total, tokens = list(prompt), 0, []
+    names = [o.name for o in sess.get_outputs()]
+    while len(tokens) < count:
+        n = len(feed_ids)
+        res = dict(zip(names, sess.run(None, {"input_ids": np.array([feed_ids], np.int64),
+                                              "attention_mask": np.ones((1, total + n), np.int64),
+                                              "position_ids": np.arange(total, total + n, dtype=np.int64)[None],
+                                              **past})))
+        total += n
+        tokens.append(int(np.argmax(res["logits"][0, -1])))
+        past = {f"past_key_values.{i}.{k}": res[f"present.{i}.{k}"] for i in range(LAYERS) for k in ("key", "value")}
+        feed_ids = [tokens[-1]]
+    return tokens
+
+
+CONTEXT = 32
+PROMPT = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def generation_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "bundle"
+    result = build(FIXTURE, BuildOptions(target="cortex-m7", context=CONTEXT), out)
+    with HostGenerator(out) as generator:
+        yield out, result, generator
+
+
+def test_llama260k_c_greedy_tokens_equal_onnxruntime(generation_bundle):
+    out, result, generator = generation_bundle
+    decode = next(p for p in result.plan.profiles if p.name == "decode")
+    assert f"#define LMC_ARENA_BYTES {decode.arena_bytes}u" in (out / "model.h").read_text()
+    expected = greedy_onnxruntime(PROMPT, 20)
+    assert len(set(expected)) > 5                         # a continuation that exercises the cache
+    assert generator.generate(PROMPT, 20) == expected
+    assert generator.generate([7], 1) == greedy_onnxruntime([7], 1)
+    assert generator.generate(PROMPT, 0) == []
+
+
+def test_a_cache_that_does_not_persist_changes_the_tokens(generation_bundle, tmp_path):
+    """The comparison above fails when the state is lost between lmc_run calls."""
+    out, _, _ = generation_bundle
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    runner = (broken / "runner.c").read_text()
+    runner = runner.replace("rc = lmc_run(inputs, outputs);",
+                            "memset(lmc_state_0, 0, sizeof lmc_state_0);\n        rc = lmc_run(inputs, outputs);")
+    (broken / "runner.c").write_text(runner)
+    assert generate_host(broken, PROMPT, 20) != greedy_onnxruntime(PROMPT, 20)
+
+
+def test_generation_runner_refuses_bad_prompts(generation_bundle):
+    _, _, generator = generation_bundle
+    assert len(generator.generate(list(range(CONTEXT - 1)), 2)) == 2      # 32 positions: the whole context
+    with pytest.raises(GenerationRunError, match="context"):
+        generator.generate(list(range(CONTEXT)), 2)                       # 33 positions > 32
+    with pytest.raises(GenerationRunError, match="vocabulary"):
+        generator.generate([VOCAB], 1)
+    with pytest.raises(LmcError, match="empty"):
+        generator.generate([], 1)
+
+
+def test_step_io_refuses_what_the_runner_cannot_drive():
+    info = GenerationInfo(32, 2, "input_ids", "", "logits", (("past", "present"),), attention_mask="attention_mask")
+    with pytest.raises(LmcError, match="batch 1"):
+        step_io(None, info)
+
+
+@pytest.mark.skipif(shutil.which(boards.GCC) is None or shutil.which(boards.QEMU) is None,
+                    reason="no arm-none-eabi-gcc / qemu-system-arm (scripts/setup-mcu.sh)")
+def test_llama260k_generates_on_the_emulated_cortex_m7(generation_bundle):
+    out, result, _ = generation_bundle
+    run = generate_board(out, "cortex-m7", PROMPT, 8)
+    assert run.tokens == greedy_onnxruntime(PROMPT, 8)
+    decode = next(p for p in result.plan.profiles if p.name == "decode")
+    assert run.arena_bytes == decode.arena_bytes
+    assert run.ram_bytes <= 512 * 1024 and run.flash_bytes <= 2 * 1024 * 1024
+    assert run.lmc_run_calls == len(PROMPT) + 8 - 1
