@@ -32,6 +32,7 @@ from lmc.core.runtime import SESSION_OPTIONS_FILE
 from lmc.compiler.verify import VerificationFailed, VerifyReport, compare_models, random_inputs
 from lmc.targets import emit
 from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
+from lmc.targets.cbundle.generation import emit_generation_c
 from lmc.targets.plan import MemoryPlan, check_plan
 from lmc.targets.target import Target, load_target
 
@@ -438,6 +439,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     try:
         genai.write(staged)
         plans = []
+        cbundle = None
         for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)
             plan = plan_memory(graph, target, inplace=options.inplace, state=info.state, runtime=runtime)
@@ -445,6 +447,8 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
             if problems:
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
             plans.append((name, length, plan))
+            if name == "decode" and (options.emit or default_emit(target)) is EmitFormat.C:
+                cbundle = emit_generation_c(graph, plan, target, staged, info)    # C: the decode step + a greedy loop
         del graph
         weights.release_freed()   # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
@@ -462,7 +466,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
                              weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
-                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype)
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)
