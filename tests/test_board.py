@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from board_fixture import ARENA, expected, write_bundle
 
-from lmc.targets.cbundle.board import (BoardError, BoardImage, board_for, boards, parse_map, parse_memory_usage,
-                                       run_bundle)
+from lmc.targets.cbundle.board import (BoardError, BoardImage, board_for, boards, function_table, parse_map,
+                                       parse_memory_usage, profile_bundle, run_bundle)
 from lmc.targets.target import load_target
 
 TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm")
@@ -54,6 +54,20 @@ Linker script and memory map
     sections, arena = parse_map(text)
     assert arena == 0x1000          # not the discarded one, not a longer name
     assert sections == {".text": 0x3568, ".data": 0x70, ".bss": 0x1150, ".stack": 0x2000}
+    starts, names = function_table("""Linker script and memory map
+.text           0x00000000     0x3568
+ .text.lmc_run  0x00000040       0x20 /tmp/model.o
+ .text.lmc_conv2d_f32
+                0x00000060      0x100 /tmp/lmc_kernels_cnn.o
+ .text          0x00000160       0x40 /usr/lib/libgcc.a(_arm_addsubdf3.o)
+                0x00000160                __aeabi_dadd
+                0x00000181                __aeabi_dsub
+ .text.empty    0x000001a0        0x0 /tmp/model.o
+.rodata         0x00003568      0x2f0
+                0x00003568                not_code
+""")
+    assert starts.tolist() == [0x40, 0x60, 0x160, 0x160, 0x180]
+    assert names == ["lmc_run", "lmc_conv2d_f32", "libgcc.a(_arm_addsubdf3.o)", "__aeabi_dadd", "__aeabi_dsub"]
     usage = parse_memory_usage("Memory region Used Size Region Size %age Used\n"
                                "           FLASH:       14536 B       512 KB      2.77%\n"
                                "             RAM:          16 KB         4 MB      0.50%\n")
@@ -114,9 +128,15 @@ def test_instructions_scale_with_the_work(tmp_path):
         "    if (gate[0] == 99", '    { uint32_t n = 1000000u; __asm__ volatile("1: subs %0, %0, #1\\n bne 1b" : "+r"(n) : : "cc"); }\n'
         "    if (gate[0] == 99")
     (bundle / "model.c").write_text(text)
+    feeds = [np.zeros((1, 8), np.float32), np.zeros(4, np.int8)]
     for target in ("cortex-m55", "cortex-m7"):
-        run = run_bundle(bundle, target, [np.zeros((1, 8), np.float32), np.zeros(4, np.int8)])
+        run = run_bundle(bundle, target, feeds)
         assert 2_000_000 <= run.instructions <= 2_000_000 + 2000, (target, run.instructions)
+    # the sampling profile finds them in lmc_run (model.c): ~1000 samples of 64 ticks (2000 instructions), the
+    # sampling handler's ~20 instructions per sample stretching the run by ~1%
+    profiled = profile_bundle(bundle, "cortex-m55", feeds)
+    (top, n), *rest = profiled.profile
+    assert top == "lmc_run" and abs(n - 2_000_000) < 60_000 and sum(m for _, m in rest) < 10_000
 
 
 @needs_tools

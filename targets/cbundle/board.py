@@ -33,6 +33,12 @@ Figures (``ImageSizes``):
   instructions in ``lmc_run`` are ticks × 1e9 / cpu_hz, exact to one tick (1e9 / cpu_hz instructions: 31 on
   the AN547, 40 on the AN500). Debian's qemu ships no TCG plugin that counts instructions; this needs none.
 
+``profile_bundle`` adds where those instructions go: an image whose SysTick interrupts every P ticks inside
+``lmc_run`` records the interrupted pc (startup.c, ``-DLMC_PROFILE_PERIOD=P``, P chosen for about 4096
+samples); each pc is attributed to the function whose code holds it (``function_table``: the map's
+``.text.<function>`` input sections, and the global symbols of plain ``.text`` sections), each sample P ticks
+of instructions — a sampling profile, deterministic under icount, its handler adding ~20 instructions a sample.
+
 Errors are ``BoardError`` (an ``LmcError``): the toolchain missing (run ``scripts/setup-mcu.sh``), a
 compile error, an image larger than the board's memory (with the numbers), a timeout, a fault (the startup's
 fault handler reports the exception and the faulting pc), a stack overflow.
@@ -71,6 +77,8 @@ SECTIONS = "sections.ld"
 ARENA_SECTION = ".bss.lmc_arena"
 IMAGE_SECTIONS = (".text", ".rodata", ".ARM.extab", ".ARM.exidx", ".data", ".bss", ".heap", ".stack")
 BOARD_REPORT = "lmc_board.txt"
+PROFILE_FILE = "lmc_profile.bin"
+PROFILE_SAMPLES = 4096             # what profile_bundle aims at (startup.c keeps up to 16384)
 FAULT_EXIT = 250                   # startup.c's LMC_FAULT_EXIT
 COMPILE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 300
@@ -237,6 +245,35 @@ def parse_map(text: str) -> tuple[dict[str, int], int]:
     return sections, arena
 
 
+def function_table(text: str) -> tuple[np.ndarray, list[str]]:
+    """(sorted start addresses, names) of the code in a GNU ld map: each input section ``.text.<function>``
+    (-ffunction-sections) is that function; a plain ``.text`` input section is named by its object file, and
+    each global symbol the map lists inside it starts a function of that name."""
+    start = text.find("Linker script and memory map")
+    lines = (text[start:] if start >= 0 else text).splitlines()
+    entries: list[tuple[int, int, str]] = []      # (address, 0 for a section / 1 for a symbol, name)
+    in_plain_text = False
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if line.startswith(" .") and fields:
+            in_plain_text = False
+            name = fields[0]
+            if not (name == ".text" or name.startswith(".text.")):
+                continue
+            rest = fields[1:4] if len(fields) >= 3 else (lines[i + 1].split()[:3] if i + 1 < len(lines) else [])
+            if len(rest) < 3 or not rest[0].startswith("0x") or int(rest[1], 16) == 0:
+                continue
+            obj = rest[2].rsplit("/", 1)[-1]
+            entries.append((int(rest[0], 16), 0, name[len(".text."):] if name != ".text" else obj))
+            in_plain_text = name == ".text"
+        elif in_plain_text and len(fields) == 2 and fields[0].startswith("0x") and fields[1].isidentifier():
+            entries.append((int(fields[0], 16) & ~1, 1, fields[1]))
+        elif line.startswith("."):
+            in_plain_text = False
+    entries.sort()                                  # a symbol after the section it starts: it names the code
+    return np.array([a for a, _, _ in entries], dtype=np.int64), [n for _, _, n in entries]
+
+
 @dataclass(frozen=True)
 class BoardRun:
     """One run of a bundle's image on its board."""
@@ -250,6 +287,7 @@ class BoardRun:
     instructions: int | None             # executed in lmc_run (None: lmc_run was not called)
     lmc_run_calls: int
     mvfr0: int                           # the core's Media and VFP Feature Register 0 (what its FPU has)
+    profile: tuple[tuple[str, int], ...] = ()   # profiled image: (function, instructions sampled in it), most first
 
     @property
     def flash_bytes(self) -> int:
@@ -267,7 +305,8 @@ class BoardRun:
         return {"board": self.board, "exit_code": self.exit_code, "flash_bytes": self.flash_bytes,
                 "ram_bytes": self.ram_bytes, "arena_bytes": self.arena_bytes, "sections": self.sizes.sections,
                 "stack_used": self.stack_used, "heap_used": self.heap_used, "instructions": self.instructions,
-                "lmc_run_calls": self.lmc_run_calls, "mvfr0": f"0x{self.mvfr0:08x}"}
+                "lmc_run_calls": self.lmc_run_calls, "mvfr0": f"0x{self.mvfr0:08x}",
+                "profile": [{"function": f, "instructions": n} for f, n in self.profile]}
 
 
 def _header_define(header: str, name: str) -> int | None:
@@ -277,11 +316,14 @@ def _header_define(header: str, name: str) -> int | None:
 
 class BoardImage:
     """A C bundle compiled and linked for a board; ``close()`` (or the context manager) removes the build
-    folder unless ``keep`` is a folder to build in."""
+    folder unless ``keep`` is a folder to build in. ``profile_period``: build the startup's sampling profiler
+    (a sample every that many SysTick ticks inside ``lmc_run``; ``BoardRun.profile``)."""
 
-    def __init__(self, bundle: str | Path, board: Board, keep: str | Path | None = None):
+    def __init__(self, bundle: str | Path, board: Board, keep: str | Path | None = None,
+                 profile_period: int | None = None):
         self.bundle = Path(bundle)
         self.board = board
+        self.profile_period = profile_period
         if not (self.bundle / "model.h").is_file():
             raise BoardError(f"{bundle}: not a C bundle (no model.h)")
         gcc = find_tool(GCC)
@@ -306,7 +348,8 @@ class BoardImage:
         objects = []
         for src in sources:
             obj = self.work / (src.stem + ".o")
-            self._tool([gcc, *self.board.cflags, *COMMON_CFLAGS, "-I", str(self.bundle), "-c", str(src),
+            profile = [f"-DLMC_PROFILE_PERIOD={self.profile_period}"] if self.profile_period and src.name == STARTUP else []
+            self._tool([gcc, *self.board.cflags, *COMMON_CFLAGS, *profile, "-I", str(self.bundle), "-c", str(src),
                         "-o", str(obj)], f"compiling {src.name} for {self.board.name}")
             objects.append(str(obj))
         elf, map_file = self.work / "img.elf", self.work / "img.map"
@@ -407,10 +450,33 @@ class BoardImage:
                                    .astype(spec.dtype).reshape(spec.shape))
             ticks = (report.get("ticks_hi", 0) << 32) | report.get("ticks_lo", 0)
             calls = report.get("calls", 0)
+            profile = self._profile(run_dir / PROFILE_FILE, report) if self.profile_period else ()
             return BoardRun(board=self.board.name, exit_code=done.returncode, outputs=tuple(outputs),
                             sizes=self.sizes, stack_used=report["stack_used"], heap_used=report.get("heap_used", 0),
-                            instructions=round(ticks * 1e9 / self.board.cpu_hz) if calls else None,
-                            lmc_run_calls=calls, mvfr0=report.get("mvfr0", 0))
+                            instructions=self._instructions(ticks) if calls else None,
+                            lmc_run_calls=calls, mvfr0=report.get("mvfr0", 0), profile=profile)
+
+    def _instructions(self, ticks: int) -> int:
+        """SysTick ticks on the CPU clock -> instructions (qemu -icount shift=0: 1 ns each)."""
+        return round(ticks * 1e9 / self.board.cpu_hz)
+
+    def _profile(self, path: Path, report: dict[str, int]) -> tuple[tuple[str, int], ...]:
+        """The sampled pcs, attributed to the functions of the map; each sample is a period of ticks."""
+        if not path.is_file():
+            return ()
+        pcs = np.frombuffer(path.read_bytes(), dtype="<u4")
+        if report.get("profile_taken", 0) > len(pcs):
+            log.warning("profile of %s: %d samples taken, the first %d kept", self.bundle, report["profile_taken"],
+                        len(pcs))
+        starts, names = function_table(self.map.read_text())
+        where = np.searchsorted(starts, pcs & ~np.uint32(1), side="right") - 1
+        counts: dict[str, int] = {}
+        for i in where.tolist():
+            name = names[i] if i >= 0 else "?"
+            counts[name] = counts.get(name, 0) + 1
+        per_sample = report.get("profile_period", self.profile_period or 0)
+        return tuple(sorted(((n, self._instructions(c * per_sample)) for n, c in counts.items()),
+                            key=lambda item: -item[1]))
 
 
 def _raw(spec: IoSpec, value: np.ndarray) -> bytes:
@@ -436,4 +502,20 @@ def run_bundle(bundle: str | Path, target: Target | str, inputs: Sequence[np.nda
                timeout: float = RUN_TIMEOUT_S) -> BoardRun:
     """Compile ``bundle`` for the board ``target`` runs on, run it once on ``inputs``, clean up."""
     with BoardImage(bundle, board_for(target)) as image:
+        return image.run(inputs, timeout)
+
+
+def profile_bundle(bundle: str | Path, target: Target | str, inputs: Sequence[np.ndarray] | dict[str, np.ndarray],
+                   samples: int = PROFILE_SAMPLES, timeout: float = RUN_TIMEOUT_S) -> BoardRun:
+    """One run to count the instructions of ``lmc_run``, then one of an image that samples its pc about
+    ``samples`` times: the second run's ``BoardRun`` (its ``profile`` per function; its ``instructions``
+    include the sampling handler's, about 20 per sample)."""
+    board = board_for(target)
+    with BoardImage(bundle, board) as image:
+        first = image.run(inputs, timeout)
+    if first.instructions is None:
+        raise BoardError(f"{bundle}: lmc_run was not called on {board.name}: nothing to profile")
+    ticks = first.instructions * board.cpu_hz / 1e9
+    period = max(64, int(np.ceil(ticks / samples)))
+    with BoardImage(bundle, board, profile_period=period) as image:
         return image.run(inputs, timeout)

@@ -7,6 +7,9 @@
  * handles and runs main(). The bundle's call to lmc_run is wrapped (-Wl,--wrap=lmc_run): SysTick, clocked
  * by the CPU clock, counts around it; under qemu -icount shift=0 one instruction is one nanosecond of virtual
  * time, so ticks * 1e9 / cpu_hz is the instructions the inference executed (to one tick).
+ * Built with -DLMC_PROFILE_PERIOD=P, SysTick interrupts every P ticks inside lmc_run and records the interrupted
+ * pc (up to LMC_PROFILE_SAMPLES, written to lmc_profile.bin): a sampling profile, each sample P ticks of
+ * instructions (the handler's own few instructions per sample ride along).
  * After main returns it writes lmc_board.txt (key value lines: exit code, stack bytes used — the depth of the
  * deepest word that is no longer the paint —, heap bytes used, SysTick ticks, MVFR0) and exits with main's code
  * (semihosting SYS_EXIT_EXTENDED: the code is qemu's exit status). A fault exits with LMC_FAULT_EXIT after
@@ -34,7 +37,14 @@
 #define SYST_CSR 0xE000E010u
 #define SYST_RVR 0xE000E014u
 #define SYST_CVR 0xE000E018u
+#ifdef LMC_PROFILE_PERIOD
+#define SYST_RELOAD ((uint32_t)(LMC_PROFILE_PERIOD) - 1u)
+#define LMC_PROFILE_SAMPLES 16384u
+static uint32_t profile_pcs[LMC_PROFILE_SAMPLES];
+static uint32_t profile_taken;              /* samples taken; those past LMC_PROFILE_SAMPLES are dropped */
+#else
 #define SYST_RELOAD 0x00FFFFFFu
+#endif
 
 extern uint32_t __data_load[], __data_start[], __data_end[], __bss_start[], __bss_end[];
 extern uint32_t __stack_limit[], __stack_top[];
@@ -47,6 +57,7 @@ int __wrap_lmc_run(const void *const *inputs, void *const *outputs);
 void lmc_start(void) __attribute__((noreturn, used));
 void Reset_Handler(void);
 void SysTick_Handler(void);
+void lmc_systick(const uint32_t *frame);
 void lmc_fault(uint32_t which, const uint32_t *frame);
 void Fault_Handler(void);
 
@@ -68,7 +79,28 @@ __attribute__((naked)) void Reset_Handler(void)
         "b lmc_start\n");
 }
 
-void SysTick_Handler(void) { systick_wraps++; }
+/* SysTick: one more wrap; profiled, the pc it interrupted (the stacked frame's seventh word). */
+__attribute__((naked)) void SysTick_Handler(void)
+{
+    __asm__ volatile(
+        "tst lr, #4\n"
+        "ite eq\n"
+        "mrseq r0, msp\n"
+        "mrsne r0, psp\n"
+        "b lmc_systick\n");
+}
+
+void lmc_systick(const uint32_t *frame)
+{
+    systick_wraps++;
+#ifdef LMC_PROFILE_PERIOD
+    if (profile_taken < LMC_PROFILE_SAMPLES)
+        profile_pcs[profile_taken] = frame[6];
+    profile_taken++;
+#else
+    (void)frame;
+#endif
+}
 
 /* Every fault lands here with which = the exception number and the stacked frame. */
 __attribute__((naked)) void Fault_Handler(void)
@@ -165,9 +197,20 @@ static void report(int code, uint32_t stack, const char *fault)
     fprintf(f, "ticks_hi %lu\nticks_lo %lu\n", (unsigned long)(run_ticks >> 32), (unsigned long)(run_ticks & 0xFFFFFFFFu));
     fprintf(f, "calls %lu\n", (unsigned long)run_calls);
     fprintf(f, "mvfr0 0x%08lx\n", (unsigned long)REG(MVFR0));
+#ifdef LMC_PROFILE_PERIOD
+    fprintf(f, "profile_period %lu\nprofile_taken %lu\n", (unsigned long)(SYST_RELOAD + 1u),
+            (unsigned long)profile_taken);
+#endif
     if (fault != NULL)
         fputs(fault, f);
     fclose(f);
+#ifdef LMC_PROFILE_PERIOD
+    f = fopen("lmc_profile.bin", "wb");
+    if (f != NULL) {
+        fwrite(profile_pcs, 4, profile_taken < LMC_PROFILE_SAMPLES ? profile_taken : LMC_PROFILE_SAMPLES, f);
+        fclose(f);
+    }
+#endif
 }
 
 void lmc_fault(uint32_t which, const uint32_t *frame)
