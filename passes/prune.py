@@ -45,6 +45,7 @@ from lmc.passes.quantize.calibration import Calibrator
 log = logging.getLogger(__name__)
 
 MAX_SHARE = 0.75        # global choice: a layer gives at most this share of its MLP channels
+CHANNEL_GRANULE = 32    # MLP channels go in groups of 32 (the int4 block), when the layer's count allows
 
 
 class Saliency(enum.Enum):
@@ -127,6 +128,12 @@ class PruneConfig:
     calib_feeds: list[dict] = field(default_factory=list)
 
 
+def _granule(channels: int) -> int:
+    """MLP channels go in groups of this many (the layer's count stays a multiple of the int4 block and of
+    the kernels' vector width)."""
+    return next((g for g in (CHANNEL_GRANULE, 8) if channels % g == 0 and channels >= 4 * g), 1)
+
+
 def _budget(fraction: float, total: int) -> int:
     return int(math.floor(fraction * total + 0.5))
 
@@ -150,12 +157,18 @@ class Prune:
             raise LmcError("--prune needs --calib calib.npz: the saliency and the compensation are measured on it")
         mlps, atts = find_sites(graph, bool(spec.mlp), bool(spec.heads or spec.kv))
         readers = [s.reader.inputs[0].name for s in [*mlps, *atts]]
-        with Calibrator(graph, readers, self.config.calib_feeds) as calibrator:
-            stats = calibrator.run(gram=True, progress=lambda i, n: ctx.report("pruning: calibrating", i, n))
+        streams = {s.name: _residual(s.reader) for s in [*mlps, *atts]}
+        tensors = list(dict.fromkeys(readers + [t for t in streams.values() if t]))
+        with Calibrator(graph, tensors, self.config.calib_feeds) as calibrator:
+            stats = calibrator.run(gram=set(readers),
+                                   progress=lambda i, n: ctx.report("pruning: calibrating", i, n))
         grams = {}
-        for name, st in stats.items():
+        for name in readers:
+            st = stats[name]
             rows = float(np.trace(st.gram)) / max(float(st.second_moment.sum()), 1e-30)
             grams[name] = st.gram / max(rows, 1.0)
+        # a removal's error is judged against the residual stream it lands in (the next norm divides by it)
+        self._stream = {site: float(stats[t].second_moment.sum()) if t else 1.0 for site, t in streams.items()}
         self.reports = []
         namer = ir.Namer(graph)
         if mlps:
@@ -178,7 +191,7 @@ class Prune:
         if self.config.spec.saliency is Saliency.MAGNITUDE:
             return magnitude_saliency(weight, [ir.const_value(c.node.inputs[c.slot]).reshape(-1, weight.shape[0])
                                                for c in producers if c.slot == 1 and c.axis == 1], unit_size)
-        return measured_saliency(grams[site.reader.inputs[0].name], weight, unit_size)
+        return measured_saliency(grams[site.reader.inputs[0].name], weight, unit_size) / max(self._stream[site.name], 1e-30)
 
     def _prune_mlps(self, sites: list[MlpSite], grams, namer) -> None:
         spec = self.config.spec
@@ -186,24 +199,26 @@ class Prune:
         for i, site in enumerate(sites):
             scores = self._scores(site, grams, 1, site.cuts)
             order = np.argsort(scores, kind="stable")
-            steps[i] = [Step(i, 1, float(scores[j]), (int(j),)) for j in order]
+            g = _granule(site.channels)
+            steps[i] = [Step(i, g, float(scores[order[k:k + g]].sum()), tuple(int(j) for j in order[k:k + g]))
+                        for k in range(0, site.channels, g)]
+        chosen: dict[int, list[int]] = {i: [] for i in range(len(sites))}
         if spec.per_layer:
-            chosen: dict[int, list[int]] = {}
             for i, site in enumerate(sites):
-                n = _budget(spec.mlp, site.channels)
-                if n >= site.channels:
+                g = _granule(site.channels)
+                n = _budget(spec.mlp * site.channels / g, 1)
+                if n * g >= site.channels:
                     raise LmcError(f"--prune mlp={spec.mlp:.3g} leaves {site.name} without channels")
-                chosen[i] = [s.units[0] for s in steps[i][:n]]
+                chosen[i] = [j for step in steps[i][:n] for j in step.units]
         else:
             total = sum(s.channels for s in sites)
-            caps = {i: int(MAX_SHARE * s.channels) for i, s in enumerate(sites)}
+            caps = {i: int(MAX_SHARE * s.channels) // _granule(s.channels) for i, s in enumerate(sites)}
             budget = _budget(spec.mlp, total)
-            if budget > sum(caps.values()):
+            if budget > sum(caps[i] * _granule(s.channels) for i, s in enumerate(sites)):
                 raise LmcError(f"--prune mlp={spec.mlp:.3g} would leave layers with under "
                                f"{100 * (1 - MAX_SHARE):.0f}% of their channels")
-            chosen = {i: [] for i in range(len(sites))}
-            for step in choose_global(steps, budget, caps):
-                chosen[step.site].append(step.units[0])
+            for step in choose_global(steps, budget + max(_granule(s.channels) for s in sites) // 2, caps):
+                chosen[step.site] += step.units
         for i, site in enumerate(sites):
             drop = set(chosen[i])
             keep = np.array([j for j in range(site.channels) if j not in drop], dtype=np.int64)
@@ -301,6 +316,15 @@ class Prune:
             words += f", {removed_kv} of {site.kv_heads} key/value groups"
         self.reports.append(SiteReport(site.name, "attention", words, len(heads), site.heads, fit.rel_error,
                                        fit.rel_error_plain))
+
+
+def _residual(reader: gs.Node) -> str | None:
+    """The residual stream a site's output is added to: ``Add(stream, reader output)``'s output, if so."""
+    out = reader.outputs[0]
+    if len(out.outputs) == 1 and ir.is_op(out.outputs[0], "Add") and \
+            not any(isinstance(i, gs.Constant) for i in out.outputs[0].inputs):
+        return out.outputs[0].outputs[0].name
+    return None
 
 
 def _slice(cut: Cut, keep: np.ndarray, namer) -> None:
