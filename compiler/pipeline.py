@@ -21,6 +21,7 @@ from lmc.passes.merge_matmuls import MergeParallelMatMuls
 from lmc.passes.moe_routing import MoeRouting
 from lmc.passes.prune import Prune, PruneConfig
 from lmc.passes.quantize.calibration import load_calibration
+from lmc.passes.quantize.static_int8 import QuantizeStaticInt8
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
@@ -39,6 +40,7 @@ from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
 from lmc.passes.simplify_reshapes import SimplifyReshapes
 from lmc.passes.upgrade_opset import UpgradeOpset
+from lmc.targets.cbundle.emit import EmitFormat, default_emit
 
 if TYPE_CHECKING:
     from lmc.compiler.compilation import BuildOptions
@@ -92,7 +94,9 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
         from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
 
         method = CalibMethod(options.calib_method)
-        return [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()]
+        # a bundle that runs lmc's C kernels (lmc.targets.cbundle): convolutional graphs all int8, static
+        static = [QuantizeStaticInt8(feeds), Cleanup()] if (options.emit or default_emit(target)) is EmitFormat.C else []
+        return static + [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()]
     raise LmcError(f"--quantize {mode} is not available")
 
 

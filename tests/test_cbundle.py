@@ -357,3 +357,47 @@ def test_runner_refuses_a_short_input(tmp_path):
         hb.inputs[0] = type(hb.inputs[0])(hb.inputs[0].name, hb.inputs[0].dtype, (1, 3, 8, 7))
         with pytest.raises(LmcError, match="status 2"):
             hb.run([np.zeros((1, 3, 8, 7), np.float32)])
+
+
+# ----------------------------------------------------------------------------------------------- int8 (w8a8)
+DS_CNN_FIXTURE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "mcu" / "ds_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def ds_cnn_int8(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ds8")
+    np.savez(work / "calib.npz", input=RNG.standard_normal((16, 1, 1, 49, 10)).astype(np.float32))
+    float_result = build(DS_CNN_FIXTURE, BuildOptions(target="cortex-m55", verify=False), work / "f32")
+    int8_result = build(DS_CNN_FIXTURE, BuildOptions(target="cortex-m55", quantize="w8a8", calib=str(work / "calib.npz")),
+                        work / "int8")
+    return work, float_result, int8_result
+
+
+def test_ds_cnn_int8_is_bit_exact_with_onnxruntime_and_a_quarter_of_the_arena(ds_cnn_int8):
+    work, f32, int8 = ds_cnn_int8
+    model_c = (work / "int8" / "model.c").read_text()
+    assert model_c.count("lmc_qlinear_conv_s8(") == 9 and "lmc_conv2d_f32" not in model_c
+    graph = onnx.load(str(work / "int8" / "model.onnx")).graph
+    intermediates = {o for n in graph.node for o in n.output} - {o.name for o in graph.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(
+        onnx.load(str(work / "int8" / "model.onnx"))).graph.value_info}
+    assert all(types.get(name) == TensorProto.INT8 for name in intermediates)      # activations int8 in the arena
+    assert int8.plan.arena_bytes * 3 <= f32.plan.arena_bytes
+    assert int8.cbundle.weight_bytes * 3 < f32.cbundle.weight_bytes
+    report = verify_cbundle(work / "int8", DS_CNN_FIXTURE, samples=4, tolerance=0.05)
+    assert report.passed, report.explain()
+    c_rows = [o for o in report.outputs if o.name.endswith("[C vs model.onnx]")]
+    assert c_rows and all(o.max_abs == 0.0 for o in c_rows)                     # bit for bit
+    assert all(o.cosine > 0.999 for o in report.outputs)
+
+
+def test_verify_fails_on_a_flipped_int8_weight(ds_cnn_int8):
+    work, _, _ = ds_cnn_int8
+    broken = work / "int8-flipped"
+    shutil.copytree(work / "int8", broken)
+    weights_c = (broken / "weights.c").read_text()
+    m = re.search(r"const int8_t lmc_w_\w+\[\d+\] = \{\n    (-?\d+)", weights_c)
+    value = int(m.group(1))
+    (broken / "weights.c").write_text(weights_c[:m.start(1)] + str(-value if value else 77) + weights_c[m.end(1):])
+    report = verify_cbundle(broken, DS_CNN_FIXTURE, tolerance=0.05)
+    assert not report.passed and all("[C vs model.onnx]" in o.name for o in report.failures)

@@ -1,0 +1,124 @@
+/* lmc kernels, family "int8": integer operators on int8 activations, requantized as onnxruntime does. */
+#include <math.h>
+
+#include "lmc_kernels_int8.h"
+
+int8_t lmc_requantize_s8(int32_t acc, float scale, int32_t zero)
+{
+    float v = (float)acc * scale;
+    const float lo = (float)(-128 - zero), hi = (float)(127 - zero);
+    v = v < lo ? lo : (v > hi ? hi : v);
+    return (int8_t)((int32_t)nearbyintf(v) + zero);
+}
+
+void lmc_qlinear_conv_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero, const int32_t *bias,
+                         const float *scale, int8_t *y, const lmc_qconv_params *qp)
+{
+    const lmc_conv2d_params *p = &qp->g;
+    const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group, xz = qp->x_zero;
+    int32_t n, g, oc, oh, ow, ic, r, s;
+    for (n = 0; n < p->n; ++n) {
+        for (g = 0; g < p->group; ++g) {
+            for (oc = 0; oc < cout_g; ++oc) {
+                const int32_t co = g * cout_g + oc;
+                const int8_t *wc = w + (long)co * cin_g * p->kh * p->kw;
+                const int32_t wz = w_zero ? (int32_t)w_zero[co] : 0;
+                const int32_t b = bias ? bias[co] : 0;
+                const float sc = scale[co];
+                int8_t *yc = y + ((long)n * p->c_out + co) * p->h_out * p->w_out;
+                for (oh = 0; oh < p->h_out; ++oh) {
+                    const int32_t ih0 = oh * p->stride_h - p->pad_top;
+                    for (ow = 0; ow < p->w_out; ++ow) {
+                        const int32_t iw0 = ow * p->stride_w - p->pad_left;
+                        int32_t acc = b;
+                        for (ic = 0; ic < cin_g; ++ic) {
+                            const int8_t *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
+                            const int8_t *wk = wc + (long)ic * p->kh * p->kw;
+                            for (r = 0; r < p->kh; ++r) {
+                                const int32_t ih = ih0 + r * p->dil_h;
+                                if (ih < 0 || ih >= p->h_in) continue;      /* padding holds x_zero: adds 0 */
+                                for (s = 0; s < p->kw; ++s) {
+                                    const int32_t iw = iw0 + s * p->dil_w;
+                                    if (iw < 0 || iw >= p->w_in) continue;
+                                    acc += ((int32_t)xc[(long)ih * p->w_in + iw] - xz) *
+                                           ((int32_t)wk[r * p->kw + s] - wz);
+                                }
+                            }
+                        }
+                        yc[(long)oh * p->w_out + ow] = lmc_requantize_s8(acc, sc, qp->y_zero);
+                    }
+                }
+            }
+        }
+    }
+}
+
+void lmc_qgemm_s8(const int8_t *a, const int8_t *b, const int8_t *b_zero, const int32_t *bias, const float *scale,
+                  float *y_f32, int8_t *y_s8, const lmc_qgemm_params *p)
+{
+    int32_t i, j, t;
+    for (i = 0; i < p->m; ++i) {
+        const int8_t *ar = a + (long)i * p->k;
+        for (j = 0; j < p->n; ++j) {
+            const int32_t bz = b_zero ? (int32_t)b_zero[j] : 0;
+            int32_t acc = bias ? bias[j] : 0;
+            for (t = 0; t < p->k; ++t) {
+                const int32_t bv = p->trans_b ? b[(long)j * p->k + t] : b[(long)t * p->n + j];
+                acc += ((int32_t)ar[t] - p->a_zero) * (bv - bz);
+            }
+            if (y_f32) y_f32[(long)i * p->n + j] = (float)acc * scale[j];
+            else y_s8[(long)i * p->n + j] = lmc_requantize_s8(acc, scale[j], p->y_zero);
+        }
+    }
+}
+
+void lmc_qlinear_add_s8(const int8_t *a, int32_t a_zero, float ra, const int8_t *b, int32_t b_zero, float rb,
+                        int8_t *y, int32_t y_zero, int32_t n)
+{
+    int32_t i;
+    const float lo = (float)(-128 - y_zero), hi = (float)(127 - y_zero);
+    for (i = 0; i < n; ++i) {
+        float v = (float)((int32_t)a[i] - a_zero) * ra + (float)((int32_t)b[i] - b_zero) * rb;
+        v = v < lo ? lo : (v > hi ? hi : v);
+        y[i] = (int8_t)((int32_t)nearbyintf(v) + y_zero);
+    }
+}
+
+void lmc_qglobal_avgpool_s8(const int8_t *x, int32_t x_zero, float scale, int8_t *y, int32_t y_zero,
+                            int32_t nc, int32_t hw)
+{
+    int32_t i, j;
+    for (i = 0; i < nc; ++i) {
+        const int8_t *xp = x + (long)i * hw;
+        int32_t acc = -x_zero * hw;
+        for (j = 0; j < hw; ++j) acc += xp[j];
+        y[i] = lmc_requantize_s8(acc, scale, y_zero);
+    }
+}
+
+void lmc_maxpool2d_s8(const int8_t *x, int8_t *y, const lmc_pool2d_params *p)
+{
+    int32_t plane, oh, ow, r, s;
+    const int32_t planes = p->n * p->c;
+    for (plane = 0; plane < planes; ++plane) {
+        const int8_t *xp = x + (long)plane * p->h_in * p->w_in;
+        int8_t *yp = y + (long)plane * p->h_out * p->w_out;
+        for (oh = 0; oh < p->h_out; ++oh) {
+            const int32_t h0 = oh * p->stride_h - p->pad_top;
+            for (ow = 0; ow < p->w_out; ++ow) {
+                const int32_t w0 = ow * p->stride_w - p->pad_left;
+                int32_t acc = -128;
+                for (r = 0; r < p->kh; ++r) {
+                    const int32_t ih = h0 + r * p->dil_h;
+                    if (ih < 0 || ih >= p->h_in) continue;
+                    for (s = 0; s < p->kw; ++s) {
+                        const int32_t iw = w0 + s * p->dil_w;
+                        if (iw < 0 || iw >= p->w_in) continue;
+                        if (xp[(long)ih * p->w_in + iw] > acc) acc = xp[(long)ih * p->w_in + iw];
+                    }
+                }
+                yp[(long)oh * p->w_out + ow] = (int8_t)acc;
+            }
+        }
+    }
+}

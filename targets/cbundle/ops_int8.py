@@ -1,0 +1,150 @@
+"""C emitters for integer operators on int8 activations (family "int8"): QLinearConv, com.microsoft QGemm,
+QLinearAdd and QLinearGlobalAveragePool, and MaxPool on int8 (a fallback beside the float MaxPool).
+
+Requantization scales are float32 and computed here in onnxruntime's order, so the C rounds as onnxruntime
+does on the host: QLinearConv (x_s · w_s[c]) / y_s; QGemm a_s · b_s[c] (float output) or (a_s · b_s[c]) / y_s;
+QLinearAdd a_s / y_s and b_s / y_s; QLinearGlobalAveragePool x_s / (y_s · hw). Only int8 activations and
+weights (uint8 is refused), per-tensor activation codes, per-tensor or per-channel weight codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lmc.targets.cbundle.ops_cnn import POOL_FIELDS, _flt, _ints, conv_geometry, conv_macs, pool_geometry
+from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext
+
+FAMILIES = ("int8", "cnn")
+I8, I32, F32 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.float32)
+
+
+def _scalar(op: OpContext, i: int, dtype) -> float | int:
+    """A per-tensor scale or zero point, a constant (emission time)."""
+    ref = op.inputs[i] if i < len(op.inputs) else None
+    if ref is None:
+        return 0
+    if ref.value is None or ref.value.size != 1:
+        raise op.unsupported(f"input {i} must be a constant scalar")
+    if ref.dtype != np.dtype(dtype):
+        raise op.unsupported(f"input {i} is {ref.dtype}, not {np.dtype(dtype)}")
+    return ref.value.reshape(()).item()
+
+
+def _vector(op: OpContext, i: int, n: int, dtype) -> np.ndarray | None:
+    ref = op.inputs[i] if i < len(op.inputs) else None
+    if ref is None:
+        return None
+    if ref.value is None or ref.value.size not in (1, n) or ref.dtype != np.dtype(dtype):
+        raise op.unsupported(f"input {i} must be a constant {np.dtype(dtype)} scalar or {n}-vector")
+    return np.broadcast_to(ref.value.reshape(-1), (n,)).astype(dtype)
+
+
+def _floats(name: str, values: np.ndarray) -> str:
+    return f"static const float {name}[{values.size}] = {{{', '.join(_flt(float(v)) for v in values)}}};"
+
+
+def _int8s(name: str, values: np.ndarray) -> str:
+    return f"static const int8_t {name}[{values.size}] = {{{_ints(values)}}};"
+
+
+@REGISTRY.op("QLinearConv")
+def emit_qlinear_conv(op: OpContext) -> KernelCall:
+    x, w, y = op.input(0), op.input(3), op.outputs[0]
+    bias = op.input(8, required=False)
+    op.expect_dtype([x, w, y], I8)
+    op.expect_dtype([bias], I32)
+    xs, xz = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    ys, yz = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    c_out = w.shape[0]
+    ws = _vector(op, 4, c_out, F32)
+    wz = _vector(op, 5, c_out, I8)
+    scale = ((xs * ws).astype(np.float32) / ys).astype(np.float32)
+    g = conv_geometry(op, x, w, y)
+    fields = ("n", "c_in", "h_in", "w_in", "c_out", "h_out", "w_out", "kh", "kw", "stride_h", "stride_w",
+              "pad_top", "pad_left", "dil_h", "dil_w", "group")
+    params = [f"static const lmc_qconv_params {op.prefix} = {{{{{_ints(g[f] for f in fields)}, "
+              f"{{LMC_ACT_NONE, 0.0f, 0.0f}}}}, {xz}, {yz}}};", _floats(f"{op.prefix}_scale", scale)]
+    wz_arg = "0"
+    if wz is not None and wz.any():
+        params.append(_int8s(f"{op.prefix}_wzero", wz))
+        wz_arg = f"{op.prefix}_wzero"
+    return KernelCall(f"lmc_qlinear_conv_s8({x.ptr()}, {w.ptr()}, {wz_arg}, {bias.ptr() if bias is not None else '0'}, "
+                      f"{op.prefix}_scale, {y.out}, &{op.prefix});", FAMILIES, "\n".join(params), conv_macs(g))
+
+
+@REGISTRY.op("QGemm", domain="com.microsoft")
+def emit_qgemm(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(3), op.outputs[0]
+    bias = op.input(6, required=False)
+    op.expect_dtype([a, b], I8)
+    op.expect_dtype([bias], I32)
+    if int(op.attr("transA", 0)) or len(a.shape) != 2:
+        raise op.unsupported("only a 2-D A without transA is supported")
+    if float(op.attr("alpha", 1.0)) != 1.0:
+        raise op.unsupported("alpha other than 1 is not supported")
+    trans_b = int(op.attr("transB", 0))
+    m, k = a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    sb = _vector(op, 4, n, F32)
+    bz = _vector(op, 5, n, I8)
+    quantized_out = op.input(7, required=False) is not None
+    if quantized_out:
+        op.expect_dtype([y], I8)
+        ys, yz = np.float32(_scalar(op, 7, F32)), int(_scalar(op, 8, I8))
+        scale = ((sa * sb).astype(np.float32) / ys).astype(np.float32)
+    else:
+        op.expect_dtype([y], F32)
+        yz = 0
+        scale = (sa * sb).astype(np.float32)
+    params = [f"static const lmc_qgemm_params {op.prefix} = {{{m}, {n}, {k}, {trans_b}, {za}, {yz}}};",
+              _floats(f"{op.prefix}_scale", scale)]
+    bz_arg = "0"
+    if bz is not None and bz.any():
+        params.append(_int8s(f"{op.prefix}_bzero", bz))
+        bz_arg = f"{op.prefix}_bzero"
+    outs = f"0, {y.out}" if quantized_out else f"{y.out}, 0"
+    return KernelCall(f"lmc_qgemm_s8({a.ptr()}, {b.ptr()}, {bz_arg}, {bias.ptr() if bias is not None else '0'}, "
+                      f"{op.prefix}_scale, {outs}, &{op.prefix});", FAMILIES, "\n".join(params), m * n * k)
+
+
+@REGISTRY.op("QLinearAdd", domain="com.microsoft")
+def emit_qlinear_add(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(3), op.outputs[0]
+    op.expect_dtype([a, b, y], I8)
+    if a.shape != y.shape or b.shape != y.shape:
+        raise op.unsupported("only operands of the output's shape are supported (no broadcasting)")
+    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    sb, zb = np.float32(_scalar(op, 4, F32)), int(_scalar(op, 5, I8))
+    sy, zy = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    ra, rb = np.float32(sa / sy), np.float32(sb / sy)
+    return KernelCall(f"lmc_qlinear_add_s8({a.ptr()}, {za}, {_flt(ra)}, {b.ptr()}, {zb}, {_flt(rb)}, {y.out}, {zy}, "
+                      f"{y.numel});", FAMILIES)
+
+
+@REGISTRY.op("QLinearGlobalAveragePool", domain="com.microsoft")
+def emit_qglobal_avgpool(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x, y], I8)
+    if int(op.attr("channels_last", 0)):
+        raise op.unsupported("channels_last 1 is not supported")
+    xs, xz = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    ys, yz = np.float32(_scalar(op, 3, F32)), int(_scalar(op, 4, I8))
+    nc, hw = x.shape[0] * x.shape[1], math.prod(x.shape[2:])
+    scale = np.float32(xs / np.float32(ys * np.float32(hw)))
+    return KernelCall(f"lmc_qglobal_avgpool_s8({x.ptr()}, {xz}, {_flt(scale)}, {y.out}, {yz}, {nc}, {hw});", FAMILIES)
+
+
+def emit_maxpool_s8(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x, y], I8)
+    if len(op.outputs) > 1:
+        raise op.unsupported("MaxPool's Indices output is not supported")
+    g = pool_geometry(op, x, y)
+    params = f"static const lmc_pool2d_params {op.prefix} = {{{_ints(g[f] for f in POOL_FIELDS)}}};"
+    return KernelCall(f"lmc_maxpool2d_s8({x.ptr()}, {y.out}, &{op.prefix});", FAMILIES, params)
+
+
+REGISTRY.add_fallback("", "MaxPool", emit_maxpool_s8)
