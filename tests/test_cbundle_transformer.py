@@ -7,6 +7,7 @@ with the host C compiler (skipped without one); the board run needs arm-none-eab
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.cli import main
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo
@@ -317,6 +319,32 @@ def test_generation_runner_refuses_bad_prompts(generation_bundle):
         generator.generate([VOCAB], 1)
     with pytest.raises(LmcError, match="empty"):
         generator.generate([], 1)
+
+
+def _lmc(args, capsys) -> tuple[int, str, str]:
+    """The command line as a user runs it: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_lmc_generate_on_c(generation_bundle, tmp_path, capsys):
+    out, _, _ = generation_bundle
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("1 2 3")
+    expected = greedy_onnxruntime(PROMPT, 6)
+    args = ["generate", str(out), "--prompt-tokens", str(prompt), "--max-new-tokens", "6", "--on", "c"]
+    code, stdout, _ = _lmc(args + ["--json"], capsys)
+    assert code == 0 and json.loads(stdout)["tokens"] == expected
+    stop = expected[2]
+    code, stdout, _ = _lmc(args + ["--json", "--stop-token", str(stop)], capsys)
+    assert json.loads(stdout)["tokens"] == expected[:expected.index(stop) + 1]
+    code, _, err = _lmc(args + ["--temperature", "0.5"], capsys)
+    assert code == 2 and "--temperature" in err
+    (tmp_path / "plain").mkdir()
+    code, _, err = _lmc(["generate", str(tmp_path / "plain"), "--prompt-tokens", str(prompt), "--on", "c"], capsys)
+    assert code == 2 and "not a C generation bundle" in err
 
 
 def test_step_io_refuses_what_the_runner_cannot_drive():
