@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 
 import click
@@ -407,11 +408,16 @@ def _bundle_quantize(bundle: str) -> str | None:
 @click.option("--seed", type=int, help="Seed of the sampler: the same seed, the same tokens.")
 @click.option("--stop-token", "stop_tokens", multiple=True, type=click.IntRange(min=0), metavar="ID",
               help="End at this token (repeatable; --tokenizer adds its end-of-sequence token).")
+@click.option("--on", "on", type=click.Choice(["onnxruntime", "c", *ON_BOARDS]), default="onnxruntime",
+              show_default=True,
+              help="Run model.onnx under onnxruntime, or the bundle's C (built with --context for cortex-m55 / "
+                   "cortex-m7): c compiled with the host C compiler, cortex-m55 / cortex-m7 on that target's "
+                   "emulated board (scripts/setup-mcu.sh). The C runner is greedy.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"tokens": [new tokens], "tokens_per_s": …, "peak_rss_bytes": …, "acceptance_rate": …} '
                    'on stdout.')
 def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, encoder_inputs, speculate, draft,
-             temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, as_json):
+             temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, on, as_json):
     """Generate with a bundle built by `lmc build --context N`: greedy, or sampled.
 
     \b
@@ -421,6 +427,7 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
       lmc generate gen/ --prompt-tokens prompt.txt --max-new-tokens 200
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --temperature 0.7 --top-p 0.9 --seed 1
+      lmc generate mcu/ --prompt-tokens prompt.txt --on cortex-m7     # the C of a cortex-m7 bundle, emulated
     """
     # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.drivers import load_tokenizer, read_prompt_tokens
@@ -442,6 +449,16 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
         from lmc.compiler.sampling import eos_token_ids
 
         stops += [t for t in eos_token_ids(tokenizer, bundle) if t not in stops]
+    if on != "onnxruntime":
+        asked = {"--temperature": temperature != 0.0, "--top-k": top_k != 0, "--top-p": top_p != 1.0,
+                 "--repetition-penalty": repetition_penalty != 1.0, "--seed": seed is not None,
+                 "--speculate": speculate is not None, "--draft": draft is not None,
+                 "--encoder-inputs": encoder_inputs is not None, "--threads": threads != 0}
+        if any(asked.values()):
+            raise LmcError(f"--on {on} runs the C greedy runner: {', '.join(k for k, v in asked.items() if v)} "
+                           "apply only under onnxruntime")
+        _generate_c(bundle, ids, max_new_tokens, on, stops, tok, as_json)
+        return
     stream = _TextStream(tok) if tok is not None and not as_json else None
     result = run_generate(bundle, ids, max_new_tokens, threads=threads, encoder_inputs=encoder_inputs,
                           on_token=stream, speculate=speculate, draft=draft, temperature=temperature, top_k=top_k,
@@ -458,6 +475,38 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
                 else f" ({result.speculation})" if result.speculation else "")
         click.echo(f"{len(result.tokens)} tokens, prefill {result.prompt_tokens} in {result.prefill_seconds:.3f}s, "
                    f"decode {result.tokens_per_s:.1f} tokens/s{spec}, peak RSS {mib(result.peak_rss_bytes)}", err=True)
+
+
+def _generate_c(bundle, ids, count, on, stops, tok, as_json) -> None:
+    """``lmc generate --on c|cortex-m55|cortex-m7``: the bundle's C greedy runner; stop tokens cut its tokens
+    after the first one (greedy tokens do not depend on when the run stops)."""
+    # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
+    from lmc.targets.cbundle.generation import generate_board, generate_host
+
+    start = time.perf_counter()
+    run = generate_host(bundle, ids, count) if on == "c" else generate_board(bundle, on, ids, count)
+    seconds = time.perf_counter() - start
+    tokens = run if on == "c" else run.tokens
+    for at, token in enumerate(tokens):
+        if token in stops:
+            tokens = tokens[:at + 1]
+            break
+    figures = {} if on == "c" else {"board": run.board, "flash_bytes": run.flash_bytes, "ram_bytes": run.ram_bytes,
+                                    "arena_bytes": run.arena_bytes, "stack_used": run.stack_used,
+                                    "instructions": run.instructions, "lmc_run_calls": run.lmc_run_calls}
+    if as_json:
+        _emit_json({"tokens": tokens, "on": on, "seconds": seconds, **figures,
+                    **({"text": tok.decode(tokens)} if tok is not None else {})})
+        return
+    if tok is not None:
+        click.echo(tok.decode(tokens))
+    click.echo(" ".join(str(t) for t in tokens))
+    if not _State.quiet:
+        where = "C on the host" if on == "c" else f"C on {run.board} (qemu)"
+        extra = "" if on == "c" else (f"; flash {run.flash_bytes:,} B, RAM {run.ram_bytes:,} B, arena "
+                                      f"{run.arena_bytes:,} B, {run.instructions:,} instructions in "
+                                      f"{run.lmc_run_calls} steps")
+        click.echo(f"{len(tokens)} tokens, {where} in {seconds:.2f}s (compile included){extra}", err=True)
 
 
 class _TextStream:
