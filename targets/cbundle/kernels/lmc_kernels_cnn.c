@@ -4,10 +4,47 @@
 
 #include "lmc_kernels_cnn.h"
 
+/* The taps r in [r0, r1) of a window starting at i0 (step dil) that fall inside [0, n). */
+static void tap_range(int32_t i0, int32_t dil, int32_t k, int32_t n, int32_t *r0, int32_t *r1)
+{
+    int32_t lo = 0, hi = k;
+    while (lo < k && i0 + lo * dil < 0) ++lo;
+    while (hi > lo && i0 + (hi - 1) * dil >= n) --hi;
+    *r0 = lo;
+    *r1 = hi;
+}
+
+/* 1x1, stride 1, no pads, one group: y[co][p] = b[co] + sum_ci w[co][ci] x[ci][p]. */
+static void conv_pointwise_f32(const float *x, const float *w, const float *bias, float *y,
+                               const lmc_conv2d_params *p)
+{
+    const int32_t hw = p->h_in * p->w_in;
+    int32_t n, co, ci, i;
+    for (n = 0; n < p->n; ++n) {
+        const float *xn = x + (long)n * p->c_in * hw;
+        for (co = 0; co < p->c_out; ++co) {
+            const float *wc = w + (long)co * p->c_in;
+            float *yc = y + ((long)n * p->c_out + co) * hw;
+            const float b = bias ? bias[co] : 0.0f;
+            for (i = 0; i < hw; ++i) {
+                const float *xp = xn + i;
+                float acc = b;
+                for (ci = 0; ci < p->c_in; ++ci) acc += xp[(long)ci * hw] * wc[ci];
+                yc[i] = lmc_apply_act(acc, &p->act);
+            }
+        }
+    }
+}
+
 void lmc_conv2d_f32(const float *x, const float *w, const float *bias, float *y, const lmc_conv2d_params *p)
 {
     const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group;
     int32_t n, g, oc, oh, ow, ic, r, s;
+    if (p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
+        p->group == 1 && p->h_out == p->h_in && p->w_out == p->w_in) {
+        conv_pointwise_f32(x, w, bias, y, p);
+        return;
+    }
     for (n = 0; n < p->n; ++n) {
         for (g = 0; g < p->group; ++g) {
             for (oc = 0; oc < cout_g; ++oc) {
@@ -17,20 +54,20 @@ void lmc_conv2d_f32(const float *x, const float *w, const float *bias, float *y,
                 const float b = bias ? bias[co] : 0.0f;
                 for (oh = 0; oh < p->h_out; ++oh) {
                     const int32_t ih0 = oh * p->stride_h - p->pad_top;
+                    int32_t r0, r1;
+                    tap_range(ih0, p->dil_h, p->kh, p->h_in, &r0, &r1);
                     for (ow = 0; ow < p->w_out; ++ow) {
                         const int32_t iw0 = ow * p->stride_w - p->pad_left;
+                        int32_t s0, s1;
                         float acc = b;
+                        tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
                         for (ic = 0; ic < cin_g; ++ic) {
                             const float *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
                             const float *wk = wc + (long)ic * p->kh * p->kw;
-                            for (r = 0; r < p->kh; ++r) {
-                                const int32_t ih = ih0 + r * p->dil_h;
-                                if (ih < 0 || ih >= p->h_in) continue;
-                                for (s = 0; s < p->kw; ++s) {
-                                    const int32_t iw = iw0 + s * p->dil_w;
-                                    if (iw < 0 || iw >= p->w_in) continue;
-                                    acc += xc[(long)ih * p->w_in + iw] * wk[r * p->kw + s];
-                                }
+                            for (r = r0; r < r1; ++r) {
+                                const long row = (long)(ih0 + r * p->dil_h) * p->w_in + iw0;
+                                const float *wr = wk + r * p->kw;
+                                for (s = s0; s < s1; ++s) acc += xc[row + s * p->dil_w] * wr[s];
                             }
                         }
                         yc[(long)oh * p->w_out + ow] = lmc_apply_act(acc, &p->act);

@@ -11,12 +11,52 @@ int8_t lmc_requantize_s8(int32_t acc, float scale, int32_t zero)
     return (int8_t)((int32_t)nearbyintf(v) + zero);
 }
 
+static void tap_range(int32_t i0, int32_t dil, int32_t k, int32_t n, int32_t *r0, int32_t *r1)
+{
+    int32_t lo = 0, hi = k;
+    while (lo < k && i0 + lo * dil < 0) ++lo;
+    while (hi > lo && i0 + (hi - 1) * dil >= n) --hi;
+    *r0 = lo;
+    *r1 = hi;
+}
+
+/* 1x1, stride 1, no pads, one group: acc = b + sum_ci (x - xz)(w - wz) = b + sum x(w - wz) - xz sum (w - wz). */
+static void qconv_pointwise_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero, const int32_t *bias,
+                               const float *scale, int8_t *y, const lmc_qconv_params *qp)
+{
+    const lmc_conv2d_params *p = &qp->g;
+    const int32_t hw = p->h_in * p->w_in;
+    int32_t n, co, ci, i;
+    for (n = 0; n < p->n; ++n) {
+        const int8_t *xn = x + (long)n * p->c_in * hw;
+        for (co = 0; co < p->c_out; ++co) {
+            const int8_t *wc = w + (long)co * p->c_in;
+            const int32_t wz = w_zero ? (int32_t)w_zero[co] : 0;
+            int32_t wsum = 0, base;
+            int8_t *yc = y + ((long)n * p->c_out + co) * hw;
+            for (ci = 0; ci < p->c_in; ++ci) wsum += (int32_t)wc[ci] - wz;
+            base = (bias ? bias[co] : 0) - qp->x_zero * wsum;
+            for (i = 0; i < hw; ++i) {
+                const int8_t *xp = xn + i;
+                int32_t acc = base;
+                for (ci = 0; ci < p->c_in; ++ci) acc += (int32_t)xp[(long)ci * hw] * ((int32_t)wc[ci] - wz);
+                yc[i] = lmc_requantize_s8(acc, scale[co], qp->y_zero);
+            }
+        }
+    }
+}
+
 void lmc_qlinear_conv_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero, const int32_t *bias,
                          const float *scale, int8_t *y, const lmc_qconv_params *qp)
 {
     const lmc_conv2d_params *p = &qp->g;
     const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group, xz = qp->x_zero;
     int32_t n, g, oc, oh, ow, ic, r, s;
+    if (p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
+        p->group == 1 && p->h_out == p->h_in && p->w_out == p->w_in) {
+        qconv_pointwise_s8(x, w, w_zero, bias, scale, y, qp);
+        return;
+    }
     for (n = 0; n < p->n; ++n) {
         for (g = 0; g < p->group; ++g) {
             for (oc = 0; oc < cout_g; ++oc) {
@@ -28,21 +68,21 @@ void lmc_qlinear_conv_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero,
                 int8_t *yc = y + ((long)n * p->c_out + co) * p->h_out * p->w_out;
                 for (oh = 0; oh < p->h_out; ++oh) {
                     const int32_t ih0 = oh * p->stride_h - p->pad_top;
+                    int32_t r0, r1;
+                    tap_range(ih0, p->dil_h, p->kh, p->h_in, &r0, &r1);
                     for (ow = 0; ow < p->w_out; ++ow) {
                         const int32_t iw0 = ow * p->stride_w - p->pad_left;
+                        int32_t s0, s1;
                         int32_t acc = b;
-                        for (ic = 0; ic < cin_g; ++ic) {
+                        tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
+                        for (ic = 0; ic < cin_g; ++ic) {   /* taps in the padding hold x_zero: they add 0 */
                             const int8_t *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
                             const int8_t *wk = wc + (long)ic * p->kh * p->kw;
-                            for (r = 0; r < p->kh; ++r) {
-                                const int32_t ih = ih0 + r * p->dil_h;
-                                if (ih < 0 || ih >= p->h_in) continue;      /* padding holds x_zero: adds 0 */
-                                for (s = 0; s < p->kw; ++s) {
-                                    const int32_t iw = iw0 + s * p->dil_w;
-                                    if (iw < 0 || iw >= p->w_in) continue;
-                                    acc += ((int32_t)xc[(long)ih * p->w_in + iw] - xz) *
-                                           ((int32_t)wk[r * p->kw + s] - wz);
-                                }
+                            for (r = r0; r < r1; ++r) {
+                                const long row = (long)(ih0 + r * p->dil_h) * p->w_in + iw0;
+                                const int8_t *wr = wk + r * p->kw;
+                                for (s = s0; s < s1; ++s)
+                                    acc += ((int32_t)xc[row + s * p->dil_w] - xz) * ((int32_t)wr[s] - wz);
                             }
                         }
                         yc[(long)oh * p->w_out + ow] = lmc_requantize_s8(acc, sc, qp->y_zero);
