@@ -26,6 +26,7 @@ from lmc.core.metadata import METADATA_PREFIX, decode_input_values, encode_input
 from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassRecord, approximations
 from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
+from lmc.compiler.pruning import prune_generation
 from lmc.compiler.pipeline import default_pipeline
 from lmc.compiler.report import render_report
 from lmc.core.runtime import SESSION_OPTIONS_FILE
@@ -417,6 +418,9 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
             before.clear()
             graph, records, info, templates = compile_generation(source, options.context, options.batch,
                                                                  run_passes)
+    if options.prune_spec is not None:       # pruned once, on the generalised graph, before quantization
+        graph, more = prune_generation(graph, info, templates, compilation)
+        records = list(records) + more
     if options.quantize is not QuantizeMode.NONE:
         # quantized once, on the generalised graph: calibration runs at its own lengths (prefills)
         graph, more = _quantize_generation(graph, info, compilation)

@@ -91,8 +91,6 @@ class BuildOptions:
         if self.prune and not self.calib:
             raise LmcError("--prune needs --calib calib.npz: which channels and heads go, and the compensation, "
                            "are measured on it")
-        if self.prune and self.context is not None:
-            raise LmcError("--prune applies to one-shot builds only for now; drop --context or --prune")
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")

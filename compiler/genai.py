@@ -187,6 +187,10 @@ def genai_config(graph: gs.Graph, info: GenerationInfo, chunk: int, tokenizer: l
     layers = templates[0][1]
     shapes = {p: [int(d) for d in inputs[p].shape] for p, _ in pairs}
     first = shapes[keys[0][0]]
+    counts = {int(n.attrs["num_heads"]) for n in graph.nodes if n.op == "GroupQueryAttention" and "num_heads" in n.attrs}
+    if len({s[1] for s in shapes.values()}) > 1 or len(counts) > 1:      # pruned (--prune) unevenly
+        return None, ("genai_config.json not written: onnxruntime-genai cannot drive this bundle (its layers keep "
+                      "different numbers of heads; genai sizes every layer alike — --prune-per-layer keeps them so)")
     kv_heads, head_size = first[1], first[3]
     slots = {layer: shapes[p][2] for layer, (p, _) in zip(layers, keys)}
     rings = sorted({s for s in slots.values() if s < info.context})

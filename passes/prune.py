@@ -39,7 +39,7 @@ from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.passes.prune_fit import (Step, choose_global, magnitude_saliency, measured_saliency, refit,
                                   unit_rows)
-from lmc.passes.prune_sites import AttentionSite, Cut, Dim, MlpSite, TargetFix, find_sites
+from lmc.passes.prune_sites import Site, find_sites, kept_indices, kept_size
 from lmc.passes.quantize.calibration import Calibrator
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,9 @@ class Prune:
 
     name = "prune"
     kind = PassKind.APPROXIMATE
-    requires = frozenset({Requirement.TOPOLOGICAL_ORDER, Requirement.STATIC_SHAPES})
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})    # the pruned dims are checked static
     in_place = True
-    preserves_shapes = True      # every pruned axis is set to its new size (``_resize``)
+    preserves_shapes = True      # every pruned axis is set to its new size (``_apply``)
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -170,6 +170,7 @@ class Prune:
         # a removal's error is judged against the residual stream it lands in (the next norm divides by it)
         self._stream = {site: float(stats[t].second_moment.sum()) if t else 1.0 for site, t in streams.items()}
         self.reports = []
+        self.resized: dict[str, tuple[int, int]] = {}     # tensor -> (axis, new size), for shape templates
         namer = ir.Namer(graph)
         if mlps:
             self._prune_mlps(mlps, grams, namer)
@@ -186,18 +187,17 @@ class Prune:
         return PassResult(graph, modified, stats_out, notes, approximation=f"prune {spec}" if modified else None)
 
     # ----------------------------------------------------------------------------------------- MLP
-    def _scores(self, site, grams, unit_size: int, producers: list[Cut]) -> np.ndarray:
+    def _scores(self, site: Site, grams, unit_size: int) -> np.ndarray:
         weight = ir.const_value(site.reader.inputs[1])
         if self.config.spec.saliency is Saliency.MAGNITUDE:
-            return magnitude_saliency(weight, [ir.const_value(c.node.inputs[c.slot]).reshape(-1, weight.shape[0])
-                                               for c in producers if c.slot == 1 and c.axis == 1], unit_size)
+            return magnitude_saliency(weight, _producer_columns(site), unit_size)
         return measured_saliency(grams[site.reader.inputs[0].name], weight, unit_size) / max(self._stream[site.name], 1e-30)
 
-    def _prune_mlps(self, sites: list[MlpSite], grams, namer) -> None:
+    def _prune_mlps(self, sites: list[Site], grams, namer) -> None:
         spec = self.config.spec
         steps: dict[int, list[Step]] = {}
         for i, site in enumerate(sites):
-            scores = self._scores(site, grams, 1, site.cuts)
+            scores = self._scores(site, grams, 1)
             order = np.argsort(scores, kind="stable")
             g = _granule(site.channels)
             steps[i] = [Step(i, g, float(scores[order[k:k + g]].sum()), tuple(int(j) for j in order[k:k + g]))
@@ -224,10 +224,7 @@ class Prune:
             keep = np.array([j for j in range(site.channels) if j not in drop], dtype=np.int64)
             fit = self._refit(site.reader, grams, keep)
             if drop:
-                for cut in site.cuts:
-                    _slice(cut, keep, namer)
-                _set_weight(site.reader, fit.weight, namer)
-                _resize(site.dims, {"mlp": len(keep)})
+                self.resized.update(_apply(site, {"mlp": keep}, fit.weight, namer))
             self.reports.append(SiteReport(site.name, "mlp", f"{len(drop)} of {site.channels} channels",
                                            len(keep), site.channels, fit.rel_error, fit.rel_error_plain))
 
@@ -236,9 +233,9 @@ class Prune:
         return refit(grams[reader.inputs[0].name], weight, keep_rows, self.config.spec.compensate)
 
     # ----------------------------------------------------------------------------------------- heads
-    def _prune_heads(self, sites: list[AttentionSite], grams, namer) -> None:
+    def _prune_heads(self, sites: list[Site], grams, namer) -> None:
         spec = self.config.spec
-        head_scores = [self._scores(s, grams, s.head_dim, s.q_cuts) for s in sites]
+        head_scores = [self._scores(s, grams, s.head_dim) for s in sites]
         groups = [list(range(s.kv_heads)) for s in sites]           # kept kv groups per site
         if spec.kv:
             steps = {}
@@ -288,34 +285,65 @@ class Prune:
             gone[step.site].update(step.units)
         return gone
 
-    def _apply_heads(self, site: AttentionSite, groups: list[int], heads: list[int], grams, namer) -> None:
-        d = site.head_dim
-        keep_q = unit_rows(heads, d)
-        fit = self._refit(site.reader, grams, keep_q)
+    def _apply_heads(self, site: Site, groups: list[int], heads: list[int], grams, namer) -> None:
+        fit = self._refit(site.reader, grams, unit_rows(heads, site.head_dim))
         removed_q = site.heads - len(heads)
         removed_kv = site.kv_heads - len(groups)
         if removed_q:
-            keep_kv = unit_rows(groups, d)
-            for cut in site.q_cuts:
-                _slice(cut, keep_q, namer)
-            for cut in site.kv_cuts:
-                _slice(cut, keep_kv, namer)
-            for fix in site.q_fixes:
-                _fix_target(fix, len(heads), namer)
-            for fix in site.kv_fixes:
-                _fix_target(fix, len(groups), namer)
-            if "q_num_heads" in site.attention.attrs:
-                site.attention.attrs["q_num_heads"] = len(heads)
-            if "kv_num_heads" in site.attention.attrs:
-                site.attention.attrs["kv_num_heads"] = len(groups)
-            _set_weight(site.reader, fit.weight, namer)
-            _resize(site.dims, {"q": len(heads), "kv": len(groups)})
-        words = f"{removed_q} of {site.heads} query heads" + (f" ({', '.join(map(str, sorted(set(range(site.heads)) - set(heads))))})"
-                                                              if removed_q else "")
+            self.resized.update(_apply(site, {"q": np.asarray(heads, np.int64), "kv": np.asarray(groups, np.int64)},
+                                       fit.weight, namer))
+        gone = sorted(set(range(site.heads)) - set(heads))
+        words = f"{removed_q} of {site.heads} query heads" + (f" ({', '.join(map(str, gone))})" if gone else "")
         if removed_kv:
-            words += f", {removed_kv} of {site.kv_heads} key/value groups"
+            words += f", {removed_kv} of {site.kv_heads} key/value groups (their cache)"
         self.reports.append(SiteReport(site.name, "attention", words, len(heads), site.heads, fit.rel_error,
                                        fit.rel_error_plain))
+
+
+def _apply(site: Site, keep: dict[str, np.ndarray], reader_weight: np.ndarray, namer) -> dict[str, tuple[int, int]]:
+    """Every edit of ``site`` for the kept units ``keep`` (role -> unit indices), the reader's weight last;
+    returns the resized tensors: name -> (axis, new size)."""
+    for cut in site.cuts:
+        old = cut.node.inputs[cut.slot]
+        value = np.take(ir.const_value(old), kept_indices(cut.layout, keep), axis=cut.axis)
+        cut.node.inputs[cut.slot] = gs.Constant(namer.fresh(old.name + "_pruned"), np.ascontiguousarray(value))
+    for fix in site.fixes:
+        old = fix.node.inputs[fix.slot]
+        value = ir.const_value(old).copy()
+        for i in fix.indices:
+            if int(value[i]) != -1:
+                value[i] = kept_size(fix.layout, keep)
+        fix.node.inputs[fix.slot] = gs.Constant(namer.fresh(old.name + "_pruned"), value)
+    for node, attr, role in site.attrs:
+        if attr in node.attrs:
+            node.attrs[attr] = len(keep[role])
+    resized = {}
+    for dim in site.dims:      # shapes stay exact: contrib ops on the way have no onnx shape inference
+        shape = list(dim.tensor.shape)
+        axis = dim.axis % len(shape)
+        if not isinstance(shape[axis], int):
+            raise LmcError(f"--prune: {dim.tensor.name}'s pruned axis {axis} is not static ({shape[axis]})")
+        shape[axis] = kept_size(dim.layout, keep)
+        dim.tensor.shape = shape
+        resized[dim.tensor.name] = (axis, shape[axis])
+    old = site.reader.inputs[1]
+    site.reader.inputs[1] = gs.Constant(namer.fresh(old.name + "_pruned"), np.ascontiguousarray(reader_weight))
+    return resized
+
+
+def _producer_columns(site: Site) -> list[np.ndarray]:
+    """For the magnitude baseline: each producer weight's columns of the site's units, [D, units·per unit]."""
+    role = site.rows[0][0]
+    found = []
+    for cut in site.cuts:
+        if cut.slot != 1 or cut.axis != 1:
+            continue
+        w, offset = ir.const_value(cut.node.inputs[1]), 0
+        for r, per_unit, units in cut.layout:
+            if r == role:
+                found.append(w[:, offset:offset + per_unit * units])
+            offset += per_unit * units
+    return found
 
 
 def _residual(reader: gs.Node) -> str | None:
@@ -325,31 +353,3 @@ def _residual(reader: gs.Node) -> str | None:
             not any(isinstance(i, gs.Constant) for i in out.outputs[0].inputs):
         return out.outputs[0].outputs[0].name
     return None
-
-
-def _slice(cut: Cut, keep: np.ndarray, namer) -> None:
-    old = cut.node.inputs[cut.slot]
-    value = np.ascontiguousarray(np.take(ir.const_value(old), keep, axis=cut.axis))
-    cut.node.inputs[cut.slot] = gs.Constant(namer.fresh(old.name + "_pruned"), value)
-
-
-def _set_weight(node: gs.Node, value: np.ndarray, namer) -> None:
-    old = node.inputs[1]
-    node.inputs[1] = gs.Constant(namer.fresh(old.name + "_pruned"), np.ascontiguousarray(value))
-
-
-def _fix_target(fix: TargetFix, units: int, namer) -> None:
-    old = fix.node.inputs[1]
-    value = ir.const_value(old).copy()
-    if int(value[fix.index]) != -1:
-        value[fix.index] = units * fix.per_unit
-    fix.node.inputs[1] = gs.Constant(namer.fresh(old.name + "_pruned"), value)
-
-
-def _resize(dims: list[Dim], units: dict[str, int]) -> None:
-    """Each listed tensor's pruned axis becomes the kept units × per unit (shapes stay exact: the fused
-    contrib ops on the way have no onnx shape inference)."""
-    for d in dims:
-        shape = list(d.tensor.shape)
-        shape[d.axis] = units[d.role] * d.per_unit
-        d.tensor.shape = shape

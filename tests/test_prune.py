@@ -5,14 +5,18 @@ lowers the output error, and what cannot be pruned soundly is refused."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
 from helpers import run_ort
 from lmc.compiler.build import build
 from lmc.compiler.compilation import BuildOptions, Compilation
+from lmc import generate
 from lmc.compiler.pipeline import default_pipeline
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
@@ -216,3 +220,43 @@ def test_build_with_prune_writes_an_approximate_bundle(tmp_path, model_dir):
     assert any(a.startswith("prune") for a in result.approximations)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "output error" in report and "channels" in report
+
+
+GENERATION_FIXTURE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "llama-past-optimum.onnx"
+
+
+def _calib(tmp_path: Path, length: int = 16) -> str:
+    path = tmp_path / "calib.npz"
+    np.savez(path, input_ids=np.random.default_rng(3).integers(0, 256, (8, length)))
+    return str(path)
+
+
+def test_generation_build_drops_whole_kv_groups_and_its_state_shrinks(tmp_path):
+    out = tmp_path / "gen"
+    result = build(GENERATION_FIXTURE, BuildOptions(context=16, prune="mlp=0.25,kv=0.5", prune_per_layer=True,
+                                                    calib=_calib(tmp_path)), out)
+    assert any(a.startswith("prune") for a in result.approximations)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    caches = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+              if i.name.startswith("past_key_values")}
+    assert caches and all(shape[1] == 1 for shape in caches.values())          # 2 key/value groups -> 1
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["state"]["bytes"] == sum(4 * int(np.prod(s)) for s in caches.values())
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all({a.name: a.i for a in n.attribute if a.name in ("num_heads", "kv_num_heads")} ==
+               {"num_heads": 2, "kv_num_heads": 1} for n in gqa)
+    config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+    run = generate(out, [1, 42, 7, 99], max_new_tokens=6)
+    assert len(run.tokens) == 6
+
+
+def test_generation_build_with_layers_pruned_unevenly_writes_no_genai_config(tmp_path):
+    out = tmp_path / "gen"
+    build(GENERATION_FIXTURE, BuildOptions(context=16, prune="heads=0.25", calib=_calib(tmp_path), verify=False), out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    heads = sorted(a.i for n in model.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+                   if a.name == "num_heads")
+    assert heads == [2, 4]                       # one query head of each group, from one layer only
+    assert not (out / "genai_config.json").exists()
+    assert "different numbers of heads" in (out / "report.md").read_text()
