@@ -16,15 +16,45 @@ emulated interpreter (qemu-user, an arm64 root) or the host's runs as
 - ``perplexity``: summed negative log-likelihood of token windows [N, L] (window i predicts its tokens
   1…L−1 from 0…L−2; log-softmax in float64): ``driver`` ``oneshot`` runs each window at once, ``state``
   and ``past`` stream it ``chunk`` tokens per call from an empty cache.
+- ``memory``: the model-attributable resident peak of opening ``model`` under ``settings`` with ``threads``
+  (as ``lmc.core.runtime.open_bundle`` does: the C heap trimmed after the load when the settings ask) and
+  running it: ``runs`` times on the feeds ``feeds`` names (zeros of every input's shape when none: the
+  empty session), or, with a ``driver``, over the ``spans`` of ``tokens`` as ``decode`` does. One task per
+  process: the peak is of the whole process. See "Resident memory" below.
 Each task's session takes ``settings`` (a bundle's ``session_options.json`` form: SessionOptions
 attributes, ``config_entries``, ``cpu_arena``) and ``optimize`` (false: every graph optimisation off).
 Results: ``JOB_DIR/out.npz`` and ``JOB_DIR/result.json`` (per task: output names, or nll and count, or
 ``error``: the first line of what onnxruntime raised).
+
+Resident memory under qemu-user. The emulator runs the guest in its own address space with guest address =
+host address (guest_base 0, checked: the interpreter's mapping at the same address in both). qemu emulates
+/proc/self/maps — the guest's mappings only — but /proc/self/smaps and /proc/self/status are the host
+process's: they hold the emulator too (its binary, heap, translated-code buffer). So the guest's resident
+bytes are the smaps ``Rss`` of the host mappings that lie within the ranges maps lists, and the emulator's
+are the rest:
+    guest = Σ_{host mapping m} Rss(m) · |m ∩ G| / |m|,   emulator = Σ_m Rss(m) − guest
+(G: the union of the guest's ranges; a host mapping straddling G's border — none seen — is split in
+proportion and reported as ``straddling``). On a host Python maps and smaps list the same ranges: guest is
+all of it, emulator 0. The ``memory`` task's peak (``peak``): the largest guest sample a thread takes every
+``interval`` seconds while the session loads and runs (onnxruntime releases the GIL while it works), and
+once after the load and after the runs — a sample, so it misses what lives shorter than an interval (under
+emulation a run of llama-code takes tens of seconds; on the host, where the same worker's VmHWM is exact,
+the samples fall 1% short). Beside it, the process's VmHWM (reset after the imports: /proc/self/clear_refs)
+less the emulator's resident bytes before the load (``hwm_high``: the emulator only grows past its size
+then, so an upper bound) and after the runs (``hwm_low``: a lower bound only if the emulator's bytes never
+shrink, which they do by a few MB as it frees its translation temporaries). All above the guest's resident
+bytes after the imports.
 """
 
+import ctypes
+import gc
 import json
 import math
+import os
+import re
 import sys
+import threading
+import time
 
 if __name__ == "__main__" and len(sys.argv) == 3:
     sys.path.insert(0, sys.argv[1])
@@ -56,9 +86,170 @@ def session_options(settings, optimize=True):
     return opts
 
 
-def open_session(task):
-    return ort.InferenceSession(task["model"], session_options(task.get("settings", {}), task.get("optimize", True)),
-                                providers=["CPUExecutionProvider"])
+def open_session(task, log_level=3):
+    opts = session_options(task.get("settings", {}), task.get("optimize", True))
+    opts.log_severity_level = log_level
+    if task.get("threads"):
+        opts.intra_op_num_threads = int(task["threads"])
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(task["model"], opts, providers=["CPUExecutionProvider"])
+
+
+_RANGE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ", re.M)
+_RANGE_OR_RSS = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) |^Rss:\s+(\d+) kB", re.M)
+
+
+def mapped_ranges(maps_text):
+    """The (start, end) address ranges of a /proc/PID/maps text, merged where they touch, sorted."""
+    merged = []
+    for a, b in sorted((int(m.group(1), 16), int(m.group(2), 16)) for m in _RANGE.finditer(maps_text)):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [tuple(r) for r in merged]
+
+
+def _overlap(ranges, a, b):
+    """Bytes of [a, b) within the sorted, disjoint ``ranges``."""
+    total = 0
+    for ga, gb in ranges:
+        if ga >= b:
+            break
+        if gb > a:
+            total += min(b, gb) - max(a, ga)
+    return total
+
+
+_RANGE_NAMED = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ *(.*)$|^Rss:\s+(\d+) kB", re.M)
+
+
+def mapping_kind(name):
+    """What a mapping named ``name`` (the path column of smaps) holds, as ``lmc-bench``'s ledgers class it."""
+    return ("onnxruntime code" if "onnxruntime" in name else "libraries" if ".so" in name else
+            "anonymous" if not name or name == "[heap]" else
+            "weights file" if name.endswith((".weights", ".data")) else "other")
+
+
+def resident_split(maps_text, smaps_text, kinds=False):
+    """{"guest", "emulator", "straddling"}: resident bytes (smaps Rss) of the host mappings within the ranges
+    ``maps_text`` lists, of the others, and of those partly within (split in proportion into the first two);
+    ``kinds``: also "kinds", the guest's bytes by ``mapping_kind`` of the host mapping's name."""
+    guest_ranges = mapped_ranges(maps_text)
+    guest = emulator = straddling = 0.0
+    by_kind = {}
+    start = end = None
+    name = ""
+    for m in (_RANGE_NAMED if kinds else _RANGE_OR_RSS).finditer(smaps_text):
+        if m.group(1) is not None:
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            name = m.group(3).strip() if kinds else ""
+            continue
+        rss = int(m.group(m.lastindex)) * 1024
+        share = _overlap(guest_ranges, start, end) / (end - start) if end > start else 0.0
+        guest += rss * share
+        emulator += rss * (1.0 - share)
+        if 0.0 < share < 1.0:
+            straddling += rss
+        if kinds and share:
+            kind = mapping_kind(name)
+            by_kind[kind] = by_kind.get(kind, 0) + int(rss * share)
+    out = {"guest": int(guest), "emulator": int(round(emulator)), "straddling": int(straddling)}
+    if kinds:
+        out["kinds"] = by_kind
+    return out
+
+
+def resident(kinds=False):
+    """This process's resident bytes split into the guest's and the emulator's (``resident_split``)."""
+    with open("/proc/self/maps") as f:
+        maps_text = f.read()
+    with open("/proc/self/smaps") as f:
+        smaps_text = f.read()
+    return resident_split(maps_text, smaps_text, kinds)
+
+
+class StderrLog:
+    """onnxruntime's log at verbose level, what the C++ side writes to fd 2, captured to ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        os.close(fd)
+        ort.set_default_logger_severity(0)
+        return self
+
+    def __exit__(self, *exc):
+        ort.set_default_logger_severity(3)
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+    def reserved(self):
+        """Bytes the CPU arena reserved while the log was captured (the prepacked weight copies at load)."""
+        with open(self.path, errors="replace") as f:
+            return sum(int(n) for n in re.findall(r"Reserving memory in BFCArena for Cpu size: (\d+)", f.read()))
+
+
+def status_bytes(field):
+    """A /proc/self/status memory field (``VmHWM``, ``VmRSS``) in bytes; 0 when absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == field:
+                return int(value.split()[0]) * 1024
+    return 0
+
+
+def reset_peak():
+    """Reset VmHWM to the current resident size (Linux's clear_refs 5); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap():
+    """``lmc.core.weights.release_freed``: collect cycles, hand the C heap's free pages back (glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakSampler:
+    """A thread sampling the guest's resident bytes every ``interval`` seconds; ``peak``: the largest."""
+
+    def __init__(self, interval):
+        self.interval, self.peak, self.count = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self):
+        self.peak = max(self.peak, resident()["guest"])
+        self.count += 1
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 class StateDriver:
@@ -151,7 +342,54 @@ def window_nll(logits, window):
     return float(-lp[np.arange(targets.size), targets].sum())
 
 
+def run_memory(task, arrays):
+    """The ``memory`` task (see the module docstring): peaks in bytes above the guest's resident after the
+    imports, and the emulator's resident bytes before and after."""
+    feeds = {k.split("/", 1)[1]: v for k, v in arrays.items() if task.get("feeds") and k.startswith(task["feeds"] + "/")}
+    ledger = bool(task.get("ledger"))
+    gc.collect()
+    hwm_reset = reset_peak()
+    before = resident(ledger)
+    prepacked = None
+    with PeakSampler(float(task.get("interval", 0.05))) as sampler:
+        if task.get("log"):         # the prepacked copies, from onnxruntime's verbose log of the load
+            with StderrLog(task["log"]) as log:
+                sess = open_session(task, log_level=0)
+            prepacked = log.reserved()
+        else:
+            sess = open_session(task)
+        if task.get("settings", {}).get("trim_heap_after_load"):
+            trim_heap()
+        loaded = resident(ledger)
+        sampler.sample()
+        if task.get("driver"):
+            d, tokens = driver(task, sess), arrays[task["tokens"]].astype(np.int64)
+            for a, b in task["spans"]:
+                d.forward(tokens[:, a:b])
+        else:
+            inputs = {i.name: i for i in sess.get_inputs()}
+            if not feeds:
+                feeds = {n: np.zeros([1] * len(i.shape), np.float32) for n, i in inputs.items()}
+            for _ in range(int(task.get("runs", 2))):
+                sess.run(None, {k: v for k, v in feeds.items() if k in inputs})
+    after = resident(ledger)
+    hwm, base = status_bytes("VmHWM"), before["guest"]
+    result = {"peak": sampler.peak - base,
+              "hwm_low": hwm - after["emulator"] - base, "hwm_high": hwm - before["emulator"] - base,
+              "hwm_reset": hwm_reset, "samples": sampler.count, "base": base,
+              "emulator_before": before["emulator"], "emulator_after": after["emulator"],
+              "straddling": max(before["straddling"], after["straddling"])}
+    if ledger:      # the guest's resident bytes by kind: what the load added, what the runs added
+        for phase, (a, b) in (("load", (before, loaded)), ("run", (loaded, after))):
+            result[phase] = {k: b["kinds"].get(k, 0) - a["kinds"].get(k, 0) for k in set(a["kinds"]) | set(b["kinds"])}
+    if prepacked is not None:
+        result["prepacked"] = prepacked
+    return result
+
+
 def run_task(task, arrays, out):
+    if task["kind"] == "memory":
+        return run_memory(task, arrays)
     sess = open_session(task)
     kind, tid = task["kind"], task["id"]
     if kind == "run":
