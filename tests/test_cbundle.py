@@ -401,3 +401,17 @@ def test_verify_fails_on_a_flipped_int8_weight(ds_cnn_int8):
     (broken / "weights.c").write_text(weights_c[:m.start(1)] + str(-value if value else 77) + weights_c[m.end(1):])
     report = verify_cbundle(broken, DS_CNN_FIXTURE, tolerance=0.05)
     assert not report.passed and all("[C vs model.onnx]" in o.name for o in report.failures)
+
+
+def test_an_output_no_node_computes_is_copied(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")]
+    graph = helper.make_graph(nodes, "passthrough", [helper.make_tensor_value_info("x", F, [2, 3])],
+                              [helper.make_tensor_value_info("r", F, [2, 3]), helper.make_tensor_value_info("x", F, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    emit_bundle(model, tmp_path / "b")
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    with HostBuild(tmp_path / "b") as hb:
+        r, same = hb.run([x])
+    np.testing.assert_array_equal(same, x)
+    np.testing.assert_array_equal(r, np.maximum(x, 0))

@@ -151,10 +151,10 @@ class _Tensors:
             if shape is None or tensor.dtype is None:
                 raise LmcError(f"tensor '{name}' has no static shape or dtype; the C bundle needs both")
             dtype = np.dtype(tensor.dtype)
-            if name in self.outputs:
-                ref = TensorRef(name, dtype, shape, Placement.OUTPUT, f"outputs[{self.outputs[name]}]")
-            elif name in self.inputs:
+            if name in self.inputs:          # (an input that is also an output is read from inputs[k])
                 ref = TensorRef(name, dtype, shape, Placement.INPUT, f"inputs[{self.inputs[name]}]")
+            elif name in self.outputs:
+                ref = TensorRef(name, dtype, shape, Placement.OUTPUT, f"outputs[{self.outputs[name]}]")
             elif name in self.offsets:
                 ref = TensorRef(name, dtype, shape, Placement.ARENA, f"({ARENA} + {self.offsets[name]})")
             elif name in self.decoded:
@@ -254,6 +254,7 @@ int lmc_run(const void *const *inputs, void *const *outputs)
 {{
     (void)inputs;
     (void)outputs;
+    (void){ARENA};
 {chr(10).join(body)}
     return 0;
 }}
@@ -372,6 +373,18 @@ def emit_c(graph: gs.Graph, plan: MemoryPlan, target: Target, out_dir: str | Pat
         call = registry.emit(ctx)
         used |= ctx.weights_used
         calls.append((node, call))
+    produced = {t.name for n in graph.nodes for t in n.outputs}
+    for k, out in enumerate(graph.outputs):          # an output no node computes: a graph input or a constant
+        if out.name in produced:
+            continue
+        source = refs.ref(out) if isinstance(out, gs.Constant) else None
+        if source is None and out.name not in refs.inputs:
+            raise LmcError(f"graph output '{out.name}' is computed by no node")
+        address = source.address if source is not None else f"inputs[{refs.inputs[out.name]}]"
+        if source is not None:
+            used.add(out.name)
+        nbytes = source.nbytes if source is not None else refs.ref(out).nbytes
+        calls.append((gs.Node("Identity", name=f"output {k}"), KernelCall(f"lmc_copy(outputs[{k}], {address}, {nbytes}u);")))
     families = sorted({COMMON_FAMILY} | {f for _, c in calls for f in c.families})
     used_names = sorted(used)
     files: dict[str, str] = {

@@ -223,8 +223,8 @@ class Registry:
         """The first emitter's call that accepts the node; when all refuse, the first refusal."""
         emitters = self.lookup(ctx.node.domain or "", ctx.node.op)
         if not emitters:
-            raise ctx.unsupported("the C bundle has no kernel for this op (supported: "
-                                  + ", ".join(("" if d == "" else d + ".") + o for d, o in self.ops()) + ")")
+            raise ctx.unsupported(f"the C bundle has no kernel for this op ({len(self.ops())} ops have one: "
+                                  "lmc.targets.cbundle.registry.REGISTRY.ops())")
         first: UnsupportedOp | None = None
         for fn in emitters:
             used = set(ctx.weights_used)
