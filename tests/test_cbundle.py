@@ -123,6 +123,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("concat_c", "Concat", ["x", "rx", "sx"], axis=1)
     case("concat_w", "Concat", ["x", "tx"], axis=3)
     case("transpose", "Transpose", ["x"], perm=[0, 2, 3, 1])
+    inits += [_w("bn_scale", [4]), _w("bn_bias", [4]), _w("bn_mean", [4]), _w("bn_var", [4], value=RNG.random(4) + 0.5)]
+    case("batch_norm", "BatchNormalization", ["x", "bn_scale", "bn_bias", "bn_mean", "bn_var"], epsilon=1e-3)
     case("quant_s8", "QuantizeLinear", ["x", "q_scale", "q_zero"])
     case("quant_axis", "QuantizeLinear", ["x", "qc_scale", "qc_zero"], axis=1)
     case("quant_u8", "QuantizeLinear", ["x", "q_scale", "u_zero"])

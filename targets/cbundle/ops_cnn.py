@@ -3,7 +3,7 @@
 Conv (1-D and 2-D: group/depthwise, strides, pads or auto_pad, dilations) and com.microsoft FusedConv (its
 activation applied in the epilogue); MatMul (2-D and batched with broadcast batch dims, 1-D operands as
 ONNX promotes them), Gemm (transA/transB, alpha, beta, C broadcast to [M, N]); MaxPool / AveragePool /
-GlobalAveragePool / GlobalMaxPool; Add/Sub/Mul/Div/Max/Min/Pow with numpy broadcasting; Relu, Clip,
+GlobalAveragePool / GlobalMaxPool; BatchNormalization (inference, as a per-channel affine); Add/Sub/Mul/Div/Max/Min/Pow with numpy broadcasting; Relu, Clip,
 Sigmoid, Tanh, LeakyRelu, HardSigmoid, Exp, Log, Sqrt, Neg, Abs, Reciprocal, Erf; Softmax (opset ≥ 13: one
 axis); Reshape/Flatten/Squeeze/Unsqueeze/Identity (a copy, or nothing when the plan put the output on its
 input's bytes); Concat; Transpose.
@@ -351,6 +351,29 @@ def emit_softmax(op: OpContext) -> KernelCall:
     axis = int(op.attr("axis", -1)) % len(x.shape)
     outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
     return KernelCall(f"lmc_softmax_f32({x.ptr()}, {y.out}, {outer}, {x.shape[axis]}, {inner});", (FAMILY,))
+
+
+@REGISTRY.op("BatchNormalization")
+def emit_batch_norm(op: OpContext) -> KernelCall:
+    """Inference BatchNormalization with constant statistics: y = x·a[c] + b[c], a = scale / sqrt(var + ε),
+    b = B − mean·a (float32, computed here; the two vectors are parameters in flash)."""
+    x, y = op.input(0), op.outputs[0]
+    _float_only(op, [x, y])
+    if len(op.outputs) > 1 or int(op.attr("training_mode", 0)):
+        raise op.unsupported("only inference mode (one output) is supported")
+    values = [op.const(i) for i in range(1, 5)]
+    if any(v is None for v in values):
+        raise op.unsupported("scale, bias, mean and variance must be constants")
+    scale, bias, mean, var = (np.asarray(v, np.float32).reshape(-1) for v in values)
+    c = x.shape[1] if len(x.shape) > 1 else 1
+    eps = np.float32(op.attr("epsilon", 1e-5))
+    a = (scale / np.sqrt(var + eps)).astype(np.float32)
+    b = (bias - mean * a).astype(np.float32)
+    params = (f"static const float {op.prefix}_a[{c}] = {{{', '.join(_flt(v) for v in a)}}};\n"
+              f"static const float {op.prefix}_b[{c}] = {{{', '.join(_flt(v) for v in b)}}};")
+    inner = math.prod(x.shape[2:])
+    return KernelCall(f"lmc_channel_affine_f32({x.ptr()}, {op.prefix}_a, {op.prefix}_b, {y.out}, {x.shape[0]}, {c}, "
+                      f"{inner});", (FAMILY,), params)
 
 
 # ------------------------------------------------------------------------------------------------ data movement

@@ -258,6 +258,18 @@ void lmc_unary_f32(lmc_unary_kind op, const float *x, float *y, int32_t n)
     }
 }
 
+void lmc_channel_affine_f32(const float *x, const float *a, const float *b, float *y, int32_t n, int32_t c,
+                            int32_t inner)
+{
+    int32_t i, j, k;
+    long at = 0;
+    for (i = 0; i < n; ++i)
+        for (j = 0; j < c; ++j) {
+            const float aj = a[j], bj = b[j];
+            for (k = 0; k < inner; ++k, ++at) y[at] = x[at] * aj + bj;
+        }
+}
+
 void lmc_softmax_f32(const float *x, float *y, int32_t outer, int32_t len, int32_t inner)
 {
     int32_t o, j, t;

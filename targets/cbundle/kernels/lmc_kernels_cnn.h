@@ -55,6 +55,10 @@ typedef enum { LMC_UN_EXP = 0, LMC_UN_LOG = 1, LMC_UN_SQRT = 2, LMC_UN_NEG = 3, 
 
 void lmc_unary_f32(lmc_unary_kind op, const float *x, float *y, int32_t n);
 
+/* y[n][c][i] = x[n][c][i] · a[c] + b[c] for i < inner (BatchNormalization in inference, folded); y may be x. */
+void lmc_channel_affine_f32(const float *x, const float *a, const float *b, float *y, int32_t n, int32_t c,
+                            int32_t inner);
+
 /* Softmax over the axis of length len, x viewed as [outer, len, inner]; y may be x. */
 void lmc_softmax_f32(const float *x, float *y, int32_t outer, int32_t len, int32_t inner);
 
