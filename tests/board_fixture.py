@@ -51,8 +51,10 @@ int lmc_run(const void *const *inputs, void *const *outputs)
     int i;
     if (gate[0] == 99 && gate[1] == 99)
         return 9;
+    /* step 0: Mul 'mul' */
     for (i = 0; i < 8; i++)
         t[i] = x[i] * lmc_w_w[i];
+    /* step 1: Add 'add' */
     for (i = 0; i < 8; i++) {
         float q;
         y[i] = tanhf(t[i]) + lmc_w_b[0]{skew};

@@ -125,8 +125,8 @@ def test_instructions_scale_with_the_work(tmp_path):
     # a known loop: 2 instructions per iteration (subs, bne), 10^6 iterations, counted by SysTick under -icount
     bundle = write_bundle(tmp_path / "loop")
     text = (bundle / "model.c").read_text().replace(
-        "    if (gate[0] == 99", '    { uint32_t n = 1000000u; __asm__ volatile("1: subs %0, %0, #1\\n bne 1b" : "+r"(n) : : "cc"); }\n'
-        "    if (gate[0] == 99")
+        "    /* step 1: Add 'add' */\n", "    /* step 1: Add 'add' */\n"
+        '    { uint32_t n = 1000000u; __asm__ volatile("1: subs %0, %0, #1\\n bne 1b" : "+r"(n) : : "cc"); }\n')
     (bundle / "model.c").write_text(text)
     feeds = [np.zeros((1, 8), np.float32), np.zeros(4, np.int8)]
     for target in ("cortex-m55", "cortex-m7"):
@@ -137,6 +137,11 @@ def test_instructions_scale_with_the_work(tmp_path):
     profiled = profile_bundle(bundle, "cortex-m55", feeds)
     (top, n), *rest = profiled.profile
     assert top == "lmc_run" and abs(n - 2_000_000) < 60_000 and sum(m for _, m in rest) < 10_000
+    # and its steps (the /* step i */ lines of model.c) are counted exactly: the loop is in step 1
+    steps = dict(profiled.steps)
+    assert list(steps) == ["(lmc_run outside its steps)", "Mul 'mul'", "Add 'add'"]
+    assert abs(sum(steps.values()) - profiled.instructions) <= 64 and steps["Mul 'mul'"] < 1000
+    assert 2_000_000 <= steps["Add 'add'"] < 2_000_000 + 40_000
 
 
 @needs_tools

@@ -38,6 +38,8 @@ Figures (``ImageSizes``):
 samples); each pc is attributed to the function whose code holds it (``function_table``: the map's
 ``.text.<function>`` input sections, and the global symbols of plain ``.text`` sections), each sample P ticks
 of instructions — a sampling profile, deterministic under icount, its handler adding ~20 instructions a sample.
+The same image counts each step of ``lmc_run`` exactly: it compiles a copy of ``model.c`` that calls
+``lmc_board_step(i)`` at each ``/* step i: Op 'node' */`` line the emitter writes (``BoardRun.steps``).
 
 Errors are ``BoardError`` (an ``LmcError``): the toolchain missing (run ``scripts/setup-mcu.sh``), a
 compile error, an image larger than the board's memory (with the numbers), a timeout, a fault (the startup's
@@ -78,6 +80,9 @@ ARENA_SECTION = ".bss.lmc_arena"
 IMAGE_SECTIONS = (".text", ".rodata", ".ARM.extab", ".ARM.exidx", ".data", ".bss", ".heap", ".stack")
 BOARD_REPORT = "lmc_board.txt"
 PROFILE_FILE = "lmc_profile.bin"
+MODEL_C = "model.c"
+OUTSIDE_STEPS = "(lmc_run outside its steps)"
+_STEP = re.compile(r"^(\s*)/\* step (\d+): (.*?) \*/\s*$")
 PROFILE_SAMPLES = 4096             # what profile_bundle aims at (startup.c keeps up to 16384)
 FAULT_EXIT = 250                   # startup.c's LMC_FAULT_EXIT
 COMPILE_TIMEOUT_S = 300
@@ -288,6 +293,7 @@ class BoardRun:
     lmc_run_calls: int
     mvfr0: int                           # the core's Media and VFP Feature Register 0 (what its FPU has)
     profile: tuple[tuple[str, int], ...] = ()   # profiled image: (function, instructions sampled in it), most first
+    steps: tuple[tuple[str, int], ...] = ()     # profiled image: (model.c step, its instructions), in run order
 
     @property
     def flash_bytes(self) -> int:
@@ -306,7 +312,8 @@ class BoardRun:
                 "ram_bytes": self.ram_bytes, "arena_bytes": self.arena_bytes, "sections": self.sizes.sections,
                 "stack_used": self.stack_used, "heap_used": self.heap_used, "instructions": self.instructions,
                 "lmc_run_calls": self.lmc_run_calls, "mvfr0": f"0x{self.mvfr0:08x}",
-                "profile": [{"function": f, "instructions": n} for f, n in self.profile]}
+                "profile": [{"function": f, "instructions": n} for f, n in self.profile],
+                "steps": [{"step": f, "instructions": n} for f, n in self.steps]}
 
 
 def _header_define(header: str, name: str) -> int | None:
@@ -324,6 +331,7 @@ class BoardImage:
         self.bundle = Path(bundle)
         self.board = board
         self.profile_period = profile_period
+        self.steps: tuple[str, ...] = ()       # a profiled model.c's step labels
         if not (self.bundle / "model.h").is_file():
             raise BoardError(f"{bundle}: not a C bundle (no model.h)")
         gcc = find_tool(GCC)
@@ -345,12 +353,18 @@ class BoardImage:
         script = self.work / f"{self.board.name}.ld"
         script.write_text(self.board.linker_script())
         sources = [*sorted(self.bundle.glob("*.c")), boards / STARTUP]
+        profile: list[str] = []
+        if self.profile_period:
+            profile = [f"-DLMC_PROFILE_PERIOD={self.profile_period}"]
+            steps = self._mark_steps(self.bundle / MODEL_C)
+            if steps:
+                profile.append(f"-DLMC_PROFILE_STEPS={len(steps)}")
+                sources[sources.index(self.bundle / MODEL_C)] = self.work / MODEL_C
         objects = []
         for src in sources:
             obj = self.work / (src.stem + ".o")
-            profile = [f"-DLMC_PROFILE_PERIOD={self.profile_period}"] if self.profile_period and src.name == STARTUP else []
-            self._tool([gcc, *self.board.cflags, *COMMON_CFLAGS, *profile, "-I", str(self.bundle), "-c", str(src),
-                        "-o", str(obj)], f"compiling {src.name} for {self.board.name}")
+            self._tool([gcc, *self.board.cflags, *COMMON_CFLAGS, *(profile if src.name == STARTUP else []), "-I",
+                        str(self.bundle), "-c", str(src), "-o", str(obj)], f"compiling {src.name} for {self.board.name}")
             objects.append(str(obj))
         elf, map_file = self.work / "img.elf", self.work / "img.map"
         done = subprocess.run([gcc, *self.board.cflags, *LINK_FLAGS, "-L", str(boards), "-T", str(script),
@@ -364,6 +378,24 @@ class BoardImage:
             raise self._link_error(done.stderr, sizes)
         log.info("%s image of %s: %s", self.board.name, self.bundle, sizes.describe())
         return elf, map_file, sizes
+
+    def _mark_steps(self, model_c: Path) -> list[str]:
+        """Write a copy of ``model.c`` into the build folder that calls ``lmc_board_step(i)`` where each of its
+        steps begins (the emitter's ``/* step i: Op 'node' */`` lines); the steps' labels, in order ([]: the
+        file has none, and no copy is written)."""
+        if not model_c.is_file():
+            return []
+        lines, steps = [], []
+        for line in model_c.read_text().splitlines():
+            lines.append(line)
+            m = _STEP.match(line)
+            if m and int(m[2]) == len(steps):
+                steps.append(m[3])
+                lines.append(f"{m[1]}lmc_board_step({m[2]}u);")
+        if steps:
+            (self.work / MODEL_C).write_text("void lmc_board_step(unsigned step);\n" + "\n".join(lines) + "\n")
+        self.steps = tuple(steps)
+        return steps
 
     def _tool(self, cmd: list[str], what: str) -> None:
         log.debug("%s", " ".join(cmd))
@@ -451,10 +483,12 @@ class BoardImage:
             ticks = (report.get("ticks_hi", 0) << 32) | report.get("ticks_lo", 0)
             calls = report.get("calls", 0)
             profile = self._profile(run_dir / PROFILE_FILE, report) if self.profile_period else ()
+            steps = tuple((label, self._instructions(report.get(f"step{i}", 0)))
+                          for i, label in enumerate((OUTSIDE_STEPS, *self.steps))) if self.steps else ()
             return BoardRun(board=self.board.name, exit_code=done.returncode, outputs=tuple(outputs),
                             sizes=self.sizes, stack_used=report["stack_used"], heap_used=report.get("heap_used", 0),
                             instructions=self._instructions(ticks) if calls else None,
-                            lmc_run_calls=calls, mvfr0=report.get("mvfr0", 0), profile=profile)
+                            lmc_run_calls=calls, mvfr0=report.get("mvfr0", 0), profile=profile, steps=steps)
 
     def _instructions(self, ticks: int) -> int:
         """SysTick ticks on the CPU clock -> instructions (qemu -icount shift=0: 1 ns each)."""

@@ -10,6 +10,8 @@
  * Built with -DLMC_PROFILE_PERIOD=P, SysTick interrupts every P ticks inside lmc_run and records the interrupted
  * pc (up to LMC_PROFILE_SAMPLES, written to lmc_profile.bin): a sampling profile, each sample P ticks of
  * instructions (the handler's own few instructions per sample ride along).
+ * Built with -DLMC_PROFILE_STEPS=N as well (the board module then compiles a copy of model.c that calls
+ * lmc_board_step(i) where each of its N steps begins), the ticks of each step are counted exactly.
  * After main returns it writes lmc_board.txt (key value lines: exit code, stack bytes used — the depth of the
  * deepest word that is no longer the paint —, heap bytes used, SysTick ticks, MVFR0) and exits with main's code
  * (semihosting SYS_EXIT_EXTENDED: the code is qemu's exit status). A fault exits with LMC_FAULT_EXIT after
@@ -28,6 +30,7 @@
 
 
 #define REG(addr) (*(volatile uint32_t *)(addr))
+#define SCB_ICSR 0xE000ED04u
 #define SCB_CPACR 0xE000ED88u
 #define SCB_CFSR 0xE000ED28u
 #define SCB_HFSR 0xE000ED2Cu
@@ -155,24 +158,62 @@ static void systick_start(void)
     REG(SYST_CSR) = 7; /* enable, interrupt on wrap, CPU clock */
 }
 
-static uint64_t systick_stop(void)
+/* Ticks since systick_start. The counter goes RELOAD, ..., 1, 0, RELOAD…, one value a tick; reaching 0 pends
+ * the interrupt that counts the wrap. So with w wraps counted (the pending one included), the ticks are
+ * w * (RELOAD + 1) + (RELOAD - value), except while the counter shows 0 after a wrap: w * (RELOAD + 1) - 1. */
+static uint64_t systick_now(void)
 {
-    uint32_t wraps, value;
+    uint32_t wraps, value, pending;
     do {
         wraps = systick_wraps;
+        pending = (REG(SCB_ICSR) >> 26) & 1u; /* PENDSTSET: a wrap not yet counted by the handler */
         value = REG(SYST_CVR);
     } while (wraps != systick_wraps);
-    REG(SYST_CSR) = 0;
-    /* counts down from RELOAD; a wrap reloads it: ticks = wraps * (RELOAD + 1) + (RELOAD - value) */
+    wraps += pending;
+    if (value == 0) /* (before the first tick it shows the 0 systick_start wrote: no tick yet) */
+        return wraps == 0 ? 0u : (uint64_t)wraps * (SYST_RELOAD + 1u) - 1u;
     return (uint64_t)wraps * (SYST_RELOAD + 1u) + (SYST_RELOAD - value);
 }
+
+static uint64_t systick_stop(void)
+{
+    uint64_t ticks = systick_now();
+    REG(SYST_CSR) = 0;
+    return ticks;
+}
+
+#ifdef LMC_PROFILE_STEPS
+/* A profiled model.c calls lmc_board_step(i) where its step i begins: the ticks from there to the next mark
+ * are step i's. [0] holds lmc_run's own before its first step, [i + 1] step i. */
+void lmc_board_step(unsigned step);
+static uint64_t step_ticks[LMC_PROFILE_STEPS + 1];
+static uint32_t step_current;
+static uint64_t step_mark;
+
+void lmc_board_step(unsigned step)
+{
+    uint64_t now = systick_now();
+    step_ticks[step_current] += now - step_mark;
+    step_current = step < LMC_PROFILE_STEPS ? step + 1u : 0u;
+    step_mark = now;
+}
+#endif
 
 int __wrap_lmc_run(const void *const *inputs, void *const *outputs)
 {
     int rc;
+    uint64_t ticks;
+#ifdef LMC_PROFILE_STEPS
+    step_current = 0;
+    step_mark = 0;
+#endif
     systick_start();
     rc = __real_lmc_run(inputs, outputs);
-    run_ticks += systick_stop();
+    ticks = systick_stop();
+#ifdef LMC_PROFILE_STEPS
+    step_ticks[step_current] += ticks - step_mark;
+#endif
+    run_ticks += ticks;
     run_calls++;
     return rc;
 }
@@ -200,6 +241,14 @@ static void report(int code, uint32_t stack, const char *fault)
 #ifdef LMC_PROFILE_PERIOD
     fprintf(f, "profile_period %lu\nprofile_taken %lu\n", (unsigned long)(SYST_RELOAD + 1u),
             (unsigned long)profile_taken);
+#endif
+#ifdef LMC_PROFILE_STEPS
+    {
+        unsigned i;
+        for (i = 0; i <= LMC_PROFILE_STEPS; i++)
+            fprintf(f, "step%u 0x%08lx%08lx\n", i, (unsigned long)(step_ticks[i] >> 32),
+                    (unsigned long)(step_ticks[i] & 0xFFFFFFFFu));
+    }
 #endif
     if (fault != NULL)
         fputs(fault, f);
