@@ -19,23 +19,33 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from lmc import __version__
 from lmc.core import ir, shapes, weights
 from lmc.compiler.backend import plan_memory, runtime_for
 from lmc.core.errors import AttentionSinksFound, LmcError, PositionBiasFound, ShapeError
-from lmc.core.metadata import METADATA_PREFIX, decode_input_values, encode_input_values
+from lmc.core.metadata import GENERATION_KEY, METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.core.model_io import load_model
 from lmc.core.pass_manager import PassRecord, approximations
 from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
 from lmc.compiler.pruning import prune_generation
-from lmc.compiler.pipeline import default_pipeline
-from lmc.compiler.report import render_report
-from lmc.core.runtime import SESSION_OPTIONS_FILE
-from lmc.compiler.verify import VerificationFailed, VerifyReport, compare_models, random_inputs
+from lmc.compiler.pipeline import default_pipeline, quantize_passes
+from lmc.compiler.report import mib, peak_live_set, render_report
+from lmc.core.runtime import SESSION_OPTIONS_FILE, session
+from lmc.compiler.verify import (VerificationFailed, VerifyReport, check_spans, compare_generation, compare_models,
+                                 random_inputs, with_values)
 from lmc.targets import emit
 from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
 from lmc.targets.cbundle.generation import emit_generation_c
-from lmc.targets.plan import MemoryPlan, check_plan
+from lmc.targets.plan import MemoryPlan, Profile, check_plan
 from lmc.targets.target import Target, load_target
+from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
+from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
+from lmc.passes.quantize.calibration import load_calibration
+from lmc.targets.ort_mobile import write_ort_files
+from lmc.compiler.genai import GenaiBundle
+from lmc.compiler.generation import bind_sequence, calibration_feeds, compile_generation, extend_templates
+from lmc.compiler.report_html import HTML_FILE, render_report_html
+from lmc.compiler.seq2seq_export import is_export_build
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +102,6 @@ class BuildResult:
 
 def _stamp(model, options: BuildOptions, target: Target) -> None:
     """Record how the bundle was built in the model's metadata (deterministic: no times, no paths)."""
-    from lmc import __version__
-
     entries = {"version": __version__, "target": target.name, "quantize": options.quantize.value,
                "attention": str(options.attention_spec),
                "input_shapes": ",".join(f"{k}={'x'.join(str(d) for d in v)}"
@@ -112,9 +120,9 @@ def build(model_path: str | Path, options: BuildOptions | None = None, out_dir: 
     a build over budget tries ``fitting_candidates`` in order and keeps the first that fits (its
     ``fitted`` says which); if none does, the error names the best attempt and what dominates it."""
     options = options or BuildOptions()
-    from lmc.compiler.seq2seq_export import is_export_build
 
     if is_export_build(model_path, options):       # an encoder–decoder export (lmc.compiler.seq2seq)
+        # deferred: seq2seq builds its encoder with this module's build() (an import cycle)
         from lmc.compiler.seq2seq import build_seq2seq
 
         return build_seq2seq(model_path, options, out_dir, on_pass, progress)
@@ -211,8 +219,6 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)
         if options.ort_format:
-            from lmc.targets.ort_mobile import write_ort_files
-
             ort_path, _ = write_ort_files(staged)
             if options.verify:
                 ort_check = compare_models(staged / emit.MODEL_FILE, ort_path, feeds, options.tolerance,
@@ -239,9 +245,6 @@ def _given(options: BuildOptions, values: Mapping[str, np.ndarray]) -> str:
 def _original_fails(model_path, options: BuildOptions, values: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """Why onnxruntime cannot run the original model at the bound input shapes and values (random inputs):
     ("load" or "run", onnxruntime's message); None when it runs (or cannot be tried: inputs left dynamic)."""
-    from lmc.core.runtime import session
-    from lmc.compiler.verify import random_inputs, with_values
-
     try:
         feeds = with_values(model_path, random_inputs(model_path, options.input_shapes, samples=1,
                                                       seed=options.seed, values=values), values)
@@ -279,8 +282,6 @@ def _blame_model(model_path, options: BuildOptions, values: Mapping[str, np.ndar
 
 def _commit(staged: Path, result: BuildResult, model_path) -> None:
     """Move the staged bundle into place with its plan and reports (report.md, report.html)."""
-    from lmc.compiler.report_html import HTML_FILE, render_report_html
-
     emit.commit_bundle(staged, result.out_dir, {
         emit.PLAN_FILE: result.plan.to_json(),
         emit.REPORT_FILE: render_report(result, Path(model_path).name),
@@ -322,8 +323,6 @@ class BudgetExceeded(LmcError):
 
 def dominant_parts(plan: MemoryPlan) -> str:
     """What makes a plan's peak RAM, largest first: the arena's busiest tensors, io, state, RAM weights."""
-    from lmc.compiler.report import mib, peak_live_set
-
     parts = {"inputs + outputs": plan.io_bytes, "KV state": plan.state_bytes,
              "weights in RAM": plan.weights_bytes.get("ram", 0)}
     _, live = peak_live_set(plan)
@@ -363,14 +362,17 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool, target: Target
             modes.insert(0, preferred)
         for mode in modes:
             found.append((f"{base_name} --quantize {mode.value}".strip(), dataclasses.replace(base, quantize=mode)))
+    if allow_approx and options.calib and options.prune is None:     # then pruning, on the last of those
+        base_name, base = found[-1] if found else ("", options)
+        for prune in FITTING_PRUNES:
+            found.append((f"{base_name} --prune {prune}".strip(), dataclasses.replace(base, prune=prune)))
     return found
 
 
-def _quantize_generation(graph: gs.Graph, info, compilation: Compilation):
-    from lmc.compiler.generation import calibration_feeds
-    from lmc.compiler.pipeline import quantize_passes
-    from lmc.passes.quantize.calibration import load_calibration
+FITTING_PRUNES = ("mlp=0.2", "mlp=0.3,heads=1/3")     # what --max-ram --allow-approx tries last (with --calib)
 
+
+def _quantize_generation(graph: gs.Graph, info, compilation: Compilation):
     options, target = compilation.options, compilation.target
     feeds = None
     if options.calib:
@@ -382,15 +384,8 @@ def _quantize_generation(graph: gs.Graph, info, compilation: Compilation):
 def _build_generation(model_path, compilation: Compilation, out_dir: Path, start: float) -> BuildResult:
     """``--context N``: the past/present decoder becomes a generation bundle (``lmc.compiler.generation``)."""
     options, target = compilation.options, compilation.target
-    from lmc.compiler.genai import GenaiBundle
-    from lmc.core.metadata import GENERATION_KEY
-    from lmc.compiler.generation import bind_sequence, compile_generation, extend_templates
-    from lmc.compiler.verify import check_spans, compare_generation
-    from lmc.targets.plan import Profile
 
     before: list[tuple[int, int]] = []
-    from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
-    from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
 
     tables: dict = {}        # a position bias (ALiBi) split off the masks: put back after the state rewrite
     sinks: dict = {}         # attention sinks split off the softmax: put back, decomposed, after it too

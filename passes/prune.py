@@ -1,26 +1,22 @@
 """Structured pruning (approximate): whole MLP channels, query heads and key/value groups leave the graph,
 chosen by a measured saliency on calibration data and compensated by a least-squares refit of the weight
-that reads them (the math: ``lmc.passes.prune_fit``).
+that reads them (the math: ``lmc.passes.prune_fit``; where it can cut: ``lmc.passes.prune_sites``).
 
-Sites, matched on the fused graph (static shapes):
-- MLP: ``MatMul(h, W_down[I, N])`` where h comes from MatMuls ``x · W[D, I]`` (their constant columns) through
-  channel-wise ops only — activations (Sigmoid, QuickGelu, Gelu, Relu, …) and Mul/Add/Sub/Div of such tensors
-  or of constants [I] / scalars — each intermediate read only inside the MLP. Removing channel j drops
-  column j of every producer weight and bias and row j of W_down.
-- Attention: ONNX ``Attention`` over [B, H, S, d] q/k/v, each ``Transpose(Reshape(x · W [+ b]))`` with an
-  optional ``RotaryEmbedding`` (its tables are per position, shared by every head), read by
-  ``Reshape(Transpose(·)) · W_o[H·d, N]``. Query head h belongs to key/value group h // (H / H_kv); every
-  kept group keeps the same number of query heads (the op's grouping), so ``heads=F`` removes that share of
-  each group's query heads and ``kv=F`` removes whole groups — with their keys, values and query heads.
-  Reshape targets and head-count attributes follow.
-A candidate (an MLP-looking MatMul, an Attention node) whose pruned dimension is read by something else, or
-that does not fit the form, is refused with the reason — never pruned half-way.
+Units: an MLP channel (in groups of ``CHANNEL_GRANULE``, so a layer keeps a multiple of the int4 block);
+a query head — query head h belongs to key/value group h // (H / H_kv) and every kept group keeps the same
+number of query heads (the attention ops' grouping), so ``heads=F`` removes that share of each group's
+query heads; a key/value group (``kv=F``) with its keys, values, query heads and cache.
 
-Choice: the units (channels, heads, groups) of least saliency go — globally across layers by default (one
-ranking of every layer's units; a layer gives at most ``MAX_SHARE`` of its channels, and keeps at least one
-query head per group and one group), or the same share from each layer (``per_layer``). Compensation:
-W_down / W_o's kept rows are refit to the calibration activations of the original model. Each site's
-relative output error (with and without the refit) goes to the report.
+Saliency of a unit with input features F of a site whose output is added to the residual stream r:
+    s = E‖x_F W_F‖² / E‖r‖²
+(activation statistics × weight norms, relative to the stream the error lands in — the next norm divides
+by it; without the residual Add, E‖r‖² = 1). ``choose=magnitude`` ranks by weight norms instead (a
+comparison baseline). The least salient go — globally across layers by default (one ranking of every
+layer's steps; a layer gives at most ``MAX_SHARE`` of its channels and keeps at least one query head per
+group and one group), or the same share from each layer (``per_layer``). Compensation (unless
+``refit=off``): W_down / W_o's kept rows are refit by least squares to the calibration activations of the
+unpruned model. Each site's relative output error, with and without the refit, goes to the report.
+Preconditions: the pruned dims are static; calibration feeds for the graph's inputs.
 """
 
 from __future__ import annotations

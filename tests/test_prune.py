@@ -260,3 +260,14 @@ def test_generation_build_with_layers_pruned_unevenly_writes_no_genai_config(tmp
     assert heads == [2, 4]                       # one query head of each group, from one layer only
     assert not (out / "genai_config.json").exists()
     assert "different numbers of heads" in (out / "report.md").read_text()
+
+
+def test_max_ram_with_allow_approx_tries_pruning_last_and_only_with_calib():
+    from lmc.compiler.build import FITTING_PRUNES, fitting_candidates
+
+    target = load_target("cortex-a55")
+    found = fitting_candidates(BuildOptions(calib="c.npz"), True, target)
+    assert [o.prune for _, o in found[-len(FITTING_PRUNES):]] == list(FITTING_PRUNES)
+    assert all(o.quantize.value != "none" for _, o in found[-len(FITTING_PRUNES):])     # pruned, then quantized
+    assert not any(o.prune for _, o in fitting_candidates(BuildOptions(), True, target))
+    assert not any(o.prune for _, o in fitting_candidates(BuildOptions(calib="c.npz"), False, target))
