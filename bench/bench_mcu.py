@@ -146,6 +146,66 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+def _step_kinds(model_path: Path) -> dict[str, tuple[str, int]]:
+    """Node name -> (kind, MACs) of the convolutions and matrix products of a bundle's model.onnx: kind is
+    "conv KxK" / "depthwise KxK" (group = channels) / "pointwise 1x1" / "gemm"; other nodes are absent."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.output]}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    kinds = {}
+    for node in model.graph.node:
+        out = int(np.prod(shapes.get(node.output[0], [0])))
+        if node.op_type in ("Conv", "FusedConv", "QLinearConv"):
+            w = dims.get(node.input[3 if node.op_type == "QLinearConv" else 1], [])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            k = "x".join(str(d) for d in w[2:])
+            kind = ("pointwise 1x1" if k == "1x1" and group == 1 else f"depthwise {k}" if group > 1 and w[1] == 1
+                    else f"conv {k}")
+            kinds[node.name] = (kind, out * int(np.prod(w[1:])))
+        elif node.op_type in ("Gemm", "QGemm", "MatMul"):
+            w = dims.get(node.input[3 if node.op_type == "QGemm" else 1], [])
+            n = shapes.get(node.output[0], [1])[-1] or 1
+            kinds[node.name] = ("gemm", out * int(np.prod(w)) // n if w else 0)     # out × K
+    return kinds
+
+
+def board_steps_table(out: Path, inputs: list[np.ndarray]) -> str:
+    """Where one inference's instructions go on the board: each bundle built by ``measure`` run once with its
+    steps counted exactly (``lmc.targets.cbundle.board.profile_bundle``), grouped by kind of step, with the
+    MACs they do; and the image's RAM against the target's ``ram_bytes`` and the stack the run used."""
+    from lmc.targets.cbundle.board import OUTSIDE_STEPS, profile_bundle      # optional: the board toolchain
+    from lmc.targets.target import load_target
+
+    head = ("| target | mode | RAM (of the target's) | stack used | step kind | steps | instructions | share | MACs "
+            "| instructions / MAC |")
+    lines = [head, "|" + "---|" * 10]
+    for target in TARGETS:
+        for mode in MODES:
+            bundle = out / f"{target}-{mode}"
+            try:
+                run = profile_bundle(bundle, target, inputs[:1])
+            except LmcError as exc:
+                return f"(board steps skipped: {str(exc).splitlines()[0]})"
+            kinds = _step_kinds(bundle / "model.onnx")
+            groups: dict[str, list[int]] = {}
+            for label, n in run.steps:
+                name = label.split("'")[1] if "'" in label else ""
+                kind, macs = kinds.get(name, ("other", 0)) if label != OUTSIDE_STEPS else ("other", 0)
+                g = groups.setdefault(kind, [0, 0, 0])
+                g[0], g[1], g[2] = g[0] + (label != OUTSIDE_STEPS), g[1] + n, g[2] + macs
+            total = sum(g[1] for g in groups.values()) or 1
+            ram = load_target(target).memory.ram_bytes
+            first = True
+            for kind, (count, n, macs) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+                lead = (f"| {target} | {mode} | {run.ram_bytes:,} ({run.ram_bytes / ram:.1%}) | {run.stack_used:,} "
+                        if first else "| | | | ")
+                per_mac = f"{n / macs:.1f}" if macs else "—"
+                lines.append(f"{lead}| {kind} | {count} | {n:,} | {n / total:.0%} | {macs:,} | {per_mac} |")
+                first = False
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "_work" / "mcu"))
@@ -156,6 +216,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     print(table(measure(out, args.samples, not args.no_board)))
+    if not args.no_board:
+        inputs = [np.random.default_rng(100).standard_normal((1, 1, 49, 10)).astype(np.float32)]
+        print()
+        print(board_steps_table(out, inputs))
 
 
 if __name__ == "__main__":
