@@ -140,7 +140,8 @@ def test_instructions_scale_with_the_work(tmp_path):
     # and its steps (the /* step i */ lines of model.c) are counted exactly: the loop is in step 1
     steps = dict(profiled.steps)
     assert list(steps) == ["(lmc_run outside its steps)", "Mul 'mul'", "Add 'add'"]
-    assert abs(sum(steps.values()) - profiled.instructions) <= 64 and steps["Mul 'mul'"] < 1000
+    assert abs(sum(steps.values()) - profiled.instructions) < 0.02 * profiled.instructions
+    assert steps["Mul 'mul'"] < 1000
     assert 2_000_000 <= steps["Add 'add'"] < 2_000_000 + 40_000
 
 
