@@ -15,8 +15,11 @@ import onnx_graphsurgeon as gs
 
 from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassManager, PassRecord
+from lmc.compiler.backend import estimate_peak
+from lmc.compiler.genai import tokenizer_sources
 from lmc.compiler.verify import DEFAULT_TOLERANCE
 from lmc.passes.prune import PruneSpec
+from lmc.passes.quantize.w8a8 import CalibMethod
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.targets.cbundle.emit import EmitFormat
 from lmc.targets.target import Target
@@ -81,8 +84,6 @@ class BuildOptions:
     prune_spec: PruneSpec | None = field(init=False, repr=False, compare=False)     # ``prune``, parsed once
 
     def __post_init__(self):
-        from lmc.passes.quantize.w8a8 import CalibMethod
-
         object.__setattr__(self, "attention_spec", AttentionSpec.parse(str(self.attention or "dense")))
         object.__setattr__(self, "quantize", _choice("--quantize", QuantizeMode, self.quantize))
         object.__setattr__(self, "prune_spec", PruneSpec.parse(self.prune, self.prune_per_layer) if self.prune else None)
@@ -100,7 +101,6 @@ class BuildOptions:
         if self.tokenizer is not None:
             if self.context is None:
                 raise LmcError("--tokenizer applies only to a generation bundle: add --context N or drop it")
-            from lmc.compiler.genai import tokenizer_sources
             tokenizer_sources(self.tokenizer)          # a missing or unreadable tokenizer: one line, now
         if self.context is None:
             given = [name for name, value in generation.items() if value is not None]
@@ -160,8 +160,6 @@ class Compilation:
             ) -> tuple[gs.Graph, list[PassRecord]]:
         """Run ``pipeline`` on ``graph`` under this build's context; each run's record goes to ``on_pass`` when
         ``report`` (a generation build reports its second compile only)."""
-        from lmc.compiler.backend import estimate_peak
-
         manager = PassManager(pipeline, self.context(masks),
                               peak_estimator=lambda g: estimate_peak(g, self.target.memory.alignment),
                               on_pass=self.on_pass if report else None)

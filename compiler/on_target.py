@@ -37,10 +37,16 @@ import numpy as np
 import onnx
 
 from lmc.core.errors import LmcError
+from lmc.core.metadata import build_metadata, decode_input_values
+from lmc.core.perplexity import load_tokens
+from lmc.core.runtime import bundle_session_options
+from lmc.compiler.drivers import generation_info
 from lmc.compiler.on_board import verify_on_board
+from lmc.compiler.seq2seq_generate import seq2seq_info
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, SPREAD_FACTOR, OutputError, VerifyReport, bundle_model_path,
-                                 compare, load_inputs, output_tolerance, random_inputs, with_values)
+                                 check_spans, compare, load_inputs, output_tolerance, random_inputs, with_values)
 from lmc.targets.cbundle.board import board_targets
+from lmc.targets.target import load_target
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +191,6 @@ class OnTargetReport(VerifyReport):
 
 def _target_cpu(model_path: Path) -> tuple[str, str]:
     """(target name, its emulator CPU) of a bundle, from ``plan.json`` (else the model's lmc metadata)."""
-    from lmc.core.metadata import build_metadata
-    from lmc.targets.target import load_target
-
     plan = model_path.parent / "plan.json"
     name = json.loads(plan.read_text()).get("target") if plan.is_file() else None
     name = name or build_metadata(onnx.load(str(model_path), load_external_data=False)).get("target")
@@ -221,9 +224,6 @@ def verify_on(bundle: str | Path, against: str | Path, on: str = "aarch64", inpu
     target's emulator CPU; "host": this machine, through the same worker); ``cache``: see ``run_worker``.
     A microcontroller target with a board (``cortex-m55``, ``cortex-m7``): the C bundle runs on that board
     (``lmc.compiler.on_board``)."""
-    from lmc.compiler.drivers import generation_info
-    from lmc.compiler.seq2seq_generate import seq2seq_info
-
     if on in board_targets():
         if tokens is not None:
             raise LmcError(f"--tokens applies to language models; on {on} a C bundle is checked on inputs")
@@ -253,15 +253,11 @@ def session_settings(model_path: str | Path) -> dict:
     prepacking on, so MatMulNBits runs the kernel it packs for (int8 activations at accuracy level 4);
     with prepacking off, as the host check runs to hold one copy of the weights, it dequantizes the weights
     and runs a float GEMM instead."""
-    from lmc.core.runtime import bundle_session_options
-
     return bundle_session_options(model_path)
 
 
 def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, seed, tokens, seq_len, windows,
                     cache=None) -> OnTargetReport:
-    from lmc.core.metadata import build_metadata, decode_input_values
-
     bundle_model = onnx.load(str(model_path), load_external_data=False)
     if inputs is not None:
         feeds = load_inputs(inputs, {i.name: len(i.type.tensor_type.shape.dim) for i in bundle_model.graph.input})
@@ -286,8 +282,6 @@ def _verify_oneshot(model_path, against, emulator, inputs, tolerance, samples, s
              {"kind": "run", "id": "cand", "model": str(model_path), "settings": session_settings(model_path),
               "feeds": [f"cand{i}" for i in range(len(feeds))], "outputs": names}]
     if tokens is not None:
-        from lmc.core.perplexity import load_tokens
-
         arrays["windows"] = load_tokens(tokens, seq_len, windows)
         tasks += [{"kind": "perplexity", "id": f"ppl-{who}", "model": str(path), "driver": "oneshot",
                    "windows": "windows", "settings": session_settings(path)}
@@ -339,9 +333,6 @@ def worker_info(info) -> dict:
 
 def _verify_generation(model_path, against, info, emulator, tolerance, seed, tokens, seq_len, windows,
                        cache=None) -> OnTargetReport:
-    from lmc.core.runtime import bundle_session_options
-    from lmc.compiler.verify import check_spans
-
     model = onnx.load(str(model_path), load_external_data=False)
     vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
     spans = check_spans(info)
@@ -356,8 +347,6 @@ def _verify_generation(model_path, against, info, emulator, tolerance, seed, tok
              {"kind": "decode", "id": "cand", "model": str(model_path), "driver": "state", "info": state_info,
               "settings": bundle_settings, "tokens": "ids", "spans": spans}]
     if tokens is not None:
-        from lmc.core.perplexity import load_tokens
-
         window = min(seq_len, info.context) if not info.window else seq_len
         arrays["windows"] = load_tokens(tokens, window, windows)
         tasks += [{"kind": "perplexity", "id": "ppl-ref", "model": str(against), "driver": "past",

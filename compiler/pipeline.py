@@ -22,6 +22,8 @@ from lmc.passes.moe_routing import MoeRouting
 from lmc.passes.prune import Prune, PruneConfig
 from lmc.passes.quantize.calibration import load_calibration
 from lmc.passes.quantize.static_int8 import QuantizeStaticInt8
+from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
+from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 from lmc.passes.fold_score_scale import FoldScoreScale
 from lmc.passes.fuse.attention import AttentionRule
 from lmc.passes.fuse.attention_mask import AttentionMaskRule
@@ -39,6 +41,8 @@ from lmc.passes.fuse.silu import SiluRule
 from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
 from lmc.passes.simplify_reshapes import SimplifyReshapes
+from lmc.passes.sparse_attention import AttentionKind, SparseAttention
+from lmc.passes.static_cache import StaticKVCache
 from lmc.passes.upgrade_opset import UpgradeOpset
 from lmc.targets.cbundle.emit import EmitFormat, default_emit
 
@@ -78,8 +82,6 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
     mode = options.quantize.value
     if mode == "none":
         return []
-    from lmc.passes.quantize.calibration import load_calibration
-    from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
 
     if feeds is None and options.calib:
         feeds = load_calibration(options.calib, graph_inputs, options.calib_samples,
@@ -90,9 +92,6 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
         return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size or target.tuning.int4_block_size, table_bits=table_bits,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":
-        from lmc.passes.merge_matmuls import MergeParallelMatMuls
-        from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
-
         method = CalibMethod(options.calib_method)
         # a bundle that runs lmc's C kernels (lmc.targets.cbundle): convolutional graphs all int8, static
         static = [QuantizeStaticInt8(feeds), Cleanup()] if (options.emit or default_emit(target)) is EmitFormat.C else []
@@ -127,8 +126,6 @@ def default_pipeline(options: BuildOptions, target, graph_inputs: list[str] | No
     simplify = [FoldConstants()] + ([EliminateNoops()] if "eliminate-noops" not in disabled else []) + [Cleanup()]
     state = []
     if options.context:
-        from lmc.passes.static_cache import StaticKVCache
-
         # shape chains are constants once the bound dims fold; the cache rewrite then sees plain scalars
         spec = options.attention_spec
         state = [StaticKVCache(options.context, options.batch, spec.window, spec.sinks, options.prefill_chunk,
@@ -149,8 +146,6 @@ def default_pipeline(options: BuildOptions, target, graph_inputs: list[str] | No
 
 def attention_passes(options: BuildOptions) -> list:
     """``--attention chunked[:Q]`` (exact) or ``sliding:W[,sinks=S]`` (approximate) on fused attention."""
-    from lmc.passes.sparse_attention import AttentionKind, SparseAttention
-
     spec = options.attention_spec
     if spec.kind is AttentionKind.DENSE:
         return []

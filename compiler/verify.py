@@ -33,7 +33,11 @@ import onnx
 
 from lmc.core import weights
 from lmc.core.errors import LmcError
+from lmc.core.metadata import build_metadata, decode_input_values
+from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
+from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
+from lmc.compiler.seq2seq_generate import seq2seq_info
 
 log = logging.getLogger(__name__)
 
@@ -399,15 +403,14 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         if not os.path.isfile(against):
             raise LmcError(f"{against}: no such file")
         return verify_cbundle(model_path.parent, against, inputs, tolerance, samples, seed)
-    from lmc.compiler.seq2seq_generate import seq2seq_info
 
     if seq2seq_info(model_path) is not None:       # an encoder–decoder bundle against its export folder
+        # deferred: seq2seq_verify builds on this module's compare and VerifyReport (an import cycle)
         from lmc.compiler.seq2seq_verify import verify_seq2seq
 
         return verify_seq2seq(model_path, against, inputs, tolerance, seed)
     if not os.path.isfile(against):
         raise LmcError(f"{against}: no such file")
-    from lmc.compiler.drivers import generation_info
 
     info = generation_info(model_path)
     if info is not None:
@@ -420,7 +423,6 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
         bundle_model = onnx.load(str(model_path), load_external_data=False)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bundle_model.graph.input}
         feeds = random_inputs(model_path, shapes, samples=samples, seed=seed)
-    from lmc.core.metadata import build_metadata, decode_input_values
 
     try:
         fixed = decode_input_values(build_metadata(bundle_model).get("input_values", ""))
@@ -429,8 +431,6 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     report = compare_models(against, model_path, feeds, tolerance, spread=True, hint=VERIFY_HINT,
                             reference_values=fixed)
     if tokens is not None:
-        from lmc.core.perplexity import load_tokens, perplexity
-
         windows_arr = load_tokens(tokens, seq_len, windows)
         ppl = {"original": perplexity(_load_session(against), windows_arr).perplexity,
                "bundle": perplexity(_load_session(model_path), windows_arr).perplexity}
@@ -467,8 +467,6 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
     time) — the original driven present → past, the bundle with its state in place; logits compared at every
     position, for every batch row of the bundle, prefill calls and single-token calls reported apart."""
-    from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
-
     batch = generation_info(candidate).batch
     if spans is None:
         spans = [(0, prompt)] + [(i, i + 1) for i in range(prompt, prompt + steps)]
@@ -501,14 +499,11 @@ def verify_generation(model_path: Path, against: str | Path, info, tolerance: fl
     ``tokens`` also both perplexities, each streamed (the bundle token by token), judged against the
     original's own spread: its perplexity full-window vs token by token. The gap may reach
     max(tolerance, SPREAD_FACTOR × that spread), relative."""
-    from lmc.compiler.drivers import PastDecoder, StateDecoder
-
     model = onnx.load(str(model_path), load_external_data=False)
     vocab = next(o for o in model.graph.output if o.name == info.logits).type.tensor_type.shape.dim[-1].dim_value
     report = compare_generation(against, model_path, vocab, spans=check_spans(info), tolerance=tolerance, seed=seed)
     if tokens is None:
         return report
-    from lmc.core.perplexity import load_tokens, streaming_perplexity
 
     length = min(seq_len, info.context) if not info.window else seq_len
     windows_arr = load_tokens(tokens, length, windows)
