@@ -36,6 +36,7 @@ from lmc.compiler.cbundle_check import C_TOLERANCE, ONNX_SUFFIX, compare_c, is_c
 from lmc.compiler.verify import (DEFAULT_TOLERANCE, VERIFY_HINT, OutputError, VerifyReport, compare_models,
                                  load_inputs, random_inputs)
 from lmc.targets.cbundle.board import GCC, QEMU, BoardImage, BoardRun, board_for
+from lmc.targets.cbundle.generation import is_generation_c
 from lmc.targets.target import load_target
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ def verify_on_board(bundle: str | Path, against: str | Path, on: str, inputs: st
     if not is_c_bundle(folder):
         raise LmcError(f"{bundle}: --on {on} runs a C bundle (model.h, model.c…; `lmc build --target {on}` writes "
                        "one, or --emit c) and this folder has none")
+    if is_generation_c(folder):
+        raise LmcError(f"{bundle}: a generation bundle's C is a greedy runner; run it on the board with "
+                       f"`lmc generate {bundle} --prompt-tokens FILE --on {on}`")
     model_path = folder / "model.onnx"
     if not model_path.is_file():
         raise LmcError(f"{folder}: a C bundle must hold the model.onnx it was generated from")

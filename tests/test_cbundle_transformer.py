@@ -347,6 +347,14 @@ def test_lmc_generate_on_c(generation_bundle, tmp_path, capsys):
     assert code == 2 and "not a C generation bundle" in err
 
 
+def test_lmc_verify_checks_a_generation_c_bundles_onnx_and_sends_the_board_to_generate(generation_bundle, capsys):
+    out, _, _ = generation_bundle
+    code, stdout, _ = _lmc(["verify", str(out), "--against", str(FIXTURE)], capsys)
+    assert code == 0 and "PASS" in stdout
+    code, _, err = _lmc(["verify", str(out), "--against", str(FIXTURE), "--on", "cortex-m7"], capsys)
+    assert code == 2 and "--on cortex-m7" in err and "lmc generate" in err
+
+
 def test_step_io_refuses_what_the_runner_cannot_drive():
     info = GenerationInfo(32, 2, "input_ids", "", "logits", (("past", "present"),), attention_mask="attention_mask")
     with pytest.raises(LmcError, match="batch 1"):

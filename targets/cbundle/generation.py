@@ -204,10 +204,15 @@ def emit_generation_c(graph: gs.Graph, plan: MemoryPlan, target: Target, folder:
     return written
 
 
+def is_generation_c(folder: str | Path) -> bool:
+    """True when ``folder`` holds a C bundle whose runner is the generation runner."""
+    runner = Path(folder) / RUNNER_C
+    return (Path(folder) / "model.h").is_file() and runner.is_file() and MARKER in runner.read_text()
+
+
 def require_generation_runner(bundle: Path) -> None:
     """Refuse a folder whose C is not a generation bundle's (no model.h, or the one-call runner)."""
-    runner = bundle / RUNNER_C
-    if not (bundle / "model.h").is_file() or not runner.is_file() or MARKER not in runner.read_text():
+    if not is_generation_c(bundle):
         raise LmcError(f"{bundle}: not a C generation bundle (build one with lmc build MODEL --context N "
                        "--target cortex-m55|cortex-m7)")
 
@@ -324,5 +329,5 @@ def generate_board(bundle: str | Path, target, prompt: Sequence[int], count: int
                                    round(ticks * 1e9 / image.board.cpu_hz) if calls else None, calls)
 
 
-__all__ = ["BoardGeneration", "GenerationRunError", "HostGenerator", "StepIo", "generate_board", "generate_host", "runner_c",
+__all__ = ["BoardGeneration", "GenerationRunError", "HostGenerator", "is_generation_c", "StepIo", "generate_board", "generate_host", "runner_c",
            "step_io", "emit_generation_c"]
