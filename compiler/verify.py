@@ -36,6 +36,7 @@ from lmc.core.errors import LmcError
 from lmc.core.metadata import build_metadata, decode_input_values
 from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
+from lmc.targets.cbundle.generation import is_generation_c
 from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
 from lmc.compiler.seq2seq_generate import seq2seq_info
 
@@ -397,7 +398,9 @@ def verify(bundle: str | Path, against: str | Path, inputs: str | Path | None = 
     model_path = bundle_model_path(bundle)
     from lmc.compiler.cbundle_check import is_c_bundle, verify_cbundle    # it imports this module
 
-    if is_c_bundle(model_path.parent):             # a C bundle: compiled with the host cc and run too
+    # a C bundle: compiled with the host cc and run too (a generation bundle's C is a greedy runner: its tokens
+    # are checked by lmc generate --on c; the bundle's model.onnx is verified below as every generation bundle's)
+    if is_c_bundle(model_path.parent) and not is_generation_c(model_path.parent):
         if tokens is not None:
             raise LmcError("--tokens applies to language models; a C bundle is checked on inputs")
         if not os.path.isfile(against):
