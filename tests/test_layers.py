@@ -1,11 +1,15 @@
 """The layers (ARCHITECTURE.md) hold: ``lmc.core`` imports no other layer; ``lmc.passes`` and ``lmc.targets``
 import only the core and themselves, never each other; ``lmc.models`` (test model builders) only the core;
 ``lmc.compiler`` (the driver) may import anything. Imports inside functions count: a deferred import is
-still a dependency. Module-level imports form no cycle."""
+still a dependency. Module-level imports form no cycle. An ``lmc`` import inside a function says why it is
+there in a comment on its line or the line above (an import cycle, the command line's start-up time):
+otherwise it belongs at module level, where the dependency shows."""
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import networkx as nx
@@ -82,3 +86,94 @@ def test_no_import_cycles():
 def test_the_layers_exist_as_folders():
     for folder in LAYERS:
         assert (REPO / folder / "__init__.py").is_file(), folder
+
+
+def _is_lmc_import(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.level == 0 and bool(node.module) and (node.module == "lmc" or node.module.startswith("lmc."))
+    return isinstance(node, ast.Import) and any(a.name == "lmc" or a.name.startswith("lmc.") for a in node.names)
+
+
+def deferred_imports_without_reason(source: str) -> list[int]:
+    """Lines of the ``lmc`` imports inside a function that give no reason: no comment on the statement's own
+    lines, none on the line just above it, and none just above the run of import statements it stands in
+    (one comment may head a few imports together)."""
+    deferred = []                               # (statement, first line of its run of imports)
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            statements = getattr(node, field, None)
+            if not isinstance(statements, list):
+                continue
+            run_start = None
+            for stmt in statements:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    run_start = stmt.lineno if run_start is None else run_start
+                    if in_function and _is_lmc_import(stmt):
+                        deferred.append((stmt, run_start))
+                else:
+                    run_start = None
+                visit(stmt, in_function or isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(ast.parse(source), False)
+    if not deferred:
+        return []
+    comments, own_line = set(), set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.add(tok.start[0])
+            if not tok.line[: tok.start[1]].strip():
+                own_line.add(tok.start[0])
+    return [stmt.lineno for stmt, run_start in deferred
+            if not (stmt.lineno - 1 in own_line or run_start - 1 in own_line
+                    or any(n in comments for n in range(stmt.lineno, stmt.end_lineno + 1)))]
+
+
+def test_deferred_lmc_imports_say_why():
+    found = [f"{path.relative_to(REPO)}:{line}" for _, _, path in _modules()
+             for line in deferred_imports_without_reason(path.read_text())]
+    assert not found, "lmc imports inside functions without a reason comment (hoist them):\n" + "\n".join(found)
+
+
+def test_the_reason_check_catches_an_uncommented_deferred_import():
+    source = """
+import numpy as np
+try:
+    from lmc.core import ir              # module level (in a try): not deferred
+except ImportError:
+    ir = None
+
+
+def silent():
+    x = 1
+    from lmc.core.errors import LmcError
+    return LmcError
+
+
+def explained():
+    # deferred: an import cycle with lmc.compiler.build
+    import json
+
+    from lmc.compiler.build import build
+    from lmc.compiler.verify import verify
+    return build, verify, json
+
+
+def same_line():
+    from lmc.core import shapes  # deferred: startup time
+    return shapes
+
+
+class Holder:
+    def method(self):
+        if self:
+            # a comment two lines up does not count
+
+            from lmc.targets import emit
+        import numpy                      # not lmc: not this check's business
+        return emit, numpy
+"""
+    lines = source.splitlines()
+    missing = deferred_imports_without_reason(source)
+    assert [lines[n - 1].strip() for n in missing] == ["from lmc.core.errors import LmcError",
+                                                        "from lmc.targets import emit"]
