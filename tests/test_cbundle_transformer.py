@@ -230,6 +230,27 @@ def test_tensor_scatter_refuses_a_write_past_the_cache(tmp_path):
             host.run([cache, upd, np.array([5], np.int64)])
 
 
+def test_range_refuses_a_count_other_than_the_planned_one(tmp_path):
+    nodes = [helper.make_node("Range", ["start", "limit", "delta"], ["r"], name="r"),
+             helper.make_node("Identity", ["r"], ["y"], name="i")]
+    scalar = [helper.make_tensor_value_info(n, I64, []) for n in ("start", "limit", "delta")]
+    graph = helper.make_graph(nodes, "r", scalar, [helper.make_tensor_value_info("y", I64, [5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    graph = ir.to_graph(model)
+    graph.nodes[0].outputs[0].shape, graph.nodes[0].outputs[0].dtype = [5], np.int64   # the planned count
+    folder = tmp_path / "b"
+    folder.mkdir()
+    plan = plan_memory(graph, load_target("cortex-m7"))
+    onnx.save(ir.to_model(graph), str(folder / "model.onnx"))
+    emit_c(graph, plan, load_target("cortex-m7"), folder)
+    one = np.array(1, np.int64)
+    with HostBuild(folder) as host:
+        np.testing.assert_array_equal(host.run([np.array(2, np.int64), np.array(7, np.int64), one])[0],
+                                      np.arange(2, 7))
+        with pytest.raises(HostRunError, match="status 3"):
+            host.run([np.array(2, np.int64), np.array(8, np.int64), one])
+
+
 # ----------------------------------------------------------------------------------------------- the 260K Llama
 def _oneshot_shapes(seq: int) -> dict:
     found = {"input_ids": (1, seq), "attention_mask": (1, seq), "position_ids": (1, seq)}
