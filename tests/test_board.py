@@ -189,3 +189,21 @@ def test_a_stack_overflow_is_caught_on_both_boards(tmp_path):
         run_bundle(bundle, "cortex-m55", feeds)
     with pytest.raises(BoardError, match="the main stack overflowed on mps2-an500"):
         run_bundle(bundle, "cortex-m7", feeds)
+
+
+@needs_tools
+def test_weights_beyond_the_code_memory_go_to_flash(tmp_path):
+    # 600 KB of constants: over the AN547's 512 KiB ITCM (its code memory), placed in its 8 MiB QSPI flash
+    bundle = write_bundle(tmp_path / "big-weights")
+    (bundle / "weights.c").write_text((bundle / "weights.c").read_text()
+                                      + "const float lmc_w_big[150000] = {1.0f, [149999] = 2.0f};\n")
+    text = (bundle / "model.c").read_text()
+    text = text.replace("extern const float lmc_w_b[1];", "extern const float lmc_w_b[1];\nextern const float lmc_w_big[150000];")
+    text = text.replace("        t[i] = x[i] * lmc_w_w[i];",
+                        "        t[i] = x[i] * lmc_w_w[i] + 0.0f * lmc_w_big[(uint8_t)gate[2] + 149000u];")
+    (bundle / "model.c").write_text(text)
+    x = np.random.default_rng(2).standard_normal((1, 8)).astype(np.float32)
+    gate = np.array([0, 1, 2, 3], np.int8)
+    run = run_bundle(bundle, "cortex-m55", [x, gate])
+    assert run.exit_code == 0 and run.flash_bytes > 600_000 > board_for("cortex-m55").flash.length
+    np.testing.assert_allclose(run.outputs[0], expected(x, gate)[0], rtol=1e-5, atol=1e-6)

@@ -1,9 +1,10 @@
 """Run a C bundle on an emulated microcontroller board: arm-none-eabi-gcc, then qemu-system-arm.
 
 A board is data, ``boards/<name>.toml``: the qemu machine and CPU, the CPU clock, the compiler's CPU flags,
-the two memory regions the image uses (FLASH: vector table, code, constants — the bundle's weights — and
-the initial values of .data; RAM: .data, .bss — the arena and the runner's I/O buffers —, the heap newlib's
-stdio allocates from, the main stack) and the heap and stack reserved. A target runs on the board whose
+the memory regions the image uses (FLASH: vector table and code; CONST, where the board's flash is apart from
+its code memory, else FLASH too: constants — the bundle's weights — and the initial values of .data; RAM:
+.data, .bss — the arena and the runner's I/O buffers —, the heap newlib's stdio allocates from, the main
+stack) and the heap and stack reserved. A target runs on the board whose
 ``targets`` names it (``board_for``). The linker script is written from those facts (``MEMORY`` and the two
 sizes) and includes ``boards/sections.ld``; ``boards/startup.c`` is the vector table and reset handler.
 
@@ -20,7 +21,7 @@ in a fresh folder holding ``lmc_in_<k>.bin`` and returns a ``BoardRun``: the out
 reaches qemu's exit status through semihosting), and what the startup measured (its ``lmc_board.txt``).
 
 Figures (``ImageSizes``):
-- flash = ld's FLASH region usage = .text + .rodata + .ARM.exidx + the .data initial values;
+- flash = ld's FLASH (+ CONST) region usage = .text + .rodata + .ARM.exidx + the .data initial values;
 - RAM = ld's RAM region usage = .data + .bss + heap reserved + stack reserved (with alignment padding);
 - arena = the size of input section ``.bss.lmc_arena`` in the map (the bundle's ``lmc_arena``);
 - stack used: the startup paints the stack below its own frame at reset and, after main returns, finds the
@@ -118,22 +119,25 @@ class Board:
     cpu: str                     # qemu -cpu
     cpu_hz: int                  # SysTick's CPU clock: instructions = ticks * 1e9 / cpu_hz under -icount shift=0
     cflags: tuple[str, ...]      # the CPU and floating-point flags of arm-none-eabi-gcc
-    flash: MemoryRegion
+    flash: MemoryRegion          # vector table and code (and constants, unless const is given)
     ram: MemoryRegion
     heap_bytes: int
     stack_bytes: int
     source: str
+    const: MemoryRegion | None = None   # constants (weights) and .data initial values, when apart from the code
 
     def linker_script(self) -> str:
         """The image's linker script: this board's regions and reservations, then ``sections.ld``."""
+        def region(name: str, attributes: str, r: MemoryRegion) -> str:
+            return f"    {name:<5} ({attributes}) : ORIGIN = 0x{r.origin:08x}, LENGTH = 0x{r.length:08x}   /* {r.name} */\n"
+
+        regions = [region("FLASH", "rx", self.flash)]
+        regions += [region("CONST", "r", self.const)] if self.const else []
+        regions += [region("RAM", "rwx", self.ram)]
         return (f"/* {self.name}: {self.description} (from {self.source}) */\n"
-                "MEMORY\n{\n"
-                f"    FLASH (rx)  : ORIGIN = 0x{self.flash.origin:08x}, LENGTH = 0x{self.flash.length:08x}"
-                f"   /* {self.flash.name} */\n"
-                f"    RAM   (rwx) : ORIGIN = 0x{self.ram.origin:08x}, LENGTH = 0x{self.ram.length:08x}"
-                f"   /* {self.ram.name} */\n"
-                "}\n"
-                f"__lmc_heap_bytes = {self.heap_bytes};\n"
+                "MEMORY\n{\n" + "".join(regions) + "}\n"
+                + ("" if self.const else 'REGION_ALIAS("CONST", FLASH);\n')
+                + f"__lmc_heap_bytes = {self.heap_bytes};\n"
                 f"__lmc_stack_bytes = {self.stack_bytes};\n"
                 f"INCLUDE {SECTIONS}\n")
 
@@ -164,7 +168,8 @@ def load_board(path: str | Path) -> Board:
                      cpu=str(qemu["cpu"]), cpu_hz=int(qemu["cpu_hz"]),
                      cflags=tuple(str(f) for f in data["compiler"]["cflags"]),
                      flash=_region(memory["flash"], source), ram=_region(memory["ram"], source),
-                     heap_bytes=int(memory["heap_bytes"]), stack_bytes=int(memory["stack_bytes"]), source=source)
+                     heap_bytes=int(memory["heap_bytes"]), stack_bytes=int(memory["stack_bytes"]), source=source,
+                     const=_region(memory["const"], source) if "const" in memory else None)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise BoardError(f"{source}: cannot read the board description ({exc})") from exc
     except (KeyError, TypeError, ValueError) as exc:
@@ -205,7 +210,7 @@ def find_tool(name: str) -> str:
 class ImageSizes:
     """What the linker placed (bytes): ld's region usage and the map's sections."""
 
-    flash_bytes: int             # FLASH region used: code, constants, .data initial values
+    flash_bytes: int             # FLASH (+ CONST) regions used: code, constants, .data initial values
     ram_bytes: int               # RAM region used: .data + .bss + heap + stack reserved
     sections: dict[str, int]     # output section -> size (.text, .rodata, .data, .bss, .heap, .stack…)
     arena_bytes: int             # input section .bss.lmc_arena (0 when the bundle has none)
@@ -219,7 +224,7 @@ class ImageSizes:
 
 
 _UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
-_USAGE = re.compile(r"^\s*(FLASH|RAM):\s+(\d+)\s*(B|KB|MB|GB)\s+(\d+)\s*(B|KB|MB|GB)", re.MULTILINE)
+_USAGE = re.compile(r"^\s*(FLASH|CONST|RAM):\s+(\d+)\s*(B|KB|MB|GB)\s+(\d+)\s*(B|KB|MB|GB)", re.MULTILINE)
 
 
 def parse_memory_usage(ld_output: str) -> dict[str, int]:
@@ -373,7 +378,7 @@ class BoardImage:
                               capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         usage = parse_memory_usage(done.stdout)
         sections, arena = parse_map(map_file.read_text()) if map_file.is_file() else ({}, 0)
-        sizes = ImageSizes(usage.get("FLASH", 0), usage.get("RAM", 0),
+        sizes = ImageSizes(usage.get("FLASH", 0) + usage.get("CONST", 0), usage.get("RAM", 0),
                            {k: v for k, v in sections.items() if k in IMAGE_SECTIONS}, arena)
         if done.returncode != 0:
             raise self._link_error(done.stderr, sizes)
@@ -412,8 +417,8 @@ class BoardImage:
         over = {m[1]: int(m[2]) for m in re.finditer(r"region `(\w+)' overflowed by (\d+) bytes", stderr)}
         if over:
             parts = []
-            for name, region in (("FLASH", self.board.flash), ("RAM", self.board.ram)):
-                if name in over:
+            for name, region in (("FLASH", self.board.flash), ("CONST", self.board.const), ("RAM", self.board.ram)):
+                if name in over and region is not None:
                     parts.append(f"{name} needs {region.length + over[name]:,} B, its {region.describe()} "
                                  f"has {region.length:,} B")
             return BoardError(f"{self.bundle}: the image does not fit board {self.board.name}: "
