@@ -4,9 +4,9 @@ A board is data, ``boards/<name>.toml``: the qemu machine and CPU, the CPU clock
 the memory regions the image uses (FLASH: vector table and code; CONST, where the board's flash is apart from
 its code memory, else FLASH too: constants — the bundle's weights — and the initial values of .data; RAM:
 .data, .bss — the arena and the runner's I/O buffers —, the heap newlib's stdio allocates from, the main
-stack) and the heap and stack reserved. A target runs on the board whose
-``targets`` names it (``board_for``). The linker script is written from those facts (``MEMORY`` and the two
-sizes) and includes ``boards/sections.ld``; ``boards/startup.c`` is the vector table and reset handler.
+stack) and the heap and stack reserved. A target runs on the board whose ``targets`` names it
+(``board_for``). The linker script is written from those facts (``MEMORY`` and the two sizes) and includes
+``boards/sections.ld``; ``boards/startup.c`` is the vector table and reset handler.
 
 ``BoardImage(bundle, board)`` compiles every ``.c`` of the bundle and the startup (the board's CPU flags and
 ``COMMON_CFLAGS``: the contract's ``-std=c99 -O2 -Wall -Wextra -Werror -fdata-sections -ffunction-sections``)
@@ -86,7 +86,6 @@ MODEL_C = "model.c"
 OUTSIDE_STEPS = "(lmc_run outside its steps)"
 _STEP = re.compile(r"^(\s*)/\* step (\d+): (.*?) \*/\s*$")
 PROFILE_SAMPLES = 4096             # what profile_bundle aims at (startup.c keeps up to 16384)
-FAULT_EXIT = 250                   # startup.c's LMC_FAULT_EXIT
 COMPILE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 300
 FAULT_NAMES = {2: "NMI", 3: "HardFault", 4: "MemManage", 5: "BusFault", 6: "UsageFault", 7: "SecureFault",
