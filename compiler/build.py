@@ -108,6 +108,8 @@ def _stamp(model, options: BuildOptions, target: Target) -> None:
                                         for k, v in sorted(options.input_shapes.items()))}
     if options.input_values:
         entries["input_values"] = encode_input_values(options.input_values)
+    if options.prune_spec is not None:
+        entries["prune"] = str(options.prune_spec)
     for key, value in entries.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = METADATA_PREFIX + key, str(value)

@@ -335,9 +335,10 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
                         seq_len=seq_len, windows=windows)
     note = None
     if not report.passed:
-        mode = _bundle_quantize(bundle)
-        if mode and mode != "none":
-            note = (f"this bundle was built with --quantize {mode}, so it is approximate; judge it by --tokens "
+        how = " and ".join(f"--{key} {value}" for key in ("quantize", "prune")
+                           if (value := _bundle_quantize(bundle, key)) and value != "none")
+        if how:
+            note = (f"this bundle was built with {how}, so it is approximate; judge it by --tokens "
                     "perplexity or pass a --tolerance for it")
     if as_json:
         data = report.to_dict()
@@ -369,7 +370,8 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
         raise VerificationFailed(report.explain(), report)
 
 
-def _bundle_quantize(bundle: str) -> str | None:
+def _bundle_quantize(bundle: str, key: str = "quantize") -> str | None:
+    """The bundle's build metadata ``key`` (``quantize``, ``prune``), or None."""
     # deferred: startup time (this hint is needed only after a failed check)
     import onnx
 
@@ -377,7 +379,7 @@ def _bundle_quantize(bundle: str) -> str | None:
     from lmc.compiler.verify import bundle_model_path
 
     try:
-        return build_metadata(onnx.load(str(bundle_model_path(bundle)), load_external_data=False)).get("quantize")
+        return build_metadata(onnx.load(str(bundle_model_path(bundle)), load_external_data=False)).get(key)
     except Exception:  # a best-effort hint only
         return None
 

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import run_ort
 from lmc.compiler.build import build
+from lmc.compiler.cli import main
 from lmc.compiler.compilation import BuildOptions, Compilation
 from lmc import generate
 from lmc.compiler.pipeline import default_pipeline
@@ -211,15 +212,30 @@ def test_refit_math_matches_the_samples():
     np.testing.assert_allclose(scores, (x ** 2).mean(axis=0) * (w ** 2).sum(axis=1), rtol=1e-9)
 
 
-def test_build_with_prune_writes_an_approximate_bundle(tmp_path, model_dir):
+def test_cli_build_with_prune_writes_an_approximate_bundle_that_verify_names(tmp_path, model_dir, capsys):
     feeds = _feeds(4)
     np.savez(tmp_path / "calib.npz", input_ids=np.concatenate([f["input_ids"] for f in feeds]))
-    result = build(model_dir / "tiny-llama.onnx",
-                   BuildOptions(target="x86-64", input_shapes={"input_ids": (1, SEQ)}, prune="mlp=0.25,heads=0.5",
-                                calib=str(tmp_path / "calib.npz"), quantize="int8"), tmp_path / "out")
-    assert any(a.startswith("prune") for a in result.approximations)
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert "output error" in report and "channels" in report
+    out = tmp_path / "out"
+    code, _, err = _cli(["build", str(model_dir / "tiny-llama.onnx"), "--target", "x86-64", "--input-shape",
+                         f"input_ids=1x{SEQ}", "--prune", "mlp=0.25,heads=0.5", "--calib", str(tmp_path / "calib.npz"),
+                         "--quantize", "int8", "-o", str(out)], capsys)
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "output error" in report and report.count(" of 128 channels") == CFG.layers
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx"), load_external_data=False).metadata_props}
+    assert meta["lmc.prune"].startswith("mlp=0.25,heads=0.5")
+    code, said, _ = _cli(["verify", str(out), "--against", str(model_dir / "tiny-llama.onnx")], capsys)
+    assert code == 3 and "built with --quantize int8 and --prune mlp=0.25" in said
+    code, _, err = _cli(["build", str(model_dir / "tiny-llama.onnx"), "--input-shape", f"input_ids=1x{SEQ}",
+                         "--prune", "mlp=0.25", "-o", str(tmp_path / "no")], capsys)
+    assert code == 2 and "--calib" in err and not (tmp_path / "no").exists()
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
 
 
 GENERATION_FIXTURE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "llama-past-optimum.onnx"
