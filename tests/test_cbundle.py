@@ -291,8 +291,6 @@ def test_verify_fails_on_a_wrong_offset(ds_cnn_bundle, capsys):
     out_offset = re.findall(r"\(\(float \*\)\(lmc_arena \+ (\d+)\)\)", call)[0]
     wrong = call.replace(f"((float *)(lmc_arena + {out_offset}))", f"((float *)(lmc_arena + {int(out_offset) + 16}))")
     (broken / "model.c").write_text(model_c.replace(call, wrong))
-    report = verify_cbundle(broken, work / "ds_cnn.onnx")
-    assert not report.passed
     code, out, err = lmc(["verify", str(broken), "--against", str(work / "ds_cnn.onnx")], capsys)
     assert code == 3 and "FAIL" in out and "C vs model.onnx" in err
 

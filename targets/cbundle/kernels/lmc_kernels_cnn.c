@@ -14,7 +14,8 @@ static void tap_range(int32_t i0, int32_t dil, int32_t k, int32_t n, int32_t *r0
     *r1 = hi;
 }
 
-/* 1x1, stride 1, no pads, one group: y[co][p] = b[co] + sum_ci w[co][ci] x[ci][p]. */
+/* 1x1, stride 1, no pads, one group: y[co][p] = b[co] + sum_ci w[co][ci] x[ci][p] (summed over ci in order),
+ * four pixels at a time (one weight load for four multiply-adds). */
 static void conv_pointwise_f32(const float *x, const float *w, const float *bias, float *y,
                                const lmc_conv2d_params *p)
 {
@@ -26,7 +27,23 @@ static void conv_pointwise_f32(const float *x, const float *w, const float *bias
             const float *wc = w + (long)co * p->c_in;
             float *yc = y + ((long)n * p->c_out + co) * hw;
             const float b = bias ? bias[co] : 0.0f;
-            for (i = 0; i < hw; ++i) {
+            for (i = 0; i + 4 <= hw; i += 4) {
+                const float *xp = xn + i;
+                float a0 = b, a1 = b, a2 = b, a3 = b;
+                for (ci = 0; ci < p->c_in; ++ci) {
+                    const float wv = wc[ci];
+                    const float *xc = xp + (long)ci * hw;
+                    a0 += xc[0] * wv;
+                    a1 += xc[1] * wv;
+                    a2 += xc[2] * wv;
+                    a3 += xc[3] * wv;
+                }
+                yc[i] = lmc_apply_act(a0, &p->act);
+                yc[i + 1] = lmc_apply_act(a1, &p->act);
+                yc[i + 2] = lmc_apply_act(a2, &p->act);
+                yc[i + 3] = lmc_apply_act(a3, &p->act);
+            }
+            for (; i < hw; ++i) {
                 const float *xp = xn + i;
                 float acc = b;
                 for (ci = 0; ci < p->c_in; ++ci) acc += xp[(long)ci * hw] * wc[ci];
@@ -39,7 +56,11 @@ static void conv_pointwise_f32(const float *x, const float *w, const float *bias
 void lmc_conv2d_f32(const float *x, const float *w, const float *bias, float *y, const lmc_conv2d_params *p)
 {
     const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group;
-    int32_t n, g, oc, oh, ow, ic, r, s;
+    int32_t n, g, oc, oh, ow, ic, r, s, ow_lo = 0, ow_hi = p->w_out;
+    const int dw3 = cin_g == 1 && p->kh == 3 && p->kw == 3 && p->dil_h == 1 && p->dil_w == 1;
+    /* output columns [ow_lo, ow_hi) read only columns inside the input: no clipping there */
+    while (ow_lo < p->w_out && ow_lo * p->stride_w - p->pad_left < 0) ++ow_lo;
+    while (ow_hi > ow_lo && (ow_hi - 1) * p->stride_w - p->pad_left + (p->kw - 1) * p->dil_w >= p->w_in) --ow_hi;
     if (p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
         p->group == 1 && p->h_out == p->h_in && p->w_out == p->w_in) {
         conv_pointwise_f32(x, w, bias, y, p);
@@ -58,9 +79,25 @@ void lmc_conv2d_f32(const float *x, const float *w, const float *bias, float *y,
                     tap_range(ih0, p->dil_h, p->kh, p->h_in, &r0, &r1);
                     for (ow = 0; ow < p->w_out; ++ow) {
                         const int32_t iw0 = ow * p->stride_w - p->pad_left;
-                        int32_t s0, s1;
+                        int32_t s0 = 0, s1 = p->kw;
                         float acc = b;
-                        tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
+                        if (ow < ow_lo || ow >= ow_hi) tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
+                        if (dw3 && r0 == 0 && r1 == 3 && s0 == 0 && s1 == 3) {   /* depthwise 3x3 inside the input */
+                            const float *xc = x + ((long)n * p->c_in + g) * p->h_in * p->w_in
+                                              + (long)ih0 * p->w_in + iw0;
+                            const long w1 = p->w_in, w2 = 2L * p->w_in;
+                            acc += xc[0] * wc[0];
+                            acc += xc[1] * wc[1];
+                            acc += xc[2] * wc[2];
+                            acc += xc[w1] * wc[3];
+                            acc += xc[w1 + 1] * wc[4];
+                            acc += xc[w1 + 2] * wc[5];
+                            acc += xc[w2] * wc[6];
+                            acc += xc[w2 + 1] * wc[7];
+                            acc += xc[w2 + 2] * wc[8];
+                            yc[(long)oh * p->w_out + ow] = lmc_apply_act(acc, &p->act);
+                            continue;
+                        }
                         for (ic = 0; ic < cin_g; ++ic) {
                             const float *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
                             const float *wk = wc + (long)ic * p->kh * p->kw;

@@ -36,7 +36,23 @@ static void qconv_pointwise_s8(const int8_t *x, const int8_t *w, const int8_t *w
             int8_t *yc = y + ((long)n * p->c_out + co) * hw;
             for (ci = 0; ci < p->c_in; ++ci) wsum += (int32_t)wc[ci] - wz;
             base = (bias ? bias[co] : 0) - qp->x_zero * wsum;
-            for (i = 0; i < hw; ++i) {
+            for (i = 0; i + 4 <= hw; i += 4) {             /* four pixels at a time: one weight load each */
+                const int8_t *xp = xn + i;
+                int32_t a0 = base, a1 = base, a2 = base, a3 = base;
+                for (ci = 0; ci < p->c_in; ++ci) {
+                    const int32_t wv = (int32_t)wc[ci] - wz;
+                    const int8_t *xc = xp + (long)ci * hw;
+                    a0 += (int32_t)xc[0] * wv;
+                    a1 += (int32_t)xc[1] * wv;
+                    a2 += (int32_t)xc[2] * wv;
+                    a3 += (int32_t)xc[3] * wv;
+                }
+                yc[i] = lmc_requantize_s8(a0, scale[co], qp->y_zero);
+                yc[i + 1] = lmc_requantize_s8(a1, scale[co], qp->y_zero);
+                yc[i + 2] = lmc_requantize_s8(a2, scale[co], qp->y_zero);
+                yc[i + 3] = lmc_requantize_s8(a3, scale[co], qp->y_zero);
+            }
+            for (; i < hw; ++i) {
                 const int8_t *xp = xn + i;
                 int32_t acc = base;
                 for (ci = 0; ci < p->c_in; ++ci) acc += (int32_t)xp[(long)ci * hw] * ((int32_t)wc[ci] - wz);
@@ -51,7 +67,11 @@ void lmc_qlinear_conv_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero,
 {
     const lmc_conv2d_params *p = &qp->g;
     const int32_t cin_g = p->c_in / p->group, cout_g = p->c_out / p->group, xz = qp->x_zero;
-    int32_t n, g, oc, oh, ow, ic, r, s;
+    int32_t n, g, oc, oh, ow, ic, r, s, ow_lo = 0, ow_hi = p->w_out;
+    const int dw3 = cin_g == 1 && p->kh == 3 && p->kw == 3 && p->dil_h == 1 && p->dil_w == 1;
+    /* output columns [ow_lo, ow_hi) read only columns inside the input: no clipping there */
+    while (ow_lo < p->w_out && ow_lo * p->stride_w - p->pad_left < 0) ++ow_lo;
+    while (ow_hi > ow_lo && (ow_hi - 1) * p->stride_w - p->pad_left + (p->kw - 1) * p->dil_w >= p->w_in) --ow_hi;
     if (p->kh == 1 && p->kw == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
         p->group == 1 && p->h_out == p->h_in && p->w_out == p->w_in) {
         qconv_pointwise_s8(x, w, w_zero, bias, scale, y, qp);
@@ -66,15 +86,32 @@ void lmc_qlinear_conv_s8(const int8_t *x, const int8_t *w, const int8_t *w_zero,
                 const int32_t b = bias ? bias[co] : 0;
                 const float sc = scale[co];
                 int8_t *yc = y + ((long)n * p->c_out + co) * p->h_out * p->w_out;
+                int32_t wd[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, wdsum = 0;     /* depthwise 3x3: w - w_zero */
+                if (dw3)
+                    for (r = 0; r < 9; ++r) {
+                        wd[r] = (int32_t)wc[r] - wz;
+                        wdsum += wd[r];
+                    }
                 for (oh = 0; oh < p->h_out; ++oh) {
                     const int32_t ih0 = oh * p->stride_h - p->pad_top;
                     int32_t r0, r1;
                     tap_range(ih0, p->dil_h, p->kh, p->h_in, &r0, &r1);
                     for (ow = 0; ow < p->w_out; ++ow) {
                         const int32_t iw0 = ow * p->stride_w - p->pad_left;
-                        int32_t s0, s1;
+                        int32_t s0 = 0, s1 = p->kw;
                         int32_t acc = b;
-                        tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
+                        if (ow < ow_lo || ow >= ow_hi) tap_range(iw0, p->dil_w, p->kw, p->w_in, &s0, &s1);
+                        if (dw3 && r0 == 0 && r1 == 3 && s0 == 0 && s1 == 3) {   /* depthwise 3x3 inside the input */
+                            const int8_t *xc = x + ((long)n * p->c_in + g) * p->h_in * p->w_in
+                                               + (long)ih0 * p->w_in + iw0;
+                            const long w1 = p->w_in, w2 = 2L * p->w_in;
+                            acc += (int32_t)xc[0] * wd[0] + (int32_t)xc[1] * wd[1] + (int32_t)xc[2] * wd[2]
+                                 + (int32_t)xc[w1] * wd[3] + (int32_t)xc[w1 + 1] * wd[4] + (int32_t)xc[w1 + 2] * wd[5]
+                                 + (int32_t)xc[w2] * wd[6] + (int32_t)xc[w2 + 1] * wd[7] + (int32_t)xc[w2 + 2] * wd[8]
+                                 - xz * wdsum;
+                            yc[(long)oh * p->w_out + ow] = lmc_requantize_s8(acc, sc, qp->y_zero);
+                            continue;
+                        }
                         for (ic = 0; ic < cin_g; ++ic) {   /* taps in the padding hold x_zero: they add 0 */
                             const int8_t *xc = x + ((long)n * p->c_in + g * cin_g + ic) * p->h_in * p->w_in;
                             const int8_t *wk = wc + (long)ic * p->kh * p->kw;
