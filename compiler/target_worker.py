@@ -160,13 +160,24 @@ def resident_split(maps_text, smaps_text, kinds=False):
     return out
 
 
-def resident(kinds=False):
-    """This process's resident bytes split into the guest's and the emulator's (``resident_split``)."""
-    with open("/proc/self/maps") as f:
-        maps_text = f.read()
-    with open("/proc/self/smaps") as f:
-        smaps_text = f.read()
-    return resident_split(maps_text, smaps_text, kinds)
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def resident(kinds=False, attempts=5):
+    """This process's resident bytes split into the guest's and the emulator's (``resident_split``), from a
+    smaps read between two reads of maps that list the same guest ranges (a range the guest released while
+    smaps was read could meanwhile hold the emulator's memory): up to ``attempts`` tries, "retries" says
+    how many it took beyond the first."""
+    maps_text = _read("/proc/self/maps")
+    for attempt in range(attempts):
+        smaps_text = _read("/proc/self/smaps")
+        again = _read("/proc/self/maps")
+        if again == maps_text or mapped_ranges(again) == mapped_ranges(maps_text):
+            break
+        maps_text = again
+    return {**resident_split(maps_text, smaps_text, kinds), "retries": attempt}
 
 
 class StderrLog:
@@ -226,16 +237,25 @@ def trim_heap():
 
 
 class PeakSampler:
-    """A thread sampling the guest's resident bytes every ``interval`` seconds; ``peak``: the largest."""
+    """A thread sampling the guest's resident bytes every ``interval`` seconds; ``peak``: the largest;
+    ``timeline``: (seconds since the start, guest, emulator) of every sample when asked to keep it."""
 
-    def __init__(self, interval):
-        self.interval, self.peak, self.count = interval, 0, 0
+    def __init__(self, interval, timeline=False):
+        self.interval, self.peak, self.count, self.retries = interval, 0, 0, 0
+        self.timeline = [] if timeline else None
+        self._start = time.monotonic()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self):
-        self.peak = max(self.peak, resident()["guest"])
-        self.count += 1
+        now = resident()
+        with self._lock:
+            self.peak = max(self.peak, now["guest"])
+            self.count += 1
+            self.retries += now["retries"]
+            if self.timeline is not None:
+                self.timeline.append((round(time.monotonic() - self._start, 3), now["guest"], now["emulator"]))
 
     def _loop(self):
         while not self._stop.is_set():
@@ -351,7 +371,7 @@ def run_memory(task, arrays):
     hwm_reset = reset_peak()
     before = resident(ledger)
     prepacked = None
-    with PeakSampler(float(task.get("interval", 0.05))) as sampler:
+    with PeakSampler(float(task.get("interval", 0.05)), bool(task.get("timeline"))) as sampler:
         if task.get("log"):         # the prepacked copies, from onnxruntime's verbose log of the load
             with StderrLog(task["log"]) as log:
                 sess = open_session(task, log_level=0)
@@ -376,7 +396,7 @@ def run_memory(task, arrays):
     hwm, base = status_bytes("VmHWM"), before["guest"]
     result = {"peak": sampler.peak - base,
               "hwm_low": hwm - after["emulator"] - base, "hwm_high": hwm - before["emulator"] - base,
-              "hwm_reset": hwm_reset, "samples": sampler.count, "base": base,
+              "hwm_reset": hwm_reset, "samples": sampler.count, "retries": sampler.retries, "base": base,
               "emulator_before": before["emulator"], "emulator_after": after["emulator"],
               "straddling": max(before["straddling"], after["straddling"])}
     if ledger:      # the guest's resident bytes by kind: what the load added, what the runs added
@@ -384,6 +404,8 @@ def run_memory(task, arrays):
             result[phase] = {k: b["kinds"].get(k, 0) - a["kinds"].get(k, 0) for k in set(a["kinds"]) | set(b["kinds"])}
     if prepacked is not None:
         result["prepacked"] = prepacked
+    if sampler.timeline is not None:
+        result["timeline"] = sampler.timeline
     return result
 
 
