@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmc.targets.cbundle.board import board_targets
 from lmc.targets.liveness import peak_live
 
 
@@ -87,6 +88,15 @@ def render_report(result, model_name: str) -> str:
                       "(largest first):", "", "| tensor | bytes | live steps |", "|---|---:|---|"]
         for t in live[:8]:
             lines.append(f"| `{t.name}` | {t.size} | {t.first}–{t.last} |")
+    if result.cbundle is not None:
+        c = result.cbundle
+        board = f" or `--on {result.target.name}` (its emulated board)" if result.target.name in board_targets() else ""
+        lines += ["", "## C bundle", "",
+                  f"model.h / model.c / weights.c / runner.c / CMakeLists.txt beside model.onnx: one kernel call per "
+                  f"step of the schedule, every intermediate at `lmc_arena + offset` (LMC_ARENA_BYTES = "
+                  f"{c.arena_bytes}); kernel families {', '.join(c.families)}; {c.macs:,} multiply-accumulates per "
+                  f"inference; weight arrays {c.weight_bytes:,} bytes (const: flash). Check it with "
+                  f"`lmc verify <bundle> --against <model>` (the host's cc){board}."]
     if result.verification is not None:
         v = result.verification
         kind, text = verdict(result)

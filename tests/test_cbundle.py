@@ -254,6 +254,8 @@ def test_ds_cnn_float_bundle_matches_onnxruntime(ds_cnn_bundle):
     assert result.cbundle is not None and (work / "out" / "model.c").is_file()
     assert (work / "out" / "model.onnx").is_file()
     assert 2_000_000 < result.cbundle.macs < 3_500_000      # MLPerf Tiny's DS-CNN: about 2.7 M MACs
+    report_md = (work / "out" / "report.md").read_text()
+    assert "## C bundle" in report_md and f"{result.cbundle.macs:,} multiply-accumulates" in report_md
     report = verify_cbundle(work / "out", work / "ds_cnn.onnx", samples=2)
     assert report.passed, report.explain()
     assert all(o.max_rel < 1e-5 for o in report.outputs)
