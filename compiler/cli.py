@@ -661,11 +661,14 @@ def _diff_bundles(d, as_json: bool) -> None:
 def targets(as_json):
     """List the built-in targets: ISA features, tuning and memory mode."""
     # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
+    from lmc.targets.cbundle.board import boards
     from lmc.targets.target import available_targets
 
     found = available_targets()
+    board_of = {name: b for b in boards() for name in b.targets}      # lmc verify --on TARGET runs there
     if as_json:
-        _emit_json([t.as_dict() for t in found])
+        _emit_json([{**t.as_dict(), **({"board": board_of[t.name].as_dict()} if t.name in board_of else {})}
+                    for t in found])
         return
     for t in found:
         m = t.memory
@@ -677,6 +680,8 @@ def targets(as_json):
         click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}")
         click.echo(f"  quantize preferred {t.tuning.preferred_quantization} (first tried by --max-ram --allow-approx), "
                    f"int4 blocks of {t.tuning.int4_block_size} unless --block-size")
+        if t.name in board_of:
+            click.echo(f"  board    {board_of[t.name].describe()}; lmc verify --on {t.name}")
 
 
 GLOBAL_FLAGS = {"--debug", "-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}

@@ -89,3 +89,14 @@ def test_not_a_c_bundle_and_tokens_are_refused_exit_2(tmp_path, original, capsys
     code, _, err = run(["verify", str(bundle), "--against", str(original), "--on", "cortex-m55", "--tokens",
                         str(tokens)], capsys)
     assert code == 2 and "--tokens applies to language models" in err
+
+
+def test_lmc_targets_names_each_board(capsys):
+    code, out, _ = run(["targets"], capsys)
+    assert code == 0
+    assert ("board    mps3-an547 (qemu-system-arm -M mps3-an547 -cpu cortex-m55): code ITCM 512 KiB, constants "
+            "QSPI 8 MiB, data ISRAM 4 MiB (stack 8 KiB, heap 4 KiB reserved); lmc verify --on cortex-m55") in out
+    code, out, _ = run(["targets", "--json"], capsys)
+    found = {t["name"]: t.get("board") for t in json.loads(out)}
+    assert found["cortex-m7"]["machine"] == "mps2-an500" and found["cortex-m7"]["ram"]["origin"] == 0x20000000
+    assert found["cortex-a55"] is None

@@ -140,9 +140,27 @@ class Board:
                 f"__lmc_stack_bytes = {self.stack_bytes};\n"
                 f"INCLUDE {SECTIONS}\n")
 
+    def describe(self) -> str:
+        """One line: the emulator and where the image goes."""
+        const = f", constants {self.const.name} {_kib(self.const.length)}" if self.const else ""
+        code = "code" if self.const else "code and constants"
+        return (f"{self.name} (qemu-system-arm -M {self.machine} -cpu {self.cpu}): {code} {self.flash.name} "
+                f"{_kib(self.flash.length)}{const}, data {self.ram.name} {_kib(self.ram.length)} (stack "
+                f"{_kib(self.stack_bytes)}, heap {_kib(self.heap_bytes)} reserved)")
+
+    def as_dict(self) -> dict:
+        regions = {"flash": self.flash, "ram": self.ram, **({"const": self.const} if self.const else {})}
+        return {"name": self.name, "machine": self.machine, "cpu": self.cpu, "cpu_hz": self.cpu_hz,
+                "cflags": list(self.cflags), "stack_bytes": self.stack_bytes, "heap_bytes": self.heap_bytes,
+                **{k: dataclasses.asdict(r) for k, r in regions.items()}}
+
     def qemu_command(self, elf: Path) -> list[str]:
         return [QEMU, "-M", self.machine, "-cpu", self.cpu, "-nographic", "-monitor", "none",
                 "-semihosting-config", "enable=on,target=native", "-icount", "shift=0", "-kernel", str(elf)]
+
+
+def _kib(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n >> 10} KiB" if n % 1024 == 0 else f"{n:,} B"
 
 
 def _boards_dir():
