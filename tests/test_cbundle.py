@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.cbundle_check import verify_cbundle
+from lmc.compiler.cbundle_check import compare_c, verify_cbundle
 from lmc.compiler.cli import main
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
@@ -417,3 +417,37 @@ def test_an_output_no_node_computes_is_copied(tmp_path):
         r, same = hb.run([x])
     np.testing.assert_array_equal(same, x)
     np.testing.assert_array_equal(r, np.maximum(x, 0))
+
+
+def _qdq_conv_model() -> onnx.ModelProto:
+    """x → QuantizeLinear → QLinearConv → DequantizeLinear → y: a float output one quantum (0.05) wide."""
+    w = RNG.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], name="conv",
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dq")]
+    inits = [_w("xs", [], value=0.02), _w("xz", [], dtype=np.int8, value=0), _w("w", [4, 3, 3, 3], dtype=np.int8, value=w),
+             _w("ws", [4], value=[0.01, 0.02, 0.015, 0.005]), _w("wz", [4], dtype=np.int8, value=[0, 0, 0, 0]),
+             _w("ys", [], value=0.05), _w("yz", [], dtype=np.int8, value=-3)]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_quantized_outputs_are_held_to_one_quantum(tmp_path):
+    emit_bundle(_qdq_conv_model(), tmp_path / "b")
+    feeds = [{"x": RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)}]
+    with HostBuild(tmp_path / "b") as hb:
+        (exact,) = compare_c(tmp_path / "b", feeds, hb)
+    assert exact.max_abs == 0.0 and exact.allowed > exact.max_rel
+    model_c = (tmp_path / "b" / "model.c").read_text()
+    for shift, passes in ((1, True), (3, False)):       # the output's zero point moved: every value off by shift quanta
+        broken = tmp_path / f"shift{shift}"
+        shutil.copytree(tmp_path / "b", broken)
+        (broken / "model.c").write_text(re.sub(r"\}, 0, -3\};", f"}}, 0, {-3 + shift}}};", model_c))
+        assert (broken / "model.c").read_text() != model_c
+        with HostBuild(broken) as hb:
+            (err,) = compare_c(broken, feeds, hb)
+        assert err.max_abs > 0 and (err.max_rel <= err.allowed) is passes, (shift, err)
