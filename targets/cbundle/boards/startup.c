@@ -28,7 +28,6 @@
 #define LMC_FAULT_EXIT 250
 #define STACK_PAINT 0x5A17C0DEu
 
-
 #define REG(addr) (*(volatile uint32_t *)(addr))
 #define SCB_ICSR 0xE000ED04u
 #define SCB_CPACR 0xE000ED88u
