@@ -24,7 +24,7 @@ from lmc.compiler.cbundle_check import compare_c, verify_cbundle
 from lmc.compiler.cli import main
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
-from lmc.models import build_ds_cnn
+from lmc.models import build_cnn, build_ds_cnn
 from lmc.targets.cbundle.emit import emit_c
 from lmc.targets.cbundle.host import HostBuild, find_cc
 from lmc.targets.cbundle.registry import UnsupportedOp
@@ -451,3 +451,19 @@ def test_quantized_outputs_are_held_to_one_quantum(tmp_path):
         with HostBuild(broken) as hb:
             (err,) = compare_c(broken, feeds, hb)
         assert err.max_abs > 0 and (err.max_rel <= err.allowed) is passes, (shift, err)
+
+
+def test_small_cnn_int8_with_residual_concat_and_pools_matches_onnxruntime(tmp_path):
+    """QLinearAdd (residual + ReLU), int8 Concat with one shared code, int8 MaxPool, QLinearGlobalAveragePool."""
+    onnx.save(build_cnn(), str(tmp_path / "cnn.onnx"))
+    np.savez(tmp_path / "calib.npz", image=RNG.standard_normal((8, 1, 3, 32, 32)).astype(np.float32))
+    result = build(tmp_path / "cnn.onnx", BuildOptions(target="cortex-m7", input_shapes={"image": (1, 3, 32, 32)},
+                                                       quantize="w8a8", calib=str(tmp_path / "calib.npz"), verify=False),
+                   tmp_path / "out")
+    model_c = (tmp_path / "out" / "model.c").read_text()
+    for kernel in ("lmc_qlinear_add_s8(", "lmc_maxpool2d_s8(", "lmc_qglobal_avgpool_s8(", "lmc_copy_blocks("):
+        assert kernel in model_c, kernel
+    assert result.plan.arena_bytes * 3 <= 393216           # the float32 build's arena (32 x 32 x 32 floats x 3)
+    report = verify_cbundle(tmp_path / "out", tmp_path / "cnn.onnx", samples=2, tolerance=0.05)
+    assert report.passed, report.explain()
+    assert all(o.max_abs == 0.0 for o in report.outputs if o.name.endswith("[C vs model.onnx]"))
