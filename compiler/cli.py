@@ -433,7 +433,7 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
     """
     # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
     from lmc.compiler.drivers import load_tokenizer, read_prompt_tokens
-    from lmc.compiler.generate import generate as run_generate
+    from lmc.compiler.run_generation import generate as run_generate
 
     if prompt_tokens is not None and prompt is not None or (prompt_tokens is None and prompt is None
                                                             and encoder_inputs is None):

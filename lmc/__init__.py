@@ -25,7 +25,7 @@ _LAZY = {
     "QuantizeMode": "lmc.compiler.compilation",
     "verify": "lmc.compiler.verify",
     "inspect_model": "lmc.compiler.inspection",
-    "generate": "lmc.compiler.generate",
+    "generate": "lmc.compiler.run_generation",
     "GenerationResult": "lmc.compiler.drivers",
     "LmcError": "lmc.core.errors",
 }

@@ -17,7 +17,7 @@ from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.compiler.cli import main
 from lmc.core.errors import LmcError
 from lmc.compiler.drivers import PastDecoder, StateDecoder, generation_info, greedy
-from lmc.compiler.generate import generate
+from lmc.compiler.run_generation import generate
 
 try:
     import onnxruntime_genai as og

@@ -1,4 +1,4 @@
-"""``lmc.generate``: generation with a bundle built by ``lmc build --context N``. It picks the driver: an
+"""``lmc.generate``: runs generation with a bundle built by ``lmc build --context N``. It picks the driver: an
 encoder–decoder bundle decodes greedily through ``seq2seq_generate``; a decoder-only one runs a
 ``drivers.StateDecoder`` (its cache in place) under ``speculate.decode``, greedy or sampled (``sampling``),
 with drafted tokens verified several per forward. It sits above ``drivers`` (the decoders) and
