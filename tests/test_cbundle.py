@@ -131,6 +131,11 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("dequant_axis", "DequantizeLinear", [node("QuantizeLinear", ["x", "qc_scale", "qc_zero"], "qx", axis=1),
                                               "qc_scale", "qc_zero"], axis=1)
     case("matmul_decoded", "MatMul", ["m", node("DequantizeLinear", ["wq", "wq_scale"], "wdq", axis=1)])
+    inits += [_w("gq", [6, 7], dtype=np.int8, value=RNG.integers(-127, 128, (6, 7))),
+              _w("gq_scale", [6], value=RNG.random(6) * 0.02 + 0.001),
+              _w("gq_zero", [6], dtype=np.int8, value=RNG.integers(-5, 5, 6))]
+    case("gemm_decoded", "Gemm", ["g2", node("DequantizeLinear", ["gq", "gq_scale", "gq_zero"], "gdq", axis=0),
+                                  "c_gemm"], transB=1, alpha=0.5, beta=2.0)
     graph = helper.make_graph(
         nodes, "op-zoo",
         [helper.make_tensor_value_info("x", F, [1, 4, 9, 8]), helper.make_tensor_value_info("s", F, [1, 3, 20]),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lmc.targets.cbundle.ops_quant import decoded_weight_matmul
+from lmc.targets.cbundle.ops_quant import decoded_weight_gemm, decoded_weight_matmul
 from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext, Placement, TensorRef
 
 FAMILY = "cnn"
@@ -263,10 +263,11 @@ def emit_matmul(op: OpContext) -> KernelCall:
 @REGISTRY.op("Gemm")
 def emit_gemm(op: OpContext) -> KernelCall:
     a, b, c, y = op.input(0), op.input(1), op.input(2, required=False), op.outputs[0]
-    if b.placement is Placement.DECODED:
-        raise op.unsupported("a weight decoded inside the Gemm needs the int8 kernels")
-    _float_only(op, [a, b, c, y])
+    decoded = b.placement is Placement.DECODED
+    _float_only(op, [a, c, y] if decoded else [a, b, c, y])
     ta, tb = int(op.attr("transA", 0)), int(op.attr("transB", 0))
+    if decoded and ta:
+        raise op.unsupported("transA with a decoded weight is not supported")
     m, k = (a.shape[1], a.shape[0]) if ta else a.shape
     n = b.shape[0] if tb else b.shape[1]
     c_rs = c_cs = 0
@@ -277,6 +278,8 @@ def emit_gemm(op: OpContext) -> KernelCall:
     alpha, beta = float(op.attr("alpha", 1.0)), float(op.attr("beta", 1.0))
     params = (f"static const lmc_gemm_params {op.prefix} = {{{m}, {n}, {k}, {ta}, {tb}, {c_rs}, {c_cs}, "
               f"{_flt(alpha)}, {_flt(beta)}, {act_init()}}};")
+    if decoded:
+        return decoded_weight_gemm(op, a, c, y, params, tb)
     return KernelCall(f"lmc_gemm_f32({a.ptr()}, {b.ptr()}, {c.ptr() if c is not None else '0'}, {y.out}, "
                       f"&{op.prefix});", (FAMILY,), params, m * n * k)
 

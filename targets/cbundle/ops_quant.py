@@ -79,3 +79,27 @@ def decoded_weight_matmul(op: OpContext, a: TensorRef, y: TensorRef) -> KernelCa
     rows = math.prod(a.shape[:-1])
     return KernelCall(f"lmc_matmul_f32_w8({a.ptr()}, {bq.ptr()}, {scale.ptr()}, {zp.ptr() if zp else '0'}, "
                       f"{y.out}, {rows}, {k}, {n}, 1, {per_col});", (FAMILY,), "", rows * k * n)
+
+
+def decoded_weight_gemm(op: OpContext, a: TensorRef, c: TensorRef | None, y: TensorRef, gemm_params: str,
+                        trans_b: int) -> KernelCall:
+    """Gemm(A, DequantizeLinear(B_q, s[, z]), C) with the weight decoded inside the kernel (``gemm_params``:
+    the lmc_gemm_params definition named ``op.prefix``)."""
+    dq = op.node.inputs[1].inputs[0]
+    bq, scale = op.ref(dq.inputs[0]), op.ref(dq.inputs[1])
+    zp = op.ref(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    if bq.dtype != np.dtype(np.int8) or len(bq.shape) != 2:
+        raise op.unsupported(f"a decoded weight must be a 2-D int8 matrix (got {bq.dtype} {list(bq.shape)})")
+    n = bq.shape[0] if trans_b else bq.shape[1]
+    column_axis = 0 if trans_b else 1
+    if scale.numel == 1:
+        per_col = 0
+    elif scale.numel == n and int(dq.attrs.get("axis", 1)) % 2 == column_axis and not int(dq.attrs.get("block_size", 0)):
+        per_col = 1
+    else:
+        raise op.unsupported("a decoded Gemm weight needs per-tensor or per-output-column scales")
+    op.expect_dtype([a, y, scale, c], np.float32)
+    m, k = a.shape
+    return KernelCall(f"lmc_gemm_f32_w8({a.ptr()}, {bq.ptr()}, {scale.ptr()}, {zp.ptr() if zp else '0'}, "
+                      f"{c.ptr() if c is not None else '0'}, {y.out}, &{op.prefix}, {per_col});", (FAMILY, "cnn"),
+                      gemm_params, m * n * k)

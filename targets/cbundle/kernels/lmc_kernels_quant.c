@@ -68,3 +68,24 @@ void lmc_matmul_f32_w8(const float *a, const int8_t *bq, const float *scale, con
         }
     }
 }
+
+void lmc_gemm_f32_w8(const float *a, const int8_t *bq, const float *scale, const int8_t *zp, const float *c,
+                     float *y, const lmc_gemm_params *p, int32_t per_col)
+{
+    int32_t i, j, t;
+    for (i = 0; i < p->m; ++i) {
+        const float *ar = a + (long)i * p->k;
+        for (j = 0; j < p->n; ++j) {
+            const int32_t col = per_col ? j : 0;
+            const int32_t z = zp ? (int32_t)zp[col] : 0;
+            float acc = 0.0f, v;
+            for (t = 0; t < p->k; ++t) {
+                const int32_t q = p->trans_b ? bq[(long)j * p->k + t] : bq[(long)t * p->n + j];
+                acc += ar[t] * (float)(q - z);
+            }
+            v = p->alpha * (acc * scale[col]);
+            if (c) v += p->beta * c[(long)i * p->c_rs + (long)j * p->c_cs];
+            y[(long)i * p->n + j] = lmc_apply_act(v, &p->act);
+        }
+    }
+}

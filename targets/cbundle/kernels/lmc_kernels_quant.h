@@ -4,6 +4,7 @@
 #ifndef LMC_KERNELS_QUANT_H
 #define LMC_KERNELS_QUANT_H
 #include "lmc_kernels.h"
+#include "lmc_kernels_cnn.h"
 
 /* x viewed as [outer, axis_len, inner]; scale/zero point per axis index (axis_len = 1: per tensor).
  * zp NULL: zero. Block quantization is not supported. */
@@ -21,5 +22,10 @@ void lmc_quantize_u8(const float *x, const float *scale, const uint8_t *zp, uint
  * per column (per_col) or per tensor; zp NULL: zero. */
 void lmc_matmul_f32_w8(const float *a, const int8_t *bq, const float *scale, const int8_t *zp, float *y,
                        int32_t m, int32_t k, int32_t n, int32_t batch, int32_t per_col);
+
+/* Gemm with B decoded on the fly: y = alpha · A · dequant(Bq) + beta · C; Bq int8 [k, n] (or [n, k] when
+ * p->trans_b), scale and zero point per output column (per_col) or per tensor; p->trans_a must be 0. */
+void lmc_gemm_f32_w8(const float *a, const int8_t *bq, const float *scale, const int8_t *zp, const float *c,
+                     float *y, const lmc_gemm_params *p, int32_t per_col);
 
 #endif /* LMC_KERNELS_QUANT_H */
