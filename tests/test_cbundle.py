@@ -472,3 +472,19 @@ def test_small_cnn_int8_with_residual_concat_and_pools_matches_onnxruntime(tmp_p
     report = verify_cbundle(tmp_path / "out", tmp_path / "cnn.onnx", samples=2, tolerance=0.05)
     assert report.passed, report.explain()
     assert all(o.max_abs == 0.0 for o in report.outputs if o.name.endswith("[C vs model.onnx]"))
+
+
+def test_a_bundle_of_quantization_ops_only_compiles_and_rounds_half_to_even(tmp_path):
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq")]
+    graph = helper.make_graph(nodes, "qdq-only", [helper.make_tensor_value_info("x", F, [6])],
+                              [helper.make_tensor_value_info("y", F, [6])],
+                              [_w("s", [], value=0.5), _w("z", [], dtype=np.int8, value=0)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    emit_bundle(model, tmp_path / "b")          # the quant family's header needs the cnn family's: both copied
+    x = np.array([0.25, 0.75, -0.25, -1.25, 63.9, -70.0], np.float32)      # ties at x / s = ±0.5, ±1.5, ±2.5
+    with HostBuild(tmp_path / "b") as hb:
+        (y,) = hb.run([x])
+    np.testing.assert_array_equal(y, ort_run_model(model, {"x": x})["y"])
+    np.testing.assert_array_equal(y, [0.0, 1.0, -0.0, -1.0, 63.5, -64.0])

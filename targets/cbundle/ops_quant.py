@@ -16,6 +16,7 @@ import numpy as np
 from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext, Placement, TensorRef
 
 FAMILY = "quant"
+FAMILIES = (FAMILY, "cnn")     # lmc_kernels_quant.h includes lmc_kernels_cnn.h (lmc_gemm_params)
 SUFFIX = {np.dtype(np.int8): "s8", np.dtype(np.uint8): "u8", np.dtype(np.int32): "s32"}
 
 
@@ -42,7 +43,7 @@ def emit_dequantize(op: OpContext) -> KernelCall:
     outer, axis_len, inner = _axis_view(op, x, scale)
     params = f"static const lmc_qaxis {op.prefix} = {{{outer}, {axis_len}, {inner}}};"
     return KernelCall(f"lmc_dequantize_{SUFFIX[x.dtype]}({x.ptr()}, {scale.ptr()}, "
-                      f"{zp.ptr() if zp is not None else '0'}, {y.out}, &{op.prefix});", (FAMILY,), params)
+                      f"{zp.ptr() if zp is not None else '0'}, {y.out}, &{op.prefix});", FAMILIES, params)
 
 
 @REGISTRY.op("QuantizeLinear")
@@ -56,7 +57,7 @@ def emit_quantize(op: OpContext) -> KernelCall:
     outer, axis_len, inner = _axis_view(op, x, scale)
     params = f"static const lmc_qaxis {op.prefix} = {{{outer}, {axis_len}, {inner}}};"
     return KernelCall(f"lmc_quantize_{SUFFIX[y.dtype]}({x.ptr()}, {scale.ptr()}, "
-                      f"{zp.ptr() if zp is not None else '0'}, {y.out}, &{op.prefix});", (FAMILY,), params)
+                      f"{zp.ptr() if zp is not None else '0'}, {y.out}, &{op.prefix});", FAMILIES, params)
 
 
 def decoded_weight_matmul(op: OpContext, a: TensorRef, y: TensorRef) -> KernelCall:
@@ -78,7 +79,7 @@ def decoded_weight_matmul(op: OpContext, a: TensorRef, y: TensorRef) -> KernelCa
         raise op.unsupported(f"inner dims differ ({list(a.shape)} x {list(bq.shape)})")
     rows = math.prod(a.shape[:-1])
     return KernelCall(f"lmc_matmul_f32_w8({a.ptr()}, {bq.ptr()}, {scale.ptr()}, {zp.ptr() if zp else '0'}, "
-                      f"{y.out}, {rows}, {k}, {n}, 1, {per_col});", (FAMILY,), "", rows * k * n)
+                      f"{y.out}, {rows}, {k}, {n}, 1, {per_col});", FAMILIES, "", rows * k * n)
 
 
 def decoded_weight_gemm(op: OpContext, a: TensorRef, c: TensorRef | None, y: TensorRef, gemm_params: str,
@@ -101,5 +102,5 @@ def decoded_weight_gemm(op: OpContext, a: TensorRef, c: TensorRef | None, y: Ten
     op.expect_dtype([a, y, scale, c], np.float32)
     m, k = a.shape
     return KernelCall(f"lmc_gemm_f32_w8({a.ptr()}, {bq.ptr()}, {scale.ptr()}, {zp.ptr() if zp else '0'}, "
-                      f"{c.ptr() if c is not None else '0'}, {y.out}, &{op.prefix}, {per_col});", (FAMILY, "cnn"),
+                      f"{c.ptr() if c is not None else '0'}, {y.out}, &{op.prefix}, {per_col});", FAMILIES,
                       gemm_params, m * n * k)
