@@ -20,8 +20,8 @@ import traceback
 
 import click
 
-from lmc.core.errors import ExitCode, LmcError
-from lmc.compiler.report import mib
+from lmc.core.errors import ExitCode, LmcError, VerificationFailed
+from lmc.core.units import mib
 
 # lmc verify --on: the microcontroller targets with an emulated board (lmc.targets.cbundle.board.board_targets(),
 # not imported here to keep the command line's start light; tests/test_on_board.py keeps the two equal)
@@ -109,6 +109,7 @@ def _status(text: str, nl: bool = True) -> None:
 class _State:
     quiet = False
     json_emitted = False     # the command already printed its JSON (lmc verify's failed report)
+    help_only = False        # the line asks for help (or the version): no command runs
 
 
 POSITIVE = click.IntRange(min=1)
@@ -140,6 +141,8 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
     if quiet and verbose == 0:
         level = logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not _State.help_only:     # a command will run: onnxruntime is loaded only then
+        _quiet_onnxruntime()
 
 
 @cli.command()
@@ -322,7 +325,7 @@ def verify(bundle, against, inputs, samples, tolerance, tokens, seq_len, windows
     them by --tokens perplexity.
     """
     # deferred: startup time — a command's modules (onnx, onnxruntime, the passes) load only when it runs
-    from lmc.compiler.verify import VerificationFailed, verify as run_verify
+    from lmc.compiler.verify import verify as run_verify
 
     if on != "host":
         from functools import partial
@@ -708,8 +711,9 @@ def _quiet_onnxruntime() -> None:
         from lmc.core.runtime import ORT_LOG_LEVEL
 
         onnxruntime.set_default_logger_severity(ORT_LOG_LEVEL)
-    except Exception:  # noqa: BLE001 — a missing or odd onnxruntime is reported where it is used
-        pass
+    except Exception as exc:  # noqa: BLE001 — a missing or odd onnxruntime is reported where it is used
+        if _interrupted_by(exc) is not None:     # Ctrl-C / SIGTERM inside its C extension's import
+            raise
 
 
 class Terminated(KeyboardInterrupt):
@@ -728,10 +732,6 @@ def stop_cleanly_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
-
-
-class _NotImported(Exception):
-    """Stands in ``main``'s handlers for an exception class whose import was interrupted."""
 
 
 def _interrupted_by(exc: BaseException) -> KeyboardInterrupt | None:
@@ -756,6 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in flags
     as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     _State.quiet = _State.json_emitted = False
+    _State.help_only = bool({"-h", "--help", "--version"} & set(args[: args.index("--")] if "--" in args else args))
     front = [f for f in flags if f != "--debug"]
 
     def fail(code: int, message: str, extra: dict | None = None, kind: str = "error"):
@@ -769,12 +770,7 @@ def main(argv: list[str] | None = None) -> None:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
 
-    VerificationFailed: type[BaseException] = _NotImported
     try:
-        # (inside the try: these imports take a second or two, and Ctrl-C then is one line too)
-        from lmc.compiler.verify import VerificationFailed
-
-        _quiet_onnxruntime()
         cli.main(args=front + args, prog_name="lmc", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

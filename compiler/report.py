@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmc.core.units import mib
 from lmc.targets.cbundle.board import board_targets
 from lmc.targets.liveness import peak_live
 
@@ -14,10 +15,6 @@ def peak_live_set(plan) -> tuple[int, list]:
     _, best_step = peak_live((t.size, t.first, t.last) for t in everything)
     live = sorted((t for t in everything if t.first <= best_step <= t.last), key=lambda t: -t.size)
     return best_step, live
-
-
-def mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.2f} MiB"
 
 
 def verdict(result) -> tuple[str, str]:

@@ -32,7 +32,7 @@ import onnx
 
 
 from lmc.core import weights
-from lmc.core.errors import LmcError
+from lmc.core.errors import LmcError, VerificationFailed  # noqa: F401 — raised here, part of this module's API
 from lmc.core.metadata import build_metadata, decode_input_values
 from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
@@ -44,14 +44,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-4
 SPREAD_FACTOR = 2.0     # a bundle may differ from the original by up to this × the original's own spread
-
-
-class VerificationFailed(LmcError):
-    """The bundle's outputs differ from the original's by more than the accepted error (exit code 3)."""
-
-    def __init__(self, message: str, report: "VerifyReport | None" = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)

@@ -41,3 +41,12 @@ class PositionBiasFound(LmcError):
 class AttentionSinksFound(LmcError):
     """An attention concatenates learned sink logits before its softmax. A generation build answers it by
     splitting the sinks off and compiling again."""
+
+
+class VerificationFailed(LmcError):
+    """The bundle's outputs differ from the original's by more than the accepted error (exit code 3);
+    ``report``: the ``lmc.compiler.verify.VerifyReport`` that says by how much (None when there is none)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -448,7 +448,7 @@ def test_interrupt_while_main_starts_up_exits_one_line(capsys, monkeypatch, sign
 
     class Interrupting(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name == "lmc.compiler.verify":
+            if name == "onnxruntime":
                 if signal_name == "SIGINT":
                     raise KeyboardInterrupt
                 try:
@@ -457,7 +457,7 @@ def test_interrupt_while_main_starts_up_exits_one_line(capsys, monkeypatch, sign
                     raise ImportError("initialization failed")
             return None
 
-    monkeypatch.delitem(sys.modules, "lmc.compiler.verify", raising=False)
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     try:
         code, _, err = _restoring_signals(lambda: run(["targets"], capsys))
