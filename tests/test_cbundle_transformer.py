@@ -17,6 +17,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import lmc
+
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
 from lmc.compiler.cli import main
@@ -71,7 +73,9 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("rev_st", [-2], np.int64), _c("big", [1 << 40], np.int64), _c("col", RNG.standard_normal((3, 1))),
              _c("shape_e", [2, 3, 4], np.int64), _c("split_35", [3, 5], np.int64), _c("last", [-1], np.int64),
              _c("ax12", [1, 2], np.int64), _c("ax3", [3], np.int64), _c("slots", np.arange(6), np.int64),
-             _c("ax2", [2], np.int64), _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
+             _c("ax2", [2], np.int64), _c("three_v", [3, 3, 9, 3], np.int64),
+             _c("nd_idx", [[0, 1, 5], [0, 0, -6]], np.int64), _c("upd_rows", RNG.standard_normal((2, 8))),
+             _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
 
     def node(op, ins, out, **attrs):
         nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
@@ -123,6 +127,9 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("attention_bool", "Attention", ["q", "k", "v", "mask", "", "", "nonpad"], scale=0.3)
     case("attention_float", "Attention", ["q", "k", "v", "fmask"])
     case("attention_causal", "Attention", ["q", "k", "v"], is_causal=1)
+    case("mod_i64", "Mod", [node("Sub", ["pos", "three_v"], "pos_shifted"), "three"])
+    case("mod_f32", "Mod", ["x", "half"], fmod=1)
+    case("scatter_nd", "ScatterND", ["cache", "nd_idx", "upd_rows"])
     case("scatter_linear", "TensorScatter", ["cache", "upd", "widx"], axis=2)
     case("scatter_circular", "TensorScatter", ["cache", "upd", "nonpad"], axis=2, mode="circular")
     inputs = [helper.make_tensor_value_info(n, t, s) for n, (s, t) in ZOO_INPUTS.items()]
@@ -372,6 +379,17 @@ def test_lmc_verify_checks_a_generation_c_bundles_onnx_and_sends_the_board_to_ge
     assert code == 0 and "PASS" in stdout
     code, _, err = _lmc(["verify", str(out), "--against", str(FIXTURE), "--on", "cortex-m7"], capsys)
     assert code == 2 and "--on cortex-m7" in err and "lmc generate" in err
+
+
+def test_a_sliding_window_model_generates_in_c_as_under_onnxruntime(tmp_path):
+    """Mistral-style sliding window 8: the cache is a ring (ScatterND writes, Mod positions); 30 tokens wrap it."""
+    model = FIXTURE.parents[1] / "families" / "mistral-sw-past-optimum.onnx"
+    out = tmp_path / "sw"
+    build(model, BuildOptions(target="cortex-m7", context=48, prefill_chunk=1), out)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"ScatterND", "Mod"} <= ops
+    expected = lmc.generate(out, PROMPT, 30, speculate="off").tokens      # the bundle under onnxruntime
+    assert generate_host(out, PROMPT, 30) == expected
 
 
 def test_step_io_refuses_what_the_runner_cannot_drive():

@@ -2,12 +2,13 @@
 bool index and mask arithmetic around it).
 
 Ops: Gather (any element type, int64/int32 indices checked in range at run time: an id outside the table is
-``lmc_run`` code 3), Slice / Expand (strided copies, constant bounds), Split, Where, IsNaN, Not, And/Or/Xor,
-Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos, ReduceMean/ReduceSum/ReduceMax
-(one run of adjacent axes), Range, Shape (its values are static), ConstantOfShape, TensorScatter (opset 24,
-the in-place KV cache update) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask,
-``nonpad_kv_seqlen``, ``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float
-emitters of family "cnn" leave to this family (``extend``: tried when the first emitter refuses).
+``lmc_run`` code 3), Slice / Expand (strided copies; Slice starts may be computed at run time), Split, Where,
+IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
+ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), Range, Shape (its values are static),
+ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed cache's ring
+writes) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask, ``nonpad_kv_seqlen``,
+``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float emitters of family "cnn"
+leave to this family (``extend``: tried when the first emitter refuses).
 
 Math: as ONNX defines each op; Attention is y = softmax(scale · q kᵀ + mask) v per head, query head h
 reading kv head h / (Hq / Hkv), computed in two passes over the keys (max, then exp-sum with the weighted
@@ -33,7 +34,8 @@ F32, I64, I32, BOOL = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int3
 
 # ONNX TensorProto element type codes of the dtypes the kernels cast between
 DTYPE_CODES = {F32: 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, I32: 6, I64: 7, BOOL: 9}
-BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Pow": "POW", "Max": "MAX", "Min": "MIN"}
+BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Pow": "POW", "Max": "MAX", "Min": "MIN",
+          "Mod": "MOD"}
 COMPARE = {"Equal": "EQUAL", "Less": "LESS", "LessOrEqual": "LESS_OR_EQUAL", "Greater": "GREATER",
            "GreaterOrEqual": "GREATER_OR_EQUAL"}
 LOGICAL = {"And": "AND", "Or": "OR", "Xor": "XOR"}
@@ -105,6 +107,8 @@ def emit_binary(op: OpContext) -> KernelCall:
     a, b, y = op.input(0), op.input(1), op.outputs[0]
     if len([t for t in op.inputs if t is not None]) != 2:
         raise op.unsupported("only two operands are supported")
+    if op.op_type == "Mod" and int(op.attr("fmod", 0)) != (a.dtype == F32):
+        raise op.unsupported("Mod: fmod 0 takes integers, fmod 1 floats")
     if {a.dtype, b.dtype, y.dtype} == {F32}:
         fn, ctype = "lmc_tf_binary_f32", "float"
     elif {a.dtype, b.dtype, y.dtype} == {I64}:
@@ -238,6 +242,24 @@ def emit_tensor_scatter(op: OpContext) -> KernelCall:
             f"{y.out}, {past.shape[0]}, {pre}, {past.shape[axis]}, {update.shape[axis]}, {post}, "
             f"{int(mode == 'circular')})")
     return KernelCall(_checked(call), (FAMILY,))
+
+
+@REGISTRY.op("ScatterND")
+def emit_scatter_nd(op: OpContext) -> KernelCall:
+    data, idx, updates, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    reduction = op.attr("reduction", "none")
+    if (reduction.decode() if isinstance(reduction, bytes) else reduction) != "none":
+        raise op.unsupported("only reduction none is supported")
+    op.expect_dtype([idx], I64)
+    if updates.dtype != data.dtype:
+        raise op.unsupported("updates must have data's dtype")
+    k = idx.shape[-1]
+    n = math.prod(idx.shape[:-1])
+    slice_bytes = math.prod(data.shape[k:]) * data.dtype.itemsize
+    dims, params = _array(op, "dims", data.shape[:k])
+    call = (f"lmc_tf_scatter_nd({data.address}, {idx.ptr()}, {updates.address}, {y.address}, {dims}, {k}, {n}, "
+            f"{slice_bytes}, {data.nbytes})")
+    return KernelCall(_checked(call), (FAMILY,), params)
 
 
 # ------------------------------------------------------------------------------------------------ reductions

@@ -47,6 +47,7 @@ static float lmc_tf_apply_f32(int op, float a, float b)
     case LMC_TF_DIV: return a / b;
     case LMC_TF_POW: return b == 2.0f ? a * a : (b == 1.0f ? a : (b == 0.5f ? sqrtf(a) : powf(a, b)));
     case LMC_TF_MAX: return a > b ? a : b;
+    case LMC_TF_MOD: return fmodf(a, b);
     default: return a < b ? a : b;
     }
 }
@@ -60,6 +61,12 @@ static int64_t lmc_tf_apply_i64(int op, int64_t a, int64_t b)
     case LMC_TF_DIV: return b == 0 ? 0 : a / b;
     case LMC_TF_MAX: return a > b ? a : b;
     case LMC_TF_MIN: return a < b ? a : b;
+    case LMC_TF_MOD: {
+        int64_t r;
+        if (b == 0) return 0;
+        r = a % b;
+        return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+    }
     default: {            /* POW with a non-negative integer exponent */
         int64_t r = 1;
         while (b-- > 0) r *= a;
@@ -442,6 +449,26 @@ int lmc_tf_tensor_scatter_f32(const float *past, const float *update, const int6
                        update + (((int64_t)b * pre + h) * s + i) * post, (size_t)post * sizeof(float));
             }
         }
+    }
+    return LMC_TF_OK;
+}
+
+int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates, void *y, const int32_t *dims,
+                      int32_t k, int32_t n, int32_t slice_bytes, int32_t total_bytes)
+{
+    const uint8_t *src = (const uint8_t *)updates;
+    uint8_t *dst = (uint8_t *)y;
+    int32_t i, j;
+    if (y != data) memcpy(y, data, (size_t)total_bytes);
+    for (i = 0; i < n; ++i) {
+        int64_t at = 0;
+        for (j = 0; j < k; ++j) {
+            int64_t v = idx[(int64_t)i * k + j];
+            if (v < 0) v += dims[j];
+            if (v < 0 || v >= dims[j]) return LMC_TF_INDEX_OUT_OF_RANGE;
+            at = at * dims[j] + v;
+        }
+        memcpy(dst + at * slice_bytes, src + (int64_t)i * slice_bytes, (size_t)slice_bytes);
     }
     return LMC_TF_OK;
 }

@@ -20,7 +20,8 @@
 
 /* Binary elementwise operations. */
 enum lmc_tf_binary {
-    LMC_TF_ADD = 0, LMC_TF_SUB = 1, LMC_TF_MUL = 2, LMC_TF_DIV = 3, LMC_TF_POW = 4, LMC_TF_MAX = 5, LMC_TF_MIN = 6
+    LMC_TF_ADD = 0, LMC_TF_SUB = 1, LMC_TF_MUL = 2, LMC_TF_DIV = 3, LMC_TF_POW = 4, LMC_TF_MAX = 5, LMC_TF_MIN = 6,
+    LMC_TF_MOD = 7          /* int64: the sign of the divisor (ONNX Mod, fmod 0); float: fmodf (fmod 1) */
 };
 /* Comparisons (bool result). */
 enum lmc_tf_compare {
@@ -102,6 +103,12 @@ int lmc_tf_range_f32(const float *start, const float *limit, const float *delta,
  * (the in-place state): the copy is then skipped. A write past the end returns LMC_TF_INDEX_OUT_OF_RANGE. */
 int lmc_tf_tensor_scatter_f32(const float *past, const float *update, const int64_t *write_idx, float *present,
                               int32_t batch, int32_t pre, int32_t slots, int32_t s, int32_t post, int circular);
+
+/* ScatterND (reduction none): y = data with, for each of n index tuples of k int64 entries (negative counting
+ * from the end of its dim dims[j]), the slice of slice_bytes at that tuple replaced by the next slice of
+ * updates. y may alias data (then not copied). An index out of range returns LMC_TF_INDEX_OUT_OF_RANGE. */
+int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates, void *y, const int32_t *dims,
+                      int32_t k, int32_t n, int32_t slice_bytes, int32_t total_bytes);
 
 /* Attention (opset 23/24, 4-D): q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of
  * Hkv: query head h reads kv head h / (Hq / Hkv)); y [B, Hq, S, Dv].
