@@ -10,12 +10,17 @@ them):
    DequantizeLinear's scale), expressed in the same relative units;
 2. ``model.onnx`` against the original model, as every bundle is checked (``compare_models``, within
    ``--tolerance`` or the original's own spread).
-The bundle passes when both do; ``lmc verify`` exits 3 otherwise.
+3. the C against plan.json, statically (``plan_conformance``): model.h's ``LMC_ARENA_BYTES`` is the plan's
+   ``arena_bytes``, ``lmc_arena`` is declared with the plan's alignment, and every ``lmc_arena + offset``
+   model.c addresses is an offset the plan gives a tensor.
+The bundle passes when all three do; ``lmc verify`` exits 3 otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +70,51 @@ class CBundleReport(VerifyReport):
     ``model.onnx`` against the original (``ONNX_SUFFIX``); ``compiler``: the C compiler used."""
 
     compiler: str = ""
+    plan_problems: tuple[str, ...] = ()     # where model.h / model.c depart from plan.json (empty: they obey it)
+
+    @property
+    def passed(self) -> bool:
+        return super().passed and not self.plan_problems
+
+    def explain(self) -> str:
+        parts = [f"the C does not obey plan.json: {'; '.join(self.plan_problems)}"] if self.plan_problems else []
+        if not super().passed or not parts:
+            parts.append(super().explain())
+        return "; ".join(parts)
 
     @property
     def details(self) -> tuple[str, ...]:
+        plan = ("model.h and model.c obey plan.json (arena size, alignment, offsets)" if not self.plan_problems
+                else "model.h / model.c depart from plan.json: " + "; ".join(self.plan_problems))
         return (f"C bundle compiled with {self.compiler} and run on {self.samples} input(s); each C output is held "
-                f"to {C_TOLERANCE:g} relative (quantized outputs: one quantum) against model.onnx",)
+                f"to {C_TOLERANCE:g} relative (quantized outputs: one quantum) against model.onnx", plan)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "compiler": self.compiler}
+        return {**super().to_dict(), "compiler": self.compiler, "plan_problems": list(self.plan_problems)}
+
+
+def plan_conformance(bundle: Path) -> list[str]:
+    """Where the bundle's C departs from its plan.json (see the module docstring); empty when it obeys it."""
+    plan_path = bundle / "plan.json"
+    if not plan_path.is_file():
+        return ["no plan.json beside the C"]
+    plan = json.loads(plan_path.read_text())
+    problems = []
+    header = (bundle / "model.h").read_text()
+    m = re.search(r"^#define LMC_ARENA_BYTES (\d+)u?$", header, re.MULTILINE)
+    if m is None or int(m[1]) != plan["arena_bytes"]:
+        problems.append(f"model.h LMC_ARENA_BYTES {m[1] if m else 'missing'} != plan arena_bytes {plan['arena_bytes']}")
+    model_c = (bundle / "model.c").read_text()
+    decl = re.search(r"static _Alignas\((\d+)\) uint8_t lmc_arena\[LMC_ARENA_BYTES", model_c)
+    if decl is None or int(decl[1]) != plan["alignment"]:
+        problems.append(f"lmc_arena is not declared as the plan's {plan['alignment']}-byte aligned arena")
+    planned = {t["offset"] for t in plan["tensors"]} | {t["offset"] for t in plan.get("scratch", [])}
+    used = sorted({int(v) for v in re.findall(r"lmc_arena \+ (\d+)\)", model_c)})
+    stray = [v for v in used if v not in planned]
+    if stray:
+        problems.append(f"model.c addresses lmc_arena + {', '.join(map(str, stray[:5]))}, where plan.json places no "
+                        "tensor")
+    return problems
 
 
 def compare_c(bundle: Path, feeds: Sequence[dict[str, np.ndarray]], build: HostBuild) -> list[OutputError]:
@@ -118,4 +160,5 @@ def verify_cbundle(bundle: str | Path, against: str | Path, inputs: str | Path |
                                o.allowed) for o in onnx_report.outputs]
     for e in c_errors:
         log.info("%s: max rel %.3g (allowed %.3g)", e.name, e.max_rel, e.allowed)
-    return CBundleReport(tuple(c_errors + onnx_errors), len(feeds), tolerance, compiler=compiler)
+    return CBundleReport(tuple(c_errors + onnx_errors), len(feeds), tolerance, compiler=compiler,
+                         plan_problems=tuple(plan_conformance(bundle)))

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.cbundle_check import compare_c, verify_cbundle
+from lmc.compiler.cbundle_check import compare_c, plan_conformance, verify_cbundle
 from lmc.compiler.cli import main
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
@@ -300,6 +300,18 @@ def test_verify_fails_on_a_wrong_offset(ds_cnn_bundle, capsys):
     (broken / "model.c").write_text(model_c.replace(call, wrong))
     code, out, err = lmc(["verify", str(broken), "--against", str(work / "ds_cnn.onnx")], capsys)
     assert code == 3 and "FAIL" in out and "C vs model.onnx" in err
+    assert f"lmc_arena + {int(out_offset) + 16}, where plan.json places no tensor" in err
+
+
+def test_verify_fails_on_an_arena_other_than_the_plans(ds_cnn_bundle):
+    work, result = ds_cnn_bundle
+    broken = _broken_copy(work, "wrong-arena")
+    header = (broken / "model.h").read_text()
+    (broken / "model.h").write_text(header.replace(f"LMC_ARENA_BYTES {result.plan.arena_bytes}u",
+                                                   f"LMC_ARENA_BYTES {result.plan.arena_bytes + 4096}u"))
+    assert plan_conformance(broken) == [f"model.h LMC_ARENA_BYTES {result.plan.arena_bytes + 4096} != plan "
+                                        f"arena_bytes {result.plan.arena_bytes}"]
+    assert plan_conformance(work / "out") == []
 
 
 def test_verify_fails_on_a_flipped_weight(ds_cnn_bundle):
