@@ -75,7 +75,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("ax12", [1, 2], np.int64), _c("ax3", [3], np.int64), _c("slots", np.arange(6), np.int64),
              _c("ax2", [2], np.int64), _c("three_v", [3, 3, 9, 3], np.int64),
              _c("nd_idx", [[0, 1, 5], [0, 0, -6]], np.int64), _c("upd_rows", RNG.standard_normal((2, 8))),
-             _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
+             _c("ln_scale", RNG.standard_normal(8)), _c("ln_bias", RNG.standard_normal(8)),
+             _c("ln2_scale", RNG.standard_normal((5, 8))), _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
 
     def node(op, ins, out, **attrs):
         nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
@@ -127,6 +128,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("attention_bool", "Attention", ["q", "k", "v", "mask", "", "", "nonpad"], scale=0.3)
     case("attention_float", "Attention", ["q", "k", "v", "fmask"])
     case("attention_causal", "Attention", ["q", "k", "v"], is_causal=1)
+    case("layer_norm", "LayerNormalization", ["x", "ln_scale", "ln_bias"], epsilon=1e-5)
+    case("layer_norm_2d", "LayerNormalization", ["x", "ln2_scale"], axis=2)
     case("mod_i64", "Mod", [node("Sub", ["pos", "three_v"], "pos_shifted"), "three"])
     case("mod_f32", "Mod", ["x", "half"], fmod=1)
     case("scatter_nd", "ScatterND", ["cache", "nd_idx", "upd_rows"])

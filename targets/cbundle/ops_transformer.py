@@ -4,7 +4,7 @@ bool index and mask arithmetic around it).
 Ops: Gather (any element type, int64/int32 indices checked in range at run time: an id outside the table is
 ``lmc_run`` code 3), Slice / Expand (strided copies; Slice starts may be computed at run time), Split, Where,
 IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
-ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), Range, Shape (its values are static),
+ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), LayerNormalization, Range, Shape (its values are static),
 ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed cache's ring
 writes) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask, ``nonpad_kv_seqlen``,
 ``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float emitters of family "cnn"
@@ -263,6 +263,24 @@ def emit_scatter_nd(op: OpContext) -> KernelCall:
 
 
 # ------------------------------------------------------------------------------------------------ reductions
+@REGISTRY.op("LayerNormalization")
+def emit_layer_norm(op: OpContext) -> KernelCall:
+    x, scale, y = op.input(0), op.input(1), op.outputs[0]
+    bias = op.input(2, required=False)
+    if len(op.outputs) > 1:
+        raise op.unsupported("only the Y output is supported (not Mean / InvStdDev)")
+    op.expect_dtype([x, scale, bias, y], F32)
+    axis = int(op.attr("axis", -1)) % len(x.shape)
+    n = math.prod(x.shape[axis:])
+    for r in (scale, bias):
+        if r is not None and r.numel != n:
+            raise op.unsupported(f"scale/bias of {r.numel} elements for rows of {n}: broadcasting is not supported")
+    outer = math.prod(x.shape[:axis])
+    return KernelCall(f"lmc_tf_layer_norm_f32({x.ptr()}, {scale.ptr()}, {bias.ptr() if bias is not None else '0'}, "
+                      f"{y.out}, {outer}, {n}, {_float(float(op.attr('epsilon', 1e-5)))});", (FAMILY,), "",
+                      outer * n * 4)
+
+
 @REGISTRY.op(*REDUCE)
 def emit_reduce(op: OpContext) -> KernelCall:
     x, y = op.input(0), op.outputs[0]

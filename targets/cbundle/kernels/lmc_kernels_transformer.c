@@ -391,6 +391,24 @@ void lmc_tf_reduce_sum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t 
     }
 }
 
+void lmc_tf_layer_norm_f32(const float *x, const float *scale, const float *bias, float *y, int32_t outer,
+                           int32_t n, float eps)
+{
+    int32_t o, i;
+    for (o = 0; o < outer; ++o) {
+        const float *p = x + (int64_t)o * n;
+        float *q = y + (int64_t)o * n;
+        float mean = 0.0f, square = 0.0f, d;
+        for (i = 0; i < n; ++i) {
+            mean += p[i];
+            square += p[i] * p[i];
+        }
+        mean /= (float)n;
+        d = sqrtf(square / (float)n - mean * mean + eps);
+        for (i = 0; i < n; ++i) q[i] = bias ? (p[i] - mean) / d * scale[i] + bias[i] : (p[i] - mean) / d * scale[i];
+    }
+}
+
 void lmc_tf_softmax_f32(const float *x, float *y, int32_t outer, int32_t n, int32_t inner)
 {
     int32_t o, i, j;

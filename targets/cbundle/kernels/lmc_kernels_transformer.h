@@ -90,6 +90,10 @@ void lmc_tf_copy(const void *x, void *y, int32_t bytes);
 /* Reduce x [outer, r, inner] over r: y [outer, inner]. */
 void lmc_tf_reduce_f32(int op, const float *x, float *y, int32_t outer, int32_t r, int32_t inner);
 void lmc_tf_reduce_sum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t r, int32_t inner);
+/* LayerNormalization over the last n elements of each of outer rows, as onnxruntime computes it:
+ * mean = sum x / n, d = sqrt(sum x^2 / n - mean^2 + eps), y = (x - mean) / d * scale (+ bias; NULL: none). */
+void lmc_tf_layer_norm_f32(const float *x, const float *scale, const float *bias, float *y, int32_t outer,
+                           int32_t n, float eps);
 /* Softmax of x [outer, n, inner] over n (max-subtracted, float32 accumulation). */
 void lmc_tf_softmax_f32(const float *x, float *y, int32_t outer, int32_t n, int32_t inner);
 /* Range: y[i] = start + i * delta for i < n, where n = max(ceil((limit - start) / delta), 0) must equal the
