@@ -35,6 +35,7 @@ from lmc.compiler.verify import (VerificationFailed, VerifyReport, check_spans, 
                                  random_inputs, with_values)
 from lmc.targets import emit
 from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
+from lmc.targets.cbundle.registry import UnsupportedOp
 from lmc.targets.cbundle.generation import emit_generation_c
 from lmc.targets.plan import MemoryPlan, Profile, check_plan
 from lmc.targets.target import Target, load_target
@@ -67,6 +68,7 @@ class BuildResult:
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     fitted: str = ""                     # the options --max-ram added to fit (empty: built as asked)
     cbundle: CBundle | None = None       # the C bundle written beside model.onnx (--emit c)
+    cbundle_skipped: str = ""            # why the target's default C bundle was not written (an op without a kernel)
 
     @property
     def approximations(self) -> tuple[str, ...]:
@@ -97,6 +99,7 @@ class BuildResult:
             "verification": self.verification.to_dict() if self.verification else None,
             **({"c_bundle": {"macs": self.cbundle.macs, "weight_bytes": self.cbundle.weight_bytes,
                              "kernel_families": list(self.cbundle.families)}} if self.cbundle else {}),
+            **({"c_bundle_skipped": self.cbundle_skipped} if self.cbundle_skipped else {}),
         }
 
 
@@ -198,8 +201,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     by_dtype = ir.bytes_by_dtype(graph)
     staged = _stage(graph, options, target, out_dir)
     try:
-        cbundle = emit_c(graph, plan, target, staged) if (options.emit or default_emit(target)) is EmitFormat.C \
-            else None
+        cbundle, skipped = c_bundle(options, target, lambda: emit_c(graph, plan, target, staged))
     except BaseException:
         emit.discard(staged)
         raise
@@ -230,12 +232,30 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
-                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle)
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle,
+                             cbundle_skipped=skipped)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)
         raise
     return result
+
+
+def c_bundle(options: BuildOptions, target: Target, write: Callable[[], CBundle]) -> tuple[CBundle | None, str]:
+    """(the C bundle, why none was written). C is written when ``--emit c`` asks for it or the target's default
+    is C (``default_emit``: weights in flash). An op without a C kernel is an error (``UnsupportedOp``, exit 2)
+    under ``--emit c``; under the target's default the bundle stays ONNX-only and the reason is returned, so
+    builds that never asked for C (a language model for cortex-m55 at a sequence no board runs) still succeed."""
+    if (options.emit or default_emit(target)) is not EmitFormat.C:
+        return None, ""
+    try:
+        return write(), ""
+    except UnsupportedOp as exc:
+        if options.emit is EmitFormat.C:
+            raise
+        reason = f"{exc} (model.onnx written; --emit c makes this an error)"
+        log.warning("no C bundle: %s", reason)
+        return None, reason
 
 
 def _given(options: BuildOptions, values: Mapping[str, np.ndarray]) -> str:
@@ -440,7 +460,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     try:
         genai.write(staged)
         plans = []
-        cbundle = None
+        cbundle, skipped = None, ""
         for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)
             plan = plan_memory(graph, target, inplace=options.inplace, state=info.state, runtime=runtime)
@@ -448,8 +468,9 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
             if problems:
                 raise RuntimeError(f"arena plan ({name}) is unsound: {problems[0]}")
             plans.append((name, length, plan))
-            if name == "decode" and (options.emit or default_emit(target)) is EmitFormat.C:
-                cbundle = emit_generation_c(graph, plan, target, staged, info)    # C: the decode step + a greedy loop
+            if name == "decode":          # C (for a target that emits it): the decode step + a greedy loop
+                cbundle, skipped = c_bundle(options, target,
+                                            lambda: emit_generation_c(graph, plan, target, staged, info))
         del graph
         weights.release_freed()   # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
@@ -467,7 +488,8 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
         result = BuildResult(out_dir=out_dir, target=target, plan=plan, records=tuple(records),
                              verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
                              weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
-                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle)
+                             seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle,
+                             cbundle_skipped=skipped)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)

@@ -281,6 +281,8 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
         c = result.cbundle
         click.echo(f"  C        model.c + {', '.join(c.families)} kernels: {c.macs:,} MACs per inference, "
                    f"weights {c.weight_bytes:,} bytes (flash), arena {c.arena_bytes:,} bytes")
+    if result.cbundle_skipped:
+        click.echo(f"  C        not written: {result.cbundle_skipped}")
     if plan.runtime:
         click.echo(f"  runtime  predicted resident peak {mib(plan.runtime['predicted_peak_bytes'])} "
                    f"(weights, prepacked copies, session, arena, io, state)")

@@ -94,6 +94,8 @@ def render_report(result, model_name: str) -> str:
                   f"{c.arena_bytes}); kernel families {', '.join(c.families)}; {c.macs:,} multiply-accumulates per "
                   f"inference; weight arrays {c.weight_bytes:,} bytes (const: flash). Check it with "
                   f"`lmc verify <bundle> --against <model>` (the host's cc){board}."]
+    if result.cbundle_skipped:
+        lines += ["", "## C bundle", "", f"Not written: {result.cbundle_skipped}."]
     if result.verification is not None:
         v = result.verification
         kind, text = verdict(result)

@@ -362,11 +362,16 @@ def test_unsupported_op_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
     with pytest.raises(UnsupportedOp, match=r"node 'the_topk' \(TopK\)"):
         emit_bundle(model, tmp_path / "direct")
     onnx.save(model, str(tmp_path / "topk.onnx"))
-    code, _, err = lmc(["build", str(tmp_path / "topk.onnx"), "--target", "cortex-m55", "-o", str(tmp_path / "out")],
-                       capsys)
+    code, _, err = lmc(["build", str(tmp_path / "topk.onnx"), "--target", "cortex-m55", "--emit", "c",
+                        "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "node 'the_topk' (TopK)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # not asked for (the target's default): the ONNX bundle is written and says why there is no C
+    result = build(tmp_path / "topk.onnx", BuildOptions(target="cortex-m55"), tmp_path / "default")
+    assert result.cbundle is None and "node 'the_topk' (TopK)" in result.cbundle_skipped
+    assert (tmp_path / "default" / "model.onnx").is_file() and not (tmp_path / "default" / "model.c").exists()
+    assert "Not written: node 'the_topk' (TopK)" in (tmp_path / "default" / "report.md").read_text()
 
 
 def test_runner_refuses_a_short_input(tmp_path):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lmc.targets.cbundle.emit import c_array
 from lmc.targets.cbundle.ops_quant import decoded_weight_gemm, decoded_weight_matmul
 from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext, Placement, TensorRef
 
@@ -380,6 +381,23 @@ def emit_batch_norm(op: OpContext) -> KernelCall:
 
 
 # ------------------------------------------------------------------------------------------------ data movement
+@REGISTRY.op("Constant")
+def emit_constant(op: OpContext) -> KernelCall:
+    """A Constant node left in the graph: its value as a const parameter array (flash), copied to its tensor."""
+    y = op.outputs[0]
+    value = op.node.attrs.get("value")
+    value = getattr(value, "values", value)
+    if value is None:
+        raise op.unsupported("only a Constant with a tensor 'value' is supported")
+    value = np.asarray(value).astype(y.dtype).reshape(-1)
+    if value.size != y.numel:
+        raise op.unsupported(f"value of {value.size} elements for an output of {y.numel}")
+    if not value.size:
+        return KernelCall(f"/* {y.name}: empty */")
+    params = f"static const {y.ctype} {op.prefix}_value[{value.size}] = {{{c_array(value)}}};"
+    return KernelCall(f"lmc_copy({y.address}, {op.prefix}_value, {y.nbytes}u);", (), params)
+
+
 @REGISTRY.op("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 def emit_view(op: OpContext) -> KernelCall:
     """A view: the same bytes. Nothing to do when the plan put the output on the input (in place)."""
