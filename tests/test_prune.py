@@ -287,3 +287,26 @@ def test_max_ram_with_allow_approx_tries_pruning_last_and_only_with_calib():
     assert all(o.quantize.value != "none" for _, o in found[-len(FITTING_PRUNES):])     # pruned, then quantized
     assert not any(o.prune for _, o in fitting_candidates(BuildOptions(), True, target))
     assert not any(o.prune for _, o in fitting_candidates(BuildOptions(calib="c.npz"), False, target))
+
+
+def test_global_fractions_a_layer_cannot_give_are_refused(fused):
+    with pytest.raises(LmcError, match="under 25% of their channels"):
+        _prune(fused, "mlp=0.9")
+    with pytest.raises(LmcError, match="cannot be met"):      # 2 query heads per group: at most 1 of 2 can go
+        _prune(fused, "heads=0.9")
+
+
+def test_a_damped_refit_never_leaves_a_site_worse_than_no_refit():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 8))
+    w = rng.standard_normal((8, 3))
+    gram = x.T @ x / len(x)
+    keep = np.array([0, 1, 2, 5])
+    fit = prune_fit.refit(gram, w, keep, damp=1e6)       # damping this strong shrinks the refit towards zero
+    np.testing.assert_array_equal(fit.weight, w[keep])
+    assert fit.rel_error == fit.rel_error_plain
+    # the guarded case: the damped solution itself is worse than keeping the rows as they are
+    gkk = gram[np.ix_(keep, keep)]
+    damped = np.linalg.solve(gkk + 1e6 * np.mean(np.diag(gkk)) * np.eye(len(keep)), gram[keep] @ w)
+    worse = np.linalg.norm(x @ w - x[:, keep] @ damped) / np.linalg.norm(x @ w)
+    assert worse > fit.rel_error_plain
