@@ -12,7 +12,8 @@ Rows:
 - one-shot (``--input-shape input_ids=1x16``, empty past): the C logits against onnxruntime on the original,
   max relative error over 4 random inputs on the host (cc), and on the board for the first;
 - generation (``--context N --prefill-chunk 1``: the C runs one token per step, prompts included, so the
-  plan's profiles are both the decode step's and the build's RAM check is the C's): the C greedy runner (decode step + static KV cache) generates ``--tokens``
+  plan's profiles are both the decode step's and the build's RAM check is the C's): the C greedy runner
+  (decode step + static KV cache) generates ``--tokens``
   tokens after the prompt 1 2 3; "tokens equal" compares them with the original export driven under
   onnxruntime (prefill, then present fed back as past), on the host and on the board;
 - int8 (``--quantize w8a8``, calibrated on 8 random 16-token prompts): built if the C kernels cover it,

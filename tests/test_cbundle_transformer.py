@@ -76,7 +76,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("ax2", [2], np.int64), _c("three_v", [3, 3, 9, 3], np.int64),
              _c("nd_idx", [[0, 1, 5], [0, 0, -6]], np.int64), _c("upd_rows", RNG.standard_normal((2, 8))),
              _c("ln_scale", RNG.standard_normal(8)), _c("ln_bias", RNG.standard_normal(8)),
-             _c("ln2_scale", RNG.standard_normal((5, 8))), _c("w", RNG.standard_normal((8, 6))), _c("w3", RNG.standard_normal((3, 8, 6)))]
+             _c("ln2_scale", RNG.standard_normal((5, 8))), _c("w", RNG.standard_normal((8, 6))),
+             _c("w3", RNG.standard_normal((3, 8, 6))), _c("reps", [2, 1, 3, 1], np.int64)]
 
     def node(op, ins, out, **attrs):
         nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
@@ -130,14 +131,17 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("attention_causal", "Attention", ["q", "k", "v"], is_causal=1)
     case("layer_norm", "LayerNormalization", ["x", "ln_scale", "ln_bias"], epsilon=1e-5)
     case("layer_norm_2d", "LayerNormalization", ["x", "ln2_scale"], axis=2)
+    case("tile", "Tile", ["v", "reps"])
+    case("fill_f32", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([-2.5], np.float32)))
+    case("fill_i64", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([7], np.int64)))
     case("mod_i64", "Mod", [node("Sub", ["pos", "three_v"], "pos_shifted"), "three"])
     case("mod_f32", "Mod", ["x", "half"], fmod=1)
     case("scatter_nd", "ScatterND", ["cache", "nd_idx", "upd_rows"])
     case("scatter_linear", "TensorScatter", ["cache", "upd", "widx"], axis=2)
     case("scatter_circular", "TensorScatter", ["cache", "upd", "nonpad"], axis=2, mode="circular")
     inputs = [helper.make_tensor_value_info(n, t, s) for n, (s, t) in ZOO_INPUTS.items()]
-    graph = helper.make_graph(_toposort(nodes), "zoo", inputs, [helper.make_tensor_value_info(o, 0, None) for o in outs],
-                              inits)
+    outputs = [helper.make_tensor_value_info(o, 0, None) for o in outs]
+    graph = helper.make_graph(_toposort(nodes), "zoo", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model = onnx.shape_inference.infer_shapes(model)
     known = {"slice_runtime": (I64, [1, 4]), "range": (I64, [5])}      # shapes that depend on values

@@ -6,7 +6,8 @@ defaults to ``models/fixtures/mcu``. ``--vocab 512`` writes the exact stories260
 benchmark, into a folder of its own: 1.39 MB, over the fixture limit).
 
 Config (transformers ``LlamaConfig``): dim 64, 5 layers, 8 heads / 4 kv heads (head_dim 8), hidden 172
-(SwiGLU), vocab 256 (stories260K has 512; see below), rms_norm_eps 1e-5, rope_theta 10000, max_position_embeddings 512, tied embeddings;
+(SwiGLU), vocab 256 (stories260K has 512; see below), rms_norm_eps 1e-5, rope_theta 10000,
+max_position_embeddings 512, tied embeddings;
 random weights (seed 0) drawn with standard deviation 0.2 (``initializer_range``; transformers' 0.02 makes a
 model whose greedy continuation repeats one token, which would not test the cache), every 1-D parameter
 perturbed as in ``export_fixtures.py``. Exported by
@@ -43,7 +44,8 @@ INIT_STD = 0.2
 def _describe(vocab: int) -> str:
     return (f"LlamaForCausalLM (stories260K shape): vocab {vocab}, dim {DIM}, {LAYERS} layers, {HEADS} heads / "
             f"{KV_HEADS} kv heads, head_dim {DIM // HEADS}, hidden {HIDDEN} (SwiGLU), rms_norm_eps {RMS_EPS:g}, "
-            f"rope_theta {ROPE_THETA:g}, max_position_embeddings {MAX_POS}, tied embeddings, initializer_range {INIT_STD:g}")
+            f"rope_theta {ROPE_THETA:g}, max_position_embeddings {MAX_POS}, tied embeddings, "
+            f"initializer_range {INIT_STD:g}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ from lmc.targets.plan import MemoryPlan
 from lmc.targets.target import Target
 from lmc.targets.cbundle import board as boards
 from lmc.targets.cbundle.emit import CBundle, emit_c
+from lmc.targets.cbundle.registry import UnsupportedOp
 from lmc.targets.cbundle.host import CFLAGS, HostRunError, find_cc
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ MARKER = "greedy generation with the decode step"       # in the generation runn
 
 class GenerationRunError(LmcError):
     """The C generation runner refused its inputs or failed."""
+
+
+class UnsupportedGeneration(UnsupportedOp):
+    """A generation bundle the C runner cannot drive (batch > 1, positions not from attention_mask, …): like an
+    op without a kernel, the build then writes no C unless ``--emit c`` asked for it."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,9 @@ def _nbytes(t: gs.Tensor) -> int:
 def step_io(graph: gs.Graph, info: GenerationInfo) -> StepIo:
     """The roles of the decode-step graph's inputs and outputs (shapes bound: input_ids [1, 1])."""
     if info.batch != 1:
-        raise LmcError("the C generation runner serves batch 1 only (--batch 1)")
+        raise UnsupportedGeneration("the C generation runner serves batch 1 only (--batch 1)")
     if not info.attention_mask:
-        raise LmcError("the C generation runner needs a bundle whose positions come from attention_mask")
+        raise UnsupportedGeneration("the C generation runner needs a bundle whose positions come from attention_mask")
     state_of = {}
     for k, (past, present) in enumerate(info.state):
         state_of[past] = state_of[present] = k
@@ -84,30 +90,32 @@ def step_io(graph: gs.Graph, info: GenerationInfo) -> StepIo:
         if t.name == info.input_ids:
             role = "input_ids"
             if list(t.shape) != [1, 1] or np.dtype(t.dtype) != np.int64:
-                raise LmcError(f"the decode step's {t.name} must be int64 [1, 1], got {t.dtype} {t.shape}")
+                raise UnsupportedGeneration(f"the decode step's {t.name} must be int64 [1, 1], got {t.dtype} "
+                                            f"{t.shape}")
         elif t.name == info.attention_mask:
             role = "attention_mask"
             if list(t.shape) != [1, info.context] or np.dtype(t.dtype) != np.int64:
-                raise LmcError(f"the decode step's {t.name} must be int64 [1, {info.context}], got {t.dtype} {t.shape}")
+                raise UnsupportedGeneration(f"the decode step's {t.name} must be int64 [1, {info.context}], got "
+                                            f"{t.dtype} {t.shape}")
         elif t.name in state_of:
             role = f"state {state_of[t.name]}"
             sizes[state_of[t.name]] = _nbytes(t)
         else:
-            raise LmcError(f"the decode step has an input the C runner cannot feed: {t.name}")
+            raise UnsupportedGeneration(f"the decode step has an input the C runner cannot feed: {t.name}")
         inputs.append((t.name, role, _nbytes(t)))
     vocab = 0
     for t in graph.outputs:
         if t.name == info.logits:
             role = "logits"
             if np.dtype(t.dtype) != np.float32:
-                raise LmcError(f"logits must be float32, got {t.dtype}")
+                raise UnsupportedGeneration(f"logits must be float32, got {t.dtype}")
             vocab = int(t.shape[-1])
         elif t.name in state_of:
             role = f"state {state_of[t.name]}"
             if _nbytes(t) != sizes[state_of[t.name]]:
-                raise LmcError(f"state {t.name} differs in size from its input")
+                raise UnsupportedGeneration(f"state {t.name} differs in size from its input")
         else:
-            raise LmcError(f"the decode step has an output the C runner does not keep: {t.name}")
+            raise UnsupportedGeneration(f"the decode step has an output the C runner does not keep: {t.name}")
         outputs.append((t.name, role, _nbytes(t)))
     return StepIo(tuple(inputs), tuple(outputs), tuple(sizes), info.context, vocab)
 
@@ -329,5 +337,6 @@ def generate_board(bundle: str | Path, target, prompt: Sequence[int], count: int
                                    round(ticks * 1e9 / image.board.cpu_hz) if calls else None, calls)
 
 
-__all__ = ["BoardGeneration", "GenerationRunError", "HostGenerator", "is_generation_c", "StepIo", "generate_board", "generate_host", "runner_c",
+__all__ = ["BoardGeneration", "GenerationRunError", "UnsupportedGeneration", "HostGenerator", "is_generation_c",
+           "StepIo", "generate_board", "generate_host", "runner_c",
            "step_io", "emit_generation_c"]

@@ -2,13 +2,13 @@
 bool index and mask arithmetic around it).
 
 Ops: Gather (any element type, int64/int32 indices checked in range at run time: an id outside the table is
-``lmc_run`` code 3), Slice / Expand (strided copies; Slice starts may be computed at run time), Split, Where,
-IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
-ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), LayerNormalization, Range, Shape (its values are static),
-ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed cache's ring
-writes) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask, ``nonpad_kv_seqlen``,
-``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float emitters of family "cnn"
-leave to this family (``extend``: tried when the first emitter refuses).
+``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run time), Split,
+Where, IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
+ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), LayerNormalization, Range, Shape (its values are
+static), ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed
+cache's ring writes) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask,
+``nonpad_kv_seqlen``, ``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float
+emitters of family "cnn" leave to this family (``extend``: tried when the first emitter refuses).
 
 Math: as ONNX defines each op; Attention is y = softmax(scale · q kᵀ + mask) v per head, query head h
 reading kv head h / (Hq / Hkv), computed in two passes over the keys (max, then exp-sum with the weighted
@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from onnx import numpy_helper
 
 from lmc.targets.cbundle.ops_cnn import broadcast_strides, collapse, strides_of
 from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext, TensorRef, UnsupportedOp
@@ -412,10 +413,47 @@ def emit_shape(op: OpContext) -> KernelCall:
 def emit_constant_of_shape(op: OpContext) -> KernelCall:
     y = op.outputs[0]
     value = op.attr("value", None)
-    fill = np.zeros(1, y.dtype) if value is None else np.asarray(value.values if hasattr(value, "values") else value)
-    if fill.reshape(-1)[0] != 0:
-        raise op.unsupported("only zero fills are supported")
-    return KernelCall(f"memset({y.address}, 0, {y.nbytes}u);")
+    if value is None:
+        fill = np.zeros(1, y.dtype)
+    elif hasattr(value, "values"):                       # a graphsurgeon Constant
+        fill = np.asarray(value.values)
+    else:                                                # an onnx TensorProto
+        fill = numpy_helper.to_array(value)
+    fill = fill.reshape(-1)[:1].astype(y.dtype)
+    if not y.numel:
+        return KernelCall(f"/* {y.name} is empty */")
+    if not fill.any():
+        return KernelCall(f"memset({y.address}, 0, {y.nbytes}u);")
+    if y.dtype == F32:
+        literal = _float(float(fill[0]))
+    elif y.dtype == BOOL:
+        literal = "1"
+    elif y.dtype.kind in "iu":
+        literal = f"({y.ctype}){int(fill[0])}" + ("LL" if y.dtype.itemsize == 8 else "")
+    else:
+        raise op.unsupported(f"fills of {y.dtype}")
+    return KernelCall(f"{{ int32_t lmc_i; for (lmc_i = 0; lmc_i < {y.numel}; ++lmc_i) {y.out}[lmc_i] = {literal}; }}")
+
+
+@REGISTRY.op("Tile")
+def emit_tile(op: OpContext) -> KernelCall:
+    """y = x repeated r_d times along each dim d: a strided copy over the dims (r_d, n_d) with strides (0, s_d)."""
+    x, y = op.input(0), op.outputs[0]
+    repeats = _const_ints(op, 1, "Tile repeats")
+    in_st = strides_of(x.shape)
+    dims, strides = [], []
+    for r, n, st in zip(repeats, x.shape, in_st):
+        dims += [r, n]
+        strides += [0, st]
+    folded, (st,) = collapse(dims, strides)
+    if len(folded) > MAX_DIMS:
+        raise op.unsupported(f"more than {MAX_DIMS} dims after tiling")
+    if not y.numel:
+        return KernelCall(f"/* {y.name} is empty */")
+    dname, ddef = _array(op, "dims", folded)
+    sname, sdef = _array(op, "st", st)
+    return KernelCall(f"lmc_tf_strided_copy({x.address}, 0, {sname}, {y.address}, {dname}, {len(folded)}, "
+                      f"{y.dtype.itemsize});", (FAMILY,), ddef + "\n" + sdef)
 
 
 @REGISTRY.op("Range")

@@ -333,7 +333,8 @@ void lmc_tf_strided_copy(const void *x, int64_t offset, const int32_t *strides, 
         } else if (elem_size == 4) {
             for (j = 0; j < inner; ++j, p += step, dst += 4) memcpy(dst, src + p * 4, 4);
         } else {
-            for (j = 0; j < inner; ++j, p += step, dst += elem_size) memcpy(dst, src + p * elem_size, (size_t)elem_size);
+            for (j = 0; j < inner; ++j, p += step, dst += elem_size)
+                memcpy(dst, src + p * elem_size, (size_t)elem_size);
         }
     } while (lmc_tf_next(idx, shape, rank, str, offs, 1));
 }

@@ -117,8 +117,8 @@ int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates,
 /* Attention (opset 23/24, 4-D): q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of
  * Hkv: query head h reads kv head h / (Hq / Hkv)); y [B, Hq, S, Dv].
  * scores = scale * q k^T, then masked: key t of row (b, h, i) is hidden when mask_bool (strides over
- * [B, Hq, S, T], NULL for none) is 0, or is_causal and t > i (aligned top-left, as ONNX without past), or nonpad (NULL for none) and
- * t >= nonpad[b]; mask_f32 (same strides) is added instead when given. softmax over the visible keys
+ * [B, Hq, S, T], NULL for none) is 0, or is_causal and t > i (aligned top-left, as ONNX without a past), or
+ * nonpad (NULL for none) and t >= nonpad[b]; mask_f32 (same strides) is added instead when given. softmax over the visible keys
  * (a row with none gives 0). Two passes over the keys (max, then exp-sum and the weighted values
  * accumulated in y): no scratch memory. */
 int lmc_tf_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask_bool,
