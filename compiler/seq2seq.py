@@ -75,6 +75,8 @@ def _refuse_options(options) -> None:
         what = f"--attention {options.attention}"
     elif options.kv_cache != "float":
         what = f"--kv-cache {options.kv_cache}"
+    elif options.prune_spec is not None:
+        what = f"--prune {options.prune}"
     elif options.input_shapes or options.input_values:
         what = "--input-shape/--input-value (the encoder's shape comes from --encoder-length)"
     elif options.ort_format:

@@ -310,3 +310,11 @@ def test_a_damped_refit_never_leaves_a_site_worse_than_no_refit():
     damped = np.linalg.solve(gkk + 1e6 * np.mean(np.diag(gkk)) * np.eye(len(keep)), gram[keep] @ w)
     worse = np.linalg.norm(x @ w - x[:, keep] @ damped) / np.linalg.norm(x @ w)
     assert worse > fit.rel_error_plain
+
+
+def test_encoder_decoder_builds_refuse_prune(tmp_path, capsys):
+    t5 = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "seq2seq" / "t5-small"
+    code, _, err = _cli(["build", str(t5), "--context", "16", "--prune", "mlp=0.2", "--calib", _calib(tmp_path),
+                         "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "encoder–decoder bundles do not support --prune mlp=0.2" in err
+    assert not (tmp_path / "out").exists()
