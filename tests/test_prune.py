@@ -318,3 +318,42 @@ def test_encoder_decoder_builds_refuse_prune(tmp_path, capsys):
                          "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "encoder–decoder bundles do not support --prune mlp=0.2" in err
     assert not (tmp_path / "out").exists()
+
+
+def _gqa_graph(extra_cache_reader: bool = False) -> gs.Graph:
+    """A generation-shaped GroupQueryAttention (4 query heads on 2 key/value heads of 16, packed q/k/v)."""
+    d, n = 64, 16
+    x = gs.Variable("x", np.float32, [1, 3, d])
+    past_k = gs.Variable("past_key_values.0.key", np.float32, [1, 2, n, 16])
+    past_v = gs.Variable("past_key_values.0.value", np.float32, [1, 2, n, 16])
+    seqlens, total = gs.Variable("seqlens_k", np.int32, [1]), gs.Variable("total", np.int32, [])
+    qkv, out = gs.Variable("qkv", np.float32, [1, 3, 128]), gs.Variable("attn", np.float32, [1, 3, d])
+    pk, pv = gs.Variable("present.0.key", np.float32, [1, 2, n, 16]), gs.Variable("present.0.value", np.float32, [1, 2, n, 16])
+    y = gs.Variable("y", np.float32, [1, 3, d])
+    rng = np.random.default_rng(0)
+    nodes = [gs.Node("MatMul", inputs=[x, gs.Constant("w_qkv", rng.standard_normal((d, 128)).astype(np.float32))], outputs=[qkv]),
+             gs.Node("GroupQueryAttention", domain="com.microsoft", attrs={"num_heads": 4, "kv_num_heads": 2},
+                     inputs=[qkv, gs.Variable.empty(), gs.Variable.empty(), past_k, past_v, seqlens, total],
+                     outputs=[out, pk, pv]),
+             gs.Node("MatMul", inputs=[out, gs.Constant("w_o", rng.standard_normal((d, d)).astype(np.float32))], outputs=[y])]
+    outputs = [y, pk, pv]
+    if extra_cache_reader:
+        seen = gs.Variable("seen", np.float32, [1, 2, n, 16])
+        nodes.append(gs.Node("Identity", inputs=[past_k], outputs=[seen]))
+        outputs.append(seen)
+    return gs.Graph(nodes=nodes, inputs=[x, past_k, past_v, seqlens, total], outputs=outputs, opset=21)
+
+
+def test_group_query_attention_sites_follow_the_packed_projection_and_the_cache():
+    from lmc.passes.prune_sites import find_sites, kept_indices
+
+    _, (site,) = find_sites(_gqa_graph(), mlp=False, heads=True)
+    assert (site.heads, site.kv_heads, site.head_dim, site.reader.inputs[1].name) == (4, 2, 16, "w_o")
+    (cut,) = site.cuts
+    assert cut.layout == [("q", 16, 4), ("kv", 16, 2), ("kv", 16, 2)]
+    cols = kept_indices(cut.layout, {"q": np.array([2, 3]), "kv": np.array([1])})   # the second group kept
+    assert cols.tolist() == list(range(32, 64)) + list(range(80, 96)) + list(range(112, 128))
+    assert {d.tensor.name for d in site.dims if d.layout == [("kv", 1, 2)]} == \
+        {"past_key_values.0.key", "past_key_values.0.value", "present.0.key", "present.0.value"}
+    with pytest.raises(LmcError, match="cache past_key_values.0.key is not a graph input read by it alone"):
+        find_sites(_gqa_graph(extra_cache_reader=True), mlp=False, heads=True)
