@@ -2,6 +2,7 @@
 one-shot logits and greedy generation, against onnxruntime, on the host and on the emulated board.
 
     python bench/bench_mcu_llm.py [--out bench/_work/mcu-llm] [--tokens 32] [--contexts 64,256] [--no-board]
+    python bench/bench_mcu_llm.py --families      # every decoder fixture as C greedy generation (host)
 
 Models: the committed fixture ``models/fixtures/mcu/llama260k-past-optimum.onnx`` (vocabulary 256) and the
 exact stories260K shape (vocabulary 512), which ``models/exporters/export_mcu_llama.py --vocab 512`` writes
@@ -23,6 +24,11 @@ Rows:
 - arena: plan.json's (the decode profile for generation) and the linker map's ``.bss.lmc_arena``; RAM and
   flash: the linker's region usage (RAM = .data + .bss — arena, I/O and the KV state — + heap + stack
   reserved); instructions per lmc_run under ``-icount`` (not cycles).
+
+``--families``: every decoder fixture under models/fixtures (the exporters' Llama/Qwen2/GPT-2 layouts, ``more/``
+and ``families/``) built for cortex-m7 with ``--context 32 --prefill-chunk 1``; the C greedy runner's 20 tokens
+after 1 2 3 against the same bundle's model.onnx under onnxruntime (which the build checks against the
+original), or the reason no C was written (an op without a C kernel) or the build was refused.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
+import lmc
 from lmc.compiler.build import BuildOptions, build
 from lmc.core.errors import LmcError
 from lmc.targets.cbundle import board as boards
@@ -184,6 +192,34 @@ def _calibration(path: Path, vocab: int) -> Path:
     return path
 
 
+def families(out: Path, count: int = 20) -> None:
+    paths = sorted((REPO / "models" / "fixtures").glob("*.onnx")) + \
+        sorted((REPO / "models" / "fixtures" / "more").glob("*.onnx")) + \
+        sorted((REPO / "models" / "fixtures" / "families").glob("*.onnx"))
+    print("| fixture | C greedy tokens (20) | decode arena | C ops of the decode step |")
+    print("|---|---|---|---|")
+    for path in paths:
+        if path.parent.name == "mcu":
+            continue
+        bundle = out / f"family-{path.stem}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        try:
+            result = build(path, BuildOptions(target=TARGET, context=32, prefill_chunk=1, verify=False), bundle)
+        except LmcError as exc:
+            print(f"| {path.stem} | refused by lmc: {str(exc).splitlines()[0][:100]} | — | — |")
+            continue
+        if result.cbundle is None:
+            why = result.cbundle_skipped.split(": the C bundle has no kernel")[0].split(" (model.onnx")[0]
+            print(f"| {path.stem} | no C: {why[:100]} | — | — |")
+            continue
+        decode = next(p for p in result.plan.profiles if p.name == "decode")
+        expected = lmc.generate(bundle, PROMPT, count, speculate="off").tokens
+        with HostGenerator(bundle) as generator:
+            got = generator.generate(PROMPT, count)
+        ops = len({n.op_type for n in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node})
+        print(f"| {path.stem} | {'equal' if got == expected else 'DIFFER'} | {decode.arena_bytes:,} | {ops} op types |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "_work" / "mcu-llm"))
@@ -191,9 +227,13 @@ def main() -> None:
     ap.add_argument("--contexts", default="64,256")
     ap.add_argument("--no-board", action="store_true")
     ap.add_argument("--rows", choices=("all", "float", "int8"), default="all")
+    ap.add_argument("--families", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.families:
+        families(out)
+        return
     on_board = not args.no_board and shutil.which(boards.GCC) is not None and shutil.which(boards.QEMU) is not None
     if not STORIES.is_file():
         done = subprocess.run([sys.executable, str(REPO / "models" / "exporters" / "export_mcu_llama.py"),
