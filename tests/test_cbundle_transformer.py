@@ -77,7 +77,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("nd_idx", [[0, 1, 5], [0, 0, -6]], np.int64), _c("upd_rows", RNG.standard_normal((2, 8))),
              _c("ln_scale", RNG.standard_normal(8)), _c("ln_bias", RNG.standard_normal(8)),
              _c("ln2_scale", RNG.standard_normal((5, 8))), _c("w", RNG.standard_normal((8, 6))),
-             _c("w3", RNG.standard_normal((3, 8, 6))), _c("reps", [2, 1, 3, 1], np.int64)]
+             _c("w3", RNG.standard_normal((3, 8, 6))), _c("reps", [2, 1, 3, 1], np.int64),
+             _c("ge_idx", RNG.integers(-5, 5, (2, 3, 4, 8)), np.int64)]
 
     def node(op, ins, out, **attrs):
         nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
@@ -131,6 +132,7 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("attention_causal", "Attention", ["q", "k", "v"], is_causal=1)
     case("layer_norm", "LayerNormalization", ["x", "ln_scale", "ln_bias"], epsilon=1e-5)
     case("layer_norm_2d", "LayerNormalization", ["x", "ln2_scale"], axis=2)
+    case("gather_elements", "GatherElements", ["x", "ge_idx"], axis=2)
     case("tile", "Tile", ["v", "reps"])
     case("fill_f32", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([-2.5], np.float32)))
     case("fill_i64", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([7], np.int64)))

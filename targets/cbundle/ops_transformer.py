@@ -1,8 +1,8 @@
 """C emitters for what decoder graphs keep after lmc's passes (family "transformer", float32 with the int64 /
 bool index and mask arithmetic around it).
 
-Ops: Gather (any element type, int64/int32 indices checked in range at run time: an id outside the table is
-``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run time), Split,
+Ops: Gather and GatherElements (any element type, indices checked in range at run time: an id outside the
+table is ``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run time), Split,
 Where, IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
 ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), LayerNormalization, Range, Shape (its values are
 static), ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed
@@ -316,6 +316,21 @@ def emit_gather(op: OpContext) -> KernelCall:
     fn = "lmc_tf_gather_i64" if idx.dtype == I64 else "lmc_tf_gather_i32"
     call = f"{fn}({data.address}, {idx.ptr()}, {y.address}, {outer}, {data.shape[axis]}, {inner}, {max(idx.numel, 1)})"
     return KernelCall(_checked(call), (FAMILY,))
+
+
+@REGISTRY.op("GatherElements")
+def emit_gather_elements(op: OpContext) -> KernelCall:
+    data, idx, y = op.input(0), op.input(1), op.outputs[0]
+    op.expect_dtype([idx], I64)
+    rank = len(data.shape)
+    if rank > MAX_DIMS or len(idx.shape) != rank:
+        raise op.unsupported(f"rank {rank}")
+    axis = int(op.attr("axis", 0)) % rank
+    sname, sdef = _array(op, "dst", strides_of(data.shape))
+    dname, ddef = _array(op, "dims", idx.shape)
+    call = (f"lmc_tf_gather_elements({data.address}, {sname}, {idx.ptr()}, {y.address}, {dname}, {rank}, {axis}, "
+            f"{data.shape[axis]}, {y.dtype.itemsize})")
+    return KernelCall(_checked(call), (FAMILY,), sdef + "\n" + ddef)
 
 
 def _strided(op: OpContext, x: TensorRef, y: TensorRef, offset: int, strides: Sequence[int]) -> KernelCall:

@@ -313,6 +313,28 @@ int lmc_tf_gather_i32(const void *data, const int32_t *idx, void *y, int32_t out
     return LMC_TF_OK;
 }
 
+int lmc_tf_gather_elements(const void *data, const int32_t *dstrides, const int64_t *idx, void *y,
+                           const int32_t *shape, int rank, int axis, int32_t axis_dim, int32_t elem_size)
+{
+    int32_t at[LMC_TF_MAX_RANK] = {0};
+    int32_t total = lmc_tf_count(shape, rank), i;
+    int d;
+    const uint8_t *src = (const uint8_t *)data;
+    uint8_t *dst = (uint8_t *)y;
+    for (i = 0; i < total; ++i) {
+        int64_t off = 0, v = idx[i];
+        if (v < 0) v += axis_dim;
+        if (v < 0 || v >= axis_dim) return LMC_TF_INDEX_OUT_OF_RANGE;
+        for (d = 0; d < rank; ++d) off += (int64_t)(d == axis ? v : at[d]) * dstrides[d];
+        memcpy(dst + (int64_t)i * elem_size, src + off * elem_size, (size_t)elem_size);
+        for (d = rank - 1; d >= 0; --d) {           /* next index of the output */
+            if (++at[d] < shape[d]) break;
+            at[d] = 0;
+        }
+    }
+    return LMC_TF_OK;
+}
+
 void lmc_tf_strided_copy(const void *x, int64_t offset, const int32_t *strides, void *y, const int32_t *shape,
                          int rank, int32_t elem_size)
 {

@@ -76,6 +76,12 @@ int lmc_tf_gather_i64(const void *data, const int64_t *idx, void *y, int32_t out
 int lmc_tf_gather_i32(const void *data, const int32_t *idx, void *y, int32_t outer, int32_t axis_dim,
                       int32_t inner_bytes, int32_t nidx);
 
+/* GatherElements: y (dense, shape[rank] = the indices' shape) [i] = data[i with dim axis replaced by idx[i]],
+ * data read through its element strides dstrides[rank]; negative indices count from axis_dim. An index out of
+ * range returns LMC_TF_INDEX_OUT_OF_RANGE. */
+int lmc_tf_gather_elements(const void *data, const int32_t *dstrides, const int64_t *idx, void *y,
+                           const int32_t *shape, int rank, int axis, int32_t axis_dim, int32_t elem_size);
+
 /* y (dense, shape[rank]) [i] = x[offset + sum_d i_d * strides[d]] (element units; strides may be 0 or
  * negative): Transpose, Slice, Expand, Tile-free broadcasting copies. */
 void lmc_tf_strided_copy(const void *x, int64_t offset, const int32_t *strides, void *y, const int32_t *shape,
