@@ -76,10 +76,16 @@ def test_x86_runtime_model_is_the_measured_one():
     options = runtime.session_options
     assert options["enable_mem_pattern"] is False and options[TRIM_HEAP] is True
     assert options[CPU_ARENA]["initial_chunk_size_bytes"] >= 16 << 20
-    for name in ("cortex-a55", "cortex-a76"):     # the same onnxruntime version, the same model
-        arm = load_target(name).runtime
-        assert dataclasses.replace(arm, choices=()) == dataclasses.replace(runtime, choices=())
-        assert arm.choices == ()        # accuracy level 0's latency was measured on x86-64 only
+    a55, a76 = (load_target(name).runtime for name in ("cortex-a55", "cortex-a76"))
+    assert a55 == a76                   # the same ISA and onnxruntime version, the same model
+    assert a55.choices == ()            # accuracy level 0's latency was measured on x86-64 only
+    # measured on the aarch64 wheel (bench/bench_memory_aarch64.py): the empty session, MatMulNBits' code
+    # pages (fewer) and packed size; the rest is x86-64's, which the aarch64 measurements agree with
+    on_aarch64 = ("session_bytes", "prepack_factor", "kernel_workspaces")
+    assert dataclasses.replace(a55, choices=(), **{f: getattr(runtime, f) for f in on_aarch64}) == \
+        dataclasses.replace(runtime, choices=())
+    assert a55.kernel_workspaces[NBITS] < runtime.kernel_workspaces[NBITS] and a55.prepack_factor[NBITS] > 1
+    assert {k for k in a55.kernel_workspaces} == {k for k in runtime.kernel_workspaces}
     assert runtime.prepack_factor[NBITS_FLOAT] < 1 < runtime.prepack_factor[NBITS]
     assert runtime.kernel_temporaries[NBITS_FLOAT] < runtime.kernel_temporaries[NBITS]
 
