@@ -19,8 +19,8 @@ the emulator's resident before the load (an upper bound) and after the runs (a l
 emulator never shrinks; it does, by a few MB). "x86-64, worker": the same worker on the host, the method's own offset.
 
 Predicted: the runtime model of the target file as it is now (``lmc.compiler.backend``'s prediction on the
-bundle's graph and its plan's arena and state; ``plan.json``'s own figure when the file has not changed
-since the build). Emulated runs take minutes: results are cached in ``bench/_work/memory-aarch64`` by
+bundle's graph and its plan's arena and state); "plan.json at build": the figure the bundle's build wrote,
+under the target file as it was then. Emulated runs take minutes: results are cached in ``bench/_work/memory-aarch64`` by
 bundle contents and task (``--fresh`` measures again).
 
     python bench/bench_memory_aarch64.py [--bundles oneshot-int4,oneshot-none] [--account] [--fresh]
@@ -48,6 +48,7 @@ WORK = ROOT / "bench" / "_work" / "memory-aarch64"
 NAMES = ("oneshot-none", "oneshot-int4", "oneshot-int8", "oneshot-w8a8", "past-none", "past-int4")
 GEN_PROMPT, GEN_STEPS = 64, 16
 INTERVAL = 0.2                # seconds between the emulated worker's samples of the guest's resident bytes
+EMPTY_INTERVAL = 0.02         # the empty session: a short process, sampled densely
 METHOD = 2                    # the worker's way of measuring: cached results of another are measured again
 LEDGER_KINDS = ("onnxruntime code", "weights file", "anonymous", "libraries", "other")
 
@@ -148,13 +149,14 @@ class Machines:
         task = {"kind": "memory", "id": "m", "threads": 1, "settings": settings, "interval": INTERVAL, **extra}
         arrays: dict = {}
         if bundle is None:
-            task.update(model=str(self.empty.model), runs=1)
+            task.update(model=str(self.empty.model), runs=1, interval=EMPTY_INTERVAL)
         elif bundle.name.startswith("past-"):
             gen, arrays = generation_task(bundle)
             task.update(model=str(bundle / "model.onnx"), **gen)
         else:
             task.update(model=str(bundle / "model.onnx"), feeds="f", runs=2)
             arrays = {f"f/{k}": v for k, v in np.load(one_shot_feeds(bundle)).items()}
+        task.update(extra)
         key = json.dumps([METHOD, machine, digest(bundle) if bundle else "empty", {k: v for k, v in task.items()
                                                                            if k not in ("model", "info")}],
                          sort_keys=True)
@@ -200,9 +202,9 @@ def account(machines: Machines, bundle: Path) -> None:
     rows: dict[str, dict[str, float]] = {}
     for machine in ("host", "aarch64"):
         mine = machines.task(bundle, machine, ledger=True)
-        none = machines.task(None, machine, settings=settings, ledger=True)
-        prepacked = machines.task(bundle, machine, log=str(WORK / f"{machine}-ort.log"), runs=0,
-                                  **({"spans": []} if bundle.name.startswith("past-") else {}))["prepacked"]
+        none = machines.task(None, machine, settings=settings, ledger=True, interval=INTERVAL)
+        prepacked = machines.task(bundle, machine, log=str(WORK / f"{machine}-ort.log"), runs=0, spans=[],
+                                  interval=INTERVAL)["prepacked"]
 
         def grew(kind: str, phase: str) -> int:
             return mine[phase].get(kind, 0) - none[phase].get(kind, 0)
@@ -246,13 +248,14 @@ def main() -> None:
         bundle = BUNDLES / name
         pred, items = predicted(bundle)
         arm, raw = machines.aarch64(bundle)
-        rows.append((name, pred, items, arm, raw, machines.x86(bundle), machines.host_worker(bundle)))
+        built = json.loads((bundle / "plan.json").read_text())["runtime"]["predicted_peak_bytes"]
+        rows.append((name, pred, built, arm, raw, machines.x86(bundle), machines.host_worker(bundle)))
     print("| bundle | predicted | measured on aarch64 | aarch64 / predicted | measured on x86-64 | "
-          "aarch64 / x86-64 | x86-64, worker |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, pred, _, arm, _, x86, worker in rows:
+          "aarch64 / x86-64 | x86-64, worker | plan.json at build | aarch64 / plan.json |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, pred, built, arm, _, x86, worker in rows:
         print(f"| llama-code {label(name)} | {mb(pred)} | {mb(arm)} | {arm / pred:.2f} | {mb(x86)} | "
-              f"{arm / x86:.2f} | {mb(worker)} |")
+              f"{arm / x86:.2f} | {mb(worker)} | {mb(built)} | {arm / built:.2f} |")
     print()
     print("The emulated processes (the bundle's, before the empty session's is subtracted): the guest's peak "
           "sampled (the measurement), VmHWM less the emulator's resident after the runs / before the load, the "
