@@ -20,8 +20,8 @@ emulator never shrinks; it does, by a few MB). "x86-64, worker": the same worker
 
 Predicted: the runtime model of the target file as it is now (``lmc.compiler.backend``'s prediction on the
 bundle's graph and its plan's arena and state); "plan.json at build": the figure the bundle's build wrote,
-under the target file as it was then. Emulated runs take minutes: results are cached in ``bench/_work/memory-aarch64`` by
-bundle contents and task (``--fresh`` measures again).
+under the target file as it was then. Emulated runs take minutes: results are cached in
+``bench/_work/memory-aarch64`` by bundle contents and task (``--fresh`` measures again).
 
     python bench/bench_memory_aarch64.py [--bundles oneshot-int4,oneshot-none] [--account] [--fresh]
 """
@@ -34,7 +34,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 

@@ -365,7 +365,8 @@ def window_nll(logits, window):
 def run_memory(task, arrays):
     """The ``memory`` task (see the module docstring): peaks in bytes above the guest's resident after the
     imports, and the emulator's resident bytes before and after."""
-    feeds = {k.split("/", 1)[1]: v for k, v in arrays.items() if task.get("feeds") and k.startswith(task["feeds"] + "/")}
+    prefix = task["feeds"] + "/" if task.get("feeds") else None
+    feeds = {k.split("/", 1)[1]: v for k, v in arrays.items() if prefix and k.startswith(prefix)}
     ledger = bool(task.get("ledger"))
     gc.collect()
     hwm_reset = reset_peak()

@@ -46,6 +46,16 @@ def test_guest_is_the_rss_of_the_ranges_maps_lists():
     assert split["kinds"] == {"other": 400 * 1024, "anonymous": 2048 * 1024}
 
 
+def test_maps_that_change_across_the_smaps_read_are_read_again(monkeypatch):
+    """The guest released the emulator-bound range 7ff8… while smaps was read: the first maps text still
+    lists it, the second does not; counting against the first would give the emulator's 512 kB to the guest."""
+    stale = MAPS + "7ff800000000-7ff800100000 rw-p 00000000 00:00 0\n"
+    texts = iter([stale, SMAPS, MAPS, SMAPS, MAPS])
+    monkeypatch.setattr(tw, "_read", lambda path: next(texts))
+    split = tw.resident()
+    assert split["retries"] == 1 and split["guest"] == (400 + 1024 + 1024) * 1024
+
+
 def test_touching_ranges_merge():
     text = "1000-2000 r--p 0 0:0 0\n2000-3000 r--p 0 0:0 0\n5000-6000 r--p 0 0:0 0\n"
     assert tw.mapped_ranges(text) == [(0x1000, 0x3000), (0x5000, 0x6000)]
@@ -75,7 +85,8 @@ def test_a_mapping_maps_leaves_out_is_the_emulators():
     block.write(b"\1" * size)
     address = np.frombuffer(block, np.uint8).ctypes.data
     maps_text, smaps_text = _texts()
-    line = next(l for l in maps_text.splitlines() if int(l.split("-")[0], 16) <= address < int(l.split()[0].split("-")[1], 16))
+    line = next(row for row in maps_text.splitlines()
+                if int(row.split("-")[0], 16) <= address < int(row.split()[0].split("-")[1], 16))
     whole = tw.resident_split(maps_text, smaps_text)
     without = tw.resident_split(maps_text.replace(line + "\n", ""), smaps_text)
     assert without["emulator"] - whole["emulator"] >= size
