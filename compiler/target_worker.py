@@ -42,7 +42,8 @@ emulation a run of llama-code takes tens of seconds; on the host, where the same
 the samples fall 1% short). Beside it, the process's VmHWM (reset after the imports: /proc/self/clear_refs)
 less the emulator's resident bytes before the load (``hwm_high``: the emulator only grows past its size
 then, so an upper bound) and after the runs (``hwm_low``: a lower bound only if the emulator's bytes never
-shrink, which they do by a few MB as it frees its translation temporaries). All above the guest's resident
+shrink, and they do, by a few MB: the empty session's "lower bound" exceeds its samples by 4 MB). All above
+the guest's resident
 bytes after the imports.
 """
 
@@ -125,7 +126,8 @@ _RANGE_NAMED = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ *(.*)$|^Rss
 
 
 def mapping_kind(name):
-    """What a mapping named ``name`` (the path column of smaps) holds, as ``lmc-bench``'s ledgers class it."""
+    """What a mapping named ``name`` (the path column of smaps) holds, as bench/bench_memory.py's ledger
+    classes it (the guest's brk heap is an anonymous mapping of the host's)."""
     return ("onnxruntime code" if "onnxruntime" in name else "libraries" if ".so" in name else
             "anonymous" if not name or name == "[heap]" else
             "weights file" if name.endswith((".weights", ".data")) else "other")
