@@ -78,7 +78,11 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("ln_scale", RNG.standard_normal(8)), _c("ln_bias", RNG.standard_normal(8)),
              _c("ln2_scale", RNG.standard_normal((5, 8))), _c("w", RNG.standard_normal((8, 6))),
              _c("w3", RNG.standard_normal((3, 8, 6))), _c("reps", [2, 1, 3, 1], np.int64),
-             _c("ge_idx", RNG.integers(-5, 5, (2, 3, 4, 8)), np.int64)]
+             _c("ge_idx", RNG.integers(-5, 5, (2, 3, 4, 8)), np.int64), _c("k3", [3], np.int64),
+             _c("gnd_idx", [[[1, 2], [0, 0]], [[-1, 1], [1, -3]]], np.int64), _c("ax2_scalar", 2, np.int64),
+             _c("nd_idx_dup", [[0, 1, 5], [0, 1, 5], [0, 0, 2]], np.int64),
+             _c("upd_rows2", RNG.standard_normal((3, 8))),
+             _c("ties", [[1.0, 2.0, 2.0, 0.5, 2.0], [3.0, 3.0, 1.0, 1.0, 0.0]])]
 
     def node(op, ins, out, **attrs):
         nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"{op}_{len(nodes)}",
@@ -133,6 +137,17 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("layer_norm", "LayerNormalization", ["x", "ln_scale", "ln_bias"], epsilon=1e-5)
     case("layer_norm_2d", "LayerNormalization", ["x", "ln2_scale"], axis=2)
     case("gather_elements", "GatherElements", ["x", "ge_idx"], axis=2)
+    case("gather_nd", "GatherND", ["x", "gnd_idx"])
+    case("scatter_nd_add", "ScatterND", ["cache", "nd_idx_dup", "upd_rows2"], reduction="add")
+    case("scatter_elements", "ScatterElements", ["x", "ge_idx", "gather_elements"], axis=2)
+    outs.extend(["topk_values", "topk_indices"])
+    node("TopK", ["x", "k3"], ["topk_values", "topk_indices"], axis=-1)
+    outs.extend(["bottomk_values", "bottomk_indices"])
+    node("TopK", ["ties", "k3"], ["bottomk_values", "bottomk_indices"], axis=1, largest=0)
+    case("argmax", "ArgMax", ["x"], axis=3, keepdims=0)
+    case("argmax_last", "ArgMax", ["ties"], axis=1, select_last_index=1)
+    case("cumsum", "CumSum", ["x", "ax2_scalar"])
+    case("cumsum_rev_excl_i64", "CumSum", ["am", "i1"], exclusive=1, reverse=1)
     case("tile", "Tile", ["v", "reps"])
     case("fill_f32", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([-2.5], np.float32)))
     case("fill_i64", "ConstantOfShape", ["shape_e"], value=numpy_helper.from_array(np.array([7], np.int64)))

@@ -1,14 +1,15 @@
 """C emitters for what decoder graphs keep after lmc's passes (family "transformer", float32 with the int64 /
 bool index and mask arithmetic around it).
 
-Ops: Gather and GatherElements (any element type, indices checked in range at run time: an id outside the
-table is ``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run time), Split,
-Where, IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64), Cast, Sin/Cos,
-ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), LayerNormalization, Range, Shape (its values are
-static), ConstantOfShape, Mod, TensorScatter (opset 24, the in-place KV cache update), ScatterND (a windowed
-cache's ring writes) and Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask,
-``nonpad_kv_seqlen``, ``is_causal``); and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float
-emitters of family "cnn" leave to this family (``extend``: tried when the first emitter refuses).
+Ops: Gather, GatherElements, GatherND (any element type, indices checked in range at run time: an id outside
+the table is ``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run
+time), Split, Where, IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64),
+Cast, Sin/Cos, ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), ArgMax, TopK, CumSum,
+LayerNormalization, Range, Shape (its values are static), ConstantOfShape, Mod, TensorScatter (opset 24, the
+in-place KV cache update), ScatterND / ScatterElements (a windowed cache's ring writes, expert routing) and
+Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask, ``nonpad_kv_seqlen``, ``is_causal``);
+and the integer cases of Add/Sub/Mul/Div/Max/Min/Neg, which the float emitters of family "cnn" leave to this
+family (``extend``: tried when the first emitter refuses).
 
 Math: as ONNX defines each op; Attention is y = softmax(scale · q kᵀ + mask) v per head, query head h
 reading kv head h / (Hq / Hkv), computed in two passes over the keys (max, then exp-sum with the weighted
@@ -249,8 +250,7 @@ def emit_tensor_scatter(op: OpContext) -> KernelCall:
 def emit_scatter_nd(op: OpContext) -> KernelCall:
     data, idx, updates, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
     reduction = op.attr("reduction", "none")
-    if (reduction.decode() if isinstance(reduction, bytes) else reduction) != "none":
-        raise op.unsupported("only reduction none is supported")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     op.expect_dtype([idx], I64)
     if updates.dtype != data.dtype:
         raise op.unsupported("updates must have data's dtype")
@@ -258,6 +258,12 @@ def emit_scatter_nd(op: OpContext) -> KernelCall:
     n = math.prod(idx.shape[:-1])
     slice_bytes = math.prod(data.shape[k:]) * data.dtype.itemsize
     dims, params = _array(op, "dims", data.shape[:k])
+    if reduction == "add" and data.dtype == F32:
+        call = (f"lmc_tf_scatter_nd_add_f32({data.ptr()}, {idx.ptr()}, {updates.ptr()}, {y.out}, {dims}, {k}, {n}, "
+                f"{slice_bytes // 4}, {data.numel})")
+        return KernelCall(_checked(call), (FAMILY,), params)
+    if reduction != "none":
+        raise op.unsupported(f"reduction {reduction} (none, or add of float32)")
     call = (f"lmc_tf_scatter_nd({data.address}, {idx.ptr()}, {updates.address}, {y.address}, {dims}, {k}, {n}, "
             f"{slice_bytes}, {data.nbytes})")
     return KernelCall(_checked(call), (FAMILY,), params)
@@ -331,6 +337,81 @@ def emit_gather_elements(op: OpContext) -> KernelCall:
     call = (f"lmc_tf_gather_elements({data.address}, {sname}, {idx.ptr()}, {y.address}, {dname}, {rank}, {axis}, "
             f"{data.shape[axis]}, {y.dtype.itemsize})")
     return KernelCall(_checked(call), (FAMILY,), sdef + "\n" + ddef)
+
+
+@REGISTRY.op("GatherND")
+def emit_gather_nd(op: OpContext) -> KernelCall:
+    data, idx, y = op.input(0), op.input(1), op.outputs[0]
+    if int(op.attr("batch_dims", 0)):
+        raise op.unsupported("batch_dims other than 0")
+    op.expect_dtype([idx], I64)
+    k = idx.shape[-1]
+    dims, params = _array(op, "dims", data.shape[:k])
+    slice_bytes = math.prod(data.shape[k:]) * data.dtype.itemsize
+    call = (f"lmc_tf_gather_nd({data.address}, {idx.ptr()}, {y.address}, {dims}, {k}, {math.prod(idx.shape[:-1])}, "
+            f"{slice_bytes})")
+    return KernelCall(_checked(call), (FAMILY,), params)
+
+
+@REGISTRY.op("ScatterElements")
+def emit_scatter_elements(op: OpContext) -> KernelCall:
+    data, idx, updates, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    reduction = op.attr("reduction", "none")
+    if (reduction.decode() if isinstance(reduction, bytes) else reduction) != "none":
+        raise op.unsupported("only reduction none is supported")
+    op.expect_dtype([idx], I64)
+    rank = len(data.shape)
+    if rank > MAX_DIMS or updates.dtype != data.dtype:
+        raise op.unsupported("rank or dtype")
+    axis = int(op.attr("axis", 0)) % rank
+    sname, sdef = _array(op, "dst", strides_of(data.shape))
+    dname, ddef = _array(op, "dims", idx.shape)
+    call = (f"lmc_tf_scatter_elements({data.address}, {idx.ptr()}, {updates.address}, {y.address}, {sname}, "
+            f"{dname}, {rank}, {axis}, {data.shape[axis]}, {y.dtype.itemsize}, {data.nbytes})")
+    return KernelCall(_checked(call), (FAMILY,), sdef + "\n" + ddef)
+
+
+def _axis_view(shape: Sequence[int], axis: int) -> tuple[int, int, int]:
+    """(outer, n, inner) of a tensor viewed around ``axis``."""
+    axis %= len(shape)
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+@REGISTRY.op("TopK")
+def emit_topk(op: OpContext) -> KernelCall:
+    x, values, indices = op.input(0), op.outputs[0], op.outputs[1]
+    op.expect_dtype([x, values], F32)
+    op.expect_dtype([indices], I64)
+    k = _const_ints(op, 1, "TopK's k")[0]
+    outer, n, inner = _axis_view(x.shape, int(op.attr("axis", -1)))
+    if not 0 < k <= n:
+        raise op.unsupported(f"k {k} of {n}")
+    return KernelCall(f"lmc_tf_topk_f32({x.ptr()}, {values.out}, {indices.out}, {outer}, {n}, {inner}, {k}, "
+                      f"{int(op.attr('largest', 1))});", (FAMILY,))
+
+
+@REGISTRY.op("ArgMax")
+def emit_argmax(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x], F32)
+    outer, n, inner = _axis_view(x.shape, int(op.attr("axis", 0)))
+    return KernelCall(f"lmc_tf_argmax_f32({x.ptr()}, {y.out}, {outer}, {n}, {inner}, "
+                      f"{int(op.attr('select_last_index', 0))});", (FAMILY,))
+
+
+@REGISTRY.op("CumSum")
+def emit_cumsum(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    axis = _const_ints(op, 1, "CumSum's axis")[0]
+    outer, n, inner = _axis_view(x.shape, axis)
+    if x.dtype == F32:
+        fn = "lmc_tf_cumsum_f32"
+    elif x.dtype == I64:
+        fn = "lmc_tf_cumsum_i64"
+    else:
+        raise op.unsupported(f"CumSum of {x.dtype}")
+    return KernelCall(f"{fn}({x.ptr()}, {y.out}, {outer}, {n}, {inner}, {int(op.attr('exclusive', 0))}, "
+                      f"{int(op.attr('reverse', 0))});", (FAMILY,))
 
 
 def _strided(op: OpContext, x: TensorRef, y: TensorRef, offset: int, strides: Sequence[int]) -> KernelCall:

@@ -514,6 +514,148 @@ int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates,
     return LMC_TF_OK;
 }
 
+int lmc_tf_scatter_nd_add_f32(const float *data, const int64_t *idx, const float *updates, float *y,
+                              const int32_t *dims, int32_t k, int32_t n, int32_t slice, int32_t total)
+{
+    int32_t i, j, c;
+    if (y != data) memcpy(y, data, (size_t)total * sizeof(float));
+    for (i = 0; i < n; ++i) {
+        int64_t at = 0;
+        for (j = 0; j < k; ++j) {
+            int64_t v = idx[(int64_t)i * k + j];
+            if (v < 0) v += dims[j];
+            if (v < 0 || v >= dims[j]) return LMC_TF_INDEX_OUT_OF_RANGE;
+            at = at * dims[j] + v;
+        }
+        for (c = 0; c < slice; ++c) y[at * slice + c] += updates[(int64_t)i * slice + c];
+    }
+    return LMC_TF_OK;
+}
+
+int lmc_tf_gather_nd(const void *data, const int64_t *idx, void *y, const int32_t *dims, int32_t k, int32_t n,
+                     int32_t slice_bytes)
+{
+    const uint8_t *src = (const uint8_t *)data;
+    uint8_t *dst = (uint8_t *)y;
+    int32_t i, j;
+    for (i = 0; i < n; ++i) {
+        int64_t at = 0;
+        for (j = 0; j < k; ++j) {
+            int64_t v = idx[(int64_t)i * k + j];
+            if (v < 0) v += dims[j];
+            if (v < 0 || v >= dims[j]) return LMC_TF_INDEX_OUT_OF_RANGE;
+            at = at * dims[j] + v;
+        }
+        memcpy(dst + (int64_t)i * slice_bytes, src + at * slice_bytes, (size_t)slice_bytes);
+    }
+    return LMC_TF_OK;
+}
+
+int lmc_tf_scatter_elements(const void *data, const int64_t *idx, const void *updates, void *y,
+                            const int32_t *dstrides, const int32_t *shape, int rank, int axis, int32_t axis_dim,
+                            int32_t elem_size, int32_t total_bytes)
+{
+    int32_t at[LMC_TF_MAX_RANK] = {0};
+    int32_t total = lmc_tf_count(shape, rank), i;
+    int d;
+    const uint8_t *src = (const uint8_t *)updates;
+    uint8_t *dst = (uint8_t *)y;
+    if (y != data) memcpy(y, data, (size_t)total_bytes);
+    for (i = 0; i < total; ++i) {
+        int64_t off = 0, v = idx[i];
+        if (v < 0) v += axis_dim;
+        if (v < 0 || v >= axis_dim) return LMC_TF_INDEX_OUT_OF_RANGE;
+        for (d = 0; d < rank; ++d) off += (int64_t)(d == axis ? v : at[d]) * dstrides[d];
+        memcpy(dst + off * elem_size, src + (int64_t)i * elem_size, (size_t)elem_size);
+        for (d = rank - 1; d >= 0; --d) {
+            if (++at[d] < shape[d]) break;
+            at[d] = 0;
+        }
+    }
+    return LMC_TF_OK;
+}
+
+/* 1 when (v, i) comes before (w, j) in TopK's order: larger (smaller) values first, then lower indices. */
+static int lmc_tf_before(float v, int32_t i, float w, int32_t j, int largest)
+{
+    if (v != w) return largest ? v > w : v < w;
+    return i < j;
+}
+
+void lmc_tf_topk_f32(const float *x, float *values, int64_t *indices, int32_t outer, int32_t n, int32_t inner,
+                     int32_t k, int largest)
+{
+    int32_t o, c, r, i;
+    for (o = 0; o < outer; ++o) {
+        for (c = 0; c < inner; ++c) {
+            const float *p = x + (int64_t)o * n * inner + c;
+            float pv = 0.0f;
+            int32_t pi = -1;
+            for (r = 0; r < k; ++r) {             /* the next element after (pv, pi) in the order */
+                int32_t best = -1;
+                for (i = 0; i < n; ++i) {
+                    float v = p[(int64_t)i * inner];
+                    if (pi >= 0 && !lmc_tf_before(pv, pi, v, i, largest)) continue;
+                    if (best < 0 || lmc_tf_before(v, i, p[(int64_t)best * inner], best, largest)) best = i;
+                }
+                pv = p[(int64_t)best * inner];
+                pi = best;
+                values[((int64_t)o * k + r) * inner + c] = pv;
+                indices[((int64_t)o * k + r) * inner + c] = best;
+            }
+        }
+    }
+}
+
+void lmc_tf_argmax_f32(const float *x, int64_t *y, int32_t outer, int32_t n, int32_t inner, int select_last)
+{
+    int32_t o, c, i;
+    for (o = 0; o < outer; ++o) {
+        for (c = 0; c < inner; ++c) {
+            const float *p = x + (int64_t)o * n * inner + c;
+            int32_t best = 0;
+            for (i = 1; i < n; ++i) {
+                float v = p[(int64_t)i * inner], b = p[(int64_t)best * inner];
+                if (v > b || (select_last && v == b)) best = i;
+            }
+            y[(int64_t)o * inner + c] = best;
+        }
+    }
+}
+
+#define LMC_TF_CUMSUM(T, x, y, outer, n, inner, exclusive, reverse)                         \
+    do {                                                                                    \
+        int32_t o_, c_, i_;                                                                 \
+        for (o_ = 0; o_ < (outer); ++o_) {                                                  \
+            for (c_ = 0; c_ < (inner); ++c_) {                                              \
+                T acc_ = 0;                                                                 \
+                for (i_ = 0; i_ < (n); ++i_) {                                              \
+                    int32_t r_ = (reverse) ? (n) - 1 - i_ : i_;                             \
+                    int64_t at_ = ((int64_t)o_ * (n) + r_) * (inner) + c_;                  \
+                    T v_ = (x)[at_];                                                        \
+                    if (exclusive) {                                                        \
+                        (y)[at_] = acc_;                                                    \
+                        acc_ += v_;                                                         \
+                    } else {                                                                \
+                        acc_ += v_;                                                         \
+                        (y)[at_] = acc_;                                                    \
+                    }                                                                       \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    } while (0)
+
+void lmc_tf_cumsum_f32(const float *x, float *y, int32_t outer, int32_t n, int32_t inner, int exclusive, int reverse)
+{
+    LMC_TF_CUMSUM(float, x, y, outer, n, inner, exclusive, reverse);
+}
+
+void lmc_tf_cumsum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t n, int32_t inner, int exclusive,
+                       int reverse)
+{
+    LMC_TF_CUMSUM(int64_t, x, y, outer, n, inner, exclusive, reverse);
+}
+
 /* The scaled score of key j for query row qi, or -INFINITY when the key is hidden. */
 static float lmc_tf_score(const float *qi, const float *kj, int32_t d, float scale, int hidden, const float *madd)
 {

@@ -120,6 +120,30 @@ int lmc_tf_tensor_scatter_f32(const float *past, const float *update, const int6
 int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates, void *y, const int32_t *dims,
                       int32_t k, int32_t n, int32_t slice_bytes, int32_t total_bytes);
 
+/* ScatterND with reduction add (float32): the slices of updates are added in order instead of written. */
+int lmc_tf_scatter_nd_add_f32(const float *data, const int64_t *idx, const float *updates, float *y,
+                              const int32_t *dims, int32_t k, int32_t n, int32_t slice, int32_t total);
+/* GatherND (batch_dims 0): for each of n index tuples of k int64 entries, the slice of slice_bytes of data at
+ * that tuple, in order, into y. An index out of range returns LMC_TF_INDEX_OUT_OF_RANGE. */
+int lmc_tf_gather_nd(const void *data, const int64_t *idx, void *y, const int32_t *dims, int32_t k, int32_t n,
+                     int32_t slice_bytes);
+/* ScatterElements (reduction none): y = data with y[i with dim axis replaced by idx[i]] = updates[i] for every
+ * i of the indices' shape[rank]; dstrides are y's element strides. y may alias data (then not copied). */
+int lmc_tf_scatter_elements(const void *data, const int64_t *idx, const void *updates, void *y,
+                            const int32_t *dstrides, const int32_t *shape, int rank, int axis, int32_t axis_dim,
+                            int32_t elem_size, int32_t total_bytes);
+/* TopK of x [outer, n, inner] over n: values and int64 indices [outer, k, inner], sorted (largest first when
+ * largest, else smallest first); equal values in index order, as onnxruntime orders them. */
+void lmc_tf_topk_f32(const float *x, float *values, int64_t *indices, int32_t outer, int32_t n, int32_t inner,
+                     int32_t k, int largest);
+/* ArgMax of x [outer, n, inner] over n: int64 [outer, inner]; the first (or, select_last, the last) maximum. */
+void lmc_tf_argmax_f32(const float *x, int64_t *y, int32_t outer, int32_t n, int32_t inner, int select_last);
+/* CumSum of x [outer, n, inner] over n (exclusive: the sum before; reverse: from the end). */
+void lmc_tf_cumsum_f32(const float *x, float *y, int32_t outer, int32_t n, int32_t inner, int exclusive,
+                       int reverse);
+void lmc_tf_cumsum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t n, int32_t inner, int exclusive,
+                       int reverse);
+
 /* Attention (opset 23/24, 4-D): q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of
  * Hkv: query head h reads kv head h / (Hq / Hkv)); y [B, Hq, S, Dv].
  * scores = scale * q k^T, then masked: key t of row (b, h, i) is hidden when mask_bool (strides over
