@@ -81,7 +81,8 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
              _c("ge_idx", RNG.integers(-5, 5, (2, 3, 4, 8)), np.int64), _c("k3", [3], np.int64),
              _c("gnd_idx", [[[1, 2], [0, 0]], [[-1, 1], [1, -3]]], np.int64), _c("ax2_scalar", 2, np.int64),
              _c("nd_idx_dup", [[0, 1, 5], [0, 1, 5], [0, 0, 2]], np.int64),
-             _c("upd_rows2", RNG.standard_normal((3, 8))),
+             _c("upd_rows2", RNG.standard_normal((3, 8))), _c("depth12", 12, np.int64),
+             _c("onoff", [0.5, -1.0]),
              _c("ties", [[1.0, 2.0, 2.0, 0.5, 2.0], [3.0, 3.0, 1.0, 1.0, 0.0]])]
 
     def node(op, ins, out, **attrs):
@@ -138,6 +139,7 @@ def _zoo() -> tuple[onnx.ModelProto, list[str]]:
     case("layer_norm_2d", "LayerNormalization", ["x", "ln2_scale"], axis=2)
     case("gather_elements", "GatherElements", ["x", "ge_idx"], axis=2)
     case("gather_nd", "GatherND", ["x", "gnd_idx"])
+    case("onehot", "OneHot", ["ids", "depth12", "onoff"], axis=1)
     case("scatter_nd_add", "ScatterND", ["cache", "nd_idx_dup", "upd_rows2"], reduction="add")
     case("scatter_elements", "ScatterElements", ["x", "ge_idx", "gather_elements"], axis=2)
     outs.extend(["topk_values", "topk_indices"])

@@ -4,7 +4,7 @@ bool index and mask arithmetic around it).
 Ops: Gather, GatherElements, GatherND (any element type, indices checked in range at run time: an id outside
 the table is ``lmc_run`` code 3), Slice / Expand / Tile (strided copies; Slice starts may be computed at run
 time), Split, Where, IsNaN, Not, And/Or/Xor, Equal/Less/LessOrEqual/Greater/GreaterOrEqual (float or int64),
-Cast, Sin/Cos, ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), ArgMax, TopK, CumSum,
+Cast, Sin/Cos, ReduceMean/ReduceSum/ReduceMax (one run of adjacent axes), ArgMax, TopK, CumSum, OneHot,
 LayerNormalization, Range, Shape (its values are static), ConstantOfShape, Mod, TensorScatter (opset 24, the
 in-place KV cache update), ScatterND / ScatterElements (a windowed cache's ring writes, expert routing) and
 Attention (opset 23/24, 4-D, grouped-query heads, bool or additive mask, ``nonpad_kv_seqlen``, ``is_causal``);
@@ -351,6 +351,22 @@ def emit_gather_nd(op: OpContext) -> KernelCall:
     call = (f"lmc_tf_gather_nd({data.address}, {idx.ptr()}, {y.address}, {dims}, {k}, {math.prod(idx.shape[:-1])}, "
             f"{slice_bytes})")
     return KernelCall(_checked(call), (FAMILY,), params)
+
+
+@REGISTRY.op("OneHot")
+def emit_onehot(op: OpContext) -> KernelCall:
+    idx, depth, values, y = op.input(0), op.input(1), op.input(2), op.outputs[0]
+    if idx.dtype not in (I64,):
+        raise op.unsupported(f"indices of {idx.dtype}: int64 only")
+    n = _const_ints(op, 1, "OneHot's depth")[0]
+    if values.dtype != y.dtype or values.numel != 2:
+        raise op.unsupported("values must be [off, on] of the output's dtype")
+    axis = int(op.attr("axis", -1)) % len(y.shape)
+    if y.shape[axis] != n:
+        raise op.unsupported(f"depth {n} and output {list(y.shape)} disagree")
+    outer, inner = math.prod(y.shape[:axis]), math.prod(y.shape[axis + 1:])
+    return KernelCall(f"lmc_tf_onehot({idx.ptr()}, {values.address}, {y.address}, {outer}, {n}, {inner}, "
+                      f"{y.dtype.itemsize});", (FAMILY,))
 
 
 @REGISTRY.op("ScatterElements")

@@ -532,6 +532,24 @@ int lmc_tf_scatter_nd_add_f32(const float *data, const int64_t *idx, const float
     return LMC_TF_OK;
 }
 
+void lmc_tf_onehot(const int64_t *idx, const void *values, void *y, int32_t outer, int32_t depth, int32_t inner,
+                   int32_t elem_size)
+{
+    const uint8_t *off = (const uint8_t *)values, *on = off + elem_size;
+    uint8_t *dst = (uint8_t *)y;
+    int32_t o, d, c;
+    for (o = 0; o < outer; ++o) {
+        for (d = 0; d < depth; ++d) {
+            for (c = 0; c < inner; ++c) {
+                int64_t v = idx[(int64_t)o * inner + c];
+                if (v < 0) v += depth;
+                memcpy(dst + (((int64_t)o * depth + d) * inner + c) * elem_size, v == d ? on : off,
+                       (size_t)elem_size);
+            }
+        }
+    }
+}
+
 int lmc_tf_gather_nd(const void *data, const int64_t *idx, void *y, const int32_t *dims, int32_t k, int32_t n,
                      int32_t slice_bytes)
 {

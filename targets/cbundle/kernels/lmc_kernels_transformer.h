@@ -123,6 +123,10 @@ int lmc_tf_scatter_nd(const void *data, const int64_t *idx, const void *updates,
 /* ScatterND with reduction add (float32): the slices of updates are added in order instead of written. */
 int lmc_tf_scatter_nd_add_f32(const float *data, const int64_t *idx, const float *updates, float *y,
                               const int32_t *dims, int32_t k, int32_t n, int32_t slice, int32_t total);
+/* OneHot: y [outer, depth, inner] = values[1] where idx [outer, inner] (negative: from depth) is the row, else
+ * values[0] (an index outside [-depth, depth) gives a row of values[0]). */
+void lmc_tf_onehot(const int64_t *idx, const void *values, void *y, int32_t outer, int32_t depth, int32_t inner,
+                   int32_t elem_size);
 /* GatherND (batch_dims 0): for each of n index tuples of k int64 entries, the slice of slice_bytes of data at
  * that tuple, in order, into y. An index out of range returns LMC_TF_INDEX_OUT_OF_RANGE. */
 int lmc_tf_gather_nd(const void *data, const int64_t *idx, void *y, const int32_t *dims, int32_t k, int32_t n,
@@ -148,8 +152,8 @@ void lmc_tf_cumsum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t n, i
  * Hkv: query head h reads kv head h / (Hq / Hkv)); y [B, Hq, S, Dv].
  * scores = scale * q k^T, then masked: key t of row (b, h, i) is hidden when mask_bool (strides over
  * [B, Hq, S, T], NULL for none) is 0, or is_causal and t > i (aligned top-left, as ONNX without a past), or
- * nonpad (NULL for none) and t >= nonpad[b]; mask_f32 (same strides) is added instead when given. softmax over the visible keys
- * (a row with none gives 0). Two passes over the keys (max, then exp-sum and the weighted values
+ * nonpad (NULL for none) and t >= nonpad[b]; mask_f32 (same strides) is added instead when given. softmax
+ * over the visible keys (a row with none gives 0). Two passes over the keys (max, then exp-sum and the weighted values
  * accumulated in y): no scratch memory. */
 int lmc_tf_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask_bool,
                          const float *mask_f32, const int32_t *mask_strides, const int64_t *nonpad, float *y,
