@@ -153,8 +153,8 @@ void lmc_tf_cumsum_i64(const int64_t *x, int64_t *y, int32_t outer, int32_t n, i
  * scores = scale * q k^T, then masked: key t of row (b, h, i) is hidden when mask_bool (strides over
  * [B, Hq, S, T], NULL for none) is 0, or is_causal and t > i (aligned top-left, as ONNX without a past), or
  * nonpad (NULL for none) and t >= nonpad[b]; mask_f32 (same strides) is added instead when given. softmax
- * over the visible keys (a row with none gives 0). Two passes over the keys (max, then exp-sum and the weighted values
- * accumulated in y): no scratch memory. */
+ * over the visible keys (a row with none gives 0). Two passes over the keys (max, then exp-sum and the
+ * weighted values accumulated in y): no scratch memory. */
 int lmc_tf_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask_bool,
                          const float *mask_f32, const int32_t *mask_strides, const int64_t *nonpad, float *y,
                          int32_t batch, int32_t hq, int32_t hkv, int32_t s, int32_t t, int32_t d, int32_t dv,
