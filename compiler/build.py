@@ -368,7 +368,8 @@ def fitting_candidates(options: BuildOptions, allow_approx: bool, target: Target
     planned over dying inputs, attention in chunks), then — only with ``allow_approx`` — quantization: the
     target's ``preferred_quantization`` first (w8a8 on microcontrollers: int8 activations shrink the arena,
     weight-only int8 does not), then the rest in order of the error measured on language models (int8
-    weights, w8a8 with calibration, int4); w8a8 only with ``--calib``."""
+    weights, w8a8 with calibration, int4); w8a8 only with ``--calib``; and last, with ``--calib``, pruning
+    (``FITTING_PRUNES``) on top of the last of those."""
     exact = [("--in-place", dataclasses.replace(options, inplace=True))]
     spec = options.attention_spec
     if spec.kind.value == "dense":

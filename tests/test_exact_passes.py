@@ -17,7 +17,8 @@ from lmc.core.pass_manager import FixedPoint, PassKind
 from lmc.models import BUILDERS
 from lmc.targets.target import load_target
 
-SHAPES = {"tiny-llama": {"input_ids": (1, 16)}, "tiny-gpt2": {"input_ids": (1, 16)}, "small-cnn": {"image": (1, 3, 32, 32)}}
+SHAPES = {"tiny-llama": {"input_ids": (1, 16)}, "tiny-gpt2": {"input_ids": (1, 16)}, "small-cnn": {"image": (1, 3, 32, 32)},
+          "ds-cnn": {"input": (1, 1, 49, 10)}}
 
 
 def _feeds(model: onnx.ModelProto, bound: dict) -> dict:

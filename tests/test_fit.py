@@ -66,9 +66,10 @@ def test_the_targets_preferred_quantization_is_tried_first():
 
     m55, x86 = load_target("cortex-m55"), load_target("x86-64")
     opts = BuildOptions(target="cortex-m55", input_shapes={"input_ids": (1, 8)}, calib="calib.npz")
-    modes = [o.quantize for _, o in fitting_candidates(opts, True, m55) if o.quantize is not QuantizeMode.NONE]
+    modes = [o.quantize for _, o in fitting_candidates(opts, True, m55)
+             if o.quantize is not QuantizeMode.NONE and o.prune is None]     # (pruning comes after, on the last)
     assert modes == [QuantizeMode.W8A8, QuantizeMode.INT8, QuantizeMode.INT4]
-    assert [o.quantize for _, o in fitting_candidates(opts, True, x86)][-3:] == [
+    assert [o.quantize for _, o in fitting_candidates(opts, True, x86) if o.prune is None][-3:] == [
         QuantizeMode.INT8, QuantizeMode.W8A8, QuantizeMode.INT4]
     plain = BuildOptions(target="cortex-m55", input_shapes={"input_ids": (1, 8)})
     assert [o.quantize for _, o in fitting_candidates(plain, True, m55)][-2:] == [QuantizeMode.INT8, QuantizeMode.INT4]
