@@ -352,6 +352,21 @@ def test_llama260k_c_greedy_tokens_equal_onnxruntime(generation_bundle):
     assert generator.generate(PROMPT, 0) == []
 
 
+def test_w8a8_generation_in_c_gives_the_bundles_greedy_tokens(tmp_path):
+    """--quantize w8a8 --context on a microcontroller target: the static int8 pass (convolutions only) steps
+    aside for a decoder left with a dynamic sequence, the QDQ w8a8 pass quantizes it, and the C decode step
+    generates the tokens onnxruntime generates on the same bundle — int8 weights: a third of the float flash."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(0, VOCAB, (8, 16)).astype(np.int64))
+    out = tmp_path / "w8a8"
+    result = build(FIXTURE, BuildOptions(target="cortex-m7", context=CONTEXT, quantize="w8a8", calib=str(calib)), out)
+    assert result.cbundle is not None and "quantize-w8a8" in {r.name for r in result.records}
+    theirs = lmc.generate(out, PROMPT, 16).tokens
+    with HostGenerator(out) as generator:
+        assert generator.generate(PROMPT, 16) == theirs
+    assert result.cbundle.weight_bytes < FIXTURE.stat().st_size / 2
+
+
 def test_a_cache_that_does_not_persist_changes_the_tokens(generation_bundle, tmp_path):
     """The comparison above fails when the state is lost between lmc_run calls."""
     out, _, _ = generation_bundle

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lmc.core import ir
+from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.core.runtime import session
@@ -119,7 +119,7 @@ def _activation_after(node: gs.Node, graph: gs.Graph) -> gs.Node | None:
 class QuantizeStaticInt8:
     name = "quantize-static-int8"
     kind = PassKind.APPROXIMATE
-    requires = frozenset({Requirement.TOPOLOGICAL_ORDER, Requirement.STATIC_SHAPES})
+    requires = frozenset({Requirement.TOPOLOGICAL_ORDER})     # static shapes too, once there is a Conv (run)
     in_place = True
     preserves_shapes = True
 
@@ -129,6 +129,7 @@ class QuantizeStaticInt8:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not any(ir.is_op(n, "Conv") for n in graph.nodes):
             return PassResult(graph, False, notes=["no convolution: nothing quantized statically"])
+        shapes.require_static_shapes(graph, where=f"needed by pass '{self.name}'")
         if not self.calib_feeds:
             raise LmcError("--quantize w8a8 of a convolutional model needs --calib calib.npz (its activation "
                            "ranges are measured on it)")
