@@ -20,7 +20,9 @@ Rows:
 - int8 (``--quantize w8a8``, calibrated on 8 random 16-token prompts): built if the C kernels cover it,
   else the reason; its C is judged against onnxruntime on the bundle's own model.onnx (graph
   optimizations off: the QDQ operators' semantics), and the
-  quantization's error against the float original is given beside it (max relative, top-1 agreement);
+  quantization's error against the float original is given beside it (max relative, top-1 agreement); and
+  the w8a8 generation bundles (``--context N --quantize w8a8``, calibrated on 8 random 16-token prompts),
+  whose C greedy tokens are compared with onnxruntime driving the same bundle;
 - arena: plan.json's (the decode profile for generation) and the linker map's ``.bss.lmc_arena``; RAM and
   flash: the linker's region usage (RAM = .data + .bss — arena, I/O and the KV state — + heap + stack
   reserved); instructions per lmc_run under ``-icount`` (not cycles).
@@ -164,15 +166,20 @@ def oneshot(model: Path, name: str, out: Path, on_board: bool, quantize: str = "
     return row
 
 
-def generation(model: Path, name: str, out: Path, context: int, count: int, on_board: bool) -> Row:
-    bundle = out / f"{name}-gen{context}"
+def generation(model: Path, name: str, out: Path, context: int, count: int, on_board: bool,
+               quantize: str = "none", calib: Path | None = None) -> Row:
+    """Greedy tokens of the bundle's C decode step against the original's under onnxruntime (float32), or
+    against onnxruntime on the same quantized bundle (w8a8: the QDQ model the C implements)."""
+    bundle = out / f"{name}-gen{context}-{quantize}"
     shutil.rmtree(bundle, ignore_errors=True)
-    result = build(model, BuildOptions(target=TARGET, context=context, prefill_chunk=1), bundle)
+    result = build(model, BuildOptions(target=TARGET, context=context, prefill_chunk=1, quantize=quantize,
+                                       calib=None if calib is None else str(calib)), bundle)
     decode = next(p for p in result.plan.profiles if p.name == "decode")
-    expected = greedy_onnxruntime(model, PROMPT, count)
+    expected = (greedy_onnxruntime(model, PROMPT, count) if quantize == "none"
+                else lmc.generate(bundle, PROMPT, count, speculate="off").tokens)
     with HostGenerator(bundle) as generator:
         got = generator.generate(PROMPT, count)
-    mode = f"generation --context {context}, {count} tokens"
+    mode = f"generation --context {context}, {count} tokens" + ("" if quantize == "none" else f" {quantize}")
     row = Row(name, mode, f"tokens equal: {got == expected}", "—", decode.arena_bytes, None, None, None, None)
     if on_board:
         run = generate_board(bundle, TARGET, PROMPT, count)
@@ -248,6 +255,10 @@ def main() -> None:
             rows.append(generation(path, name, out, context, args.tokens, on_board))
     if args.rows != "float":
         rows.append(oneshot(FIXTURE, "llama260k v256", out, on_board, "w8a8", _calibration(out / "calib.npz", 256)))
+        tokens = out / "calib-tokens.npz"
+        np.savez(tokens, input_ids=np.random.default_rng(0).integers(0, 256, (8, SEQ)).astype(np.int64))
+        for context in (int(c) for c in args.contexts.split(",")):
+            rows.append(generation(FIXTURE, "llama260k v256", out, context, args.tokens, on_board, "w8a8", tokens))
     print(f"target {TARGET} (RAM {RAM // 1024} KiB, flash {FLASH // 1024 // 1024} MiB); board "
           f"{'mps2-an500 under qemu-system-arm' if on_board else '— (no toolchain: scripts/setup-mcu.sh)'}")
     print("| model | mode | host C vs onnxruntime | board vs onnxruntime | arena plan | arena map | RAM | flash "
