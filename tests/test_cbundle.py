@@ -352,26 +352,24 @@ def test_emit_option_and_default_follow_the_target(ds_cnn_bundle, tmp_path):
 # ----------------------------------------------------------------------------------------------- errors
 def test_unsupported_op_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
-             helper.make_node("TopK", ["r", "k"], ["values", "indices"], name="the_topk", axis=-1)]
-    graph = helper.make_graph(nodes, "topk", [helper.make_tensor_value_info("x", F, [1, 16])],
-                              [helper.make_tensor_value_info("values", F, [1, 4]),
-                               helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 4])],
-                              [_w("k", [1], dtype=np.int64, value=[4])])
+             helper.make_node("Hardmax", ["r"], ["values"], name="the_hardmax", axis=-1)]   # no C kernel
+    graph = helper.make_graph(nodes, "hardmax", [helper.make_tensor_value_info("x", F, [1, 16])],
+                              [helper.make_tensor_value_info("values", F, [1, 16])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    with pytest.raises(UnsupportedOp, match=r"node 'the_topk' \(TopK\)"):
+    with pytest.raises(UnsupportedOp, match=r"node 'the_hardmax' \(Hardmax\)"):
         emit_bundle(model, tmp_path / "direct")
-    onnx.save(model, str(tmp_path / "topk.onnx"))
-    code, _, err = lmc(["build", str(tmp_path / "topk.onnx"), "--target", "cortex-m55", "--emit", "c",
+    onnx.save(model, str(tmp_path / "hardmax.onnx"))
+    code, _, err = lmc(["build", str(tmp_path / "hardmax.onnx"), "--target", "cortex-m55", "--emit", "c",
                         "-o", str(tmp_path / "out")], capsys)
-    assert code == 2 and "node 'the_topk' (TopK)" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "node 'the_hardmax' (Hardmax)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     # not asked for (the target's default): the ONNX bundle is written and says why there is no C
-    result = build(tmp_path / "topk.onnx", BuildOptions(target="cortex-m55"), tmp_path / "default")
-    assert result.cbundle is None and "node 'the_topk' (TopK)" in result.cbundle_skipped
+    result = build(tmp_path / "hardmax.onnx", BuildOptions(target="cortex-m55"), tmp_path / "default")
+    assert result.cbundle is None and "node 'the_hardmax' (Hardmax)" in result.cbundle_skipped
     assert (tmp_path / "default" / "model.onnx").is_file() and not (tmp_path / "default" / "model.c").exists()
-    assert "Not written: node 'the_topk' (TopK)" in (tmp_path / "default" / "report.md").read_text()
+    assert "Not written: node 'the_hardmax' (Hardmax)" in (tmp_path / "default" / "report.md").read_text()
 
 
 def test_runner_refuses_a_short_input(tmp_path):
