@@ -48,6 +48,7 @@ import onnxruntime as ort
 
 import lmc
 from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.drivers import PastDecoder, greedy
 from lmc.core.errors import LmcError
 from lmc.targets.cbundle import board as boards
 from lmc.targets.cbundle.generation import HostGenerator, generate_board
@@ -100,22 +101,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def greedy_onnxruntime(model: Path, prompt: list[int], count: int) -> list[int]:
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
-            for i in range(LAYERS) for k in ("key", "value")}
-    names = [o.name for o in sess.get_outputs()]
-    feed, total, tokens = list(prompt), 0, []
-    while len(tokens) < count:
-        n = len(feed)
-        res = dict(zip(names, sess.run(None, {"input_ids": np.array([feed], np.int64),
-                                              "attention_mask": np.ones((1, total + n), np.int64),
-                                              "position_ids": np.arange(total, total + n, dtype=np.int64)[None],
-                                              **past})))
-        total += n
-        tokens.append(int(np.argmax(res["logits"][0, -1])))
-        past = {f"past_key_values.{i}.{k}": res[f"present.{i}.{k}"] for i in range(LAYERS) for k in ("key", "value")}
-        feed = [tokens[-1]]
-    return tokens
+    """The original export driven the plain way under onnxruntime (prefill, then present fed back as past)."""
+    return greedy(PastDecoder(model), prompt, count)
 
 
 def oneshot(model: Path, name: str, out: Path, on_board: bool, quantize: str = "none",

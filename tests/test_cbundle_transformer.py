@@ -21,6 +21,7 @@ import lmc
 
 from lmc.compiler.backend import plan_memory
 from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.drivers import PastDecoder, greedy
 from lmc.compiler.cli import main
 from lmc.core import ir, shapes
 from lmc.core.errors import LmcError
@@ -311,22 +312,7 @@ def test_llama260k_oneshot_c_logits_match_onnxruntime(tmp_path):
 
 def greedy_onnxruntime(prompt: list[int], count: int) -> list[int]:
     """The original export driven the plain way: prefill, then one token at a time, present fed back."""
-    sess = ort.InferenceSession(str(FIXTURE), providers=["CPUExecutionProvider"])
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
-            for i in range(LAYERS) for k in ("key", "value")}
-    feed_ids, total, tokens = list(prompt), 0, []
-    names = [o.name for o in sess.get_outputs()]
-    while len(tokens) < count:
-        n = len(feed_ids)
-        res = dict(zip(names, sess.run(None, {"input_ids": np.array([feed_ids], np.int64),
-                                              "attention_mask": np.ones((1, total + n), np.int64),
-                                              "position_ids": np.arange(total, total + n, dtype=np.int64)[None],
-                                              **past})))
-        total += n
-        tokens.append(int(np.argmax(res["logits"][0, -1])))
-        past = {f"past_key_values.{i}.{k}": res[f"present.{i}.{k}"] for i in range(LAYERS) for k in ("key", "value")}
-        feed_ids = [tokens[-1]]
-    return tokens
+    return greedy(PastDecoder(FIXTURE), prompt, count)
 
 
 CONTEXT = 32
