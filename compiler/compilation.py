@@ -22,7 +22,7 @@ from lmc.passes.prune import PruneSpec
 from lmc.passes.quantize.w8a8 import CalibMethod
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.targets.cbundle.emit import EmitFormat
-from lmc.targets.target import Target
+from lmc.targets.target import INT4_BLOCK_SIZES, Target
 
 
 class QuantizeMode(enum.Enum):
@@ -93,7 +93,7 @@ class BuildOptions:
             raise LmcError("--prune needs --calib calib.npz: which channels and heads go, and the compensation, "
                            "are measured on it")
         object.__setattr__(self, "calib_method", _choice("--calib-method", CalibMethod, self.calib_method).value)
-        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in INT4_BLOCK_SIZES:
             raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
         if self.emit is not None:
             object.__setattr__(self, "emit", _choice("--emit", EmitFormat, self.emit))
@@ -136,7 +136,6 @@ class BuildOptions:
         return pruned + found + ([] if spec.exact else [str(spec)]) + kv
 
 
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 GENERATION_DEFAULTS = {"batch": 1, "prefill_chunk": 64, "kv_cache": "float"}    # given only with context
 
 

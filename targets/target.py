@@ -30,6 +30,7 @@ class WeightsPlacement(enum.Enum):
     RAM = "ram"      # weights copied into RAM: they count in the RAM peak
 
 
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)     # int4 block sizes a target (or --block-size) may name
 QUANTIZATIONS = ("int8", "int4", "w8a8")     # what tuning.preferred_quantization may name (lmc build --quantize)
 VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
 
@@ -122,7 +123,7 @@ def _parse(data: dict, source: str) -> Target:
             raise TargetError(f"{source}: tuning.preferred_quantization must be one of {', '.join(QUANTIZATIONS)}, "
                               f"got {preferred!r}")
         block = int(tuning.get("int4_block_size", 32))
-        if block not in (16, 32, 64, 128, 256):
+        if block not in INT4_BLOCK_SIZES:
             raise TargetError(f"{source}: tuning.int4_block_size must be a power of two from 16 to 256, got {block}")
         return Target(
             name=str(data["name"]),
