@@ -37,6 +37,7 @@ from lmc.targets import emit
 from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
 from lmc.targets.cbundle.registry import UnsupportedOp
 from lmc.targets.cbundle.generation import emit_generation_c
+from lmc.targets.cbundle.linker import BoardError, LinkerFigures, link_figures, unavailable
 from lmc.targets.plan import MemoryPlan, Profile, check_plan
 from lmc.targets.target import Target, load_target
 from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
@@ -69,6 +70,8 @@ class BuildResult:
     fitted: str = ""                     # the options --max-ram added to fit (empty: built as asked)
     cbundle: CBundle | None = None       # the C bundle written beside model.onnx (--emit c)
     cbundle_skipped: str = ""            # why the target's default C bundle was not written (an op without a kernel)
+    linker: LinkerFigures | None = None  # the C bundle's image as linked for the target's board (plan vs linker)
+    linker_skipped: str = ""             # why a board target's C bundle was not linked (no cross toolchain…)
 
     @property
     def approximations(self) -> tuple[str, ...]:
@@ -100,6 +103,8 @@ class BuildResult:
             **({"c_bundle": {"macs": self.cbundle.macs, "weight_bytes": self.cbundle.weight_bytes,
                              "kernel_families": list(self.cbundle.families)}} if self.cbundle else {}),
             **({"c_bundle_skipped": self.cbundle_skipped} if self.cbundle_skipped else {}),
+            **({"linker": self.linker.to_dict() if self.linker else None, "linker_skipped": self.linker_skipped}
+               if self.linker or self.linker_skipped else {}),
         }
 
 
@@ -202,6 +207,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     staged = _stage(graph, options, target, out_dir)
     try:
         cbundle, skipped = c_bundle(options, target, lambda: emit_c(graph, plan, target, staged))
+        linker, linker_skipped = link_check(cbundle, target, staged)
     except BaseException:
         emit.discard(staged)
         raise
@@ -233,12 +239,43 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
                              verification=verification, nodes_before=nodes_before, nodes_after=nodes_after,
                              weight_bytes_before=weights_before, weight_bytes_after=weights_after,
                              seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle,
-                             cbundle_skipped=skipped)
+                             cbundle_skipped=skipped, linker=linker, linker_skipped=linker_skipped)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)
         raise
     return result
+
+
+def link_check(cbundle: CBundle | None, target: Target, staged: Path) -> tuple[LinkerFigures | None, str]:
+    """Plan vs linker (``lmc.targets.cbundle.linker``) for a C bundle of a target an emulated board runs:
+    (the figures, '') when arm-none-eabi-gcc linked its image, (None, why) when it could not; (None, '') for
+    other bundles. An image that breaks the plan's promise (arena plan != map, RAM over the target's) fails
+    the build (``VerificationFailed``, exit 3)."""
+    if cbundle is None or unavailable(target).startswith("no emulated board"):
+        return None, ""
+    why = unavailable(target)
+    if why:
+        log.info("C bundle not linked: %s", why)
+        return None, why
+    try:
+        figures = link_figures(staged, target, cbundle.arena_bytes)
+    except BoardError as exc:
+        log.warning("C bundle not linked: %s", exc)
+        return None, str(exc).replace(str(staged), "the bundle")
+    if figures.failures():
+        raise VerificationFailed("the C bundle's linked image breaks its plan: " + "; ".join(figures.failures()))
+    return figures, ""
+
+
+def _plan_json(result: BuildResult) -> str:
+    """plan.json: the plan, and for a board target's C bundle the linker's figures (``"linker"``: null when
+    the image could not be linked; report.md says why)."""
+    if not (result.linker or result.linker_skipped):
+        return result.plan.to_json()
+    data = result.plan.to_dict()
+    data["linker"] = result.linker.to_dict() if result.linker else None
+    return json.dumps(data, indent=1) + "\n"
 
 
 def c_bundle(options: BuildOptions, target: Target, write: Callable[[], CBundle]) -> tuple[CBundle | None, str]:
@@ -305,7 +342,7 @@ def _blame_model(model_path, options: BuildOptions, values: Mapping[str, np.ndar
 def _commit(staged: Path, result: BuildResult, model_path) -> None:
     """Move the staged bundle into place with its plan and reports (report.md, report.html)."""
     emit.commit_bundle(staged, result.out_dir, {
-        emit.PLAN_FILE: result.plan.to_json(),
+        emit.PLAN_FILE: _plan_json(result),
         emit.REPORT_FILE: render_report(result, Path(model_path).name),
         HTML_FILE: render_report_html(result, Path(model_path).name),
     })
@@ -462,6 +499,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
         genai.write(staged)
         plans = []
         cbundle, skipped = None, ""
+        linker, linker_skipped = None, ""
         for name, length in (("decode", 1), ("prefill", chunk)):
             bind_sequence(graph, length, templates)
             plan = plan_memory(graph, target, inplace=options.inplace, state=info.state, runtime=runtime)
@@ -472,6 +510,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
             if name == "decode":          # C (for a target that emits it): the decode step + a greedy loop
                 cbundle, skipped = c_bundle(options, target,
                                             lambda: emit_generation_c(graph, plan, target, staged, info))
+                linker, linker_skipped = link_check(cbundle, target, staged)
         del graph
         weights.release_freed()   # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,
@@ -490,7 +529,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
                              verification=verification, nodes_before=before[-1][0], nodes_after=nodes_after,
                              weight_bytes_before=before[-1][1], weight_bytes_after=weights_after,
                              seconds=time.perf_counter() - start, weights_by_dtype=by_dtype, cbundle=cbundle,
-                             cbundle_skipped=skipped)
+                             cbundle_skipped=skipped, linker=linker, linker_skipped=linker_skipped)
         _commit(staged, result, model_path)
     except BaseException:
         emit.discard(staged)

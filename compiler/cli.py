@@ -283,6 +283,13 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
                    f"weights {c.weight_bytes:,} bytes (flash), arena {c.arena_bytes:,} bytes")
     if result.cbundle_skipped:
         click.echo(f"  C        not written: {result.cbundle_skipped}")
+    if result.linker:
+        k = result.linker
+        click.echo(f"  linker   {k.board} ({k.toolchain}): arena {k.arena_bytes:,} B (plan {k.plan_arena_bytes:,}), "
+                   f"RAM {k.ram_bytes:,} of {k.target_ram_bytes:,} B (stack {k.stack_bytes:,} reserved), "
+                   f"flash {k.flash_bytes:,} B")
+    elif result.linker_skipped:
+        click.echo(f"  linker   not linked: {result.linker_skipped}")
     if plan.runtime:
         click.echo(f"  runtime  predicted resident peak {mib(plan.runtime['predicted_peak_bytes'])} "
                    f"(weights, prepacked copies, session, arena, io, state)")

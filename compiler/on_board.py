@@ -16,7 +16,9 @@ The memory the image really takes is checked too — what the linker placed agai
 Reported beside: flash (code, constants, .data initial values), the stack and heap the run used, and the
 instructions one inference executes (``lmc_run`` under ``-icount shift=0``; the largest over the samples).
 Failures exit 3 like any verification. Nothing is written into the bundle (its file list stays lmc's): the
-figures are printed, and are in ``--json``'s ``board``.
+figures are printed, and are in ``--json``'s ``board``. The linker's figures of the bundle as built are
+``lmc build``'s to record (plan.json ``"linker"``, report.md "Plan vs linker": ``lmc.targets.cbundle.linker``);
+this check measures the same image again and runs it.
 """
 
 from __future__ import annotations

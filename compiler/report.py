@@ -96,6 +96,11 @@ def render_report(result, model_name: str) -> str:
                   f"`lmc verify <bundle> --against <model>` (the host's cc){board}."]
     if result.cbundle_skipped:
         lines += ["", "## C bundle", "", f"Not written: {result.cbundle_skipped}."]
+    linker, linker_skipped = result.linker, result.linker_skipped
+    if linker is not None:
+        lines += ["", "## Plan vs linker", ""] + linker.report_lines()
+    elif linker_skipped:
+        lines += ["", "## Plan vs linker", "", f"Not linked (plan.json `\"linker\": null`): {linker_skipped}."]
     if result.verification is not None:
         v = result.verification
         kind, text = verdict(result)

@@ -347,10 +347,11 @@ def _header_define(header: str, name: str) -> int | None:
 class BoardImage:
     """A C bundle compiled and linked for a board; ``close()`` (or the context manager) removes the build
     folder unless ``keep`` is a folder to build in. ``profile_period``: build the startup's sampling profiler
-    (a sample every that many SysTick ticks inside ``lmc_run``; ``BoardRun.profile``)."""
+    (a sample every that many SysTick ticks inside ``lmc_run``; ``BoardRun.profile``). ``link_only``: the
+    image is built for its figures (``sizes``) and never run, so qemu-system-arm is not needed."""
 
     def __init__(self, bundle: str | Path, board: Board, keep: str | Path | None = None,
-                 profile_period: int | None = None):
+                 profile_period: int | None = None, link_only: bool = False):
         self.bundle = Path(bundle)
         self.board = board
         self.profile_period = profile_period
@@ -358,7 +359,8 @@ class BoardImage:
         if not (self.bundle / "model.h").is_file():
             raise BoardError(f"{bundle}: not a C bundle (no model.h)")
         gcc = find_tool(GCC)
-        find_tool(QEMU)
+        if not link_only:
+            find_tool(QEMU)
         header = (self.bundle / "model.h").read_text()
         self.header_arena = _header_define(header, "LMC_ARENA_BYTES")
         self.inputs, self.outputs = bundle_io(self.bundle)
