@@ -21,6 +21,7 @@ from lmc.passes.merge_matmuls import MergeParallelMatMuls
 from lmc.passes.moe_routing import MoeRouting
 from lmc.passes.prune import Prune, PruneConfig
 from lmc.passes.quantize.calibration import load_calibration
+from lmc.passes.quantize.integer_matmul import IntegerMatMuls
 from lmc.passes.quantize.static_int8 import QuantizeStaticInt8
 from lmc.passes.quantize.w8a8 import CalibMethod, QuantizeW8A8
 from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
@@ -94,8 +95,11 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
     if mode == "w8a8":
         method = CalibMethod(options.calib_method)
         # a bundle that runs lmc's C kernels (lmc.targets.cbundle): convolutional graphs all int8, static
-        static = [QuantizeStaticInt8(feeds), Cleanup()] if (options.emit or default_emit(target)) is EmitFormat.C else []
-        return static + [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()]
+        # and transformers' QDQ products as integer products with int8 activations between them
+        c = (options.emit or default_emit(target)) is EmitFormat.C
+        static = [QuantizeStaticInt8(feeds), Cleanup()] if c else []
+        integer = [IntegerMatMuls(feeds), Cleanup()] if c else []
+        return static + [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()] + integer
     raise LmcError(f"--quantize {mode} is not available")
 
 

@@ -1,10 +1,16 @@
 """C emitters for integer operators on int8 activations (family "int8"): QLinearConv, com.microsoft QGemm,
-QLinearAdd and QLinearGlobalAveragePool, and MaxPool on int8 (a fallback beside the float MaxPool).
+QLinearAdd and QLinearGlobalAveragePool, and MaxPool on int8 (a fallback beside the float MaxPool); for
+transformers QLinearMatMul and com.microsoft MatMulIntegerToFloat (constant 2-D int8 B, A of any rank),
+com.microsoft QLinearMul (same shapes) and QLinearSigmoid.
 
 Requantization scales are float32 and computed here in onnxruntime's order, so the C rounds as onnxruntime
 does on the host: QLinearConv (x_s · w_s[c]) / y_s; QGemm a_s · b_s[c] (float output) or (a_s · b_s[c]) / y_s;
-QLinearAdd a_s / y_s and b_s / y_s; QLinearGlobalAveragePool x_s / (y_s · hw). Only int8 activations and
-weights (uint8 is refused), per-tensor activation codes, per-tensor or per-channel weight codes.
+QLinearMatMul (a_s · b_s[c]) / y_s; MatMulIntegerToFloat a_s · b_s[c] (y = float(acc) · that);
+QLinearMul (a_s · b_s) / y_s applied to the exact integer product (q_a − z_a)(q_b − z_b);
+QLinearAdd a_s / y_s and b_s / y_s; QLinearGlobalAveragePool x_s / (y_s · hw). QLinearSigmoid is a table of
+the 256 codes that onnxruntime itself computes at emission (its sigmoid is its own approximation of
+1 / (1 + e^−x), so the table is what makes the C equal it). Only int8 activations and weights (uint8 is
+refused), per-tensor activation codes, per-tensor or per-channel weight codes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from lmc.targets.cbundle.ops_cnn import POOL_FIELDS, _flt, _ints, conv_geometry, conv_macs, pool_geometry
 from lmc.targets.cbundle.registry import REGISTRY, KernelCall, OpContext
@@ -148,3 +156,92 @@ def emit_maxpool_s8(op: OpContext) -> KernelCall:
 
 
 REGISTRY.add_fallback("", "MaxPool", emit_maxpool_s8)
+
+
+def _matmul_geometry(op: OpContext, a, b, y) -> tuple[int, int, int]:
+    if b.value is None or len(b.shape) != 2:
+        raise op.unsupported("B must be a constant 2-D matrix")
+    k, n = b.shape
+    if not a.shape or a.shape[-1] != k or y.shape[-1] != n:
+        raise op.unsupported(f"inner dims differ ({list(a.shape)} x {list(b.shape)})")
+    return a.numel // k, n, k
+
+
+@REGISTRY.op("QLinearMatMul")
+def emit_qlinear_matmul(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(3), op.outputs[0]
+    op.expect_dtype([a, b, y], I8)
+    m, n, k = _matmul_geometry(op, a, b, y)
+    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    sb, bz = _vector(op, 4, n, F32), _vector(op, 5, n, I8)
+    ys, yz = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    scale = ((sa * sb).astype(np.float32) / ys).astype(np.float32)
+    return _gemm_call(op, a, b, y, bz, scale, m, n, k, za, yz, quantized=True)
+
+
+@REGISTRY.op("MatMulIntegerToFloat", domain="com.microsoft")
+def emit_matmul_integer_to_float(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(1), op.outputs[0]
+    op.expect_dtype([a, b], I8)
+    op.expect_dtype([y], F32)
+    if op.input(6, required=False) is not None:
+        raise op.unsupported("a bias is not supported")
+    m, n, k = _matmul_geometry(op, a, b, y)
+    sa, sb = np.float32(_scalar(op, 2, F32)), _vector(op, 3, n, F32)
+    za, bz = int(_scalar(op, 4, I8)), _vector(op, 5, n, I8)
+    return _gemm_call(op, a, b, y, bz, (sa * sb).astype(np.float32), m, n, k, za, 0, quantized=False)
+
+
+def _gemm_call(op: OpContext, a, b, y, bz, scale, m: int, n: int, k: int, za: int, yz: int,
+               quantized: bool) -> KernelCall:
+    params = [f"static const lmc_qgemm_params {op.prefix} = {{{m}, {n}, {k}, 0, {za}, {yz}}};",
+              _floats(f"{op.prefix}_scale", scale)]
+    bz_arg = "0"
+    if bz is not None and bz.any():
+        params.append(_int8s(f"{op.prefix}_bzero", bz))
+        bz_arg = f"{op.prefix}_bzero"
+    outs = f"0, {y.out}" if quantized else f"{y.out}, 0"
+    return KernelCall(f"lmc_qgemm_s8({a.ptr()}, {b.ptr()}, {bz_arg}, 0, {op.prefix}_scale, {outs}, &{op.prefix});",
+                      FAMILIES, "\n".join(params), m * n * k)
+
+
+@REGISTRY.op("QLinearMul", domain="com.microsoft")
+def emit_qlinear_mul(op: OpContext) -> KernelCall:
+    a, b, y = op.input(0), op.input(3), op.outputs[0]
+    op.expect_dtype([a, b, y], I8)
+    if a.shape != y.shape or b.shape != y.shape:
+        raise op.unsupported("only operands of the output's shape are supported (no broadcasting)")
+    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    sb, zb = np.float32(_scalar(op, 4, F32)), int(_scalar(op, 5, I8))
+    sy, zy = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    ratio = np.float32(np.float32(sa * sb) / sy)
+    return KernelCall(f"lmc_qlinear_mul_s8({a.ptr()}, {za}, {b.ptr()}, {zb}, {_flt(ratio)}, {y.out}, {zy}, "
+                      f"{y.numel});", FAMILIES)
+
+
+def onnxruntime_table(op_type: str, xs: float, xz: int, ys: float, yz: int) -> np.ndarray:
+    """The int8 output onnxruntime computes for each of the 256 int8 inputs (index q + 128) of a unary
+    com.microsoft QLinear operator with these codes."""
+    consts = [onnx.numpy_helper.from_array(np.array(v, dtype=t), name) for name, v, t in
+              (("xs", xs, np.float32), ("xz", xz, np.int8), ("ys", ys, np.float32), ("yz", yz, np.int8))]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op_type, ["x", "xs", "xz", "ys", "yz"], ["y"], domain="com.microsoft")], "table",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT8, [256])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT8, [256])], consts)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.arange(-128, 128, dtype=np.int8)})[0]
+
+
+@REGISTRY.op("QLinearSigmoid", domain="com.microsoft")
+def emit_qlinear_sigmoid(op: OpContext) -> KernelCall:
+    x, y = op.input(0), op.outputs[0]
+    op.expect_dtype([x, y], I8)
+    xs, xz = float(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
+    ys, yz = float(_scalar(op, 3, F32)), int(_scalar(op, 4, I8))
+    table = onnxruntime_table("QLinearSigmoid", xs, xz, ys, yz)
+    return KernelCall(f"lmc_lookup_s8({x.ptr()}, {op.prefix}_table, {y.out}, {y.numel});", FAMILIES,
+                      _int8s(f"{op.prefix}_table", table))

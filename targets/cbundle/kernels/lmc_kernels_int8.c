@@ -161,6 +161,20 @@ void lmc_qlinear_add_s8(const int8_t *a, int32_t a_zero, float ra, const int8_t 
     }
 }
 
+void lmc_qlinear_mul_s8(const int8_t *a, int32_t a_zero, const int8_t *b, int32_t b_zero, float ratio,
+                        int8_t *y, int32_t y_zero, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i)
+        y[i] = lmc_requantize_s8(((int32_t)a[i] - a_zero) * ((int32_t)b[i] - b_zero), ratio, y_zero);
+}
+
+void lmc_lookup_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) y[i] = table[(int32_t)x[i] + 128];
+}
+
 void lmc_qglobal_avgpool_s8(const int8_t *x, int32_t x_zero, float scale, int8_t *y, int32_t y_zero,
                             int32_t nc, int32_t hw)
 {

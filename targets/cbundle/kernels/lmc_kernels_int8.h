@@ -37,6 +37,13 @@ void lmc_qlinear_add_s8(const int8_t *a, int32_t a_zero, float ra, const int8_t 
 void lmc_qglobal_avgpool_s8(const int8_t *x, int32_t x_zero, float scale, int8_t *y, int32_t y_zero,
                             int32_t nc, int32_t hw);
 
+/* QLinearMul, same shapes: y = requant((a − za)(b − zb), ratio) with ratio = (sa · sb) / sy. */
+void lmc_qlinear_mul_s8(const int8_t *a, int32_t a_zero, const int8_t *b, int32_t b_zero, float ratio,
+                        int8_t *y, int32_t y_zero, int32_t n);
+
+/* A unary operator on int8 codes as a table: y[i] = table[x[i] + 128]. */
+void lmc_lookup_s8(const int8_t *x, const int8_t *table, int8_t *y, int32_t n);
+
 /* MaxPool on int8 codes (the code order is the value order). */
 void lmc_maxpool2d_s8(const int8_t *x, int8_t *y, const lmc_pool2d_params *p);
 
