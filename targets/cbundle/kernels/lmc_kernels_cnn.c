@@ -233,7 +233,7 @@ static float binary(lmc_binary_kind op, float a, float b)
     case LMC_BIN_DIV: return a / b;
     case LMC_BIN_MAX: return (a > b || a != a) ? a : b;
     case LMC_BIN_MIN: return (a < b || a != a) ? a : b;
-    case LMC_BIN_POW: return powf(a, b);
+    case LMC_BIN_POW: return b == 2.0f ? a * a : powf(a, b);   /* exponent 2: x * x, as onnxruntime */
     default: return 0.0f;
     }
 }

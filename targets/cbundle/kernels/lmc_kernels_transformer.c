@@ -4,7 +4,7 @@
  *   MatMul   y[m, n] = sum_k a[m, k] b[k, n] per broadcast batch (float32 accumulation, k ascending);
  *   Softmax  y_i = exp(x_i - max x) / sum_j exp(x_j - max x);
  *   Sigmoid  1 / (1 + exp(-x)), written per sign so exp never overflows;
- *   ReduceMean = sum / r;  Pow with exponent 2 is x * x (as onnxruntime's fast path), else powf;
+ *   ReduceMean = sum / r (a contiguous sum of 4k terms in onnxruntime's order: lmc_tf_sum_lanes);  Pow with exponent 2 is x * x (as onnxruntime's fast path), else powf;
  *   Attention softmax(scale * q k^T + mask) v per head, grouped-query heads sharing kv heads.
  * Preconditions: static shapes with rank <= LMC_TF_MAX_RANK; output buffers do not overlap inputs except
  * where a kernel says so (elementwise ops may run in place: y == a). */
@@ -384,9 +384,40 @@ void lmc_tf_copy(const void *x, void *y, int32_t bytes)
     if (x != y && bytes > 0) memmove(y, x, (size_t)bytes);
 }
 
+/* The sum of r contiguous floats in the order onnxruntime's ReduceSum/ReduceMean add them on a row that
+ * starts 16-byte aligned (Eigen's vectorised reduction, 4 lanes): two 4-lane accumulators over blocks of 8,
+ * joined, one more block of 4 if left, then lanes (0 + 2) + (1 + 3). r must be a multiple of 4. */
+static float lmc_tf_sum_lanes(const float *p, int32_t r)
+{
+    float a[4], b[4];
+    int32_t i, l;
+    const int32_t pairs = r / 8 * 8;
+    for (l = 0; l < 4; ++l) a[l] = p[l];
+    if (r > 4) {
+        for (l = 0; l < 4; ++l) b[l] = p[4 + l];
+        for (i = 8; i < pairs; i += 8)
+            for (l = 0; l < 4; ++l) {
+                a[l] += p[i + l];
+                b[l] += p[i + 4 + l];
+            }
+        for (l = 0; l < 4; ++l) a[l] += b[l];
+        if (r > pairs)
+            for (l = 0; l < 4; ++l) a[l] += p[pairs + l];
+    }
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
 void lmc_tf_reduce_f32(int op, const float *x, float *y, int32_t outer, int32_t r, int32_t inner)
 {
     int32_t o, i, j;
+    if (op != LMC_TF_REDUCE_MAX && inner == 1 && r >= 4 && r % 4 == 0) {
+        for (o = 0; o < outer; ++o) {
+            float acc = lmc_tf_sum_lanes(x + (int64_t)o * r, r);
+            if (op == LMC_TF_REDUCE_MEAN) acc /= (float)r;
+            y[o] = acc;
+        }
+        return;
+    }
     for (o = 0; o < outer; ++o) {
         for (j = 0; j < inner; ++j) {
             const float *p = x + (int64_t)o * r * inner + j;
