@@ -90,3 +90,47 @@ def test_rms_norm_steps_bit_exact(tmp_path):
     plain = [np.float32(sum(np.float32(v) for v in row)) for row in results[0][1][0]]   # left to right, float32
     sequential = np.array([np.float32(s / np.float32(64)) for s in plain], np.float32)
     assert not np.array_equal(sequential, results[0][1][1][:, 0])
+
+
+LLAMA = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "mcu" / "llama260k-past-optimum.onnx"
+
+
+def _llama_shapes() -> dict:
+    shapes_ = {"input_ids": (1, 16), "attention_mask": (1, 16), "position_ids": (1, 16)}
+    shapes_.update({f"past_key_values.{i}.{k}": (1, 4, 0, 8) for i in range(5) for k in ("key", "value")})
+    return shapes_
+
+
+def test_llama_w8a8_full_int8_in_c(tmp_path):
+    """The 260K Llama one-shot, --quantize w8a8 --calib for cortex-m7: integer products in model.onnx, int8
+    between them, an arena well under float's, and the C equal to onnxruntime: the values (DequantizeLinear of
+    int8) bit for bit, keys (rotary: cos/sin are onnxruntime's own approximations, an ulp apart) and logits
+    within 1e-5."""
+    from lmc.compiler.build import BuildOptions, build    # (the C-only tests above need no build)
+
+    rng = np.random.default_rng(0)
+    calib = {"input_ids": rng.integers(0, 256, (4, 1, 16)).astype(np.int64),
+             "attention_mask": np.ones((4, 1, 16), np.int64),
+             "position_ids": np.tile(np.arange(16, dtype=np.int64), (4, 1, 1))}
+    calib.update({k: np.zeros((4, *v), np.float32) for k, v in _llama_shapes().items() if k.startswith("past")})
+    np.savez(tmp_path / "calib.npz", **calib)
+    float_plan = build(LLAMA, BuildOptions(target="cortex-m7", input_shapes=_llama_shapes(), verify=False),
+                       tmp_path / "f32").plan
+    result = build(LLAMA, BuildOptions(target="cortex-m7", input_shapes=_llama_shapes(), quantize="w8a8",
+                                       calib=str(tmp_path / "calib.npz"), verify=False), tmp_path / "i8")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "i8" / "model.onnx")).graph.node]
+    assert ops.count("QLinearMatMul") == 10 and ops.count("MatMulIntegerToFloat") == 10
+    assert "QLinearSigmoid" in ops and "QLinearMul" in ops
+    assert result.plan.arena_bytes < 0.6 * float_plan.arena_bytes
+    feed = {k: v[0] for k, v in calib.items()}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "i8" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    with HostBuild(tmp_path / "i8") as host:
+        got = dict(zip([s.name for s in host.outputs], host.run(feed)))
+    for name, ref in zip(names, session.run(None, feed)):
+        if name.startswith("present") and name.endswith("value"):
+            assert np.array_equal(got[name], ref), name
+        else:
+            assert np.abs(got[name] - ref).max() <= 1e-5 * np.abs(ref).max(), name
