@@ -156,7 +156,12 @@ def estimate_peak(graph: gs.Graph, alignment: int = 64) -> int | None:
 
 
 def _reader_name(node: gs.Node) -> str:
-    return f"{node.domain}.{node.op}" if node.domain and node.domain not in ir.DEFAULT_DOMAINS else node.op
+    """The kernel kind of a reader: ``domain.op``; MatMulNBits at accuracy level 0 (float activations, the
+    attribute's default) is the variant ``com.microsoft.MatMulNBits@0``."""
+    name = f"{node.domain}.{node.op}" if node.domain and node.domain not in ir.DEFAULT_DOMAINS else node.op
+    if ir.is_op(node, "MatMulNBits", ir.MS_DOMAIN) and int(node.attrs.get("accuracy_level", 0)) == 0:
+        return name + "@0"
+    return name
 
 
 def _decoded_kernel(dq: gs.Node) -> str:
@@ -177,11 +182,22 @@ def _rows(tensor: gs.Tensor) -> int:
     return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims)
 
 
+def written_decoded_matmul(node: gs.Node) -> bool:
+    """A MatMulNBits written for a decoded weight (``lmc.compiler.lower_matmulnbits``): its packed weight is
+    a constant no other node reads (a tied head's table is also its embedding's GatherBlockQuantized)."""
+    return (ir.is_op(node, "MatMulNBits", ir.MS_DOMAIN) and len(node.inputs) > 1
+            and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].outputs) == 1)
+
+
 def decoded_matmuls(graph: gs.Graph) -> list[DecodedMatMul]:
     """Weight bits and rows of every MatMul whose weight lmc decodes into it with its activation left in
-    float (``_decoded_kernel`` is ``DECODED_MATMUL``): what the runtime model's choices read."""
+    float (``_decoded_kernel`` is ``DECODED_MATMUL``, or the MatMulNBits written for one): what the runtime
+    model's choices read."""
     out = []
     for node in graph.nodes:
+        if written_decoded_matmul(node):
+            out.append(DecodedMatMul(int(node.attrs["bits"]), _rows(node.inputs[0])))
+            continue
         if not decoded_weight(node) or _decoded_kernel(node) != DECODED_MATMUL:
             continue
         bits = ir.itemsize_bits(ir.onnx_dtype(node.inputs[0].dtype))

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from lmc import __version__
 from lmc.core import ir, shapes, weights
 from lmc.compiler.backend import plan_memory, runtime_for
+from lmc.compiler.lower_matmulnbits import accuracy_level, lower_decoded_matmuls
 from lmc.core.errors import AttentionSinksFound, LmcError, PositionBiasFound, ShapeError
 from lmc.core.metadata import GENERATION_KEY, METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.core.model_io import load_model
@@ -39,6 +40,7 @@ from lmc.targets.cbundle.registry import UnsupportedOp
 from lmc.targets.cbundle.generation import emit_generation_c
 from lmc.targets.cbundle.linker import BoardError, LinkerFigures, link_figures, unavailable
 from lmc.targets.plan import MemoryPlan, Profile, check_plan
+from lmc.targets.runtime_model import RuntimeModel
 from lmc.targets.target import Target, load_target
 from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
 from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
@@ -187,7 +189,9 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
         nodes_before, weights_before = len(graph.nodes), ir.weight_bytes(graph)
         compilation = Compilation(options, target, spill, progress, on_pass)
         graph, records = compilation.run(graph, default_pipeline(options, target, [t.name for t in graph.inputs]))
-        plan = plan_memory(graph, target, inplace=options.inplace)
+        by_dtype = ir.bytes_by_dtype(graph)      # as quantized (the runtime's kernels repack some of them)
+        runtime = lower_for_runtime(graph, options, target, spill)
+        plan = plan_memory(graph, target, inplace=options.inplace, runtime=runtime)
     except ShapeError as exc:     # a shape left dynamic: say so plainly when the original cannot run either
         _blame_model(model_path, options, values, exc)
         raise
@@ -203,8 +207,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
 
     bound = {t.name: [int(d) for d in t.shape] for t in graph.inputs}
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
-    by_dtype = ir.bytes_by_dtype(graph)
-    staged = _stage(graph, options, target, out_dir)
+    staged = _stage(graph, options, target, out_dir, runtime)
     try:
         cbundle, skipped = c_bundle(options, target, lambda: emit_c(graph, plan, target, staged))
         linker, linker_skipped = link_check(cbundle, target, staged)
@@ -348,9 +351,21 @@ def _commit(staged: Path, result: BuildResult, model_path) -> None:
     })
 
 
-def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path,
+def lower_for_runtime(graph: gs.Graph, options: BuildOptions, target: Target, spill) -> RuntimeModel:
+    """The runtime model the target chooses for the graph's decoded MatMuls (``runtime_for``); for an ONNX
+    bundle on a target that runs MatMulNBits, the DequantizeLinear → MatMul pairs are then written as the
+    MatMulNBits onnxruntime would fuse them into at load, at the chosen accuracy level
+    (``lmc.compiler.lower_matmulnbits``: no fusion copies at load)."""
+    runtime = runtime_for(graph, target)
+    if (options.emit or default_emit(target)) is EmitFormat.ONNX and target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
+        lower_decoded_matmuls(graph, accuracy_level(runtime.session_options), spill)
+    return runtime
+
+
+def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path, runtime: RuntimeModel,
            metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the graph as a staged bundle model (weights streamed one at a time into the aligned file)."""
+    """Write the graph as a staged bundle model (weights streamed one at a time into the aligned file) with
+    the session options of ``runtime``, the runtime model its plan was made under."""
     threshold = target.memory.external_data_threshold
     if ir.weight_bytes(graph) > emit.SMALL_MODEL_BYTES:
         model = ir.export_skeleton(graph, inline_bytes=threshold - 1)
@@ -367,8 +382,7 @@ def _stage(graph: gs.Graph, options: BuildOptions, target: Target, out_dir: Path
         staged = emit.stage_model(model, out_dir, target.memory.alignment, threshold, source)
     # the runtime configuration the plan's prediction describes (the target's, with the choice it makes for
     # what this graph holds), for drivers to apply
-    (staged / SESSION_OPTIONS_FILE).write_text(json.dumps(runtime_for(graph, target).session_options,
-                                                          sort_keys=True) + "\n")
+    (staged / SESSION_OPTIONS_FILE).write_text(json.dumps(runtime.session_options, sort_keys=True) + "\n")
     return staged
 
 
@@ -493,8 +507,9 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     spec = options.attention_spec
     info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks,
                                windows=tuple(sorted(set(info.windows) | ({spec.window} if spec.window else set()))))
-    runtime = runtime_for(graph, target)     # one session for every profile: chosen on the unbound graph
-    staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json()})
+    # one session for every profile: chosen on the unbound graph
+    runtime = lower_for_runtime(graph, options, target, compilation.spill)
+    staged = _stage(graph, options, target, out_dir, runtime, {GENERATION_KEY: info.to_json()})
     try:
         genai.write(staged)
         plans = []

@@ -171,9 +171,14 @@ def _proto_nbytes(t: onnx.TensorProto) -> int:
 
 
 def _graph_weights_ops(graph: onnx.GraphProto, weights: dict, ops: collections.Counter) -> None:
-    """Initializers and Constant values by dtype ({"tensors", "bytes"}) and op counts, subgraphs included."""
+    """Initializers and Constant values by dtype ({"tensors", "bytes"}) and op counts, subgraphs included.
+    A 4-bit MatMulNBits' packed weight and zero points (uint8 bytes, two values each) count as uint4."""
+    nibbles = {name for node in graph.node if node.op_type == "MatMulNBits"
+               and any(a.name == "bits" and a.i == 4 for a in node.attribute)
+               for i, name in enumerate(node.input) if i in (1, 3) and name}
     for t in graph.initializer:
-        entry = weights.setdefault(_dtype_name(t.data_type), {"tensors": 0, "bytes": 0})
+        dtype = "uint4" if t.name in nibbles else _dtype_name(t.data_type)
+        entry = weights.setdefault(dtype, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += _proto_nbytes(t)
     for node in graph.node:

@@ -46,8 +46,8 @@ from lmc.passes.position_bias import RestorePositionBias, measure_bias, split_bi
 from lmc.targets import emit
 from lmc.targets.plan import Profile, check_plan
 from lmc.targets.target import load_target
-from lmc.compiler.backend import plan_memory, runtime_for
-from lmc.compiler.build import BuildResult, _check_budget, _stage, build
+from lmc.compiler.backend import plan_memory
+from lmc.compiler.build import BuildResult, _check_budget, _stage, build, lower_for_runtime
 from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
 from lmc.compiler.generation import bind_sequence, compile_generation
 from lmc.compiler.pipeline import default_pipeline
@@ -267,9 +267,10 @@ def build_seq2seq(model_path, options, out_dir, on_pass=None, progress=None):
                            "input to fill it from")
         nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
         by_dtype = ir.bytes_by_dtype(graph)
-        runtime = runtime_for(graph, target)
+        runtime = lower_for_runtime(graph, options, target, None)
         state = list(info.state) + [(name, name) for name in cross.names]
-        staged = _stage(graph, options, target, out_dir, {GENERATION_KEY: info.to_json(), SEQ2SEQ_KEY: s2s.to_json()})
+        staged = _stage(graph, options, target, out_dir, runtime,
+                        {GENERATION_KEY: info.to_json(), SEQ2SEQ_KEY: s2s.to_json()})
         try:
             plans = []
             for name, seq in (("decode", 1), ("prefill", chunk)):

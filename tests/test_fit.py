@@ -90,8 +90,9 @@ def test_int4_blocks_default_to_the_targets(llama, tmp_path):
         build(llama, BuildOptions(target=str(target), input_shapes={"input_ids": (1, 16)}, quantize=QuantizeMode.INT4,
                                   verify=False, **kw), out)
         model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-        return {a.i for n in model.graph.node if n.op_type == "DequantizeLinear"
-                for a in n.attribute if a.name == "block_size"}
+        four_bit = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                    or (n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute))]
+        return {a.i for n in four_bit for a in n.attribute if a.name == "block_size"}
 
     assert blocks(tmp_path / "t") == {16}
     assert blocks(tmp_path / "u", block_size=64) == {64}

@@ -230,14 +230,18 @@ def test_the_plan_predicts_the_chosen_configuration(tiny_bundles):
     """The level-0 bundle's prediction is the runtime model's under its choice: the decoded weights as
     accuracy level 0 packs them, fewer per-call temporaries than the same graph at level 4."""
     from lmc.core import ir
-    from lmc.compiler.backend import decoded_matmuls, plan_memory, runtime_for
+    from lmc.compiler.backend import decoded_matmuls, plan_memory, runtime_for, written_decoded_matmul
     from lmc.core.model_io import load_model
 
     target = load_target("x86-64")
     graph = ir.to_graph(load_model(tiny_bundles["int4-2x64"] / "model.onnx"))
     assert {(m.bits, m.rows) for m in decoded_matmuls(graph)} == {(4, 128)}
     chosen = plan_memory(graph, target).runtime
-    level4 = plan_memory(graph, target, runtime=dataclasses.replace(target.runtime, choices=())).runtime
+    same_at_level4 = ir.to_graph(load_model(tiny_bundles["int4-2x64"] / "model.onnx"))
+    for node in same_at_level4.nodes:
+        if written_decoded_matmul(node):          # the bundle writes its MatMulNBits at the chosen level
+            node.attrs["accuracy_level"] = 4
+    level4 = plan_memory(same_at_level4, target, runtime=dataclasses.replace(target.runtime, choices=())).runtime
     assert runtime_for(graph, target).choice == chosen["choice"] == target.runtime.choices[0].name
     assert chosen == json.loads((tiny_bundles["int4-2x64"] / "plan.json").read_text())["runtime"]
     assert level4["choice"] is None and LEVEL not in str(level4["session_options"])
