@@ -49,7 +49,7 @@ class StateDecoder:
         settings = {**bundle_session_options(model_path), **(session_options or {})}
         self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
                                             providers=["CPUExecutionProvider"])
-        after_load(settings)
+        after_load(settings, model_path)
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.state = {}

@@ -152,7 +152,7 @@ class Seq2SeqDecoder:
         settings = {**bundle_session_options(model_path), **(session_options or {})}
         self.encoder = ort.InferenceSession(str(model_path.parent / info.encoder), _options(threads, settings),
                                             providers=["CPUExecutionProvider"])
-        after_load(settings)
+        after_load(settings, model_path.parent / info.encoder)
         self.encoder_dtypes = {i.name: _np_dtype(i.type) for i in self.encoder.get_inputs()}
         inputs = {i.name: i for i in self.decoder.session.get_inputs()}
         self.cross = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros([int(d) for d in inputs[name].shape],

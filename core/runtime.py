@@ -12,7 +12,11 @@ e.g. MatMulNBits' accuracy level) — holds onnxruntime ``SessionOptions`` attri
   the highest offset in use. It is registered once per process: the first configuration wins;
 - ``trim_heap_after_load``: once the session exists, return the C heap's free pages to the system (glibc
   ``malloc_trim``; nothing where the C library has none): loading frees the optimiser's temporaries into
-  holes the heap keeps resident, and runs allocate from the arena, not from them.
+  holes the heap keeps resident, and runs allocate from the arena, not from them;
+- ``release_mapped_after_load``: once the session exists, drop the pages of the bundle's weights file
+  from the process (``weights.drop_mapped_pages``): tensors a kernel packed at load but whose originals the
+  runtime keeps (onnxruntime's x86 MatMulNBits keeps its scales and zero points) are never read again;
+  what runs read comes back from the file on demand.
 ``open_bundle`` applies all of it; a driver that creates its session itself calls
 ``apply_session_options`` before and ``after_load`` after.
 """
@@ -44,6 +48,8 @@ SESSION_OPTIONS_FILE = "session_options.json"
 CONFIG_ENTRIES = "config_entries"
 CPU_ARENA = "cpu_arena"
 TRIM_HEAP = "trim_heap_after_load"
+RELEASE_MAPPED = "release_mapped_after_load"
+WEIGHTS_SUFFIX = ".weights"      # a bundle's external-data file (lmc.targets.emit.WEIGHTS_FILE)
 USE_ENV_ALLOCATORS = "session.use_env_allocators"
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,7 @@ def apply_session_options(opts: ort.SessionOptions, settings: dict) -> ort.Sessi
         elif key == CPU_ARENA:
             if use_process_arena(value):
                 opts.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
-        elif key == TRIM_HEAP:
+        elif key in (TRIM_HEAP, RELEASE_MAPPED):
             continue                 # once the session exists: ``after_load``
         else:
             setattr(opts, key, value)
@@ -83,10 +89,14 @@ def use_process_arena(config: dict) -> bool:
     return True
 
 
-def after_load(settings: dict) -> None:
-    """What ``session_options.json`` asks for once the session exists (``trim_heap_after_load``)."""
+def after_load(settings: dict, model_path: str | Path | None = None) -> None:
+    """What ``session_options.json`` asks for once the session on ``model_path`` exists
+    (``trim_heap_after_load``, ``release_mapped_after_load``)."""
     if settings.get(TRIM_HEAP):
         weights.release_freed()
+    if settings.get(RELEASE_MAPPED) and model_path is not None:
+        dropped = weights.drop_mapped_pages(Path(model_path).parent, WEIGHTS_SUFFIX)
+        log.debug("%.1f MiB of mapped weight pages dropped after load", dropped / 2**20)
 
 
 def bundle_session_options(model_path: str | Path) -> dict:
@@ -112,7 +122,7 @@ def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None 
         opts.inter_op_num_threads = 1
     apply_session_options(opts, settings)
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    after_load(settings)
+    after_load(settings, model_path)
     return sess
 
 

@@ -259,6 +259,36 @@ def release_freed() -> None:
         pass
 
 
+MADV_DONTNEED = 4      # Linux madvise(2): drop the range's pages; a clean file page is re-read on next use
+
+
+def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
+    """Drop from the process the pages it maps of the files in ``folder`` whose names end with ``suffix``
+    (a bundle's weights, which onnxruntime maps read-only and private): each range is ``madvise``d
+    ``MADV_DONTNEED``, so a page leaves the resident set and, if it is read again, is read back from the
+    file — the values cannot change. What stays resident afterwards is what runs read. Returns the bytes of
+    the ranges advised (0 where /proc/self/maps or madvise is missing: nothing is done)."""
+    import ctypes
+
+    root = os.path.realpath(folder)
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].endswith(suffix) or os.path.dirname(fields[5]) != root:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
 def large_external(path: str | os.PathLike) -> bool:
     """True when the model at ``path`` keeps a tensor over ``INLINE_BYTES`` in an external-data file (such a
     model's weights are file-backed once loaded)."""
@@ -285,5 +315,5 @@ def copy_file_backed(model: onnx.ModelProto) -> None:
         tensor.raw_data = data
 
 
-__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "large_external", "release_freed", "file_backed", "is_file_backed", "keep_in_file",
+__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "drop_mapped_pages", "large_external", "release_freed", "file_backed", "is_file_backed", "keep_in_file",
            "link_external", "restore_external"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -271,3 +272,33 @@ def test_calibrated_quantization_of_a_file_backed_model(tmp_path, monkeypatch):
     want = x @ a + x @ b
     got = session(bundle_model_path(result.out_dir)).run(None, {"x": x})[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 0.2
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of the process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_dropped_weight_pages_leave_the_process_and_read_back_the_same(tmp_path):
+    from lmc.core.weights import drop_mapped_pages
+
+    values = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)     # 16 MiB
+    values.tofile(tmp_path / "model.weights")
+    mapped = np.memmap(tmp_path / "model.weights", dtype=np.float32, mode="r")
+    assert float(mapped.sum()) == pytest.approx(float(values.sum()), rel=1e-4)     # every page read
+    path = (tmp_path / "model.weights").resolve()
+    assert _mapped_rss(path) > 15 << 20
+    assert drop_mapped_pages(tmp_path / "elsewhere", ".weights") == 0              # not this folder's:
+    assert drop_mapped_pages(tmp_path, ".onnx") == 0                               # not this file: kept
+    assert _mapped_rss(path) > 15 << 20
+    assert drop_mapped_pages(tmp_path, ".weights") >= values.nbytes
+    assert _mapped_rss(path) < 1 << 20
+    np.testing.assert_array_equal(np.asarray(mapped), values)                      # read back, unchanged
