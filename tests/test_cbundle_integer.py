@@ -1,7 +1,9 @@
 """The C bundle's integer transformer kernels against onnxruntime, bit for bit: QLinearMul over every pair of
 int8 codes, QLinearSigmoid over every code (its table is onnxruntime's), the integer SwiGLU the
 quantize-integer-matmuls pass writes (QLinearMatMul, Split, QLinearSigmoid, QLinearMul, MatMulIntegerToFloat),
-and the RMS norm's float steps (Pow 2, ReduceMean in onnxruntime's order)."""
+and the float steps between them as onnxruntime rounds them on the host: the RMS norm's (Pow 2, ReduceMean in
+its order), the rotary's Cos/Sin (its own approximations), the attention's MatMul (fused multiply-adds) and
+Softmax (MLAS's exp and lane sums); each beside the plain formula, which differs."""
 
 from __future__ import annotations
 
@@ -103,9 +105,8 @@ def _llama_shapes() -> dict:
 
 def test_llama_w8a8_full_int8_in_c(tmp_path):
     """The 260K Llama one-shot, --quantize w8a8 --calib for cortex-m7: integer products in model.onnx, int8
-    between them, an arena well under float's, and the C equal to onnxruntime: the values (DequantizeLinear of
-    int8) bit for bit, keys (rotary: cos/sin are onnxruntime's own approximations, an ulp apart) and logits
-    within 1e-5."""
+    between them, an arena well under float's, and the C equal to onnxruntime bit for bit (logits and every
+    present.*)."""
     from lmc.compiler.build import BuildOptions, build    # (the C-only tests above need no build)
 
     rng = np.random.default_rng(0)
@@ -130,7 +131,29 @@ def test_llama_w8a8_full_int8_in_c(tmp_path):
     with HostBuild(tmp_path / "i8") as host:
         got = dict(zip([s.name for s in host.outputs], host.run(feed)))
     for name, ref in zip(names, session.run(None, feed)):
-        if name.startswith("present") and name.endswith("value"):
-            assert np.array_equal(got[name], ref), name
-        else:
-            assert np.abs(got[name] - ref).max() <= 1e-5 * np.abs(ref).max(), name
+        assert np.array_equal(got[name], ref), name
+
+
+def test_attention_float_steps_bit_exact(tmp_path):
+    """Cos/Sin of rotary angles, a score MatMul and its Softmax: the C equals onnxruntime bit for bit, where libm's
+    cos, a multiply-then-add sum and expf-based softmax each differ from it."""
+    n = 4096
+    model = _ms([helper.make_node("Cos", ["t"], ["c"]), helper.make_node("Sin", ["t"], ["s"]),
+                 helper.make_node("MatMul", ["q", "k"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=-1)],
+                [helper.make_tensor_value_info("t", TensorProto.FLOAT, [n]),
+                 helper.make_tensor_value_info("q", TensorProto.FLOAT, [8, 16, 8]),
+                 helper.make_tensor_value_info("k", TensorProto.FLOAT, [8, 8, 21])],
+                [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("c", "s", "sc", "p")], [])
+    rng = np.random.default_rng(8)
+    feed = {"t": np.concatenate([rng.random(n // 2) * 40 - 20, np.outer(np.arange(64), 0.1 ** np.arange(32) * 3).ravel()[:n // 2]]).astype(np.float32),
+            "q": rng.standard_normal((8, 16, 8)).astype(np.float32) * 2, "k": rng.standard_normal((8, 8, 21)).astype(np.float32)}
+    [(c, r)] = c_and_onnxruntime(model, tmp_path / "b", [feed])
+    for got, ref in zip(c, r):
+        assert np.array_equal(got, ref)
+    assert not np.array_equal(np.cos(feed["t"]), r[0])                      # libm's cos is not onnxruntime's
+    plain = np.zeros_like(r[2])
+    for t in range(8):
+        plain = (plain + feed["q"][:, :, t:t + 1] * feed["k"][:, t:t + 1, :]).astype(np.float32)
+    assert not np.array_equal(plain, r[2])                                  # multiply then add: another rounding
+    e = np.exp(r[2] - r[2].max(-1, keepdims=True))
+    assert not np.array_equal((e / e.sum(-1, keepdims=True)).astype(np.float32), r[3])

@@ -1,6 +1,8 @@
 /* lmc kernels, family "cnn": float32 convolution, pooling, matrix products, elementwise and softmax.
- * Portable C99; sums accumulate in float in the natural loop order. */
+ * Portable C99; sums accumulate in float in the natural loop order (MatMul with fused multiply-adds and
+ * Softmax as onnxruntime computes them on the host: see lmc_matmul_f32 and lmc_softmax_f32). */
 #include <math.h>
+#include <string.h>
 
 #include "lmc_kernels_cnn.h"
 
@@ -200,7 +202,7 @@ void lmc_matmul_f32(const float *a, const float *b, float *y, int32_t m, int32_t
             for (t = 0; t < k; ++t) {
                 const float av = ar[t];
                 const float *br = bb + (long)t * n;
-                for (j = 0; j < n; ++j) yr[j] += av * br[j];
+                for (j = 0; j < n; ++j) yr[j] = fmaf(av, br[j], yr[j]);
             }
         }
     }
@@ -307,21 +309,51 @@ void lmc_channel_affine_f32(const float *x, const float *a, const float *b, floa
         }
 }
 
+/* exp(v) for v <= 0 as onnxruntime's softmax computes it on the host (MLAS's sum-exp kernel): v clamped below
+ * at -88.376, v = m ln2 + r with m = round(v / ln2) (rounding bias 1.5 * 2^23) and r reduced in two fused
+ * steps, exp(r) by a degree-6 polynomial in fused multiply-adds, times 2^m built in the exponent field. */
+static float mlas_exp_nonpositive(float v)
+{
+    const float bias = 12582912.0f;
+    float biased, m, p, scale;
+    uint32_t bits;
+    v = (-88.3762626647949f > v) ? -88.3762626647949f : v;
+    biased = fmaf(v, 1.44269504088896341f, bias);
+    m = biased - bias;
+    v = fmaf(m, -6.93145752e-1f, v);
+    v = fmaf(m, -1.42860677e-6f, v);
+    p = fmaf(0x1.694000p-10f, v, 0x1.125edcp-7f);
+    p = fmaf(p, v, 0x1.555b5ap-5f);
+    p = fmaf(p, v, 0x1.555450p-3f);
+    p = fmaf(p, v, 0x1.fffff6p-2f);
+    p = fmaf(p, v, 1.0f);
+    p = fmaf(p, v, 1.0f);
+    memcpy(&bits, &biased, sizeof bits);
+    bits = (bits << 23) + 0x3F800000u;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Softmax along len elements (stride inner) as onnxruntime's MLAS computes it on the host: the maximum,
+ * e_j = exp(x_j - max) (mlas_exp_nonpositive), their sum in eight lane accumulators (element j in lane j % 8)
+ * joined as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) taken high half first, then y_j = e_j · (1 / sum). */
 void lmc_softmax_f32(const float *x, float *y, int32_t outer, int32_t len, int32_t inner)
 {
     int32_t o, j, t;
     for (o = 0; o < outer; ++o) {
         for (t = 0; t < inner; ++t) {
             const long base = (long)o * len * inner + t;
-            float mx = -INFINITY, sum = 0.0f;
+            float mx = -3.40282347e+38f, lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, sum, r;
             for (j = 0; j < len; ++j)
                 if (x[base + (long)j * inner] > mx) mx = x[base + (long)j * inner];
             for (j = 0; j < len; ++j) {
-                const float e = expf(x[base + (long)j * inner] - mx);
+                const float e = mlas_exp_nonpositive(x[base + (long)j * inner] + -mx);
                 y[base + (long)j * inner] = e;
-                sum += e;
+                lanes[j % 8] += e;
             }
-            for (j = 0; j < len; ++j) y[base + (long)j * inner] /= sum;
+            sum = ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
+            r = 1.0f / sum;
+            for (j = 0; j < len; ++j) y[base + (long)j * inner] *= r;
         }
     }
 }

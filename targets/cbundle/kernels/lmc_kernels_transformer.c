@@ -1,7 +1,9 @@
 /* lmc C bundle: transformer kernels (see lmc_kernels_transformer.h for the conventions).
  *
  * Math, as the ONNX operators define it:
- *   MatMul   y[m, n] = sum_k a[m, k] b[k, n] per broadcast batch (float32 accumulation, k ascending);
+ *   MatMul   y[m, n] = sum_k a[m, k] b[k, n] per broadcast batch (float32, k ascending, fused multiply-adds
+ *            as onnxruntime's SGEMM on the host);
+ *   Sin/Cos  onnxruntime's own approximations (lmc_tf_sincos);
  *   Softmax  y_i = exp(x_i - max x) / sum_j exp(x_j - max x);
  *   Sigmoid  1 / (1 + exp(-x)), written per sign so exp never overflows;
  *   ReduceMean = sum / r (a contiguous sum of 4k terms in onnxruntime's order: lmc_tf_sum_lanes);  Pow with exponent 2 is x * x (as onnxruntime's fast path), else powf;
@@ -165,6 +167,49 @@ static float lmc_tf_sigmoid(float x)
     }
 }
 
+static float lmc_tf_madd(float a, float b, float c)
+{
+    const float t = a * b;    /* two roundings, as a multiply then an add (no contraction across statements) */
+    return t + c;
+}
+
+/* sin / cos as onnxruntime computes them on the host (Eigen's vectorised psincos without FMA): x reduced by
+ * the nearest multiple of pi/2 in four steps, a degree-8 cosine or degree-7 sine polynomial on [-pi/4, pi/4],
+ * the sign from the quadrant. Beyond |x| of 25966 (sin) / 18838 (cos) libm (Eigen reduces those apart). */
+static float lmc_tf_sincos(float v, int sine)
+{
+    static const float reduce[4] = {-1.5703125f, -0.000483989715576171875f, 1.62865035235881805419921875e-07f,
+                                    5.5644315544167710640977020375430583953857421875e-11f};
+    const float ax = fabsf(v);
+    float y, r, x, x2, p, q;
+    uint32_t yi, sign, bits;
+    int k;
+    if (!(ax < (sine ? 25966.0f : 18838.0f))) return sine ? sinf(v) : cosf(v);
+    r = ax * 0.636619746685028076171875f + 12582912.0f;
+    memcpy(&yi, &r, sizeof yi);
+    y = r - 12582912.0f;
+    x = ax;
+    for (k = 0; k < 4; ++k) x = lmc_tf_madd(y, reduce[k], x);
+    memcpy(&bits, &v, sizeof bits);
+    sign = (sine ? (bits ^ (yi << 30)) : ((yi + 1u) << 30)) & 0x80000000u;
+    x2 = x * x;
+    p = 2.4372266125283204019069671630859375e-05f;
+    p = lmc_tf_madd(p, x2, -0.00138865201734006404876708984375f);
+    p = lmc_tf_madd(p, x2, 0.041666619479656219482421875f);
+    p = lmc_tf_madd(p, x2, -0.5f);
+    p = lmc_tf_madd(p, x2, 1.0f);
+    q = -0.0001959234114083702898469196984621021329076029360294342041015625f;
+    q = lmc_tf_madd(q, x2, 0.0083326873655616851693794799871284340042620897293090820312500000f);
+    q = lmc_tf_madd(q, x2, -0.1666666203982298255503735617821803316473960876464843750000000000f);
+    q = q * x2;
+    q = lmc_tf_madd(q, x, x);
+    r = ((yi & 1u) == 0) == (sine != 0) ? q : p;
+    memcpy(&bits, &r, sizeof bits);
+    bits ^= sign;
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+
 void lmc_tf_unary_f32(int op, const float *x, float *y, int32_t n)
 {
     int32_t i;
@@ -174,8 +219,8 @@ void lmc_tf_unary_f32(int op, const float *x, float *y, int32_t n)
         case LMC_TF_NEG: y[i] = -v; break;
         case LMC_TF_SQRT: y[i] = sqrtf(v); break;
         case LMC_TF_SIGMOID: y[i] = lmc_tf_sigmoid(v); break;
-        case LMC_TF_COS: y[i] = cosf(v); break;
-        case LMC_TF_SIN: y[i] = sinf(v); break;
+        case LMC_TF_COS: y[i] = lmc_tf_sincos(v, 0); break;
+        case LMC_TF_SIN: y[i] = lmc_tf_sincos(v, 1); break;
         case LMC_TF_EXP: y[i] = expf(v); break;
         case LMC_TF_RECIPROCAL: y[i] = 1.0f / v; break;
         case LMC_TF_ABS: y[i] = fabsf(v); break;
@@ -270,7 +315,7 @@ void lmc_tf_matmul_f32(const float *a, const int32_t *sa, const float *b, const 
             for (p = 0; p < k; ++p) {
                 float av = pa[(int64_t)i * k + p];
                 const float *brow = pb + (int64_t)p * n;
-                for (j = 0; j < n; ++j) row[j] += av * brow[j];
+                for (j = 0; j < n; ++j) row[j] = fmaf(av, brow[j], row[j]);
             }
         }
         y += (int64_t)m * n;
