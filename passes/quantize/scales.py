@@ -217,9 +217,12 @@ def _run(tasks, work) -> None:
         for task in tasks:
             work(task)
         return
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         for _ in pool.map(work, tasks):     # re-raises a worker's exception
             pass
+    finally:        # interrupted (Ctrl-C, SIGTERM) or failed: the tasks not started are dropped, not run
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _block_tasks(w: np.ndarray, block: int, axis: int):

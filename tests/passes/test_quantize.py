@@ -530,3 +530,26 @@ def test_w8a8_weights_follow_the_targets_integer_gemm(tiny_llama, tmp_path):
     model = onnx.load(str(a55), load_external_data=False)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert not np.array_equal(_logits(a55, feed, False), _logits(a55, feed, True))
+
+
+def test_an_interrupted_search_drops_the_work_not_started(monkeypatch):
+    """Ctrl-C or SIGTERM during a weight's search: the chunks no thread has started are not run, so the
+    build stops within a chunk, not after the whole weight."""
+    import threading
+    import time
+
+    from lmc.passes.quantize import scales
+
+    monkeypatch.setattr(scales, "threads", lambda: 2)
+    done, lock = [], threading.Lock()
+
+    def work(task):
+        if task == 2:
+            raise KeyboardInterrupt
+        time.sleep(0.02)
+        with lock:
+            done.append(task)
+
+    with pytest.raises(KeyboardInterrupt):
+        scales._run(range(200), work)
+    assert len(done) < 20
