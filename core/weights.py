@@ -264,7 +264,8 @@ MADV_DONTNEED = 4      # Linux madvise(2): drop the range's pages; a clean file 
 
 def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
     """Drop from the process the pages it maps of the files in ``folder`` whose names end with ``suffix``
-    (a bundle's weights, which onnxruntime maps read-only and private): each range is ``madvise``d
+    (a bundle's weights, which onnxruntime maps read-only and private; a writable mapping is left alone,
+    its pages may differ from the file): each range is ``madvise``d
     ``MADV_DONTNEED``, so a page leaves the resident set and, if it is read again, is read back from the
     file — the values cannot change. What stays resident afterwards is what runs read. Returns the bytes of
     the ranges advised (0 where /proc/self/maps or madvise is missing: nothing is done)."""
@@ -282,6 +283,8 @@ def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) < 6 or not fields[5].endswith(suffix) or os.path.dirname(fields[5]) != root:
+            continue
+        if "w" in fields[1]:         # a writable private mapping may hold changed pages: never dropped
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, MADV_DONTNEED) == 0:

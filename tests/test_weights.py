@@ -302,3 +302,15 @@ def test_dropped_weight_pages_leave_the_process_and_read_back_the_same(tmp_path)
     assert drop_mapped_pages(tmp_path, ".weights") >= values.nbytes
     assert _mapped_rss(path) < 1 << 20
     np.testing.assert_array_equal(np.asarray(mapped), values)                      # read back, unchanged
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_a_writable_mapping_keeps_its_pages(tmp_path):
+    """A private writable mapping may hold changed pages: dropping them would bring the file's values back."""
+    from lmc.core.weights import drop_mapped_pages
+
+    np.zeros(1 << 20, np.float32).tofile(tmp_path / "model.weights")
+    mapped = np.memmap(tmp_path / "model.weights", dtype=np.float32, mode="c")      # copy-on-write
+    mapped[:] = 7.0
+    assert drop_mapped_pages(tmp_path, ".weights") == 0
+    assert float(mapped.min()) == 7.0
