@@ -264,30 +264,34 @@ MADV_DONTNEED = 4      # Linux madvise(2): drop the range's pages; a clean file 
 
 def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
     """Drop from the process the pages it maps of the files in ``folder`` whose names end with ``suffix``
-    (a bundle's weights, which onnxruntime maps read-only and private; a writable mapping is left alone,
-    its pages may differ from the file): each range is ``madvise``d
-    ``MADV_DONTNEED``, so a page leaves the resident set and, if it is read again, is read back from the
-    file — the values cannot change. What stays resident afterwards is what runs read. Returns the bytes of
-    the ranges advised (0 where /proc/self/maps or madvise is missing: nothing is done)."""
+    (a bundle's weights, which onnxruntime maps private): each range is ``madvise``d ``MADV_DONTNEED``,
+    so a page leaves the resident set and, if it is read again, is read back from the file — the values
+    cannot change. A range holding a page written since it was mapped (``Anonymous`` in smaps: a private
+    copy, which differs from the file) is left alone. What stays resident afterwards is what runs read.
+    Returns the bytes of the ranges advised (0 where /proc/self/smaps or madvise is missing)."""
     import ctypes
 
     root = os.path.realpath(folder)
     try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
+        lines = Path("/proc/self/smaps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
     except (OSError, AttributeError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    dropped = 0
+    ranges, current = [], None
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].endswith(suffix) or os.path.dirname(fields[5]) != root:
-            continue
-        if "w" in fields[1]:         # a writable private mapping may hold changed pages: never dropped
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if madvise(start, end - start, MADV_DONTNEED) == 0:
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):          # a mapping's header
+            current = None
+            if len(fields) == 6 and fields[5].endswith(suffix) and os.path.dirname(fields[5]) == root:
+                current = [*(int(x, 16) for x in fields[0].split("-")), True]
+                ranges.append(current)
+        elif current is not None and fields[0] == "Anonymous:" and int(fields[1]) > 0:
+            current[2] = False
+    dropped = 0
+    for start, end, clean in ranges:
+        if clean and madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += end - start
     return dropped
 
