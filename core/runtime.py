@@ -13,10 +13,10 @@ e.g. MatMulNBits' accuracy level) — holds onnxruntime ``SessionOptions`` attri
 - ``trim_heap_after_load``: once the session exists, return the C heap's free pages to the system (glibc
   ``malloc_trim``; nothing where the C library has none): loading frees the optimiser's temporaries into
   holes the heap keeps resident, and runs allocate from the arena, not from them;
-- ``release_mapped_after_load``: once the session exists, drop the pages of the bundle's weights file
-  from the process (``weights.drop_mapped_pages``): tensors a kernel packed at load but whose originals the
-  runtime keeps (onnxruntime's x86 MatMulNBits keeps its scales and zero points) are never read again;
-  what runs read comes back from the file on demand.
+- ``release_mapped_after_load``: once the session exists, drop from the process the mapped pages of the
+  tensors a kernel packed at load but whose originals the runtime keeps, never to read them again
+  (``packed_and_kept``: onnxruntime's x86 MatMulNBits at accuracy level 4 keeps its scales and zero
+  points; ``weights.drop_mapped_pages``). A page read anyway comes back from the file.
 ``open_bundle`` applies all of it; a driver that creates its session itself calls
 ``apply_session_options`` before and ``after_load`` after.
 """
@@ -49,7 +49,6 @@ CONFIG_ENTRIES = "config_entries"
 CPU_ARENA = "cpu_arena"
 TRIM_HEAP = "trim_heap_after_load"
 RELEASE_MAPPED = "release_mapped_after_load"
-WEIGHTS_SUFFIX = ".weights"      # a bundle's external-data file (lmc.targets.emit.WEIGHTS_FILE)
 USE_ENV_ALLOCATORS = "session.use_env_allocators"
 
 log = logging.getLogger(__name__)
@@ -95,8 +94,28 @@ def after_load(settings: dict, model_path: str | Path | None = None) -> None:
     if settings.get(TRIM_HEAP):
         weights.release_freed()
     if settings.get(RELEASE_MAPPED) and model_path is not None:
-        dropped = weights.drop_mapped_pages(Path(model_path).parent, WEIGHTS_SUFFIX)
+        spans = packed_and_kept(model_path)
+        dropped = weights.drop_mapped_pages(Path(model_path).parent, spans) if spans else 0
         log.debug("%.1f MiB of mapped weight pages dropped after load", dropped / 2**20)
+
+
+def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
+    """External-data spans (``{file: [(offset, length)]}``) of the tensors onnxruntime's x86 MatMulNBits
+    packs into its weight at load yet keeps: the scales and zero points of a node at accuracy level 4 (its
+    int8 kernel reads the packed copies only)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for node in model.graph.node:
+        level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or level != 4:
+            continue
+        for name in node.input[2:4]:
+            info = external.get(name)
+            if info is not None and "length" in info:
+                spans.setdefault(info["location"], []).append((int(info.get("offset", 0)), int(info["length"])))
+    return spans
 
 
 def bundle_session_options(model_path: str | Path) -> dict:

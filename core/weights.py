@@ -262,13 +262,14 @@ def release_freed() -> None:
 MADV_DONTNEED = 4      # Linux madvise(2): drop the range's pages; a clean file page is re-read on next use
 
 
-def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
-    """Drop from the process the pages it maps of the files in ``folder`` whose names end with ``suffix``
-    (a bundle's weights, which onnxruntime maps private): each range is ``madvise``d ``MADV_DONTNEED``,
-    so a page leaves the resident set and, if it is read again, is read back from the file — the values
-    cannot change. A range holding a page written since it was mapped (``Anonymous`` in smaps: a private
-    copy, which differs from the file) is left alone. What stays resident afterwards is what runs read.
-    Returns the bytes of the ranges advised (0 where /proc/self/smaps or madvise is missing)."""
+def drop_mapped_pages(folder: str | os.PathLike, spans: dict[str, list[tuple[int, int]]]) -> int:
+    """Drop from the process the pages it maps of ``spans`` — ``{file name: [(offset, length), …]}`` of
+    files in ``folder`` (a bundle's weights, which onnxruntime maps private) — whole pages inside a span
+    only. Each range is ``madvise``d ``MADV_DONTNEED``: its pages leave the resident set and, if read again,
+    are read back from the file, so values cannot change — unless a page was written since it was mapped
+    (``Anonymous`` in smaps: a private copy that differs from the file), and such a mapping is left alone.
+    Call it once nothing writes the mappings (after a session is created). Returns the bytes advised (0
+    where /proc/self/smaps or madvise is missing)."""
     import ctypes
 
     root = os.path.realpath(folder)
@@ -276,23 +277,31 @@ def drop_mapped_pages(folder: str | os.PathLike, suffix: str) -> int:
         lines = Path("/proc/self/smaps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
-    except (OSError, AttributeError):
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    ranges, current = [], None
+    mappings, current = [], None
     for line in lines:
         fields = line.split(maxsplit=5)
         if fields and "-" in fields[0] and not fields[0].endswith(":"):          # a mapping's header
             current = None
-            if len(fields) == 6 and fields[5].endswith(suffix) and os.path.dirname(fields[5]) == root:
-                current = [*(int(x, 16) for x in fields[0].split("-")), True]
-                ranges.append(current)
+            if len(fields) == 6 and os.path.dirname(fields[5]) == root and os.path.basename(fields[5]) in spans:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = [start, end, int(fields[2], 16), os.path.basename(fields[5]), True]
+                mappings.append(current)
         elif current is not None and fields[0] == "Anonymous:" and int(fields[1]) > 0:
-            current[2] = False
+            current[4] = False
     dropped = 0
-    for start, end, clean in ranges:
-        if clean and madvise(start, end - start, MADV_DONTNEED) == 0:
-            dropped += end - start
+    for start, end, file_offset, name, clean in mappings:
+        if not clean:
+            continue
+        for offset, length in spans[name]:
+            lo = max(start, start + offset - file_offset)
+            hi = min(end, start + offset + length - file_offset)
+            lo, hi = -(-lo // page) * page, hi // page * page                   # whole pages inside
+            if hi > lo and madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                dropped += hi - lo
     return dropped
 
 

@@ -296,10 +296,14 @@ def test_dropped_weight_pages_leave_the_process_and_read_back_the_same(tmp_path)
     assert float(mapped.sum()) == pytest.approx(float(values.sum()), rel=1e-4)     # every page read
     path = (tmp_path / "model.weights").resolve()
     assert _mapped_rss(path) > 15 << 20
-    assert drop_mapped_pages(tmp_path / "elsewhere", ".weights") == 0              # not this folder's:
-    assert drop_mapped_pages(tmp_path, ".onnx") == 0                               # not this file: kept
+    everything = {"model.weights": [(0, values.nbytes)]}
+    assert drop_mapped_pages(tmp_path / "elsewhere", everything) == 0              # not this folder's:
+    assert drop_mapped_pages(tmp_path, {"other.weights": [(0, values.nbytes)]}) == 0   # not this file: kept
     assert _mapped_rss(path) > 15 << 20
-    assert drop_mapped_pages(tmp_path, ".weights") >= values.nbytes
+    half = values.nbytes // 2
+    assert drop_mapped_pages(tmp_path, {"model.weights": [(100, half)]}) < half    # whole pages inside only
+    assert 7 << 20 < _mapped_rss(path) < 9 << 20
+    assert drop_mapped_pages(tmp_path, everything) >= values.nbytes
     assert _mapped_rss(path) < 1 << 20
     np.testing.assert_array_equal(np.asarray(mapped), values)                      # read back, unchanged
 
@@ -312,5 +316,5 @@ def test_a_writable_mapping_keeps_its_pages(tmp_path):
     np.zeros(1 << 20, np.float32).tofile(tmp_path / "model.weights")
     mapped = np.memmap(tmp_path / "model.weights", dtype=np.float32, mode="c")      # copy-on-write
     mapped[:] = 7.0
-    assert drop_mapped_pages(tmp_path, ".weights") == 0
+    assert drop_mapped_pages(tmp_path, {"model.weights": [(0, 4 << 20)]}) == 0
     assert float(mapped.min()) == 7.0

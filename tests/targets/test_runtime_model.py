@@ -318,3 +318,28 @@ def test_prediction_matches_the_measured_model_attributable_peak(tiny_bundles, t
     measured = _peak(bundle / "model.onnx", options) - _peak(tmp_path / "empty.onnx", options)
     predicted = json.loads((bundle / "plan.json").read_text())["runtime"]["predicted_peak_bytes"]
     assert 0.85 < measured / predicted < 1.15, (measured, predicted)
+
+
+def test_packed_and_kept_names_the_level4_scales_and_zero_points_only(tmp_path):
+    """The spans x86-64 bundles drop after load are MatMulNBits' scales and zero points at accuracy level 4
+    (packed into its weight, kept by the runtime); the packed weights themselves and anything a level-0
+    kernel reads at run time are not among them. Generation with them dropped gives the same tokens."""
+    from lmc.compiler.drivers import StateDecoder, greedy
+
+    out = tmp_path / "gen"
+    build(FIXTURES / "llama-past-optimum.onnx", BuildOptions(context=32, quantize=QuantizeMode.INT4, block_size=16,
+                                                             verify=False, target="x86-64"), out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    level4 = [n for n in nbits if any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute)]
+    assert level4
+    expected = sorted(offsets[name] for n in level4 for name in n.input[2:4] if name in offsets)
+    spans = runtime.packed_and_kept(out / "model.onnx")
+    assert sorted(off for off, _ in spans["model.weights"]) == expected
+    assert not {offsets.get(n.input[1]) for n in nbits} & set(expected)
+    options = json.loads((out / "session_options.json").read_text())
+    assert options[RELEASE_MAPPED] is True
+    assert greedy(StateDecoder(out / "model.onnx", threads=1), [1, 2, 3], 12) == \
+        greedy(StateDecoder(out / "model.onnx", threads=1, session_options={RELEASE_MAPPED: False}), [1, 2, 3], 12)
