@@ -3,7 +3,7 @@ int8 codes, QLinearSigmoid over every code (its table is onnxruntime's), the int
 quantize-integer-matmuls pass writes (QLinearMatMul, Split, QLinearSigmoid, QLinearMul, MatMulIntegerToFloat),
 and the float steps between them as onnxruntime rounds them on the host: the RMS norm's (Pow 2, ReduceMean in
 its order), the rotary's Cos/Sin (its own approximations), the attention's MatMul (fused multiply-adds) and
-Softmax (MLAS's exp and lane sums); each beside the plain formula, which differs."""
+Softmax (MLAS's exp and lane sums), Sigmoid (MLAS's logistic); each beside the plain formula, which differs."""
 
 from __future__ import annotations
 
@@ -135,15 +135,16 @@ def test_llama_w8a8_full_int8_in_c(tmp_path):
 
 
 def test_attention_float_steps_bit_exact(tmp_path):
-    """Cos/Sin of rotary angles, a score MatMul and its Softmax: the C equals onnxruntime bit for bit, where libm's
-    cos, a multiply-then-add sum and expf-based softmax each differ from it."""
+    """Cos/Sin of rotary angles, a score MatMul and its Softmax, Sigmoid: the C equals onnxruntime bit for bit,
+    where libm's cos, a multiply-then-add sum, an expf-based softmax and 1 / (1 + e^-x) each differ from it."""
     n = 4096
     model = _ms([helper.make_node("Cos", ["t"], ["c"]), helper.make_node("Sin", ["t"], ["s"]),
-                 helper.make_node("MatMul", ["q", "k"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=-1)],
+                 helper.make_node("MatMul", ["q", "k"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=-1),
+                 helper.make_node("Sigmoid", ["t"], ["g"])],
                 [helper.make_tensor_value_info("t", TensorProto.FLOAT, [n]),
                  helper.make_tensor_value_info("q", TensorProto.FLOAT, [8, 16, 8]),
                  helper.make_tensor_value_info("k", TensorProto.FLOAT, [8, 8, 21])],
-                [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("c", "s", "sc", "p")], [])
+                [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("c", "s", "sc", "p", "g")], [])
     rng = np.random.default_rng(8)
     feed = {"t": np.concatenate([rng.random(n // 2) * 40 - 20, np.outer(np.arange(64), 0.1 ** np.arange(32) * 3).ravel()[:n // 2]]).astype(np.float32),
             "q": rng.standard_normal((8, 16, 8)).astype(np.float32) * 2, "k": rng.standard_normal((8, 8, 21)).astype(np.float32)}
@@ -157,3 +158,4 @@ def test_attention_float_steps_bit_exact(tmp_path):
     assert not np.array_equal(plain, r[2])                                  # multiply then add: another rounding
     e = np.exp(r[2] - r[2].max(-1, keepdims=True))
     assert not np.array_equal((e / e.sum(-1, keepdims=True)).astype(np.float32), r[3])
+    assert not np.array_equal((1 / (1 + np.exp(-feed["t"]))).astype(np.float32), r[4])

@@ -34,6 +34,10 @@ typedef struct {
     float a, b;                 /* CLIP: min, max; LEAKY_RELU: alpha; HARD_SIGMOID: alpha, beta */
 } lmc_act;
 
+/* The logistic function as onnxruntime computes it on the host (MLAS's rational approximation in fused
+ * multiply-adds, x clamped to [-18, 18]): Sigmoid, and activations fused into convolutions. */
+float lmc_logistic(float x);
+
 float lmc_apply_act(float v, const lmc_act *act);
 
 /* Plain byte copy (Reshape, Flatten, Squeeze, Unsqueeze, Identity when not planned in place); nothing

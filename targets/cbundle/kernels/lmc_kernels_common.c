@@ -4,6 +4,25 @@
 
 #include "lmc_kernels.h"
 
+float lmc_logistic(float x)
+{
+    float x2, p, q;
+    x = x < -18.0f ? -18.0f : (x > 18.0f ? 18.0f : x);
+    x2 = x * x;
+    p = fmaf(x2, 4.37031012579801e-11f, 1.15627324459942e-07f);
+    p = fmaf(x2, p, 6.08574864600143e-05f);
+    p = fmaf(x2, p, 8.51377133304701e-03f);
+    p = fmaf(x2, p, 2.48287947061529e-01f);
+    q = fmaf(x2, 6.10247389755681e-13f, 5.76102136993427e-09f);
+    q = fmaf(x2, q, 6.29106785017040e-06f);
+    q = fmaf(x2, q, 1.70198817374094e-03f);
+    q = fmaf(x2, q, 1.16817656904453e-01f);
+    q = fmaf(x2, q, 9.93151921023180e-01f);
+    p = x * p;
+    p = p / q + 0.5f;
+    return p < 0.0f ? 0.0f : p;
+}
+
 float lmc_apply_act(float v, const lmc_act *act)
 {
     switch (act->kind) {
@@ -12,7 +31,7 @@ float lmc_apply_act(float v, const lmc_act *act)
     case LMC_ACT_CLIP:
         return v < act->a ? act->a : (v > act->b ? act->b : v);
     case LMC_ACT_SIGMOID:
-        return 1.0f / (1.0f + expf(-v));
+        return lmc_logistic(v);
     case LMC_ACT_TANH:
         return tanhf(v);
     case LMC_ACT_LEAKY_RELU:

@@ -160,11 +160,7 @@ void lmc_tf_where(const uint8_t *cond, const int32_t *sc, const void *x, const i
 
 static float lmc_tf_sigmoid(float x)
 {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    {
-        float e = expf(x);
-        return e / (1.0f + e);
-    }
+    return lmc_logistic(x);
 }
 
 static float lmc_tf_madd(float a, float b, float c)
