@@ -4,9 +4,11 @@
  *   MatMul   y[m, n] = sum_k a[m, k] b[k, n] per broadcast batch (float32, k ascending, fused multiply-adds
  *            as onnxruntime's SGEMM on the host);
  *   Sin/Cos  onnxruntime's own approximations (lmc_tf_sincos);
- *   Softmax  y_i = exp(x_i - max x) / sum_j exp(x_j - max x);
- *   Sigmoid  1 / (1 + exp(-x)), written per sign so exp never overflows;
- *   ReduceMean = sum / r (a contiguous sum of 4k terms in onnxruntime's order: lmc_tf_sum_lanes);  Pow with exponent 2 is x * x (as onnxruntime's fast path), else powf;
+ *   Softmax  y_i = exp(x_i - max x) / sum_j exp(x_j - max x) (the Attention kernel's; the Softmax op is the
+ *            family cnn's, rounded as onnxruntime);
+ *   Sigmoid  onnxruntime's logistic (lmc_logistic);
+ *   ReduceMean = sum / r (a contiguous sum of 4k terms in onnxruntime's order: lmc_tf_sum_lanes);
+ *   Pow with exponent 2 is x * x (as onnxruntime's fast path), else powf;
  *   Attention softmax(scale * q k^T + mask) v per head, grouped-query heads sharing kv heads.
  * Preconditions: static shapes with rank <= LMC_TF_MAX_RANK; output buffers do not overlap inputs except
  * where a kernel says so (elementwise ops may run in place: y == a). */
