@@ -22,7 +22,8 @@ float. Integer forms (onnxruntime runs each; the C bundle has a kernel for each)
 Graph outputs stay float (a DequantizeLinear where an int8 tensor is one).
 
 Requantization, as onnxruntime computes it: y = saturate(round_half_even(acc · (s_x s_w / s_y)) + z_y) with
-the scale product in float32. Nothing happens to graphs without Conv (language models: see w8a8).
+the scale product in float32. Nothing happens to graphs without Conv (language models: w8a8's QDQ products,
+made integer with int8 activations between them by ``integer_matmul`` after it).
 """
 
 from __future__ import annotations
