@@ -19,7 +19,7 @@ Rows:
   onnxruntime (prefill, then present fed back as past), on the host and on the board;
 - int8 (``--quantize w8a8``, calibrated on 8 random 16-token prompts): built if the C kernels cover it,
   else the reason; its C is judged against onnxruntime on the bundle's own model.onnx (graph
-  optimizations off: the QDQ operators' semantics), and the
+  optimizations off: the integer and QDQ operators' semantics), and the
   quantization's error against the float original is given beside it (max relative, top-1 agreement); and
   the w8a8 generation bundles (``--context N --quantize w8a8``, calibrated on 8 random 16-token prompts),
   whose C greedy tokens are compared with onnxruntime driving the same bundle;
@@ -120,7 +120,7 @@ def oneshot(model: Path, name: str, out: Path, on_board: bool, quantize: str = "
     vocab = int(ort.InferenceSession(str(model)).get_outputs()[0].shape[-1] or 256)
     original_session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     # float: against the original; quantized: against onnxruntime on the bundle's own model.onnx with graph
-    # optimizations off (the QDQ operators' semantics, not x86 onnxruntime's fused int8 kernels, which saturate
+    # optimizations off (the integer and QDQ operators' semantics, not x86 onnxruntime's fused int8 kernels, which saturate
     # u8 x s8 products), the quantization's error against the original beside it
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -156,7 +156,7 @@ def oneshot(model: Path, name: str, out: Path, on_board: bool, quantize: str = "
 def generation(model: Path, name: str, out: Path, context: int, count: int, on_board: bool,
                quantize: str = "none", calib: Path | None = None) -> Row:
     """Greedy tokens of the bundle's C decode step against the original's under onnxruntime (float32), or
-    against onnxruntime on the same quantized bundle (w8a8: the QDQ model the C implements)."""
+    against onnxruntime on the same quantized bundle (w8a8: the quantized model the C implements)."""
     bundle = out / f"{name}-gen{context}-{quantize}"
     shutil.rmtree(bundle, ignore_errors=True)
     result = build(model, BuildOptions(target=TARGET, context=context, prefill_chunk=1, quantize=quantize,
