@@ -33,7 +33,9 @@ ASYM_RATIOS = np.linspace(0.7, 1.0, 11)   # the range of the ratios searched for
 # The search is coarse to fine: the ratios of the first stage for every group, then offsets around each
 # group's best so far (its own candidates: evaluated for all groups of a chunk at once). The last stages are
 # finer than the old 26-point / 11×11 grids, so the chosen error is at most theirs almost everywhere, for
-# 12 (symmetric) / 48 (asymmetric) evaluations instead of 26 / 121.
+# 12 (symmetric) / 28 (asymmetric) evaluations instead of 26 / 121. The asymmetric refinement moves one end
+# at a time (±2 steps of 0.025 of either ratio, then ±1 of 0.0125): the 1.1B's MatMul shapes lose 1e-5 of
+# relative error against moving both ends over the 5×5 and 3×3 squares (48 evaluations), in 0.55× the time.
 SYM_STAGES = (np.linspace(0.5, 1.0, 6), (-0.04, -0.02, 0.02, 0.04), (-0.01, 0.01))
 ASYM_STAGES = ((0.7, 0.8, 0.9, 1.0), 0.025, 0.0125)     # coarse grid, then ±2 steps of 0.025, ±1 of 0.0125
 CHUNK_ELEMENTS = 1 << 16                  # weight elements of one chunk (its groups are searched together)
@@ -164,8 +166,8 @@ def _lattice(values) -> tuple[np.ndarray, np.ndarray]:
 
 _COARSE, _STEP, _FINE = ASYM_STAGES
 ASYM_GRID = _lattice([(a, b) for a in _COARSE for b in _COARSE])         # (rl, rh) of the first stage
-ASYM_OFFSETS = [_lattice([(i * d, j * d) for i in range(-reach, reach + 1) for j in range(-reach, reach + 1)
-                          if i or j]) for d, reach in ((_STEP, 2), (_FINE, 1))]
+ASYM_OFFSETS = [_lattice([(i * d, 0) for i in range(-reach, reach + 1) if i] +
+                         [(0, j * d) for j in range(-reach, reach + 1) if j]) for d, reach in ((_STEP, 2), (_FINE, 1))]
 
 
 def _asym_search(grp: _Groups, qmax: int, search: bool) -> tuple[np.ndarray, np.ndarray]:
