@@ -210,7 +210,7 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     staged = _stage(graph, options, target, out_dir, runtime)
     try:
         cbundle, skipped = c_bundle(options, target, lambda: emit_c(graph, plan, target, staged))
-        linker, linker_skipped = link_check(cbundle, target, staged)
+        linker, linker_skipped = link_check(cbundle, target, staged, options.max_ram)
     except BaseException:
         emit.discard(staged)
         raise
@@ -250,11 +250,13 @@ def _build_in(model_path, options: BuildOptions, out_dir, on_pass, progress, spi
     return result
 
 
-def link_check(cbundle: CBundle | None, target: Target, staged: Path) -> tuple[LinkerFigures | None, str]:
+def link_check(cbundle: CBundle | None, target: Target, staged: Path,
+               max_ram: int | None = None) -> tuple[LinkerFigures | None, str]:
     """Plan vs linker (``lmc.targets.cbundle.linker``) for a C bundle of a target an emulated board runs:
     (the figures, '') when arm-none-eabi-gcc linked its image, (None, why) when it could not; (None, '') for
-    other bundles. An image that breaks the plan's promise (arena plan != map, RAM over the target's) fails
-    the build (``VerificationFailed``, exit 3)."""
+    other bundles. An image whose arena is not the plan's fails the build (``VerificationFailed``, exit 3);
+    one over the target's RAM or the board's flash does not fit (``LmcError``, exit 2) unless ``max_ram``
+    (``--max-ram``) raises the RAM budget above what it takes."""
     if cbundle is None or unavailable(target).startswith("no emulated board"):
         return None, ""
     why = unavailable(target)
@@ -266,8 +268,14 @@ def link_check(cbundle: CBundle | None, target: Target, staged: Path) -> tuple[L
     except BoardError as exc:
         log.warning("C bundle not linked: %s", exc)
         return None, str(exc).replace(str(staged), "the bundle")
-    if figures.failures():
-        raise VerificationFailed("the C bundle's linked image breaks its plan: " + "; ".join(figures.failures()))
+    arena = [f for f in figures.failures() if f.startswith("arena")]
+    if arena:
+        raise VerificationFailed("the C bundle's linked image breaks its plan: " + "; ".join(arena))
+    too_big = [f for f in figures.failures() if not f.startswith("arena")
+               and not (f.startswith("the image takes") and "RAM" in f and max_ram and figures.ram_bytes <= max_ram)]
+    if too_big:
+        raise LmcError(f"the C bundle does not fit {target.name}: " + "; ".join(too_big)
+                       + " (--quantize w8a8 --calib or --attention chunked:N make it smaller; --max-ram sets the budget)")
     return figures, ""
 
 
@@ -525,7 +533,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
             if name == "decode":          # C (for a target that emits it): the decode step + a greedy loop
                 cbundle, skipped = c_bundle(options, target,
                                             lambda: emit_generation_c(graph, plan, target, staged, info))
-                linker, linker_skipped = link_check(cbundle, target, staged)
+                linker, linker_skipped = link_check(cbundle, target, staged, options.max_ram)
         del graph
         weights.release_freed()   # the graph's node/tensor cycles hold its in-memory weights until collected
         profiles = tuple(Profile(n, s, p.arena_bytes, p.lower_bound_bytes, p.io_bytes, p.peak_ram_bytes,

@@ -104,3 +104,26 @@ def test_arena_mismatch_fails_the_build(tmp_path, monkeypatch):
     with pytest.raises(VerificationFailed, match="arena sizes disagree"):
         build(_model(tmp_path / "m.onnx"), BuildOptions(target="cortex-m7"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_over_the_ram_budget_does_not_fit_unless_max_ram_allows_it(tmp_path, monkeypatch):
+    """Over the target's RAM: a one-line 'does not fit' (exit 2), not a failed verification — unless
+    --max-ram raises the budget; an arena unlike the plan's stays a failed verification (exit 3)."""
+    from lmc.core.errors import LmcError
+    from lmc.targets.cbundle.emit import CBundle
+    from lmc.targets.target import load_target
+
+    target = load_target("cortex-m7")
+    bundle = CBundle(files=(), families=(), macs=0, weight_bytes=0, arena_bytes=256)
+    monkeypatch.setattr(build_module, "unavailable", lambda t: "")
+    monkeypatch.setattr(build_module, "link_figures", lambda *a: _figures(ram_bytes=600_000))
+    with pytest.raises(LmcError, match="does not fit cortex-m7") as info:
+        build_module.link_check(bundle, target, tmp_path)
+    assert not isinstance(info.value, VerificationFailed)
+    figures, _ = build_module.link_check(bundle, target, tmp_path, max_ram=1 << 20)
+    assert figures.ram_bytes == 600_000
+    with pytest.raises(LmcError, match="does not fit"):
+        build_module.link_check(bundle, target, tmp_path, max_ram=500_000)
+    monkeypatch.setattr(build_module, "link_figures", lambda *a: _figures(arena_bytes=264))
+    with pytest.raises(VerificationFailed, match="arena sizes disagree"):
+        build_module.link_check(bundle, target, tmp_path, max_ram=1 << 20)
