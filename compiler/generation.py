@@ -474,16 +474,19 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
         return judge_masks(lambda probes: mask_keeps(graph, roles, pairs, sites, probes), context,
                            PRECHECK_SEQUENCES, dense=dense_probing(graph, pairs, sites, context))
 
+    model = load_model(model_path)          # parsed once: each probe binds and folds its own graph of it
+
     def keeps_at(probes):
         for past, sequence in probes:
-            yield from _precheck_one(model_path, batch, past, sequence)
+            yield from _precheck_one(model, batch, past, sequence)
     return judge_masks(keeps_at, context, PRECHECK_SEQUENCES, dense=False)
 
 
 def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
-    """The model with its batch (and, given, its past and sequence lengths) bound and folded:
-    (graph, roles, cache pairs)."""
-    graph = ir.to_graph(load_model(model_path))
+    """The model (a path, or a loaded ``ModelProto``, which is not changed) with its batch (and, given, its
+    past and sequence lengths) bound and folded: (graph, roles, cache pairs)."""
+    model = model_path if isinstance(model_path, onnx.ModelProto) else load_model(model_path)
+    graph = ir.to_graph(model)
     check_generation_model(graph)
     roles = find_roles(graph)
     pairs = find_cache_pairs(graph)
@@ -502,11 +505,11 @@ def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):
     return graph, roles, pairs
 
 
-def _precheck_one(model_path, batch: int, past: int, sequence: int):
-    graph, roles, pairs = _bound_copy(model_path, batch, past, sequence)
+def _precheck_one(model: onnx.ModelProto, batch: int, past: int, sequence: int):
+    graph, roles, pairs = _bound_copy(model, batch, past, sequence)
     keeps = mask_keeps(graph, roles, pairs, find_sites(graph, pairs), [(past, sequence)])
     if keeps is None:
-        raise LmcError(f"--context: the attention masks of {model_path} could not be evaluated")
+        raise LmcError("--context: the attention masks could not be evaluated")
     yield from keeps
 
 
