@@ -91,12 +91,17 @@ def use_process_arena(config: dict) -> bool:
 def after_load(settings: dict, model_path: str | Path | None = None) -> None:
     """What ``session_options.json`` asks for once the session on ``model_path`` exists
     (``trim_heap_after_load``, ``release_mapped_after_load``)."""
-    if settings.get(TRIM_HEAP):
-        weights.release_freed()
-    if settings.get(RELEASE_MAPPED) and model_path is not None:
+    if settings.get(RELEASE_MAPPED) and model_path is not None and _weights_files(model_path):
         spans = packed_and_kept(model_path)
         dropped = weights.drop_mapped_pages(Path(model_path).parent, spans) if spans else 0
         log.debug("%.1f MiB of mapped weight pages dropped after load", dropped / 2**20)
+    if settings.get(TRIM_HEAP):          # last: reading model.onnx above left heap behind too
+        weights.release_freed()
+
+
+def _weights_files(model_path: str | Path) -> list[Path]:
+    """The external-data files beside a bundle's model (none: its weights are inline, nothing is mapped)."""
+    return sorted(Path(model_path).parent.glob("*.weights"))
 
 
 def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
