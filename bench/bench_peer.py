@@ -238,19 +238,19 @@ def spread(runs: list[dict], steps: int) -> tuple[float, float, float]:
 
 def measure(size: Size, out: Path, repeats: int, forward_repeats: int) -> dict:
     n = size.new_tokens
-    runs: dict[tuple[str, str], list[dict]] = {}
+    runs: dict[str, list[dict]] = {}
     eos: dict[str, int] = {}
     for r in range(repeats):
         for mode in MODES:
             bundle, folder = out / f"lmc-{mode}", out / f"genai-{GENAI_PRECISION[mode]}"
             plain = run_worker("lmc", str(bundle), "off", str(n))
-            runs.setdefault((mode, "plain"), []).append(plain)
+            runs.setdefault(f"{mode}/plain", []).append(plain)
             if mode not in eos:
                 seen = {t for row in plain["tokens"] for t in row}
                 vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
                 eos[mode] = next(t for t in range(vocab - 1, -1, -1) if t not in seen)
-            runs.setdefault((mode, "genai"), []).append(run_worker("genai", str(folder), str(eos[mode]), str(n)))
-            runs.setdefault((mode, "lookup"), []).append(run_worker("lmc", str(bundle), "lookup", str(n)))
+            runs.setdefault(f"{mode}/genai", []).append(run_worker("genai", str(folder), str(eos[mode]), str(n)))
+            runs.setdefault(f"{mode}/lookup", []).append(run_worker("lmc", str(bundle), "lookup", str(n)))
             print(f"{size.name}: round {r + 1}/{repeats} {mode} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     cost = run_worker("cost", str(out / "lmc-int4"), str(forward_repeats)) if forward_repeats else None
     return {"runs": runs, "cost": cost}
@@ -269,20 +269,21 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
                       f"{f'{secs:.0f}' if secs else 'cached'} |")
     print("\nDecode, one thread (best of the rounds, range in brackets; ratios: lmc's best / genai's best of the "
           "same mode; peak: the largest over the rounds):\n")
-    print("| model | mode | driver | decode tok/s (range) | vs genai | CPU ms/token | peak RSS | peak above imports "
-          "| vs genai | tokens |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | mode | driver | decode tok/s (range) | vs genai | CPU ms/token | peak RSS | vs genai "
+          "| peak above imports | vs genai | tokens |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for size, _, _, measured in results:
         runs = measured["runs"]
         steps = PROMPTS * (size.new_tokens - 1)
         total = PROMPTS * size.new_tokens
         for mode in MODES:
-            genai = runs[(mode, "genai")]
+            genai = runs[f"{mode}/genai"]
             g_best = spread(genai, steps)[0]
-            g_peak = max(r["peak_rss"] - r["base_rss"] for r in genai)
-            plain_tokens = runs[(mode, "plain")][0]["tokens"]
+            g_above = max(r["peak_rss"] - r["base_rss"] for r in genai)
+            g_peak = max(r["peak_rss"] for r in genai)
+            plain_tokens = runs[f"{mode}/plain"][0]["tokens"]
             for driver in ("plain", "lookup", "genai"):
-                rs = runs[(mode, driver)]
+                rs = runs[f"{mode}/{driver}"]
                 best, lo, hi = spread(rs, steps)
                 cpu = min(r["decode_cpu_seconds"] for r in rs) / steps * 1e3
                 peak = max(r["peak_rss"] for r in rs)
@@ -307,9 +308,16 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
                     short = sum(len(t) < size.new_tokens for t in tokens)
                     note = f"{short} prompts ended early" if short else f"all {total} tokens decoded"
                 ratio = f"{best / g_best:.2f}×" if driver != "genai" else "—"
-                pratio = f"{above / g_peak:.2f}×" if driver != "genai" else "—"
+                pratio = f"{peak / g_peak:.2f}×" if driver != "genai" else "—"
+                aratio = f"{above / g_above:.2f}×" if driver != "genai" else "—"
                 print(f"| {size.name} | {mode} | {label} | {best:.1f} ({lo:.1f}–{hi:.1f}) | {ratio} | {cpu:.2f} | "
-                      f"{peak / 2**20:.1f} MiB | {above / 2**20:.1f} MiB | {pratio} | {note} |")
+                      f"{peak / 2**20:.1f} MiB | {pratio} | {above / 2**20:.1f} MiB | {aratio} | {note} |")
+    for size, _, _, measured in results:
+        runs = measured["runs"]
+        base = {d: min(r["base_rss"] for m in MODES for r in runs[f"{m}/{d}"]) / 2**20 for d in ("plain", "genai")}
+        print(f"\n{size.name}: the process after its imports (the base of 'above imports'): lmc {base['plain']:.1f} MiB "
+              f"(numpy, onnx, onnxruntime's Python module), genai {base['genai']:.1f} MiB (onnxruntime_genai, whose "
+              f"onnxruntime library loads with the model, so above its imports).")
     for size, _, _, measured in results:
         cost = measured["cost"]
         if cost is None:
@@ -346,6 +354,7 @@ def main() -> None:
     ap.add_argument("--forward-repeats", type=int, default=30, help="k-token forward timings (0: skip)")
     ap.add_argument("--out", default=str(HERE / "_work" / "peer"))
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="print the tables of the last run (results.json)")
     args = ap.parse_args()
     args.large = args.large or args.only_large
     results = []
@@ -353,8 +362,14 @@ def main() -> None:
         if args.only_large and size.name == "llama-code":
             continue
         out = Path(args.out) / size.name
-        built = build_all(size, out, args.rebuild)
-        measured = measure(size, out, args.repeats, args.forward_repeats)
+        saved = out / "results.json"
+        if args.report_only:
+            data = json.loads(saved.read_text())
+            built, measured = data["built"], data["measured"]
+        else:
+            built = build_all(size, out, args.rebuild)
+            measured = measure(size, out, args.repeats, args.forward_repeats)
+            saved.write_text(json.dumps({"built": built, "measured": measured}))
         results.append((size, out, built, measured))
     report(results)
 
