@@ -162,7 +162,9 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
                    "GPTQ, and the embedding/tied head at 4 bits too; without: that table at int8); w8a8: int8 "
                    "weights and activations (needs --calib).")
 @click.option("--block-size", default=None, type=click.IntRange(min=1),
-              help="int4 block size (power of two, 16..256)  [default: the target's int4_block_size, see lmc targets]")
+              help="int4 block size (power of two, 16..256). Larger blocks: fewer scales, a smaller and faster "
+                   "bundle, a little more error (llama-code: +4.0% perplexity at 32, +5.5% at 64; a 1.1B decoder's "
+                   "resident peak 934 -> 736 MiB)  [default: the target's int4_block_size, see lmc targets]")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--prune", metavar="mlp=F[,heads=F][,kv=F]",
