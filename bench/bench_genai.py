@@ -58,8 +58,9 @@ def lmc_worker(bundle: Path) -> dict:
             "peak_rss": status("VmHWM:")}
 
 
-def genai_worker(bundle: Path, eos: int) -> dict:
-    """onnxruntime-genai on the bundle folder: one Model, a Generator per prompt, greedy search."""
+def genai_worker(bundle: Path, eos: int, new_tokens: int = NEW_TOKENS) -> dict:
+    """onnxruntime-genai on a folder with a genai_config.json (an lmc bundle, or genai's builder's output): one
+    Model, a Generator per prompt, greedy search of ``new_tokens`` tokens."""
     import onnxruntime_genai as og
 
     base = status("VmRSS:")
@@ -70,11 +71,11 @@ def genai_worker(bundle: Path, eos: int) -> dict:
     seconds, cpu, out = 0.0, 0.0, []
     for prompt in prompts():
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=PROMPT_LEN + NEW_TOKENS)
+        params.set_search_options(do_sample=False, max_length=PROMPT_LEN + new_tokens)
         generator = og.Generator(model, params)
         generator.append_tokens(np.array([prompt], dtype=np.int32))     # the prefill runs here
         start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(NEW_TOKENS):               # the first picks from the prefill's logits: 199 decode runs
+        for _ in range(new_tokens):           # the first picks from the prefill's logits: new − 1 decode runs
             generator.generate_next_token()
         seconds += time.perf_counter() - start
         cpu += time.process_time() - cpu_start

@@ -43,12 +43,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_genai import PROMPT_LEN, PROMPTS, genai_worker, prompts  # noqa: E402  (the same prompts, genai's loop)
 from measures import status  # noqa: E402
 
 SHARED = HERE.parents[1] / "shared"
 VAL = SHARED / "data" / "code-val.u16"
 CALIB = SHARED / "data" / "code-calib.u16"
-PROMPTS, PROMPT_LEN, NEW_TOKENS, CONTEXT = 8, 32, 256, 512
+NEW_TOKENS, CONTEXT = 256, 512
 KS = (2, 4, 8)
 MODES = ("exact", "int4")
 GENAI_PRECISION = {"exact": "fp32", "int4": "int4"}
@@ -71,11 +72,6 @@ def sizes(args) -> list[Size]:
     return out
 
 
-def prompts() -> list[list[int]]:
-    tokens = np.fromfile(str(VAL), dtype="<u2").astype(np.int64)
-    return [[int(t) for t in tokens[1000 * i: 1000 * i + PROMPT_LEN]] for i in range(PROMPTS)]
-
-
 # ---------------------------------------------------------------------------------------------- workers
 def lmc_worker(bundle: Path, speculate: str, new_tokens: int) -> dict:
     """lmc's driver (what ``lmc generate`` runs): one StateDecoder, each prompt prefilled, then decoded."""
@@ -95,32 +91,6 @@ def lmc_worker(bundle: Path, speculate: str, new_tokens: int) -> dict:
         ran, drafted, accepted = run.speculation, drafted + run.drafted, accepted + run.accepted
     return {"tokens": out, "decode_seconds": seconds, "decode_cpu_seconds": cpu, "base_rss": base,
             "peak_rss": status("VmHWM:"), "speculation": ran, "drafted": drafted, "accepted": accepted}
-
-
-def genai_worker(folder: Path, eos: int, new_tokens: int) -> dict:
-    """onnxruntime-genai on its builder's folder: one Model, a Generator per prompt, greedy search."""
-    import onnxruntime_genai as og
-
-    base = status("VmRSS:")
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"eos_token_id": eos, "decoder": {"session_options": {
-        "intra_op_num_threads": 1, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-    seconds, cpu, out = 0.0, 0.0, []
-    for prompt in prompts():
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=PROMPT_LEN + new_tokens)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array([prompt], dtype=np.int32))     # the prefill runs here
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(new_tokens):           # the first picks from the prefill's logits: new − 1 decode runs
-            generator.generate_next_token()
-        seconds += time.perf_counter() - start
-        cpu += time.process_time() - cpu_start
-        out.append([int(t) for t in generator.get_sequence(0)][PROMPT_LEN:])
-        del generator
-    return {"tokens": out, "decode_seconds": seconds, "decode_cpu_seconds": cpu, "base_rss": base,
-            "peak_rss": status("VmHWM:")}
 
 
 def cost_worker(bundle: Path, repeats: int) -> dict:
