@@ -107,26 +107,23 @@ def emit_qgemm(op: OpContext) -> KernelCall:
         op.expect_dtype([y], F32)
         yz = 0
         scale = (sa * sb).astype(np.float32)
-    params = [f"static const lmc_qgemm_params {op.prefix} = {{{m}, {n}, {k}, {trans_b}, {za}, {yz}}};",
-              _floats(f"{op.prefix}_scale", scale)]
-    bz_arg = "0"
-    if bz is not None and bz.any():
-        params.append(_int8s(f"{op.prefix}_bzero", bz))
-        bz_arg = f"{op.prefix}_bzero"
-    outs = f"0, {y.out}" if quantized_out else f"{y.out}, 0"
-    return KernelCall(f"lmc_qgemm_s8({a.ptr()}, {b.ptr()}, {bz_arg}, {bias.ptr() if bias is not None else '0'}, "
-                      f"{op.prefix}_scale, {outs}, &{op.prefix});", FAMILIES, "\n".join(params), m * n * k)
+    return _gemm_call(op, a, b, y, bz, scale, m, n, k, za, yz, quantized_out, trans_b, bias)
 
 
-@REGISTRY.op("QLinearAdd", domain="com.microsoft")
-def emit_qlinear_add(op: OpContext) -> KernelCall:
+def _binary_operands(op: OpContext):
+    """A com.microsoft QLinear binary op's (A, B, Y) and their (scale, zero point) codes, checked: int8 all,
+    both operands of the output's shape (no broadcasting)."""
     a, b, y = op.input(0), op.input(3), op.outputs[0]
     op.expect_dtype([a, b, y], I8)
     if a.shape != y.shape or b.shape != y.shape:
         raise op.unsupported("only operands of the output's shape are supported (no broadcasting)")
-    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
-    sb, zb = np.float32(_scalar(op, 4, F32)), int(_scalar(op, 5, I8))
-    sy, zy = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    codes = [(np.float32(_scalar(op, i, F32)), int(_scalar(op, i + 1, I8))) for i in (1, 4, 6)]
+    return (a, b, y, *codes)
+
+
+@REGISTRY.op("QLinearAdd", domain="com.microsoft")
+def emit_qlinear_add(op: OpContext) -> KernelCall:
+    a, b, y, (sa, za), (sb, zb), (sy, zy) = _binary_operands(op)
     ra, rb = np.float32(sa / sy), np.float32(sb / sy)
     return KernelCall(f"lmc_qlinear_add_s8({a.ptr()}, {za}, {_flt(ra)}, {b.ptr()}, {zb}, {_flt(rb)}, {y.out}, {zy}, "
                       f"{y.numel});", FAMILIES)
@@ -193,27 +190,24 @@ def emit_matmul_integer_to_float(op: OpContext) -> KernelCall:
 
 
 def _gemm_call(op: OpContext, a, b, y, bz, scale, m: int, n: int, k: int, za: int, yz: int,
-               quantized: bool) -> KernelCall:
-    params = [f"static const lmc_qgemm_params {op.prefix} = {{{m}, {n}, {k}, 0, {za}, {yz}}};",
+               quantized: bool, trans_b: int = 0, bias=None) -> KernelCall:
+    """One ``lmc_qgemm_s8`` call: int8 A [m, k] × int8 B ([k, n], or [n, k] with ``trans_b``) with B's zero
+    points ``bz`` (none when all 0), an optional int32 bias, per-column ``scale``; int8 output with zero point
+    ``yz`` when ``quantized``, else float."""
+    params = [f"static const lmc_qgemm_params {op.prefix} = {{{m}, {n}, {k}, {trans_b}, {za}, {yz}}};",
               _floats(f"{op.prefix}_scale", scale)]
     bz_arg = "0"
     if bz is not None and bz.any():
         params.append(_int8s(f"{op.prefix}_bzero", bz))
         bz_arg = f"{op.prefix}_bzero"
     outs = f"0, {y.out}" if quantized else f"{y.out}, 0"
-    return KernelCall(f"lmc_qgemm_s8({a.ptr()}, {b.ptr()}, {bz_arg}, 0, {op.prefix}_scale, {outs}, &{op.prefix});",
-                      FAMILIES, "\n".join(params), m * n * k)
+    return KernelCall(f"lmc_qgemm_s8({a.ptr()}, {b.ptr()}, {bz_arg}, {bias.ptr() if bias is not None else '0'}, "
+                      f"{op.prefix}_scale, {outs}, &{op.prefix});", FAMILIES, "\n".join(params), m * n * k)
 
 
 @REGISTRY.op("QLinearMul", domain="com.microsoft")
 def emit_qlinear_mul(op: OpContext) -> KernelCall:
-    a, b, y = op.input(0), op.input(3), op.outputs[0]
-    op.expect_dtype([a, b, y], I8)
-    if a.shape != y.shape or b.shape != y.shape:
-        raise op.unsupported("only operands of the output's shape are supported (no broadcasting)")
-    sa, za = np.float32(_scalar(op, 1, F32)), int(_scalar(op, 2, I8))
-    sb, zb = np.float32(_scalar(op, 4, F32)), int(_scalar(op, 5, I8))
-    sy, zy = np.float32(_scalar(op, 6, F32)), int(_scalar(op, 7, I8))
+    a, b, y, (sa, za), (sb, zb), (sy, zy) = _binary_operands(op)
     ratio = np.float32(np.float32(sa * sb) / sy)
     return KernelCall(f"lmc_qlinear_mul_s8({a.ptr()}, {za}, {b.ptr()}, {zb}, {_flt(ratio)}, {y.out}, {zy}, "
                       f"{y.numel});", FAMILIES)
