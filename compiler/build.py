@@ -35,7 +35,7 @@ from lmc.core.runtime import SESSION_OPTIONS_FILE, session
 from lmc.compiler.verify import (VerificationFailed, VerifyReport, check_spans, compare_generation, compare_models,
                                  random_inputs, with_values)
 from lmc.targets import emit
-from lmc.targets.cbundle.emit import CBundle, EmitFormat, default_emit, emit_c
+from lmc.targets.cbundle.emit import CBundle, EmitFormat, emit_c
 from lmc.targets.cbundle.registry import UnsupportedOp
 from lmc.targets.cbundle.generation import emit_generation_c
 from lmc.targets.cbundle.linker import BoardError, LinkerFigures, link_figures, unavailable
@@ -257,9 +257,9 @@ def link_check(cbundle: CBundle | None, target: Target, staged: Path,
     other bundles. An image whose arena is not the plan's fails the build (``VerificationFailed``, exit 3);
     one over the target's RAM or the board's flash does not fit (``LmcError``, exit 2) unless ``max_ram``
     (``--max-ram``) raises the RAM budget above what it takes."""
-    if cbundle is None or unavailable(target).startswith("no emulated board"):
+    why = "" if cbundle is None else unavailable(target)
+    if cbundle is None or why.startswith("no emulated board"):
         return None, ""
-    why = unavailable(target)
     if why:
         log.info("C bundle not linked: %s", why)
         return None, why
@@ -294,7 +294,7 @@ def c_bundle(options: BuildOptions, target: Target, write: Callable[[], CBundle]
     is C (``default_emit``: weights in flash). An op without a C kernel is an error (``UnsupportedOp``, exit 2)
     under ``--emit c``; under the target's default the bundle stays ONNX-only and the reason is returned, so
     builds that never asked for C (a language model for cortex-m55 at a sequence no board runs) still succeed."""
-    if (options.emit or default_emit(target)) is not EmitFormat.C:
+    if options.emit_format(target) is not EmitFormat.C:
         return None, ""
     try:
         return write(), ""
@@ -365,7 +365,7 @@ def lower_for_runtime(graph: gs.Graph, options: BuildOptions, target: Target, sp
     MatMulNBits onnxruntime would fuse them into at load, at the chosen accuracy level
     (``lmc.compiler.lower_matmulnbits``: no fusion copies at load)."""
     runtime = runtime_for(graph, target)
-    if (options.emit or default_emit(target)) is EmitFormat.ONNX and target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
+    if options.emit_format(target) is EmitFormat.ONNX and target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
         lower_decoded_matmuls(graph, accuracy_level(runtime.session_options), spill)
     return runtime
 

@@ -21,7 +21,7 @@ from lmc.compiler.verify import DEFAULT_TOLERANCE
 from lmc.passes.prune import PruneSpec
 from lmc.passes.quantize.w8a8 import CalibMethod
 from lmc.passes.sparse_attention import AttentionSpec
-from lmc.targets.cbundle.emit import EmitFormat
+from lmc.targets.cbundle.emit import EmitFormat, default_emit
 from lmc.targets.target import INT4_BLOCK_SIZES, Target
 
 
@@ -82,6 +82,12 @@ class BuildOptions:
     emit: EmitFormat | None = None       # onnx | c (a C bundle beside model.onnx); None: the target's default
     attention_spec: AttentionSpec = field(init=False, repr=False, compare=False)    # ``attention``, parsed once
     prune_spec: PruneSpec | None = field(init=False, repr=False, compare=False)     # ``prune``, parsed once
+
+
+    def emit_format(self, target: Target) -> EmitFormat:
+        """What the bundle is for ``target``: ``--emit``, else the target's default (C where weights live in
+        flash)."""
+        return self.emit or default_emit(target)
 
     def __post_init__(self):
         object.__setattr__(self, "attention_spec", AttentionSpec.parse(str(self.attention or "dense")))

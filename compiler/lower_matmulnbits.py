@@ -86,7 +86,7 @@ def lowerable(dq: gs.Node) -> bool:
             and readers[0].inputs[0] is not dq.outputs[0])
 
 
-def lower_pair(dq: gs.Node, level: int, names: ir.Namer | None = None) -> int:
+def lower_pair(dq: gs.Node, level: int, names: ir.Namer) -> int:
     """Replace one lowerable DequantizeLinear and its MatMul by MatMulNBits (``level``: its accuracy
     level). Returns the MatMuls lowered."""
     weight, scales = dq.inputs[0], dq.inputs[1]
@@ -105,14 +105,14 @@ def lower_pair(dq: gs.Node, level: int, names: ir.Namer | None = None) -> int:
         z = np.zeros((n, nb), dtype=np.uint8)                            # unsigned, no zero point: 0
     else:
         z = None                                                         # MatMulNBits' default 2^(bits−1)
-    inputs = [gs.Constant(_name(names, weight.name + "_nbits"), data),
-              gs.Constant(_name(names, scales.name + "_nbits"), s)]
+    inputs = [gs.Constant(names.fresh(weight.name + "_nbits"), data),
+              gs.Constant(names.fresh(scales.name + "_nbits"), s)]
     if z is not None:
         if bits == 4:
             padded = np.zeros((n, nb + nb % 2), dtype=np.uint8)
             padded[:, :nb] = z
             z = _pack_pairs(padded)
-        inputs.append(gs.Constant(_name(names, (zeros.name if zeros is not None else weight.name) + "_nbits_zp"),
+        inputs.append(gs.Constant(names.fresh((zeros.name if zeros is not None else weight.name) + "_nbits_zp"),
                                   np.ascontiguousarray(z).reshape(-1)))
     readers = list(dq.outputs[0].outputs)
     for mm in readers:
@@ -124,10 +124,6 @@ def lower_pair(dq: gs.Node, level: int, names: ir.Namer | None = None) -> int:
     dq.outputs.clear()
     dq.inputs.clear()
     return len(readers)
-
-
-def _name(names: ir.Namer | None, base: str) -> str:
-    return names.fresh(base) if names is not None else base
 
 
 def lower_decoded_matmuls(graph: gs.Graph, level: int, spill=None) -> int:

@@ -45,7 +45,7 @@ from lmc.passes.simplify_reshapes import SimplifyReshapes
 from lmc.passes.sparse_attention import AttentionKind, SparseAttention
 from lmc.passes.static_cache import StaticKVCache
 from lmc.passes.upgrade_opset import UpgradeOpset
-from lmc.targets.cbundle.emit import EmitFormat, default_emit
+from lmc.targets.cbundle.emit import EmitFormat
 
 if TYPE_CHECKING:
     from lmc.compiler.compilation import BuildOptions
@@ -96,7 +96,7 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
         method = CalibMethod(options.calib_method)
         # a bundle that runs lmc's C kernels (lmc.targets.cbundle): convolutional graphs all int8, static
         # and transformers' QDQ products as integer products with int8 activations between them
-        c = (options.emit or default_emit(target)) is EmitFormat.C
+        c = options.emit_format(target) is EmitFormat.C
         static = [QuantizeStaticInt8(feeds), Cleanup()] if c else []
         integer = [IntegerMatMuls(feeds), Cleanup()] if c else []
         return static + [MergeParallelMatMuls(), QuantizeW8A8(feeds, method=method), Cleanup()] + integer

@@ -91,7 +91,7 @@ def use_process_arena(config: dict) -> bool:
 def after_load(settings: dict, model_path: str | Path | None = None) -> None:
     """What ``session_options.json`` asks for once the session on ``model_path`` exists
     (``trim_heap_after_load``, ``release_mapped_after_load``)."""
-    if settings.get(RELEASE_MAPPED) and model_path is not None and _weights_files(model_path):
+    if settings.get(RELEASE_MAPPED) and model_path is not None and _has_weights_file(model_path):
         spans = packed_and_kept(model_path)
         dropped = weights.drop_mapped_pages(Path(model_path).parent, spans) if spans else 0
         log.debug("%.1f MiB of mapped weight pages dropped after load", dropped / 2**20)
@@ -99,9 +99,10 @@ def after_load(settings: dict, model_path: str | Path | None = None) -> None:
         weights.release_freed()
 
 
-def _weights_files(model_path: str | Path) -> list[Path]:
-    """The external-data files beside a bundle's model (none: its weights are inline, nothing is mapped)."""
-    return sorted(Path(model_path).parent.glob("*.weights"))
+def _has_weights_file(model_path: str | Path) -> bool:
+    """Whether an external-data file lies beside a bundle's model (none: its weights are inline, nothing is
+    mapped)."""
+    return any(Path(model_path).parent.glob("*.weights"))
 
 
 def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
