@@ -273,25 +273,26 @@ def drop_mapped_pages(folder: str | os.PathLike, spans: dict[str, list[tuple[int
     import ctypes
 
     root = os.path.realpath(folder)
+    mappings, current = [], None
     try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
         page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/smaps") as smaps:      # streamed: the whole text is megabytes, a peak of its own
+            for line in smaps:
+                fields = line.split(maxsplit=5)
+                if fields and "-" in fields[0] and not fields[0].endswith(":"):          # a mapping's header
+                    current = None
+                    path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+                    if os.path.dirname(path) == root and os.path.basename(path) in spans:
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        current = [start, end, int(fields[2], 16), os.path.basename(path), True]
+                        mappings.append(current)
+                elif current is not None and fields[0] == "Anonymous:" and int(fields[1]) > 0:
+                    current[4] = False
     except (OSError, AttributeError, ValueError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    mappings, current = [], None
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):          # a mapping's header
-            current = None
-            if len(fields) == 6 and os.path.dirname(fields[5]) == root and os.path.basename(fields[5]) in spans:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                current = [start, end, int(fields[2], 16), os.path.basename(fields[5]), True]
-                mappings.append(current)
-        elif current is not None and fields[0] == "Anonymous:" and int(fields[1]) > 0:
-            current[4] = False
     dropped = 0
     for start, end, file_offset, name, clean in mappings:
         if not clean:
