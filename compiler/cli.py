@@ -165,6 +165,10 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="int4 block size (power of two, 16..256). Larger blocks: fewer scales, a smaller and faster "
                    "bundle, a little more error (llama-code: +4.0% perplexity at 32, +5.5% at 64; a 1.1B decoder's "
                    "resident peak 934 -> 736 MiB)  [default: the target's int4_block_size, see lmc targets]")
+@click.option("--int4-scheme", type=click.Choice(["symmetric", "asymmetric"]), default=None,
+              help="int4 codes: symmetric (q·s, no zero point) or asymmetric ((q − z)·s, a 4-bit zero point "
+                   "per block: a little less error, slower products — llama-code decode PLACEHOLDER)  "
+                   "[default: the target's int4_scheme, see lmc targets]")
 @click.option("--calib", type=click.Path(dir_okay=False),
               help=".npz with one array per input, [N, *input_shape]: weights scale choice by activations.")
 @click.option("--prune", metavar="mlp=F[,heads=F][,kv=F]",
@@ -223,7 +227,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="Max relative output error accepted by the built-in verification (at least twice the "
                    "original's own spread between onnxruntime optimisation levels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
-def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, calib, prune, prune_per_layer, calib_method, calib_samples, attention,
+def build(model, out_dir, target, input_shapes, input_values, quantize, block_size, int4_scheme, calib, prune, prune_per_layer, calib_method, calib_samples, attention,
           context, batch, prefill_chunk, kv_cache, tokenizer, encoder_length, max_ram, allow_approx, ort_format, inplace, disabled, emit_format, no_verify, tolerance, as_json):
     """Compile MODEL into a verified bundle with a static memory plan.
 
@@ -238,7 +242,7 @@ def build(model, out_dir, target, input_shapes, input_values, quantize, block_si
 
     options = BuildOptions(target=target, input_shapes=parse_input_shapes(input_shapes),
                            input_values=parse_input_values(input_values),
-                           quantize=QuantizeMode(quantize), block_size=block_size, calib=calib,
+                           quantize=QuantizeMode(quantize), block_size=block_size, int4_scheme=int4_scheme, calib=calib,
                            calib_method=calib_method, calib_samples=calib_samples, prune=prune,
                            prune_per_layer=prune_per_layer,
                            attention=attention, max_ram=parse_size(max_ram), allow_approx=allow_approx, inplace=inplace,
@@ -693,7 +697,8 @@ def targets(as_json):
                    f"fused ops: {', '.join(sorted(t.tuning.fused_ops))}")
         click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}")
         click.echo(f"  quantize preferred {t.tuning.preferred_quantization} (first tried by --max-ram --allow-approx), "
-                   f"int4 blocks of {t.tuning.int4_block_size} unless --block-size")
+                   f"int4 blocks of {t.tuning.int4_block_size} unless --block-size, {t.tuning.int4_scheme.value} "
+                   f"unless --int4-scheme")
         if t.name in board_of:
             click.echo(f"  board    {board_of[t.name].describe()}; lmc verify --on {t.name}")
 

@@ -22,7 +22,7 @@ from lmc.passes.prune import PruneSpec
 from lmc.passes.quantize.w8a8 import CalibMethod
 from lmc.passes.sparse_attention import AttentionSpec
 from lmc.targets.cbundle.emit import EmitFormat, default_emit
-from lmc.targets.target import INT4_BLOCK_SIZES, Target
+from lmc.targets.target import INT4_BLOCK_SIZES, Int4Scheme, Target
 
 
 class QuantizeMode(enum.Enum):
@@ -63,6 +63,7 @@ class BuildOptions:
     inplace: bool = False                # plan elementwise/view outputs over their dying inputs
     ort_format: bool = False             # also write ORT Mobile files (model.ort + required_operators.config)
     block_size: int | None = None        # int4 block; None: the target's int4_block_size
+    int4_scheme: Int4Scheme | None = None  # int4 codes with or without zero points; None: the target's int4_scheme
     table_bits: int | None = None        # bits of the embedding / tied head table (int4 mode: 8)
     calib: str | None = None
     calib_samples: int = 32
@@ -103,6 +104,8 @@ class BuildOptions:
             raise LmcError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
         if self.emit is not None:
             object.__setattr__(self, "emit", _choice("--emit", EmitFormat, self.emit))
+        if self.int4_scheme is not None:
+            object.__setattr__(self, "int4_scheme", _choice("--int4-scheme", Int4Scheme, self.int4_scheme))
         generation = {name: getattr(self, name) for name in GENERATION_DEFAULTS}
         if self.tokenizer is not None:
             if self.context is None:

@@ -58,6 +58,17 @@ class StateDecoder:
             self.state[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[name], dtype))
         self.binding = self.session.io_binding()
         self.binding.bind_output(info.logits)       # first: its index in get_outputs() stays 0
+        # decode steps (one token per row) write into buffers bound once: the token ids, all-ones mask
+        # columns, the logits — no per-step allocation, no wrapping of every output (the state included)
+        logits = next(o for o in self.session.get_outputs() if o.name == info.logits)
+        vocab = logits.shape[-1]
+        self._ids = np.zeros((info.batch, 1), np.int64)
+        self._ids_value = ort.OrtValue.ortvalue_from_numpy(self._ids)
+        self._ones = np.ones((info.batch, info.context), np.int64)
+        self._logits = self._logits_value = None
+        if isinstance(vocab, int):
+            self._logits = np.zeros((info.batch, 1, vocab), np.float16 if "float16" in logits.type else np.float32)
+            self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         for src, dst in info.state:
             self.binding.bind_ortvalue_input(src, self.state[src])
             self.binding.bind_ortvalue_output(dst, self.state[src])
@@ -134,21 +145,34 @@ class StateDecoder:
         if self.length + s > self.info.context:
             raise LmcError(f"the bundle takes positions below {self.info.context} (its --context); "
                            f"{self.length + s} requested (rebuild with a larger --context)")
-        self.binding.bind_cpu_input(self.info.input_ids, ids)
-        if self.info.attention_mask:     # positions derived in the graph (as onnxruntime-genai feeds it)
+        decode = s == 1 and self._logits is not None
+        if decode:
+            self._ids[...] = ids
+            self.binding.bind_ortvalue_input(self.info.input_ids, self._ids_value)
+        else:
+            self.binding.bind_cpu_input(self.info.input_ids, ids)
+        if self.info.attention_mask and self._rows is None:     # positions derived in the graph (as
+            mask = self._ones[:, :self.length + s]                # onnxruntime-genai feeds it): all 1s
+            self.binding.bind_cpu_input(self.info.attention_mask, mask if self.info.batch == 1 else mask.copy())
+        elif self.info.attention_mask:
             # a row behind the others (rewound apart) has 0s between its tokens and the step's: its positions
-            # are its own count of tokens, then consecutive (all 1s when the rows are together)
+            # are its own count of tokens, then consecutive
             cols = np.arange(self.length + s)
             mask = (cols < starts[:, None]) | (cols >= self.length)
             self.binding.bind_cpu_input(self.info.attention_mask, mask.astype(np.int64))
         else:
             positions = starts[:, None] + np.arange(s, dtype=np.int64)
             self.binding.bind_cpu_input(self.info.position_ids, np.ascontiguousarray(positions))
-        self.binding.bind_output(self.info.logits)
+        if decode:
+            self.binding.bind_ortvalue_output(self.info.logits, self._logits_value)
+        else:
+            self.binding.bind_output(self.info.logits)
         self.session.run_with_iobinding(self.binding)
         self.length += s
         self._rows = None if self._rows is None else self._rows + s
         self._written = np.maximum(self._written, starts + s)
+        if decode:
+            return self._logits.copy()            # the caller's: the buffer is written again next step
         outputs = self.binding.get_outputs()
         assert len(outputs) == len(self.info.state) + 1, "logits re-bound at a new index"
         return outputs[0].numpy()

@@ -46,6 +46,7 @@ from lmc.passes.sparse_attention import AttentionKind, SparseAttention
 from lmc.passes.static_cache import StaticKVCache
 from lmc.passes.upgrade_opset import UpgradeOpset
 from lmc.targets.cbundle.emit import EmitFormat
+from lmc.targets.target import Int4Scheme
 
 if TYPE_CHECKING:
     from lmc.compiler.compilation import BuildOptions
@@ -90,7 +91,9 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
     if mode in ("int8", "int4"):
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
         table_bits = options.table_bits
+        scheme = options.int4_scheme or target.tuning.int4_scheme
         return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size or target.tuning.int4_block_size, table_bits=table_bits,
+                                               asymmetric=scheme is Int4Scheme.ASYMMETRIC,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":
         method = CalibMethod(options.calib_method)

@@ -31,6 +31,14 @@ class WeightsPlacement(enum.Enum):
 
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)     # int4 block sizes a target (or --block-size) may name
+class Int4Scheme(enum.Enum):
+    """How an int4 block's codes map to values: ŵ = q·s with q in [−8, 7] (symmetric), or ŵ = (q − z)·s with
+    q in [0, 15] and a 4-bit zero point z per block (asymmetric: a little less error, a zero point to read
+    and subtract at every block of every product)."""
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
 QUANTIZATIONS = ("int8", "int4", "w8a8")     # what tuning.preferred_quantization may name (lmc build --quantize)
 VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
 
@@ -59,6 +67,7 @@ class Tuning:
     fused_ops: frozenset[str]
     preferred_quantization: str
     int4_block_size: int
+    int4_scheme: Int4Scheme = Int4Scheme.ASYMMETRIC
     nbits_accuracy_level: int = 0   # MatMulNBits compute: 4 = int8 activations (dot-product units), 0 = float
 
     def can_emit(self, op: str, domain: str = "") -> bool:
@@ -100,6 +109,7 @@ class Target:
                 "fused_ops": sorted(self.tuning.fused_ops),
                 "preferred_quantization": self.tuning.preferred_quantization,
                 "int4_block_size": self.tuning.int4_block_size,
+                "int4_scheme": self.tuning.int4_scheme.value,
                 "nbits_accuracy_level": self.tuning.nbits_accuracy_level,
             },
             "memory": {
@@ -110,6 +120,14 @@ class Target:
                 "fold_max_bytes": self.memory.fold_max_bytes,
             },
         }
+
+
+def _int4_scheme(value, source: str) -> Int4Scheme:
+    try:
+        return Int4Scheme(str(value))
+    except ValueError:
+        raise TargetError(f"{source}: tuning.int4_scheme must be one of "
+                          f"{', '.join(s.value for s in Int4Scheme)}, got {value!r}") from None
 
 
 def _parse(data: dict, source: str) -> Target:
@@ -138,6 +156,7 @@ def _parse(data: dict, source: str) -> Target:
                 fused_ops=frozenset(tuning.get("fused_ops", [])),
                 preferred_quantization=preferred,
                 int4_block_size=block,
+                int4_scheme=_int4_scheme(tuning.get("int4_scheme", Int4Scheme.ASYMMETRIC.value), source),
                 nbits_accuracy_level=int(tuning.get("nbits_accuracy_level", 0)),
             ),
             memory=MemoryMode(

@@ -448,35 +448,39 @@ GPTQ_ROWS = 4096     # output rows GPTQ updates at once (a float64 copy of 4096 
 
 
 def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits: int = 4, damp: float = 0.01,
-                batch: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ (Frantar et al., 2022) with asymmetric block-wise scales, for y = x·Wᵀ with w_t = Wᵀ [N, K].
+                batch: int = 128, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ (Frantar et al., 2022) with block-wise scales, for y = x·Wᵀ with w_t = Wᵀ [N, K].
 
     Quantizes input feature k = 0..K−1 in order; the error each step leaves, divided by the inverse-Hessian
     pivot, is pushed onto the features not quantized yet (H = XᵀX from calibration, damped by
     ``damp``·mean diag; or ``gram`` is already ``gptq_prepare``'s factor). Block scales/zero points are
-    chosen (range search, ``quantize_blocks_asymmetric``) on the updated weights when a block starts.
-    Returns (q uint8 [N, K], scales [N, K/B], zeros [N, K/B])."""
+    chosen (range search, ``quantize_blocks_asymmetric``, or ``quantize_blocks`` when ``symmetric``) on the
+    updated weights when a block starts. Returns (q [N, K], scales [N, K/B], zeros [N, K/B]): q uint8 in
+    [0, 2^b − 1] with uint8 zero points, or with ``symmetric`` int8 in [−2^(b−1), 2^(b−1) − 1] and zeros None
+    (ŵ = q·s)."""
     n, k = w_t.shape
     if k % block or batch % block:
         raise ValueError("K and the batch must be multiples of the block")
     factor = gram if isinstance(gram, GptqFactor) else gptq_prepare(gram, damp)
-    q_all = np.zeros((n, k), dtype=np.uint8)
+    q_all = np.zeros((n, k), dtype=np.int8 if symmetric else np.uint8)
     scales = np.zeros((n, k // block), dtype=np.float32)
-    zeros = np.zeros((n, k // block), dtype=np.uint8)
+    zeros = None if symmetric else np.zeros((n, k // block), dtype=np.uint8)
     for r1 in range(0, n, GPTQ_ROWS):     # every step is row-wise: rows in slices give the same bytes
         r2 = min(r1 + GPTQ_ROWS, n)
-        _gptq_rows(w_t[r1:r2], factor, block, bits, batch, q_all[r1:r2], scales[r1:r2], zeros[r1:r2])
+        _gptq_rows(w_t[r1:r2], factor, block, bits, batch, q_all[r1:r2], scales[r1:r2],
+                   None if symmetric else zeros[r1:r2])
     return q_all, scales, zeros
 
 
 def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch: int, q_all: np.ndarray,
-               scales: np.ndarray, zeros: np.ndarray) -> None:
-    """``gptq_blocks`` on a slice of output rows, writing into the given slices of its results."""
+               scales: np.ndarray, zeros: np.ndarray | None) -> None:
+    """``gptq_blocks`` on a slice of output rows, writing into the given slices of its results (``zeros``
+    None: symmetric)."""
     n, k = w_t.shape
     hinv, diag_h = factor.hinv, factor.diag
     w = w_t.astype(np.float64)                               # a copy: the weight is only read
     w[:, factor.dead] = 0.0
-    qmax = 2 ** bits - 1
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if zeros is None else (0, 2 ** bits - 1)
     for i1 in range(0, k, batch):
         i2 = min(i1 + batch, k)
         w1 = w[:, i1:i2].copy()
@@ -485,13 +489,17 @@ def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch
         s = z = None
         for i in range(i2 - i1):
             col = i1 + i
-            if col % block == 0:
+            if col % block == 0 and zeros is None:
+                _, s_blk = quantize_blocks(w1[:, i:i + block], block, bits, diag_h[col:col + block])
+                s, z = s_blk[:, 0].astype(np.float64), 0.0
+                scales[:, col // block] = s_blk[:, 0]
+            elif col % block == 0:
                 _, s_blk, z_blk = quantize_blocks_asymmetric(w1[:, i:i + block], block, bits,
                                                              diag_h[col:col + block])
                 s, z = s_blk[:, 0].astype(np.float64), z_blk[:, 0].astype(np.float64)
                 scales[:, col // block], zeros[:, col // block] = s_blk[:, 0], z_blk[:, 0]
             col_w = w1[:, i]
-            q = np.clip(np.rint(col_w / s) + z, 0, qmax)
+            q = np.clip(np.rint(col_w / s) + z, qmin, qmax)
             q_all[:, col] = q
             e = (col_w - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= np.outer(e, hinv1[i, i:])

@@ -542,9 +542,11 @@ class QuantizeWeights:
             stats = self.config.stats.get(matmuls[0].inputs[0].name)
             gram = self._gram(matmuls[0].inputs[0].name) if self.config.gptq and stats is not None else None
             if gram is not None:
-                qt, st, zt = gptq_blocks(w.T, gram, block, 4, batch=_gptq_batch(k, block))
+                qt, st, zt = gptq_blocks(w.T, gram, block, 4, batch=_gptq_batch(k, block),
+                                         symmetric=not self.config.asymmetric)
                 del gram
-                q, s, z = np.ascontiguousarray(qt.T), np.ascontiguousarray(st.T), np.ascontiguousarray(zt.T)
+                q, s = np.ascontiguousarray(qt.T), np.ascontiguousarray(st.T)
+                z = None if zt is None else np.ascontiguousarray(zt.T)
                 del qt, st, zt
             elif self.config.asymmetric:
                 q, s, z = quantize_blocks_asymmetric(w, block, 4, h, self.config.search, axis=0)
@@ -629,16 +631,22 @@ class QuantizeWeights:
         h = self._importance(heads[0].inputs[0]) if heads else None
         zeros = None
         if bits == 4:
-            # asymmetric blocks; with calibration, GPTQ against the head's inputs (the lm head is what the
-            # table's error hurts most: plain rounding of a tied 4-bit table costs far more perplexity)
+            # blocks as the config's scheme; with calibration, GPTQ against the head's inputs (the lm head is
+            # what the table's error hurts most: plain rounding of a tied 4-bit table costs far more perplexity).
+            # Symmetric codes are stored offset by 8, both kernels' default zero point when none is given.
             gram = self._gram(heads[0].inputs[0].name) if heads and self.config.gptq else None
+            symmetric = not self.config.asymmetric
             if gram is not None:
-                unsigned, s, zeros = gptq_blocks(w, gram, block, 4, batch=_gptq_batch(d, block))
+                unsigned, s, zeros = gptq_blocks(w, gram, block, 4, batch=_gptq_batch(d, block), symmetric=symmetric)
                 del gram
+            elif symmetric:
+                unsigned, s = quantize_blocks(w, block, 4, h, self.config.search)
             else:
                 unsigned, s, zeros = quantize_blocks_asymmetric(w, block, 4, h, self.config.search)
+            if symmetric:
+                unsigned = (unsigned.astype(np.int16) + 8).astype(np.uint8)
             unsigned = unsigned.reshape(v, d // block, block)
-            s4, z4 = s, zeros
+            s4, z4 = s, (np.full(s.shape, 8, np.uint8) if zeros is None else zeros)
 
             def w_hat(r0, r1):
                 return ((unsigned[r0:r1].astype(np.float32) - z4[r0:r1, :, None]) * s4[r0:r1, :, None]).reshape(-1, d)

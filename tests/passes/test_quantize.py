@@ -13,6 +13,7 @@ from lmc.compiler.build import BuildOptions, QuantizeMode, build
 from lmc.core.perplexity import load_tokens, perplexity
 from lmc.core.runtime import session
 from lmc.compiler.verify import compare
+from lmc.core.errors import LmcError
 from lmc.models import LlamaConfig, build_llama
 from lmc.passes.quantize.scales import gptq_blocks, quantize_blocks, quantize_blocks_asymmetric, quantize_channels
 
@@ -45,6 +46,12 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     deq = lambda q, s, z: ((q.reshape(n, -1, 32).astype(np.float64) - z[..., None]) * s[..., None]).reshape(n, k)
     out_err = lambda wh: np.linalg.norm(x @ (w - wh).T)
     assert out_err(deq(q2, s2, z2)) < 0.97 * out_err(deq(q, s, z))
+    # symmetric: signed codes, no zero points, and the same gain over its own rounding
+    qs, ss = quantize_blocks(w, 32, 4, np.diag(gram) / len(x))
+    q3, s3, z3 = gptq_blocks(w, gram, 32, symmetric=True)
+    assert z3 is None and q3.dtype == np.int8 and q3.min() >= -8 and q3.max() <= 7
+    sym = lambda q, s: (q.reshape(n, -1, 32).astype(np.float64) * s[..., None]).reshape(n, k)
+    assert out_err(sym(q3, s3)) < 0.97 * out_err(sym(qs, ss))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +93,38 @@ def test_quantized_bundle_runs_and_stays_close(tiny_llama, tmp_path, mode):
     unfused = run_ort(tmp_path / "out" / "model.onnx", feed, optimize=False, threads=1)[0]
     executed = ArenaExecutor(tmp_path / "out").run(feed)["logits"]
     assert compare(unfused, executed, "logits").max_rel < 1e-4
+
+
+@pytest.mark.parametrize("calib", [False, True])
+def test_symmetric_int4_stores_no_zero_points_and_decodes_as_the_reference(tiny_llama, tmp_path, monkeypatch, calib):
+    """--int4-scheme symmetric: every 4-bit weight, the tied table too (its codes offset by 8, the kernels'
+    default zero point), without zero points; the bundle stays about as close to the original as the
+    asymmetric one (a code offset the kernels read otherwise would move every row of the table)."""
+    import lmc.passes.quantize.weight_only as wo
+    from lmc.targets.target import Int4Scheme
+
+    monkeypatch.setattr(wo, "TABLE_KL_BUDGET", 10.0)          # with --calib the table at 4 bits, whatever it costs
+    path, calib_file = tiny_llama
+    errs = {}
+    for scheme in Int4Scheme:
+        out = tmp_path / scheme.value
+        build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.INT4,
+                                 int4_scheme=scheme.value,
+                                 calib=str(calib_file) if calib else None), out)
+        feed = token_feed(1, 32, vocab=512, seed=3)
+        errs[scheme] = compare(run_ort(path, feed)[0], run_ort(out / "model.onnx", feed)[0], "logits")
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        four_bit = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+                    and any(a.name == "bits" and a.i == 4 for a in n.attribute)]
+        assert four_bit
+        gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert [a.i for n in gathers for a in n.attribute if a.name == "bits"] == [4 if calib else 8]
+        with_zeros = [n.name for n in four_bit if len(n.input) > 3 and n.input[3]]
+        assert (with_zeros == []) == (scheme is Int4Scheme.SYMMETRIC), with_zeros
+    assert errs[Int4Scheme.SYMMETRIC].cosine > 0.95
+    assert errs[Int4Scheme.SYMMETRIC].max_rel < 2 * errs[Int4Scheme.ASYMMETRIC].max_rel
+    with pytest.raises(LmcError, match="--int4-scheme"):
+        BuildOptions(int4_scheme="signed")
 
 
 def test_perplexity_reads_token_windows(tiny_llama, tmp_path):
