@@ -439,12 +439,36 @@ def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> Gpt
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     diag_h = np.diag(h).copy()
-    h = np.linalg.inv(h)                                     # the damped Gram is freed here
-    hinv = np.linalg.cholesky(h).T                           # upper factor U with H⁻¹ = UᵀU
-    return GptqFactor(hinv, diag_h, dead)
+    return GptqFactor(inverse_upper_factor(h), diag_h, dead)
+
+
+def inverse_upper_factor(h: np.ndarray) -> np.ndarray:
+    """The upper-triangular U (positive diagonal) with H⁻¹ = UᵀU, for symmetric positive definite H [K, K],
+    without forming H⁻¹: with J the reversal, JHJ = LLᵀ (Cholesky), so H⁻¹ = J L⁻ᵀ L⁻¹ J = UᵀU for
+    U = J L⁻¹ J, upper since L⁻¹ is lower. One Cholesky and one triangular inverse (``_lower_inverse``,
+    blocked matrix products) instead of a general inverse and a second Cholesky: about a third of the work."""
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
+
+
+def _lower_inverse(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """L⁻¹ of a lower-triangular L [n, n] with a nonzero diagonal, by halves:
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ C A⁻¹, D⁻¹]] (its work in matrix products; LU below ``leaf``)."""
+    n = lower.shape[0]
+    if n <= leaf:
+        return np.tril(np.linalg.inv(lower))
+    m = n // 2
+    out = np.zeros_like(lower)
+    a_inv = _lower_inverse(lower[:m, :m], leaf)
+    d_inv = _lower_inverse(lower[m:, m:], leaf)
+    out[:m, :m] = a_inv
+    out[m:, m:] = d_inv
+    out[m:, :m] = -(d_inv @ (lower[m:, :m] @ a_inv))
+    return out
 
 
 GPTQ_ROWS = 4096     # output rows GPTQ updates at once (a float64 copy of 4096 × K, not of all N × K)
+GPTQ_DTYPE = np.float64   # float32 is 1.35× faster but its matrix products round by shape: slices would differ
 
 
 def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits: int = 4, damp: float = 0.01,
@@ -475,33 +499,46 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
 def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch: int, q_all: np.ndarray,
                scales: np.ndarray, zeros: np.ndarray | None) -> None:
     """``gptq_blocks`` on a slice of output rows, writing into the given slices of its results (``zeros``
-    None: symmetric)."""
+    None: symmetric). Works on a copy of Wᵀ [K, rows] (each input feature a contiguous row, updated in
+    place)."""
     n, k = w_t.shape
-    hinv, diag_h = factor.hinv, factor.diag
-    w = w_t.astype(np.float64)                               # a copy: the weight is only read
-    w[:, factor.dead] = 0.0
+    hinv = factor.hinv.astype(GPTQ_DTYPE)
+    diag_h = factor.diag
+    w = np.ascontiguousarray(w_t.T, dtype=GPTQ_DTYPE)        # a copy [K, rows]: the weight is only read
+    w[factor.dead] = 0.0
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if zeros is None else (0, 2 ** bits - 1)
+    codes = np.empty((k, n), dtype=q_all.dtype)
+    q = np.empty(n, GPTQ_DTYPE)
     for i1 in range(0, k, batch):
         i2 = min(i1 + batch, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
+        w1 = w[i1:i2]                                        # a view: rows i1..i2 are only read after
+        err1 = np.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         s = z = None
         for i in range(i2 - i1):
             col = i1 + i
             if col % block == 0 and zeros is None:
-                _, s_blk = quantize_blocks(w1[:, i:i + block], block, bits, diag_h[col:col + block])
-                s, z = s_blk[:, 0].astype(np.float64), 0.0
-                scales[:, col // block] = s_blk[:, 0]
+                _, s_blk = quantize_blocks(w1[i:i + block], block, bits, diag_h[col:col + block], axis=0)
+                s, z = s_blk[0].astype(GPTQ_DTYPE), GPTQ_DTYPE(0.0)
+                scales[:, col // block] = s_blk[0]
             elif col % block == 0:
-                _, s_blk, z_blk = quantize_blocks_asymmetric(w1[:, i:i + block], block, bits,
-                                                             diag_h[col:col + block])
-                s, z = s_blk[:, 0].astype(np.float64), z_blk[:, 0].astype(np.float64)
-                scales[:, col // block], zeros[:, col // block] = s_blk[:, 0], z_blk[:, 0]
-            col_w = w1[:, i]
-            q = np.clip(np.rint(col_w / s) + z, qmin, qmax)
-            q_all[:, col] = q
-            e = (col_w - (q - z) * s) / hinv1[i, i]
-            w1[:, i:] -= np.outer(e, hinv1[i, i:])
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                _, s_blk, z_blk = quantize_blocks_asymmetric(w1[i:i + block], block, bits,
+                                                             diag_h[col:col + block], axis=0)
+                s, z = s_blk[0].astype(GPTQ_DTYPE), z_blk[0].astype(GPTQ_DTYPE)
+                scales[:, col // block], zeros[:, col // block] = s_blk[0], z_blk[0]
+            row = w1[i]
+            np.divide(row, s, out=q)
+            np.rint(q, out=q)
+            q += z
+            np.clip(q, qmin, qmax, out=q)
+            codes[col] = q
+            e = err1[i]
+            np.subtract(q, z, out=e)
+            e *= s
+            np.subtract(row, e, out=e)
+            e /= hinv1[i, i]
+            if i + 1 < i2 - i1:
+                w1[i + 1:] -= np.outer(hinv1[i, i + 1:], e)
+        if i2 < k:
+            w[i2:] -= hinv[i1:i2, i2:].T @ err1
+    q_all[...] = codes.T
