@@ -544,7 +544,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
         if options.verify:
             verification = compare_generation(model_path, staged / emit.MODEL_FILE, vocab,
                                               spans=check_spans(info), tolerance=options.tolerance,
-                                              seed=options.seed)
+                                              seed=options.seed, runtime=plan.runtime)
             if not approximations(records) and not verification.passed:
                 raise VerificationFailed(f"the compiled model differs from the original: "
                                          f"{verification.explain()}", verification)

@@ -21,6 +21,7 @@ the values from the bundle's metadata).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -454,14 +455,42 @@ def check_spans(info) -> list[tuple[int, int]]:
         [(i, i + 1) for i in range(prefill_end, length)]
 
 
+def _model_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX model on disk: its file and the external data files it names."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names if (path.parent / n).is_file())
+
+
+PACKED_SHARE = 0.5      # a bundle runs as built in a check when its packed copies are at most this share of
+                        # the reference's bytes
+
+
+def candidate_session_options(reference: str | Path, candidate: str | Path, runtime: dict | None = None) -> dict:
+    """How a check runs the bundle: under its own session options when the prepacked copies its plan
+    predicts (``runtime``: the plan's runtime section, else its plan.json's) are at most ``PACKED_SHARE`` of
+    the reference's bytes — a 4- or 8-bit bundle: unpacked, its MatMulNBits decode step is ~100× slower;
+    otherwise (a float bundle, whose packed copies are its weights again) without prepacking
+    (``LOW_MEMORY``: the check stays near one copy of the weights)."""
+    if runtime is None:
+        plan = Path(candidate).parent / "plan.json"
+        runtime = json.loads(plan.read_text()).get("runtime") if plan.is_file() else None
+    packed = (runtime or {}).get("items", {}).get("prepacked_weights")
+    if packed is not None and packed <= PACKED_SHARE * _model_bytes(reference):
+        return {}
+    return LOW_MEMORY
+
+
 def compare_generation(reference: str | Path, candidate: str | Path, vocab: int, prompt: int = 8, steps: int = 8,
                        tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
-                       tokens: Sequence[int] | None = None, spans: Sequence[tuple[int, int]] | None = None
-                       ) -> VerifyReport:
+                       tokens: Sequence[int] | None = None, spans: Sequence[tuple[int, int]] | None = None,
+                       runtime: dict | None = None) -> VerifyReport:
     """A generation bundle against the original past/present export: the same random tokens through both,
     in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
     time) — the original driven present → past, the bundle with its state in place; logits compared at every
-    position, for every batch row of the bundle, prefill calls and single-token calls reported apart."""
+    position, for every batch row of the bundle, prefill calls and single-token calls reported apart. The
+    bundle runs under ``candidate_session_options`` (``runtime``: its plan's, when not yet written)."""
     batch = generation_info(candidate).batch
     if spans is None:
         spans = [(0, prompt)] + [(i, i + 1) for i in range(prompt, prompt + steps)]
@@ -473,10 +502,11 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     def run(decoder) -> list[np.ndarray]:
         return [decoder.forward(tokens[:, a:b]) for a, b in spans]
 
-    # one model at a time, without prepacked copies: a large model's check stays near one copy of its weights
+    # one model at a time; the reference without prepacked copies: the check stays near one copy of its weights
+    options = candidate_session_options(reference, candidate, runtime)
     reference_logits = run(PastDecoder(reference, batch=batch, session_options=LOW_MEMORY))
     weights.release_freed()
-    candidate_logits = run(StateDecoder(candidate, session_options=LOW_MEMORY, warm_up=False))
+    candidate_logits = run(StateDecoder(candidate, session_options=options, warm_up=False))
     weights.release_freed()
     worst: dict[str, OutputError] = {}
     for (a, b), r, c in zip(spans, reference_logits, candidate_logits):

@@ -137,3 +137,20 @@ def test_user_window_composes_with_the_models(tmp_path):
     notes = " ".join(n for r in narrow.records for n in r.notes)
     assert notes.count("window 4 + 2 sinks (approximate)") == 3
     assert narrow.approximations == ("sliding:4,sinks=2 on 3 of 3 attentions",)
+
+
+def test_checks_run_a_bundle_as_built_when_that_holds_no_more_than_the_reference(tmp_path):
+    """A 4-bit bundle (MatMulNBits: small packed copies) is checked under its own session options — unpacked
+    its decode step is ~100× slower; an exact one without prepacked copies (they would be its weights again),
+    and so is any bundle whose plan predicts packed copies beyond half the reference's bytes."""
+    from lmc.compiler.build import QuantizeMode
+    from lmc.compiler.drivers import LOW_MEMORY
+    from lmc.compiler.verify import candidate_session_options
+
+    source = FAMILIES.parent / "llama-past-optimum.onnx"
+    for mode, expected in ((QuantizeMode.INT4, {}), (QuantizeMode.NONE, LOW_MEMORY)):
+        out = tmp_path / mode.value
+        build(source, BuildOptions(context=32, quantize=mode, block_size=16, verify=False, target="x86-64"), out)
+        assert candidate_session_options(source, out / "model.onnx") == expected, mode
+    huge = {"items": {"prepacked_weights": 1 << 40}}
+    assert candidate_session_options(source, tmp_path / "int4" / "model.onnx", runtime=huge) == LOW_MEMORY
