@@ -474,12 +474,25 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
         return judge_masks(lambda probes: mask_keeps(graph, roles, pairs, sites, probes), context,
                            PRECHECK_SEQUENCES, dense=dense_probing(graph, pairs, sites, context))
 
-    model = load_model(model_path)          # parsed once: each probe binds and folds its own graph of it
+    # the batch-bound, folded copy as a skeleton: each probe binds and folds its own graph of it (a third of
+    # the original's nodes for an export whose weights fold: transposes, casts), the weights of products and
+    # of gathered tables as dtype+dims stubs — a mask's cone reads none of them once the lengths are bound
+    skeleton = ir.export_skeleton(graph, stub_if=_product_weight)
+    del graph
 
     def keeps_at(probes):
         for past, sequence in probes:
-            yield from _precheck_one(model, batch, past, sequence)
+            yield from _precheck_one(skeleton, batch, past, sequence)
     return judge_masks(keeps_at, context, PRECHECK_SEQUENCES, dense=False)
+
+
+_WEIGHT_READERS = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2), ("Conv", 1), ("Gather", 0)}
+
+
+def _product_weight(const: gs.Constant) -> bool:
+    """Whether every reader of ``const`` takes it as a product's weight or a gathered table."""
+    readers = [(node.op, slot) for node in const.outputs for slot, t in enumerate(node.inputs) if t is const]
+    return bool(readers) and all(r in _WEIGHT_READERS for r in readers)
 
 
 def _bound_copy(model_path, batch: int, past: int | None, sequence: int | None):

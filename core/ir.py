@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -474,14 +474,16 @@ def spill_constants(graph: gs.Graph, spill) -> int:
 STUB_LOCATION = "__lmc_stub__"
 
 
-def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES) -> onnx.ModelProto:
-    """Export the graph with every constant larger than ``inline_bytes`` replaced by a dtype+dims stub
-    (external-data location ``STUB_LOCATION``): no weight is copied. ``constant_bytes`` gives the data."""
+def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES,
+                    stub_if: Callable[[gs.Constant], bool] | None = None) -> onnx.ModelProto:
+    """Export the graph with every constant larger than ``inline_bytes`` (and, given ``stub_if``, for which
+    it holds) replaced by a dtype+dims stub (external-data location ``STUB_LOCATION``): no such weight is
+    copied. ``constant_bytes`` gives the data."""
     stubs: dict[str, onnx.TensorProto] = {}
     originals: list[tuple[gs.Constant, object]] = []
     for const in constants(graph):
         nbytes = tensor_nbytes(const) or 0
-        if nbytes <= inline_bytes:
+        if nbytes <= inline_bytes or (stub_if is not None and not stub_if(const)):
             continue
         stub = onnx.TensorProto()
         stub.name = const.name
