@@ -359,6 +359,15 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
 
     for r in range(batch):
         emit(r, choose(last[r], histories[r], sampling, rng))
+    # plain greedy while every row runs: one token per row per forward, nothing drafted, nothing to rewind —
+    # what the loop below does then, without its per-step bookkeeping
+    plain = k_max == 0 and model is None and sampling.greedy and sampling.repetition_penalty == 1
+    while plain and all(active):
+        logits = decoder.forward(np.array([[h[-1]] for h in histories], dtype=np.int64))
+        result.forwards += 1
+        tokens = np.argmax(logits[:, -1], axis=-1)
+        for r in range(batch):
+            emit(r, int(tokens[r]))
     context = decoder.info.context
     while any(active):
         pos = decoder.positions()
