@@ -23,7 +23,7 @@ new tokens, so both decode every token; lmc's exact tokens are compared with gen
 Forward cost (bench_speculate.forward_cost, lmc's int4 bundle): after a 128-token prefill one k-token forward,
 k = 1, 2, 4, 8, median over ``--forward-repeats``, relative to k = 1.
 
-    python bench/bench_peer.py [--repeats 3] [--large] [--large-tokens 64] [--out bench/_work/peer] [--rebuild]
+    python bench/bench_peer.py [--repeats 3] [--large] [--large-tokens 64] [--modes exact,int4] [--out bench/_work/peer] [--rebuild]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def timed(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def build_all(size: Size, out: Path, rebuild: bool) -> dict:
+def build_all(size: Size, out: Path, rebuild: bool, modes: tuple[str, ...] = MODES) -> dict:
     """The checkpoint, genai's fp32/int4 folders and lmc's exact/int4 bundles of ``size`` (cached)."""
     from peer_checkpoint import rebuild as rebuild_checkpoint
 
@@ -146,7 +146,7 @@ def build_all(size: Size, out: Path, rebuild: bool) -> dict:
         print(f"{size.name}: checkpoint in {time.perf_counter() - start:.0f}s, logits vs the export "
               f"max abs diff {done.max_abs_diff:.2e}", file=sys.stderr)
         built["checkpoint_diff"] = done.max_abs_diff
-    for mode in MODES:
+    for mode in modes:
         folder = out / f"genai-{GENAI_PRECISION[mode]}"
         if rebuild or not (folder / "genai_config.json").is_file():
             tmp = folder.with_name(folder.name + ".partial")
@@ -206,12 +206,12 @@ def spread(runs: list[dict], steps: int) -> tuple[float, float, float]:
     return max(rates), min(rates), max(rates)
 
 
-def measure(size: Size, out: Path, repeats: int, forward_repeats: int) -> dict:
+def measure(size: Size, out: Path, repeats: int, forward_repeats: int, modes: tuple[str, ...] = MODES) -> dict:
     n = size.new_tokens
     runs: dict[str, list[dict]] = {}
     eos: dict[str, int] = {}
     for r in range(repeats):
-        for mode in MODES:
+        for mode in modes:
             bundle, folder = out / f"lmc-{mode}", out / f"genai-{GENAI_PRECISION[mode]}"
             plain = run_worker("lmc", str(bundle), "off", str(n))
             runs.setdefault(f"{mode}/plain", []).append(plain)
@@ -222,16 +222,20 @@ def measure(size: Size, out: Path, repeats: int, forward_repeats: int) -> dict:
             runs.setdefault(f"{mode}/genai", []).append(run_worker("genai", str(folder), str(eos[mode]), str(n)))
             runs.setdefault(f"{mode}/lookup", []).append(run_worker("lmc", str(bundle), "lookup", str(n)))
             print(f"{size.name}: round {r + 1}/{repeats} {mode} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-    cost = run_worker("cost", str(out / "lmc-int4"), str(forward_repeats)) if forward_repeats else None
+    cost = run_worker("cost", str(out / "lmc-int4"), str(forward_repeats)) if forward_repeats and "int4" in modes else None
     return {"runs": runs, "cost": cost}
+
+
+def _modes(measured: dict) -> list[str]:
+    return [m for m in MODES if f"{m}/plain" in measured["runs"]]
 
 
 def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
     print("Bundles:\n")
     print("| model | bundle | files | weights | build s (this run) |")
     print("|---|---|---:|---|---:|")
-    for size, out, built, _ in results:
-        for mode in MODES:
+    for size, out, built, measured in results:
+        for mode in _modes(measured):
             for name, folder in ((f"lmc {mode}", out / f"lmc-{mode}"),
                                  (f"genai {GENAI_PRECISION[mode]}", out / f"genai-{GENAI_PRECISION[mode]}")):
                 secs = built["build_seconds"].get(name)
@@ -246,7 +250,7 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
         runs = measured["runs"]
         steps = PROMPTS * (size.new_tokens - 1)
         total = PROMPTS * size.new_tokens
-        for mode in MODES:
+        for mode in _modes(measured):
             genai = runs[f"{mode}/genai"]
             g_best = spread(genai, steps)[0]
             g_above = max(r["peak_rss"] - r["base_rss"] for r in genai)
@@ -284,7 +288,8 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
                       f"{peak / 2**20:.1f} MiB | {pratio} | {above / 2**20:.1f} MiB | {aratio} | {note} |")
     for size, _, _, measured in results:
         runs = measured["runs"]
-        base = {d: min(r["base_rss"] for m in MODES for r in runs[f"{m}/{d}"]) / 2**20 for d in ("plain", "genai")}
+        base = {d: min(r["base_rss"] for m in _modes(measured) for r in runs[f"{m}/{d}"]) / 2**20
+                for d in ("plain", "genai")}
         print(f"\n{size.name}: the process after its imports (the base of 'above imports'): lmc {base['plain']:.1f} MiB "
               f"(numpy, onnx, onnxruntime's Python module), genai {base['genai']:.1f} MiB (onnxruntime_genai, whose "
               f"onnxruntime library loads with the model, so above its imports).")
@@ -324,9 +329,13 @@ def main() -> None:
     ap.add_argument("--forward-repeats", type=int, default=30, help="k-token forward timings (0: skip)")
     ap.add_argument("--out", default=str(HERE / "_work" / "peer"))
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     ap.add_argument("--report-only", action="store_true", help="print the tables of the last run (results.json)")
     args = ap.parse_args()
     args.large = args.large or args.only_large
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if not modes:
+        ap.error(f"--modes: one or more of {', '.join(MODES)}")
     results = []
     for size in sizes(args):
         if args.only_large and size.name == "llama-code":
@@ -337,8 +346,8 @@ def main() -> None:
             data = json.loads(saved.read_text())
             built, measured = data["built"], data["measured"]
         else:
-            built = build_all(size, out, args.rebuild)
-            measured = measure(size, out, args.repeats, args.forward_repeats)
+            built = build_all(size, out, args.rebuild, modes)
+            measured = measure(size, out, args.repeats, args.forward_repeats, modes)
             saved.write_text(json.dumps({"built": built, "measured": measured}))
         results.append((size, out, built, measured))
     report(results)
