@@ -84,7 +84,6 @@ class BuildOptions:
     attention_spec: AttentionSpec = field(init=False, repr=False, compare=False)    # ``attention``, parsed once
     prune_spec: PruneSpec | None = field(init=False, repr=False, compare=False)     # ``prune``, parsed once
 
-
     def emit_format(self, target: Target) -> EmitFormat:
         """What the bundle is for ``target``: ``--emit``, else the target's default (C where weights live in
         flash)."""

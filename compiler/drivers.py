@@ -151,8 +151,10 @@ class StateDecoder:
             self.binding.bind_ortvalue_input(self.info.input_ids, self._ids_value)
         else:
             self.binding.bind_cpu_input(self.info.input_ids, ids)
-        if self.info.attention_mask and self._rows is None:     # positions derived in the graph (as
-            mask = self._ones[:, :self.length + s]                # onnxruntime-genai feeds it): all 1s
+        # positions derived in the graph from an attention mask (as onnxruntime-genai feeds it): all 1s while
+        # the rows are together
+        if self.info.attention_mask and self._rows is None:
+            mask = self._ones[:, :self.length + s]
             self.binding.bind_cpu_input(self.info.attention_mask, mask if self.info.batch == 1 else mask.copy())
         elif self.info.attention_mask:
             # a row behind the others (rewound apart) has 0s between its tokens and the step's: its positions

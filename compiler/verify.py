@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
+from onnx import external_data_helper
 
 from lmc.core import weights
 from lmc.core.errors import LmcError, VerificationFailed  # noqa: F401 — raised here, part of this module's API
 from lmc.core.metadata import build_metadata, decode_input_values
+from lmc.core.model_io import external_tensors
 from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
 from lmc.targets.cbundle.generation import is_generation_c
@@ -459,7 +460,7 @@ def _model_bytes(path: str | Path) -> int:
     """Bytes of an ONNX model on disk: its file and the external data files it names."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    names = {external_data_helper.ExternalDataInfo(t).location for t in external_tensors(model)}
     return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names if (path.parent / n).is_file())
 
 

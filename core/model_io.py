@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _external_tensors(model: onnx.ModelProto):
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors of ``model`` (subgraphs included) whose data lies in external files."""
     return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
 
 
 def check_external_locations(model: onnx.ModelProto, base_dir: Path, source: str) -> None:
     """Refuse external-data references that escape ``base_dir`` or point past the end of their file."""
     root = base_dir.resolve()
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         info = external_data_helper.ExternalDataInfo(tensor)
         location = info.location or ""
         if not location:
@@ -186,7 +187,7 @@ def load_model(path: str | os.PathLike, lazy: bool = True) -> onnx.ModelProto:
     check_tensor_graph(model, source)
     check_tensor_data(model, source)
     check_external_locations(model, p.parent, source)
-    external = _external_tensors(model)
+    external = external_tensors(model)
     if external and lazy:
         weights.keep_in_file(model, p.parent)
     elif external:

@@ -31,16 +31,16 @@ class WeightsPlacement(enum.Enum):
 
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)     # int4 block sizes a target (or --block-size) may name
+QUANTIZATIONS = ("int8", "int4", "w8a8")     # what tuning.preferred_quantization may name (lmc build --quantize)
+VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
+
+
 class Int4Scheme(enum.Enum):
     """How an int4 block's codes map to values: ŵ = q·s with q in [−8, 7] (symmetric), or ŵ = (q − z)·s with
     q in [0, 15] and a 4-bit zero point z per block (asymmetric: a little less error, a zero point to read
     and subtract at every block of every product)."""
     SYMMETRIC = "symmetric"
     ASYMMETRIC = "asymmetric"
-
-
-QUANTIZATIONS = ("int8", "int4", "w8a8")     # what tuning.preferred_quantization may name (lmc build --quantize)
-VNNI_FEATURES = frozenset({"avxvnni", "avx512vnni", "avx10"})
 
 
 @dataclass(frozen=True)
