@@ -58,6 +58,26 @@ class Isa:
         return Int8Products.EXACT
 
 
+def host_isa() -> Isa:
+    """The machine running lmc, as an ``Isa``: its architecture and, on Linux x86, its CPU flags in the target
+    files' spelling (``avx512_vnni`` → ``avx512vnni``, ``sse4_2`` → ``sse4.2``); no features where
+    ``/proc/cpuinfo`` has no flags line. What the host's onnxruntime computes follows from it (a VNNI host's
+    int8 GEMM is exact, an AVX-512 host's MLAS takes 16-lane float kernels)."""
+    import platform
+
+    features: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    for flag in line.split(":", 1)[1].split():
+                        features.add(flag.replace("_", ".") if flag.startswith("sse4_") else flag.replace("_", ""))
+                    break
+    except OSError:
+        pass
+    return Isa(arch=platform.machine(), features=frozenset(features))
+
+
 @dataclass(frozen=True)
 class Tuning:
     runtime: str

@@ -20,6 +20,7 @@ from lmc.compiler.cli import main
 from lmc.core.errors import LmcError
 from lmc.compiler.on_target import ENV_VAR, SETUP, find_emulator, verify_on
 from lmc.compiler.verify import verify
+from lmc.targets.target import host_isa
 
 FIXTURE = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "llama-past-optimum.onnx"
 
@@ -70,7 +71,7 @@ def emulator():
 
 
 # --- the worker under the host's Python: the host check's numbers (exact bundles: prepacking, which the target
-# check keeps on and the host check turns off, changes none of their kernels), no emulator needed -------------
+# check keeps on and the host check turns off, changes none of their kernels on AVX2), no emulator needed -------------
 
 @pytest.mark.parametrize("kind", ["one", "gen"])
 def test_the_worker_on_the_host_reproduces_lmc_verify(bundles, kind):
@@ -79,8 +80,11 @@ def test_the_worker_on_the_host_reproduces_lmc_verify(bundles, kind):
     theirs = verify(bundle, original)
     assert ours.passed and theirs.passed and ours.machine == platform.machine() and not ours.emulator_cpu
     assert [o.name for o in ours.outputs] == [o.name for o in theirs.outputs]
+    # on AVX-512, MLAS's SGEMM over a prepacked weight and over an unpacked one round apart: errors of an ulp
+    exact = "avx512f" not in host_isa().features
     for a, b in zip(ours.outputs, theirs.outputs):
-        assert a.max_abs == b.max_abs and a.cosine == pytest.approx(b.cosine, abs=1e-12)
+        assert a.max_abs == b.max_abs if exact else abs(a.max_abs - b.max_abs) <= 1e-6
+        assert a.cosine == pytest.approx(b.cosine, abs=1e-12)
     assert all(a == n > 0 for a, n in ours.top1.values())
 
 
