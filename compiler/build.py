@@ -26,7 +26,7 @@ from lmc.compiler.lower_matmulnbits import accuracy_level, lower_decoded_matmuls
 from lmc.core.errors import AttentionSinksFound, LmcError, PositionBiasFound, ShapeError
 from lmc.core.metadata import GENERATION_KEY, METADATA_PREFIX, decode_input_values, encode_input_values
 from lmc.core.model_io import load_model
-from lmc.core.pass_manager import PassRecord, approximations
+from lmc.core.pass_manager import PassContext, PassRecord, approximations
 from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
 from lmc.compiler.pruning import prune_generation
 from lmc.compiler.pipeline import default_pipeline, quantize_passes
@@ -43,6 +43,8 @@ from lmc.targets.plan import MemoryPlan, Profile, check_plan
 from lmc.targets.runtime_model import RuntimeModel
 from lmc.targets.target import Target, load_target
 from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
+from lmc.passes.fuse.rule import FuseRules
+from lmc.passes.fuse.skip_norm import SKIP_NORM, SkipNormRule
 from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
 from lmc.passes.quantize.calibration import load_calibration
 from lmc.targets.ort_mobile import write_ort_files
@@ -359,14 +361,25 @@ def _commit(staged: Path, result: BuildResult, model_path) -> None:
     })
 
 
-def lower_for_runtime(graph: gs.Graph, options: BuildOptions, target: Target, spill) -> RuntimeModel:
+def lower_for_runtime(graph: gs.Graph, options: BuildOptions, target: Target, spill,
+                      skip_norms: bool = False) -> RuntimeModel:
     """The runtime model the target chooses for the graph's decoded MatMuls (``runtime_for``); for an ONNX
     bundle on a target that runs MatMulNBits, the DequantizeLinear → MatMul pairs are then written as the
     MatMulNBits onnxruntime would fuse them into at load, at the chosen accuracy level
-    (``lmc.compiler.lower_matmulnbits``: no fusion copies at load)."""
+    (``lmc.compiler.lower_matmulnbits``: no fusion copies at load). With ``skip_norms`` (generation bundles),
+    each residual Add with the RMS norm reading it becomes one SkipSimplifiedLayerNormalization where the
+    runtime has it (``lmc.passes.fuse.skip_norm``): 2L − 1 fewer kernels per decode step. One-shot bundles
+    keep the two nodes: the Add runs in place and the fused kernel does not, which over long sequences
+    raises the arena (a 2048-token Llama's chunked-attention arena by half)."""
     runtime = runtime_for(graph, target)
-    if options.emit_format(target) is EmitFormat.ONNX and target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
+    if options.emit_format(target) is not EmitFormat.ONNX:
+        return runtime
+    if target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
         lower_decoded_matmuls(graph, accuracy_level(runtime.session_options), spill)
+    if skip_norms and target.tuning.can_emit(SKIP_NORM.op, SKIP_NORM.domain):
+        result = FuseRules("fuse-runtime", [SkipNormRule()]).run(graph, PassContext(target=target))
+        if result.modified:
+            graph.cleanup().toposort()
     return runtime
 
 
@@ -516,7 +529,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     info = dataclasses.replace(info, prefill_chunk=chunk, window=spec.window, sinks=spec.sinks,
                                windows=tuple(sorted(set(info.windows) | ({spec.window} if spec.window else set()))))
     # one session for every profile: chosen on the unbound graph
-    runtime = lower_for_runtime(graph, options, target, compilation.spill)
+    runtime = lower_for_runtime(graph, options, target, compilation.spill, skip_norms=True)
     staged = _stage(graph, options, target, out_dir, runtime, {GENERATION_KEY: info.to_json()})
     try:
         genai.write(staged)

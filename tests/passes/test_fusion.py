@@ -163,3 +163,48 @@ def test_layer_norm_without_an_upgrade_uses_the_runtime_schema():
     graph, _ = assert_pass_exact(model, [FOLD, FuseRules("fuse", [LayerNormRule()]), Cleanup()], token_feed(1, 8),
                                  {"input_ids": (1, 8)}, rel=1e-4)
     assert int(graph.opset) == 14 and op_count(graph, "LayerNormalization") == 5
+
+
+def _residual_model(second_reader: bool, skip_shape=(2, 8, 16), opset=23):
+    """y = RMSNorm(x + r)·w [, z = (x + r) + y]: the residual stream a decoder layer writes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 16])
+    r = helper.make_tensor_value_info("r", TensorProto.FLOAT, list(skip_shape))
+    out = "z" if second_reader else "y"
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]),
+             helper.make_node("RMSNormalization", ["s", "w"], ["y"], axis=-1, epsilon=1e-5)]
+    if second_reader:
+        nodes.append(helper.make_node("Add", ["s", "y"], ["z"]))
+    graph = helper.make_graph(nodes, "m", [x, r], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [_c("w", np.linspace(0.5, 1.5, 16))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("second_reader", [True, False])
+def test_residual_add_and_rms_norm_become_one_skip_norm(second_reader):
+    from lmc.passes.fuse.skip_norm import SkipNormRule
+
+    rng = np.random.default_rng(1)
+    feeds = {k: rng.standard_normal((2, 8, 16)).astype(np.float32) for k in ("x", "r")}
+    graph, _ = assert_pass_exact(_residual_model(second_reader), [FuseRules("rt", [SkipNormRule()]), Cleanup()],
+                                 feeds, rel=1e-5)
+    fused = [n for n in graph.nodes if n.op == "SkipSimplifiedLayerNormalization"]
+    assert len(fused) == 1 and fused[0].domain == "com.microsoft" and op_count(graph, "RMSNormalization") == 0
+    # the sum leaves as the fourth output only when the next residual reads it
+    assert (len(fused[0].outputs) == 4 and fused[0].outputs[3].name == "s") if second_reader else \
+        len(fused[0].outputs) == 1
+    assert op_count(graph, "Add") == (1 if second_reader else 0)
+
+
+def test_skip_norm_needs_operands_of_one_shape_and_the_target_kernel():
+    from lmc.passes.fuse.skip_norm import SkipNormRule
+
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.standard_normal((2, 8, 16)).astype(np.float32),
+             "r": rng.standard_normal((1, 8, 16)).astype(np.float32)}
+    graph, records = assert_pass_exact(_residual_model(True, skip_shape=(1, 8, 16)),
+                                       [FuseRules("rt", [SkipNormRule()]), Cleanup()], feeds, rel=1e-5)
+    assert op_count(graph, "SkipSimplifiedLayerNormalization") == 0 and records[0].stats["skip-norm.rejected"] == 1
+    feeds["r"] = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    graph, records = assert_pass_exact(_residual_model(True), [FuseRules("rt", [SkipNormRule()]), Cleanup()], feeds,
+                                       target="cortex-m7", rel=1e-5)
+    assert op_count(graph, "SkipSimplifiedLayerNormalization") == 0 and "no kernel" in " ".join(records[0].notes)
