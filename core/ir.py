@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from lmc.core.weights import FileValues, is_file_backed
+from lmc.core.weights import ConcatValues, FileValues, is_file_backed
 
 
 log = logging.getLogger(__name__)
@@ -439,6 +439,8 @@ def constant_bytes(const: gs.Constant) -> bytes:
     values = const._values
     if isinstance(values, FileValues):
         return values.read_bytes()
+    if isinstance(values, ConcatValues):
+        return np.ascontiguousarray(values.load()).tobytes()
     if isinstance(values, LazyValues):
         tensor = values.tensor
         if tensor.HasField("raw_data"):
@@ -455,7 +457,7 @@ def spill_constants(graph: gs.Graph, spill) -> int:
     if not spill.active:
         return 0
     for const in constants(graph):
-        if isinstance(const._values, FileValues):
+        if isinstance(const._values, (FileValues, ConcatValues)):     # joined from file-backed parts on read
             continue
         nbytes = tensor_nbytes(const) or 0
         if nbytes < spill.min_bytes:

@@ -127,6 +127,44 @@ class FileValues(LazyValues):
         return f"FileValues (shape={self.shape}, dtype={self.dtype}, {self.path.name}@{self.offset})"
 
 
+class ConcatValues(LazyValues):
+    """The values of a constant that is other constants joined along ``axis`` (a merged projection), joined
+    only when read: ``load()`` concatenates the parts' values for the caller alone (a part that is
+    file-backed is mapped for that call only), so merging the projections of a file-backed model copies no
+    weight until a pass reads the merged one (quantization does, once) or the bundle is written.
+    ``tensor`` is the whole TensorProto, made on access (for exporters)."""
+
+    def __init__(self, name: str, parts: list, axis: int):
+        arrays = [p if isinstance(p, LazyValues) else np.asarray(p) for p in parts]
+        first = arrays[0]
+        shape = list(first.shape)
+        shape[axis] = sum(int(p.shape[axis]) for p in arrays)
+        self.name, self.parts, self.axis = name, arrays, axis
+        self.shape, self.dtype = tuple(shape), first.dtype
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_numpy_dtype(first.dtype)).itemsize
+
+    @property
+    def data_type(self) -> int:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_numpy_dtype(self.dtype)))
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(self.load(), self.name)
+
+    def load(self) -> np.ndarray:
+        return np.concatenate([p.load() if isinstance(p, LazyValues) else p for p in self.parts], axis=self.axis)
+
+    def __str__(self):
+        return f"ConcatValues (shape={self.shape}, dtype={self.dtype}, {len(self.parts)} parts on axis {self.axis})"
+
+
+def _numpy_dtype(dtype):
+    """A LazyValues ``dtype`` (onnx-graphsurgeon gives numpy dtypes, or onnx enums it cannot map) as numpy's."""
+    if isinstance(dtype, int):
+        return onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    return dtype
+
+
 def file_backed(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """The model's tensors (subgraphs included) that still reference a file by absolute path."""
     return [t for t in external_data_helper._get_all_tensors(model) if is_file_backed(t)]
@@ -332,5 +370,5 @@ def copy_file_backed(model: onnx.ModelProto) -> None:
         tensor.raw_data = data
 
 
-__all__ = ["FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "drop_mapped_pages", "large_external", "release_freed", "file_backed", "is_file_backed", "keep_in_file",
+__all__ = ["ConcatValues", "FileValues", "INLINE_BYTES", "SPILL_MIN_BYTES", "SpillFile", "copy_file_backed", "drop_mapped_pages", "large_external", "release_freed", "file_backed", "is_file_backed", "keep_in_file",
            "link_external", "restore_external"]

@@ -4,7 +4,8 @@ Exact (each output column is computed by the same dot product). For x read by Ma
 W_n), all W_i constant 2-D [K, N_i]:
     y = MatMul(x, [W_1 | … | W_n]);  y_1, …, y_n = Split(y, [N_1, …, N_n], axis=-1)
 One larger GEMM instead of n (q/k/v after a norm, gate/up in SwiGLU). It also gives quantized graphs one
-QDQ activation per GEMM, which onnxruntime needs to run them as integer kernels.
+QDQ activation per GEMM, which onnxruntime needs to run them as integer kernels. Weights left in their files
+(``weights.FileValues``) are joined when read (``weights.ConcatValues``), not here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core.weights import ConcatValues, FileValues
 
 
 class MergeParallelMatMuls:
@@ -37,9 +39,13 @@ class MergeParallelMatMuls:
                     or len({ir.onnx_dtype(n.inputs[1].dtype) for n in nodes}) != 1:
                 continue
             x = nodes[0].inputs[0]
-            weights = [ir.const_value(n.inputs[1]) for n in nodes]
-            widths = [w.shape[1] for w in weights]
-            cat = gs.Constant(names.fresh(nodes[0].inputs[1].name + "_merged"), np.concatenate(weights, axis=1))
+            name = names.fresh(nodes[0].inputs[1].name + "_merged")
+            widths = [int(n.inputs[1].shape[1]) for n in nodes]
+            parts = [n.inputs[1]._values for n in nodes]
+            if all(isinstance(p, FileValues) for p in parts):     # joined when read: no copy now
+                cat = gs.Constant(name, ConcatValues(name, parts, axis=1))
+            else:
+                cat = gs.Constant(name, np.concatenate([ir.const_value(n.inputs[1]) for n in nodes], axis=1))
             out_shape = list(ir.static_shape(nodes[0].outputs[0]))
             out_shape[-1] = sum(widths)
             y = gs.Variable(names.fresh(nodes[0].outputs[0].name + "_merged"), dtype=nodes[0].outputs[0].dtype,

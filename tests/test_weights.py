@@ -143,7 +143,9 @@ def _parallel(folder, d: int = 512):
     return path, a, b
 
 
-def test_weights_a_pass_creates_are_spilled(tmp_path):
+def test_merged_file_backed_weights_are_joined_on_read(tmp_path):
+    """merge-parallel-matmuls over weights left in their file copies nothing: the merged weight is joined
+    when read (and written whole into a bundle)."""
     from lmc.core.pass_manager import PassContext, PassManager
     from lmc.passes.merge_matmuls import MergeParallelMatMuls
 
@@ -153,9 +155,28 @@ def test_weights_a_pass_creates_are_spilled(tmp_path):
     with weights.SpillFile() as spill:
         graph, _ = PassManager([MergeParallelMatMuls()], PassContext(spill=spill)).run(graph)
         merged = [c for c in ir.constants(graph) if c.name.endswith("_merged")]
-        assert len(merged) == 1 and isinstance(merged[0]._values, weights.FileValues)
-        assert merged[0]._values.path == spill.path and spill.bytes == 2 * a.nbytes
+        assert len(merged) == 1 and isinstance(merged[0]._values, weights.ConcatValues) and spill.bytes == 0
+        assert merged[0].shape == (512, 1024) and ir.tensor_nbytes(merged[0]) == 2 * a.nbytes
         np.testing.assert_array_equal(ir.const_value(merged[0]), np.concatenate([a, b], axis=1))
+        assert ir.constant_bytes(merged[0]) == np.concatenate([a, b], axis=1).tobytes()
+        model = ir.to_model(graph)                       # exporters get the whole tensor
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(out[merged[0].name], np.concatenate([a, b], axis=1))
+
+
+def test_weights_a_pass_creates_are_spilled(tmp_path):
+    from lmc.core.pass_manager import PassContext, PassManager
+    from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits
+
+    path, a, b = _parallel(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    shapes.infer_shapes(graph)
+    with weights.SpillFile(min_bytes=1 << 17) as spill:
+        graph, _ = PassManager([QuantizeWeights(QuantizeConfig(bits=WeightBits.INT8))],
+                               PassContext(spill=spill)).run(graph)
+        made = [c for c in ir.constants(graph) if (ir.tensor_nbytes(c) or 0) >= 1 << 17]
+        assert len(made) == 2 and all(isinstance(c._values, weights.FileValues) for c in made)
+        assert all(c._values.path == spill.path for c in made) and spill.bytes == a.nbytes // 4 + b.nbytes // 4
         folder = spill.path.parent
     assert not folder.exists()
 
