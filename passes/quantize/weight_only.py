@@ -23,8 +23,8 @@ DequantizeLinear producing them.
 Each quantized weight's relative error ‖W − Ŵ‖_h / ‖W‖_h (h-weighted) is recorded in the pass stats, and
 the notes name every float weight left unquantized, with the reason.
 
-GPTQ (int4 with calibration) needs the Gram matrix XᵀX of each weight's input — K×K float64, 7.3 GiB for all
-of a 1.1B Llama's. They are collected in groups of at most ``GRAM_BUDGET_BYTES`` (``plan_gram_groups``),
+GPTQ (int4 with calibration) needs the Gram matrix XᵀX of each weight's input — K×K float32, 3.7 GiB for all
+of a 1.1B Llama's. They are collected in groups of at most ``gram_budget()`` bytes (``plan_gram_groups``),
 one calibration pass of the same onnxruntime session per group, in the order the weights are quantized, and
 each is freed once the last weight reading it is done (weights sharing an input share its Gram). The
 result is byte-identical to collecting them all at once; the pass stats give ``calibration_passes`` and
@@ -47,7 +47,7 @@ from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.core.perplexity import log_softmax
 from lmc.core.runtime import session
-from lmc.passes.quantize.calibration import Calibrator, ChannelStats, collect
+from lmc.passes.quantize.calibration import GRAM_DTYPE, Calibrator, ChannelStats, collect
 from lmc.passes.quantize.scales import (GptqFactor, gptq_blocks, gptq_prepare, pack_int4, pack_uint4,
                                        pack_uint4_flat, quantize_blocks, quantize_blocks_asymmetric,
                                        quantize_channels)
@@ -160,10 +160,29 @@ def _pow2_block(d: int, preferred: int) -> int | None:
     return None
 
 
-# GPTQ's Gram matrices (K×K float64 per distinct MatMul input: 242 MiB for K = 5632) are collected and used in
-# groups holding at most this many bytes at once, one calibration pass per group (a Gram larger than the
-# budget is a group of its own); each is freed after the last weight reading its input is quantized.
-GRAM_BUDGET_BYTES = 256 << 20
+# GPTQ's Gram matrices (K×K, ``calibration.GRAM_DTYPE``: 121 MiB for K = 5632) are collected and used in
+# groups, one calibration pass per group (a Gram larger than the budget is a group of its own); each is freed
+# after the last weight reading its input is quantized. A pass is a forward of the float model over every
+# calibration sample (100 s for a 1.1B Llama over 32 × 256 tokens on two cores; its 169 MiB of Grams per
+# layer take 22 passes at 256 MiB, one at 4 GiB), so the budget is a quarter of the memory available, within
+# GRAM_MIN_BYTES … GRAM_BUDGET_BYTES (``gram_budget``); the bytes written never depend on it.
+GRAM_BUDGET_BYTES = 4 << 30
+GRAM_MIN_BYTES = 256 << 20
+
+
+def gram_budget() -> int:
+    """Bytes of Gram matrices to hold at once: MemAvailable / 4 (``/proc/meminfo``; GRAM_MIN_BYTES where it
+    cannot be read), within GRAM_MIN_BYTES … GRAM_BUDGET_BYTES — never above GRAM_BUDGET_BYTES."""
+    available = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return min(GRAM_BUDGET_BYTES, max(GRAM_MIN_BYTES, available // 4))
 
 
 @dataclass
@@ -281,7 +300,7 @@ class QuantizeWeights:
         self.config = replace(config)
         self.name = f"quantize-weights-int{int(config.bits)}"
         self.reports: list[WeightReport] = []
-        self.gram_budget = GRAM_BUDGET_BYTES
+        self.gram_budget = gram_budget()
         self._grams: _GramStore | None = None
 
     # -------------------------------------------------------------------------------------------
@@ -319,7 +338,7 @@ class QuantizeWeights:
                                         progress=lambda i, n: self._ctx.report("calibrating", i, n))
             return
         needs = [(name, k) for name, k in self._gram_needs(graph) if name in wanted]
-        sizes = {name: k * k * 8 for name, k in needs}
+        sizes = {name: k * k * np.dtype(GRAM_DTYPE).itemsize for name, k in needs}
         calibrator = Calibrator(graph, wanted, self.config.calib_feeds, low_memory=True)
         self._grams = _GramStore(calibrator, [name for name, _ in needs], sizes, self.gram_budget,
                                  self._ctx.report)
