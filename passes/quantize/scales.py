@@ -422,6 +422,12 @@ class GptqFactor:
         return self.hinv.nbytes + self.diag.nbytes + self.dead.nbytes
 
 
+# GPTQ's factor of the damped Gram (float32, as GPTQ's reference computes it: the damping of 1% of the mean
+# diagonal keeps the Cholesky well conditioned; half the time of float64). The factor is the input's, shared by
+# every row of every weight reading it, so slices of a weight's rows still quantize as the whole weight does.
+FACTOR_DTYPE = np.float32
+
+
 def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> GptqFactor:
     """Damp H = ``gram`` by ``damp``·mean diag (a dead feature's diagonal set to 1) and factor its inverse.
     An array is only read (copied first). A one-element list hands its Gram over: it is popped and damped in
@@ -429,10 +435,10 @@ def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> Gpt
     Cholesky each hold their input, a work copy and their result: three K×K matrices, not four)."""
     if isinstance(gram, list):
         h = gram.pop()
-        if h.dtype != np.float64:
-            h = h.astype(np.float64)
+        if h.dtype != FACTOR_DTYPE:
+            h = h.astype(FACTOR_DTYPE)
     else:
-        h = gram.astype(np.float64)                          # a copy
+        h = gram.astype(FACTOR_DTYPE)                        # a copy
     del gram
     k = h.shape[0]
     dead = np.diag(h) == 0
