@@ -474,6 +474,7 @@ def _lower_inverse(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
 
 
 GPTQ_ROWS = 4096     # output rows GPTQ updates at once (a float64 copy of 4096 × K, not of all N × K)
+GPTQ_MIN_ROWS = 256  # fewer rows than this a slice: not worth a thread
 GPTQ_DTYPE = np.float64   # float32 is 1.35× faster but its matrix products round by shape: slices would differ
 
 
@@ -495,10 +496,15 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
     q_all = np.zeros((n, k), dtype=np.int8 if symmetric else np.uint8)
     scales = np.zeros((n, k // block), dtype=np.float32)
     zeros = None if symmetric else np.zeros((n, k // block), dtype=np.uint8)
-    for r1 in range(0, n, GPTQ_ROWS):     # every step is row-wise: rows in slices give the same bytes
-        r2 = min(r1 + GPTQ_ROWS, n)
+    # every step is row-wise: rows in slices give the same bytes, so slices run on ``threads()`` threads (a
+    # slice's Python step per input column overlaps the other's numpy work)
+    rows = min(GPTQ_ROWS, max(GPTQ_MIN_ROWS, -(-n // threads())))
+
+    def work(r1: int) -> None:
+        r2 = min(r1 + rows, n)
         _gptq_rows(w_t[r1:r2], factor, block, bits, batch, q_all[r1:r2], scales[r1:r2],
                    None if symmetric else zeros[r1:r2])
+    _run(range(0, n, rows), work)
     return q_all, scales, zeros
 
 
