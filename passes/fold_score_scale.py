@@ -23,6 +23,7 @@ class FoldScoreScale:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         folded = 0
+        names = ir.Namer(graph)
         for node in list(graph.nodes):
             if not node.outputs or not ir.is_op(node, ("Mul", "Div")):
                 continue
@@ -39,7 +40,7 @@ class FoldScoreScale:
                 src = find_columns(graph, mm.inputs[side])
                 if src is None:
                     continue
-                src.scale(factor)
+                src.scale(factor, names)
                 ir.bypass(graph, node, input_index=1 - idx)
                 folded += 1
                 break

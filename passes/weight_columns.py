@@ -4,7 +4,7 @@
     t ← [data movement: Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Identity]*
       ← [Split along the last axis → its slice of columns] ← [Reshape keeping the last axis]
       ← [Add(constant bias)] ← MatMul(x, W) | Gemm(x, W[, bias])
-every tensor on the path read only along it. ``ColumnSource.scale(f)`` multiplies those output columns by
+every tensor on the path read only along it. ``ColumnSource.scale(f, names)`` multiplies those output columns by
 f — a scalar, or one factor per column when the path moved no data (``permuted`` is False) — by scaling
 the weight's columns and the bias: (x·W + b)·f = x·(W·f) + b·f, exact up to rounding of the new constants.
 """
@@ -29,7 +29,9 @@ class ColumnSource:
     columns: tuple[int, int] | None       # [lo, hi) of the GEMM output; None = all
     permuted: bool                        # data movement between the GEMM and the tensor
 
-    def scale(self, factor: float | np.ndarray, suffix: str = "_scaled") -> None:
+    def scale(self, factor: float | np.ndarray, names: ir.Namer, suffix: str = "_scaled") -> None:
+        """Multiply the columns by ``factor`` in new constants (``names``: a weight shared with other readers
+        — deduplicated, tied — keeps its values for them, and each scaled copy gets a name of its own)."""
         weight = self.gemm.inputs[1]
         w = np.array(ir.const_value(weight), copy=True)
         trans_b = ir.is_op(self.gemm, "Gemm") and int(self.gemm.attrs.get("transB", 0)) == 1
@@ -40,11 +42,11 @@ class ColumnSource:
             w[lo:hi, :] = (w[lo:hi, :] * (f[:, None] if f.ndim else f)).astype(w.dtype)
         else:
             w[..., lo:hi] = (w[..., lo:hi] * f).astype(w.dtype)
-        self.gemm.inputs[1] = gs.Constant(weight.name + suffix, w)
+        self.gemm.inputs[1] = gs.Constant(names.fresh(weight.name + suffix), w)
         if self.bias is not None:
             b = np.array(ir.const_value(self.bias), copy=True)
             b[..., lo:hi] = (b[..., lo:hi] * f).astype(b.dtype)
-            new_bias = gs.Constant(self.bias.name + suffix, b)
+            new_bias = gs.Constant(names.fresh(self.bias.name + suffix), b)
             for i, t in enumerate(self.bias_owner.inputs):
                 if t is self.bias:
                     self.bias_owner.inputs[i] = new_bias

@@ -140,8 +140,10 @@ def _smoothing(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> n
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
-    """A function folding x ← x / s into x's producer, or None when x's producer cannot absorb it."""
+def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node], names: ir.Namer):
+    """A function folding x ← x / s into x's producer, or None when x's producer cannot absorb it. The
+    producer's constants are replaced by new ones, each named afresh: a constant shared with other nodes (norm
+    scales deduplicated across layers) keeps its values for them."""
     node = ir.producer(x)
     if node is None or any(r not in readers for r in x.outputs) or x.name in ir.graph_outputs(graph):
         return None
@@ -150,13 +152,14 @@ def _absorber(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
             for i in range(1, len(node.inputs)):
                 t = node.inputs[i]
                 if isinstance(t, gs.Constant):
-                    node.inputs[i] = gs.Constant(t.name + "_smoothed", (ir.const_value(t) / s).astype(np.float32))
+                    node.inputs[i] = gs.Constant(names.fresh(t.name + "_smoothed"),
+                                                 (ir.const_value(t) / s).astype(np.float32))
         return fold_norm
     if ir.is_op(node, "Mul"):   # x = a · up with up = x' W_up: divide W_up's columns (a SwiGLU product)
         for i in (0, 1):
             src = find_columns(graph, node.inputs[i])
             if src is not None and not src.permuted:
-                return lambda s, src=src: src.scale(1.0 / s, suffix="_smoothed")
+                return lambda s, src=src: src.scale(1.0 / s, names, suffix="_smoothed")
     return None
 
 
@@ -270,7 +273,7 @@ class QuantizeW8A8:
             st = stats[act]
             x = matmuls[0].inputs[0]
             weights = [ir.const_value(m.inputs[1]).astype(np.float32) for m in matmuls]
-            absorb = _absorber(graph, x, matmuls)
+            absorb = _absorber(graph, x, matmuls, names)
             alphas = ALPHAS if absorb is not None else (0.0,)
             rows = st.rows.astype(np.float32)
             err, alpha, clip = _best_choice(rows, st.absmax, weights, alphas, self.method)
@@ -280,7 +283,8 @@ class QuantizeW8A8:
                 s = _smoothing(st.absmax, weights, alpha)
                 absorb(s)
                 for m, w in zip(matmuls, weights):
-                    m.inputs[1] = gs.Constant(m.inputs[1].name + "_smoothed", (w * s[:, None]).astype(np.float32))
+                    m.inputs[1] = gs.Constant(names.fresh(m.inputs[1].name + "_smoothed"),
+                                              (w * s[:, None]).astype(np.float32))
                 absmax = float((st.absmax / s).max())
             else:
                 absmax = float(st.absmax.max())

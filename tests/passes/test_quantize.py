@@ -160,6 +160,24 @@ def test_w8a8_runs_integer_gemms(tiny_llama, tmp_path):
     assert "MatMul" not in ops
 
 
+def test_w8a8_smoothing_gives_each_norm_its_own_scale(tiny_llama, tmp_path):
+    """The tiny Llama's norms share one deduplicated scale constant: SmoothQuant divides it by a different s
+    for each norm, so each must read a constant of its own (one name for two would leave one norm with the
+    other's scale, silently)."""
+    from collections import Counter
+
+    path, calib = tiny_llama
+    build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.W8A8,
+                             calib=str(calib)), tmp_path / "out")
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    initializers = Counter(t.name for t in model.graph.initializer)
+    reads = Counter(i for n in model.graph.node for i in n.input if "_smoothed" in i and i in initializers)
+    norms = [n for n in model.graph.node if n.op_type in ("RMSNormalization", "SimplifiedLayerNormalization")
+             and "_smoothed" in n.input[1]]
+    assert len(norms) >= 3 and len({n.input[1] for n in norms}) == len(norms)
+    assert all(initializers[name] == 1 and count == 1 for name, count in reads.items())
+
+
 def test_w8a8_without_calibration_is_a_user_error(tiny_llama, tmp_path):
     from lmc.core.errors import LmcError
 
