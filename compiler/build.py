@@ -44,7 +44,7 @@ from lmc.targets.runtime_model import RuntimeModel
 from lmc.targets.target import Target, load_target
 from lmc.passes.attention_sinks import RestoreSinks, split_decoder_sinks
 from lmc.passes.fuse.rule import FuseRules
-from lmc.passes.fuse.skip_norm import SKIP_NORM, SkipNormRule
+from lmc.passes.fuse.skip_norm import SkipNormRule
 from lmc.passes.position_bias import RestorePositionBias, split_decoder_bias
 from lmc.passes.quantize.calibration import load_calibration
 from lmc.targets.ort_mobile import write_ort_files
@@ -376,7 +376,7 @@ def lower_for_runtime(graph: gs.Graph, options: BuildOptions, target: Target, sp
         return runtime
     if target.tuning.can_emit("MatMulNBits", ir.MS_DOMAIN):
         lower_decoded_matmuls(graph, accuracy_level(runtime.session_options), spill)
-    if skip_norms and target.tuning.can_emit(SKIP_NORM.op, SKIP_NORM.domain):
+    if skip_norms:         # applied where the target lists the kernel (FuseRules asks the target)
         result = FuseRules("fuse-runtime", [SkipNormRule()]).run(graph, PassContext(target=target))
         if result.modified:
             graph.cleanup().toposort()

@@ -134,25 +134,19 @@ class ConcatValues(LazyValues):
     weight until a pass reads the merged one (quantization does, once) or the bundle is written.
     ``tensor`` is the whole TensorProto, made on access (for exporters)."""
 
-    def __init__(self, name: str, parts: list, axis: int):
-        arrays = [p if isinstance(p, LazyValues) else np.asarray(p) for p in parts]
-        first = arrays[0]
-        shape = list(first.shape)
-        shape[axis] = sum(int(p.shape[axis]) for p in arrays)
-        self.name, self.parts, self.axis = name, arrays, axis
-        self.shape, self.dtype = tuple(shape), first.dtype
-        self.nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_numpy_dtype(first.dtype)).itemsize
-
-    @property
-    def data_type(self) -> int:
-        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_numpy_dtype(self.dtype)))
+    def __init__(self, name: str, parts: list[LazyValues], axis: int):
+        shape = list(parts[0].shape)
+        shape[axis] = sum(int(p.shape[axis]) for p in parts)
+        self.name, self.parts, self.axis = name, list(parts), axis
+        self.shape, self.dtype = tuple(shape), parts[0].dtype
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_numpy_dtype(self.dtype)).itemsize
 
     @property
     def tensor(self) -> onnx.TensorProto:
         return onnx.numpy_helper.from_array(self.load(), self.name)
 
     def load(self) -> np.ndarray:
-        return np.concatenate([p.load() if isinstance(p, LazyValues) else p for p in self.parts], axis=self.axis)
+        return np.concatenate([p.load() for p in self.parts], axis=self.axis)
 
     def __str__(self):
         return f"ConcatValues (shape={self.shape}, dtype={self.dtype}, {len(self.parts)} parts on axis {self.axis})"

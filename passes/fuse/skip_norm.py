@@ -30,10 +30,6 @@ SKIP_NORM = OpRef("SkipSimplifiedLayerNormalization", ir.MS_DOMAIN)
 NORMS = ("RMSNormalization", "SimplifiedLayerNormalization")
 
 
-def _attr(node: gs.Node, name: str, default):
-    return node.attrs.get(name, default)
-
-
 class SkipNormRule:
     name = "skip-norm"
 
@@ -55,13 +51,13 @@ class SkipNormRule:
         width = a.shape[-1]
         if not isinstance(gamma, gs.Constant) or not isinstance(width, int) or list(gamma.shape) != [width]:
             return Reject("the norm's scale is not a constant of the normalised width")
-        if _attr(anchor, "axis", -1) not in (-1, len(a.shape) - 1):
+        if anchor.attrs.get("axis", -1) not in (-1, len(a.shape) - 1):
             return Reject("the norm is not over the last axis")
-        if _attr(anchor, "stash_type", 1) != 1:
+        if anchor.attrs.get("stash_type", 1) != 1:
             return Reject("the norm does not compute in float32")
         if len(anchor.inputs) > 2 and anchor.inputs[2] is not None and anchor.inputs[2].name:
             return Reject("the norm has a bias")
-        epsilon = float(_attr(anchor, "epsilon", 1e-5))
+        epsilon = float(anchor.attrs.get("epsilon", 1e-5))
         keep_sum = len(s.outputs) > 1 or s.name in ir.graph_outputs(graph)
 
         def apply(names: ir.Namer) -> None:

@@ -226,7 +226,7 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
 
 
 # GPTQ's Gram matrices: float32 (single-precision GEMMs over the activations onnxruntime computes in float32;
-# GPTQ damps and factors them in float64), half the bytes of float64 — a 1.1B Llama's all fit in 3.7 GiB
+# ``scales.gptq_prepare`` damps and factors them), half the bytes of float64 — a 1.1B Llama's all fit in 3.7 GiB
 GRAM_DTYPE = np.float32
 
 
@@ -266,7 +266,7 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
             counts[name] = counts.get(name, 0) + flat.shape[0]
             if name in grams:
                 rows = pending.setdefault(name, [])
-                rows.append(np.asarray(v, dtype=np.float32).reshape(-1, v.shape[-1]))   # GRAM_DTYPE
+                rows.append(np.asarray(v, dtype=GRAM_DTYPE).reshape(-1, v.shape[-1]))
                 if sum(r.shape[0] for r in rows) >= flat.shape[1]:
                     _add_gram(gram_sums, products, name, rows)
             if per_sample:
