@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -479,11 +480,95 @@ def precheck_masks(model_path, batch: int, context: int) -> dict:
     # of gathered tables as dtype+dims stubs — a mask's cone reads none of them once the lengths are bound
     skeleton = ir.export_skeleton(graph, stub_if=_product_weight)
     del graph
+    with _ProbeRunner(skeleton, batch) as keeps_at:
+        return judge_masks(keeps_at, context, PRECHECK_SEQUENCES, dense=False)
 
-    def keeps_at(probes):
+
+POOL_SECONDS = 3.0      # probes estimated to take longer than this (after the first) go to worker processes
+
+
+def _workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                # not on Linux
+        return os.cpu_count() or 1
+
+
+def _main_importable() -> bool:
+    """Whether worker processes can prepare themselves: they import ``__main__`` from its file, which a
+    script read from stdin or ``-c`` does not have."""
+    import sys
+
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path is None or os.path.exists(path)
+
+
+class _ProbeRunner:
+    """``keeps_at(probes)`` for ``judge_masks`` over bound copies of ``skeleton``, results in probe order.
+    The first probe is timed; when the probes of a later call would take longer than ``POOL_SECONDS``, they
+    run on worker processes (one per CPU; a 1.1B export's 40 probes take half a second each), else here.
+    A context manager: leaving it stops the workers."""
+
+    def __init__(self, skeleton: onnx.ModelProto, batch: int):
+        self.skeleton, self.batch = skeleton, batch
+        self.seconds: float | None = None
+        self._pool = None
+        self._failed = not _main_importable()
+
+    def __call__(self, probes):
+        import time
+
+        probes = list(probes)
+        if self.seconds is None and probes:
+            start = time.perf_counter()
+            yield from _precheck_one(self.skeleton, self.batch, *probes[0])
+            self.seconds = time.perf_counter() - start
+            probes = probes[1:]
+        if self._pool is None and not self._failed and _workers() > 1 and len(probes) > 1 \
+                and len(probes) * self.seconds > POOL_SECONDS:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            log.info("mask probes: %d on %d worker processes", len(probes), _workers())
+            self._pool = ProcessPoolExecutor(_workers(), mp_context=multiprocessing.get_context("forkserver"),
+                                             initializer=_probe_worker_init,
+                                             initargs=(self.skeleton.SerializeToString(), self.batch))
+        if self._pool is not None:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                results = list(self._pool.map(_probe_worker_run, probes))
+            except (BrokenProcessPool, OSError) as e:   # workers that cannot start (a __main__ they cannot import)
+                log.info("mask probes: worker processes failed (%s); probing here", e)
+                self._pool.shutdown(cancel_futures=True)
+                self._pool, self._failed = None, True
+            else:
+                for keeps in results:
+                    yield from keeps
+                return
         for past, sequence in probes:
-            yield from _precheck_one(skeleton, batch, past, sequence)
-    return judge_masks(keeps_at, context, PRECHECK_SEQUENCES, dense=False)
+            yield from _precheck_one(self.skeleton, self.batch, past, sequence)
+
+    def __enter__(self) -> _ProbeRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+_worker_model: tuple[onnx.ModelProto, int] | None = None
+
+
+def _probe_worker_init(skeleton: bytes, batch: int) -> None:
+    global _worker_model
+    _worker_model = onnx.load_from_string(skeleton), batch
+
+
+def _probe_worker_run(probe: tuple[int, int]) -> list:
+    model, batch = _worker_model
+    return list(_precheck_one(model, batch, *probe))
 
 
 _WEIGHT_READERS = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2), ("Conv", 1), ("Gather", 0)}

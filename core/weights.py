@@ -123,6 +123,10 @@ class FileValues(LazyValues):
         plain.raw_data = self.read_bytes()
         return np.array(onnx.numpy_helper.to_array(plain))
 
+    def take_flat(self, indices: np.ndarray) -> np.ndarray:
+        """The elements at ``indices`` of the C-order flattened value, reading only the pages they are on."""
+        return np.asarray(self.load()).reshape(-1)[indices]
+
     def __str__(self):
         return f"FileValues (shape={self.shape}, dtype={self.dtype}, {self.path.name}@{self.offset})"
 
@@ -148,8 +152,34 @@ class ConcatValues(LazyValues):
     def load(self) -> np.ndarray:
         return np.concatenate([p.load() for p in self.parts], axis=self.axis)
 
+    def take_flat(self, indices: np.ndarray) -> np.ndarray:
+        """``load().reshape(-1)[indices]`` without joining the parts: each index is unravelled, its
+        coordinate on ``axis`` names the part, and the part gives its own elements."""
+        coords = list(np.unravel_index(indices, self.shape))
+        bounds = np.cumsum([0] + [int(p.shape[self.axis]) for p in self.parts])
+        which = np.searchsorted(bounds, coords[self.axis], side="right") - 1
+        out = np.empty(len(indices), dtype=_numpy_dtype(self.dtype))
+        for i, part in enumerate(self.parts):
+            sel = which == i
+            if not sel.any():
+                continue
+            local = [c[sel] for c in coords]
+            local[self.axis] = local[self.axis] - bounds[i]
+            out[sel] = take_flat(part, np.ravel_multi_index(local, tuple(int(d) for d in part.shape)))
+        return out
+
     def __str__(self):
         return f"ConcatValues (shape={self.shape}, dtype={self.dtype}, {len(self.parts)} parts on axis {self.axis})"
+
+
+def take_flat(values, indices: np.ndarray) -> np.ndarray:
+    """Elements ``indices`` of a constant's C-order flattened values (lazy or an array), reading no more of
+    a lazy value than those elements."""
+    if hasattr(values, "take_flat"):
+        return values.take_flat(indices)
+    if isinstance(values, LazyValues):
+        return np.asarray(values.load()).reshape(-1)[indices]
+    return np.asarray(values).reshape(-1)[indices]
 
 
 def _numpy_dtype(dtype):

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
+from lmc.core.weights import take_flat
 
 
 def _bytes(const: gs.Constant) -> bytes:
@@ -26,9 +27,12 @@ def _bytes(const: gs.Constant) -> bytes:
 
 
 def _probe(const: gs.Constant, samples: int = 64) -> bytes:
-    flat = np.ascontiguousarray(ir.const_value(const)).reshape(-1)
-    step = max(1, flat.size // samples)
-    return flat[::step][:samples].tobytes()
+    """A strided sample of the flattened values (elements 0, step, 2·step, … of ``samples``), read without
+    loading a file-backed or merged constant whole."""
+    size = int(np.prod(const.shape, dtype=np.int64))
+    step = max(1, size // samples)
+    indices = np.arange(0, size, step, dtype=np.int64)[:samples]
+    return np.ascontiguousarray(take_flat(const._values, indices)).tobytes()
 
 
 def find_duplicates(consts: list[gs.Constant]) -> dict[int, gs.Constant]:

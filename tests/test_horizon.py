@@ -154,3 +154,30 @@ def test_checks_run_a_bundle_as_built_when_that_holds_no_more_than_the_reference
         assert candidate_session_options(source, out / "model.onnx") == expected, mode
     huge = {"items": {"prepacked_weights": 1 << 40}}
     assert candidate_session_options(source, tmp_path / "int4" / "model.onnx", runtime=huge) == LOW_MEMORY
+
+
+XGLM = FAMILIES / "xglm-past-dynamo.onnx"       # its masks are judged on bound copies, one per probe
+
+
+def test_probes_on_worker_processes_judge_as_probes_here(monkeypatch):
+    """Bound-copy probes run on worker processes once they would take long (``POOL_SECONDS``): the same
+    patterns as probing in this process, and a worker's refusal reaches the caller as its LmcError."""
+    from lmc.compiler import generation
+    from lmc.core.errors import LmcError
+    from lmc.models import build_llama
+
+    used = []
+    exit_ = generation._ProbeRunner.__exit__
+    monkeypatch.setattr(generation._ProbeRunner, "__exit__",
+                        lambda self, *exc: used.append(self._pool is not None) or exit_(self, *exc))
+    monkeypatch.setattr(generation, "POOL_SECONDS", float("inf"))
+    here = precheck_masks(XGLM, 1, CONTEXT)
+    monkeypatch.setattr(generation, "POOL_SECONDS", 0.0)
+    pooled = precheck_masks(XGLM, 1, CONTEXT)
+    assert used == [False, True] and pooled == here and len(here) == 2
+
+    runner = generation._ProbeRunner(build_llama(), 1)        # no cache: every probe is refused
+    runner.seconds = 1.0                                       # as if timed: the probes go to the workers
+    with runner, pytest.raises(LmcError, match="past key/values"):
+        list(runner([(4, 1), (5, 1)]))
+    assert used == [False, True, True]

@@ -164,6 +164,29 @@ def test_merged_file_backed_weights_are_joined_on_read(tmp_path):
     np.testing.assert_array_equal(out[merged[0].name], np.concatenate([a, b], axis=1))
 
 
+def test_take_flat_reads_merged_values_without_joining_them(tmp_path, monkeypatch):
+    """``take_flat`` gives the elements of the joined, flattened value on either axis, nested joins too,
+    and never calls ``load`` on the join itself (dedup's probe reads 64 elements, not a merged projection)."""
+    from lmc.core.pass_manager import PassContext, PassManager
+    from lmc.passes.merge_matmuls import MergeParallelMatMuls
+
+    path, a, b = _parallel(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    shapes.infer_shapes(graph)
+    graph, _ = PassManager([MergeParallelMatMuls()], PassContext()).run(graph)
+    merged = next(c for c in ir.constants(graph) if c.name.endswith("_merged"))._values
+    parts = merged.parts
+    whole = np.concatenate([a, b], axis=1)
+    monkeypatch.setattr(weights.ConcatValues, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded")))
+    for axis, join, ref in ((1, merged, whole),
+                            (0, weights.ConcatValues("r", parts, 0), np.concatenate([a, b], axis=0)),
+                            (1, weights.ConcatValues("n", [merged, parts[0]], 1), np.concatenate([whole, a], 1))):
+        flat = ref.reshape(-1)
+        idx = np.array([0, 1, ref.shape[1] - 1, ref.shape[1], flat.size // 2 + 3, flat.size - 1], dtype=np.int64)
+        np.testing.assert_array_equal(weights.take_flat(join, idx), flat[idx])
+    np.testing.assert_array_equal(weights.take_flat(whole, np.array([5])), whole.reshape(-1)[[5]])
+
+
 def test_weights_a_pass_creates_are_spilled(tmp_path):
     from lmc.core.pass_manager import PassContext, PassManager
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits

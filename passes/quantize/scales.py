@@ -451,31 +451,31 @@ def gptq_prepare(gram: np.ndarray | list[np.ndarray], damp: float = 0.01) -> Gpt
 def inverse_upper_factor(h: np.ndarray) -> np.ndarray:
     """The upper-triangular U (positive diagonal) with H⁻¹ = UᵀU, for symmetric positive definite H [K, K],
     without forming H⁻¹: with J the reversal, JHJ = LLᵀ (Cholesky), so H⁻¹ = J L⁻ᵀ L⁻¹ J = UᵀU for
-    U = J L⁻¹ J, upper since L⁻¹ is lower. One Cholesky and one triangular inverse (``_lower_inverse``,
-    blocked matrix products) instead of a general inverse and a second Cholesky: about a third of the work."""
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
+    U = J L⁻¹ J, upper since L⁻¹ is lower. L⁻¹ comes straight from ``_cholesky_inverse`` (matrix products
+    throughout): about a sixth of the work of a general inverse and a second Cholesky."""
+    return np.ascontiguousarray(_cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1])
 
 
-def _lower_inverse(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
-    """L⁻¹ of a lower-triangular L [n, n] with a nonzero diagonal, by halves:
-    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ C A⁻¹, D⁻¹]] (its work in matrix products; LU below ``leaf``)."""
-    n = lower.shape[0]
+def _cholesky_inverse(h: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """L⁻¹ for the Cholesky factor L (H = LLᵀ) of a symmetric positive definite H [n, n], by halves:
+    H = [[A, Bᵀ], [B, C]] gives L = [[L₁, 0], [B L₁⁻ᵀ, L₂]] with L₂L₂ᵀ = C − (B L₁⁻ᵀ)(B L₁⁻ᵀ)ᵀ, and
+    L⁻¹ = [[L₁⁻¹, 0], [−L₂⁻¹ (B L₁⁻ᵀ) L₁⁻¹, L₂⁻¹]] — its work in matrix products (LAPACK below ``leaf``)."""
+    n = h.shape[0]
     if n <= leaf:
-        return np.tril(np.linalg.inv(lower))
+        return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
     m = n // 2
-    out = np.zeros_like(lower)
-    a_inv = _lower_inverse(lower[:m, :m], leaf)
-    d_inv = _lower_inverse(lower[m:, m:], leaf)
+    a_inv = _cholesky_inverse(h[:m, :m], leaf)
+    panel = h[m:, :m] @ a_inv.T                              # B L₁⁻ᵀ, the factor's lower-left block
+    d_inv = _cholesky_inverse(h[m:, m:] - panel @ panel.T, leaf)
+    out = np.zeros_like(h)
     out[:m, :m] = a_inv
     out[m:, m:] = d_inv
-    out[m:, :m] = -(d_inv @ (lower[m:, :m] @ a_inv))
+    out[m:, :m] = -(d_inv @ (panel @ a_inv))
     return out
 
 
-GPTQ_ROWS = 4096     # output rows GPTQ updates at once (a float64 copy of 4096 × K, not of all N × K)
-GPTQ_MIN_ROWS = 256  # fewer rows than this a slice: not worth a thread
-GPTQ_DTYPE = np.float64   # float32 is 1.35× faster but its matrix products round by shape: slices would differ
+GPTQ_ROWS = 2048     # output rows GPTQ updates at once: a fixed slicing, so the bytes do not depend on the threads
+GPTQ_DTYPE = np.float32   # as GPTQ's reference computes; its products round by shape, hence the fixed slices
 
 
 def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits: int = 4, damp: float = 0.01,
@@ -496,9 +496,9 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
     q_all = np.zeros((n, k), dtype=np.int8 if symmetric else np.uint8)
     scales = np.zeros((n, k // block), dtype=np.float32)
     zeros = None if symmetric else np.zeros((n, k // block), dtype=np.uint8)
-    # every step is row-wise: rows in slices give the same bytes, so slices run on ``threads()`` threads (a
-    # slice's Python step per input column overlaps the other's numpy work)
-    rows = min(GPTQ_ROWS, max(GPTQ_MIN_ROWS, -(-n // threads())))
+    # every step is row-wise: slices of ``GPTQ_ROWS`` rows run on ``threads()`` threads (a slice's Python step
+    # per input column overlaps the other's numpy work); the slicing is fixed, so the thread count changes no byte
+    rows = GPTQ_ROWS
 
     def work(r1: int) -> None:
         r2 = min(r1 + rows, n)
@@ -521,11 +521,13 @@ def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if zeros is None else (0, 2 ** bits - 1)
     codes = np.empty((k, n), dtype=q_all.dtype)
     q = np.empty(n, GPTQ_DTYPE)
+    row = np.empty(n, GPTQ_DTYPE)
     for i1 in range(0, k, batch):
         i2 = min(i1 + batch, k)
         w1 = w[i1:i2]                                        # a view: rows i1..i2 are only read after
         err1 = np.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        cols1 = np.ascontiguousarray(hinv1.T)                # cols1[i, j] = hinv1[j, i], read contiguously
         s = z = None
         for i in range(i2 - i1):
             col = i1 + i
@@ -538,7 +540,12 @@ def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch
                                                              diag_h[col:col + block], axis=0)
                 s, z = s_blk[0].astype(GPTQ_DTYPE), z_blk[0].astype(GPTQ_DTYPE)
                 scales[:, col // block], zeros[:, col // block] = s_blk[0], z_blk[0]
-            row = w1[i]
+            j1 = i - i % block                               # this column's block starts (in w1)
+            if i > j1:                                       # the block's earlier errors, applied lazily
+                np.matmul(cols1[i, j1:i], err1[j1:i], out=row)
+                np.subtract(w1[i], row, out=row)
+            else:
+                row[...] = w1[i]
             np.divide(row, s, out=q)
             np.rint(q, out=q)
             q += z
@@ -549,8 +556,8 @@ def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch
             e *= s
             np.subtract(row, e, out=e)
             e /= hinv1[i, i]
-            if i + 1 < i2 - i1:
-                w1[i + 1:] -= np.outer(hinv1[i, i + 1:], e)
+            if i + 1 == j1 + block and i + 1 < i2 - i1:      # the block's error onto the batch's later rows
+                w1[i + 1:] -= hinv1[j1:i + 1, i + 1:].T @ err1[j1:i + 1]
         if i2 < k:
             w[i2:] -= hinv[i1:i2, i2:].T @ err1
     q_all[...] = codes.T

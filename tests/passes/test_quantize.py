@@ -507,18 +507,41 @@ def test_gram_groups_give_the_same_bytes_as_all_at_once(gptq_builds):
     assert gptq_builds["grouped-file-backed"][1] == at_once[1]
 
 
-def test_gptq_row_slices_give_the_same_bytes(monkeypatch):
-    """GPTQ is row-wise: quantizing the output rows in slices (bounded float64 copies) changes no byte."""
+def test_gptq_bytes_do_not_depend_on_the_thread_count(monkeypatch):
+    """GPTQ's row slices are fixed (``GPTQ_ROWS``), not one per thread: one thread or four give the same bytes,
+    and a slice quantizes as the whole weight does up to float32 rounding (codes one step apart at most)."""
     from lmc.passes.quantize import scales
 
     rng = np.random.default_rng(11)
     w = rng.standard_normal((300, 256)).astype(np.float32)
     x = rng.standard_normal((512, 256))
-    whole = scales.gptq_blocks(w, x.T @ x, 32)
     monkeypatch.setattr(scales, "GPTQ_ROWS", 64)
-    sliced = scales.gptq_blocks(w, x.T @ x, 32)
-    for a, b in zip(whole, sliced):
+    monkeypatch.setattr(scales, "threads", lambda: 1)
+    one = scales.gptq_blocks(w, x.T @ x, 32)
+    monkeypatch.setattr(scales, "threads", lambda: 4)
+    four = scales.gptq_blocks(w, x.T @ x, 32)
+    for a, b in zip(one, four):
         np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(scales, "GPTQ_ROWS", 4096)
+    whole = scales.gptq_blocks(w, x.T @ x, 32)
+    assert np.abs(whole[0].astype(int) - one[0].astype(int)).max() <= 1
+    assert np.mean(whole[0] == one[0]) > 0.99
+
+
+def test_inverse_upper_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """U upper with a positive diagonal and UᵀU = H⁻¹ (GPTQ's factor), sizes around the recursion's leaf."""
+    from lmc.passes.quantize.scales import inverse_upper_factor
+
+    rng = np.random.default_rng(3)
+    for k in (7, 256, 257, 600):
+        x = rng.standard_normal((2 * k, k)) * rng.uniform(0.1, 3.0, k)
+        h = x.T @ x + 0.01 * np.eye(k)
+        u = inverse_upper_factor(h)
+        assert np.array_equal(u, np.triu(u)) and (np.diag(u) > 0).all()
+        np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-8, atol=1e-10 * np.abs(np.linalg.inv(h)).max())
+        f32 = inverse_upper_factor(h.astype(np.float32))
+        assert f32.dtype == np.float32
+        np.testing.assert_allclose(f32, u, atol=1e-3 * np.abs(u).max())
 
 
 def test_quantize_pass_keeps_no_state_between_runs():
