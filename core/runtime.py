@@ -28,7 +28,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -154,28 +153,12 @@ def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None 
 
 def session(model: str | Path | bytes | onnx.ModelProto, threads: int = 0, optimize: bool = True,
             low_memory: bool = False, log_level: int = ORT_LOG_LEVEL,
-            config_entries: dict[str, str] | None = None,
-            initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+            config_entries: dict[str, str] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``low_memory`` turns weight prepacking off (no second copy of the
     weights; used for verification, where speed matters less than fitting); ``config_entries`` are added
-    with ``add_session_config_entry`` (a bundle's own, so that checks compute what the bundle computes).
-    ``initializers`` give the values of initializers the model names (stubs there): onnxruntime reads
-    these arrays in place (a memory map of a weights file stays one), and the session keeps them alive."""
+    with ``add_session_config_entry`` (a bundle's own, so that checks compute what the bundle computes)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = log_level
-    held = []
-    if initializers:
-        arrays = [a if a.flags.c_contiguous and a.flags.aligned else np.ascontiguousarray(a)
-                  for a in initializers.values()]
-        held = [(a, ort.OrtValue.ortvalue_from_numpy(a)) for a in arrays]
-        opts.add_external_initializers(list(initializers), [v for _, v in held])
-    sess = _session(model, opts, threads, optimize, low_memory, config_entries)
-    if held:
-        sess._lmc_initializers = held                 # onnxruntime reads them in place: they live as long
-    return sess
-
-
-def _session(model, opts: ort.SessionOptions, threads, optimize, low_memory, config_entries) -> ort.InferenceSession:
     for entry, text in (config_entries or {}).items():
         opts.add_session_config_entry(entry, str(text))
     if low_memory:

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lmc.core import ir
 from lmc.core.errors import LmcError
-from lmc.core.external_data import PAGE_BYTES, externalize, is_stub
+from lmc.core.external_data import PAGE_BYTES, externalize
 from lmc.core.runtime import session
 from lmc.core.weights import FileValues
 
@@ -172,18 +171,14 @@ class Calibrator:
             folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
             try:
                 by_name = {c.name: c for c in ir.constants(graph)}
-                # weights whose values are arrays (a file-backed one a memory map of its file, a merged one
-                # joined once) are handed to onnxruntime as they are; the other stubs go to the file; the
-                # skeleton's inline tensors stay inline (onnxruntime's shape inference cannot read a
-                # Reshape's shape from external data)
-                arrays = _stub_arrays(model, by_name)
+                # the stubs (weights) go to the file; the skeleton's inline tensors stay inline (onnxruntime's
+                # shape inference cannot read a Reshape's shape from external data)
                 externalize(model, folder / CALIB_WEIGHTS, PAGE_BYTES, INLINE_BYTES + 1,
-                            lambda name: ir.constant_bytes(by_name[name]), keep=arrays)
+                                  lambda name: ir.constant_bytes(by_name[name]))
                 with open(folder / CALIB_MODEL, "wb") as f:
                     f.write(model.SerializeToString())
                 del model, by_name
-                self._sess = session(folder / CALIB_MODEL, low_memory=low_memory, initializers=arrays)
-                del arrays
+                self._sess = session(folder / CALIB_MODEL, low_memory=low_memory)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -219,26 +214,6 @@ class Calibrator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _stub_arrays(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> dict[str, np.ndarray]:
-    """{stub initializer: its values as an array onnxruntime can read in place}, for the stubs whose values
-    load as an array of the initializer's own dtype (a file-backed weight maps; a merged one is joined)."""
-    arrays = {}
-    for tensor in model.graph.initializer:
-        if not is_stub(tensor) or tensor.name not in by_name:
-            continue
-        value = by_name[tensor.name]._values
-        array = value.load() if isinstance(value, LazyValues) else value
-        if not isinstance(array, np.ndarray) or array.dtype.byteorder == ">":
-            continue
-        try:
-            same = onnx.helper.np_dtype_to_tensor_dtype(array.dtype) == tensor.data_type
-        except (KeyError, ValueError, TypeError):
-            same = False
-        if same and list(array.shape) == list(tensor.dims):
-            arrays[tensor.name] = array
-    return arrays
 
 
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
