@@ -6,7 +6,7 @@ which onnxruntime needs to mmap it rather than read it onto its heap; the tensor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import onnx
@@ -29,10 +29,11 @@ def raw_bytes(tensor: onnx.TensorProto) -> bytes:
 
 
 def externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, threshold: int,
-                 tensor_bytes: Callable[[str], bytes] | None = None) -> bool:
+                 tensor_bytes: Callable[[str], bytes] | None = None, keep: Collection[str] = ()) -> bool:
     """Move initializers of ≥ ``threshold`` bytes to ``weights_path`` at aligned offsets. Stub initializers
-    (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time."""
-    inits = all_initializers(model.graph)
+    (external location ``STUB_LOCATION``) get their bytes from ``tensor_bytes(name)``, one at a time; those
+    named in ``keep`` are left as they are."""
+    inits = [t for t in all_initializers(model.graph) if t.name not in keep]
     stubbed = any(is_stub(t) or is_file_backed(t) for t in inits)
     total = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in inits)
     if total <= SMALL_MODEL_BYTES and not stubbed:

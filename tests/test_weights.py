@@ -187,6 +187,33 @@ def test_take_flat_reads_merged_values_without_joining_them(tmp_path, monkeypatc
     np.testing.assert_array_equal(weights.take_flat(whole, np.array([5])), whole.reshape(-1)[[5]])
 
 
+def test_streamed_calibration_links_weights_instead_of_writing_them(tmp_path, monkeypatch):
+    """A streamed calibration session (a graph holding merged weights) links the model's weights file and
+    joins a merged weight by a Concat of its file-backed parts: no weights file is written, and the
+    statistics and Grams are those of the whole model."""
+    from lmc.core.pass_manager import PassContext, PassManager
+    from lmc.passes.merge_matmuls import MergeParallelMatMuls
+    from lmc.passes.quantize import calibration
+
+    path, a, b = _parallel(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    shapes.infer_shapes(graph)
+    graph, _ = PassManager([MergeParallelMatMuls()], PassContext()).run(graph)
+    merged = next(c for c in ir.constants(graph) if c.name.endswith("_merged"))
+    assert isinstance(merged._values, weights.ConcatValues)
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 512)).astype(np.float32)} for _ in range(3)]
+    out = graph.outputs[0].name
+    monkeypatch.setattr(calibration, "STREAM_BYTES", 0)
+    with calibration.Calibrator(graph, [out], feeds) as calibrator:
+        folder = calibrator._folder
+        assert folder is not None and not (folder / calibration.CALIB_WEIGHTS).exists()
+        stats = calibrator.run(gram=True)[out]
+    y = np.concatenate([f["x"] @ a + f["x"] @ b for f in feeds])
+    np.testing.assert_allclose(stats.gram, y.T @ y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.absmax, np.abs(y).max(axis=0), rtol=1e-5)
+
+
 def test_weights_a_pass_creates_are_spilled(tmp_path):
     from lmc.core.pass_manager import PassContext, PassManager
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits

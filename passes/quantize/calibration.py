@@ -25,9 +25,9 @@ import onnx_graphsurgeon as gs
 
 from lmc.core import ir
 from lmc.core.errors import LmcError
-from lmc.core.external_data import PAGE_BYTES, externalize
+from lmc.core.external_data import PAGE_BYTES, externalize, is_stub
 from lmc.core.runtime import session
-from lmc.core.weights import FileValues
+from lmc.core.weights import ConcatValues, FileValues, link_external
 
 log = logging.getLogger(__name__)
 CALIB_MODEL, CALIB_WEIGHTS = "calib.onnx", "calib.weights"   # a streamed calibration session's files
@@ -171,10 +171,13 @@ class Calibrator:
             folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
             try:
                 by_name = {c.name: c for c in ir.constants(graph)}
-                # the stubs (weights) go to the file; the skeleton's inline tensors stay inline (onnxruntime's
+                # weights still in their files are linked, not copied (a merged one a Concat of its parts);
+                # the other stubs go to the file; the skeleton's inline tensors stay inline (onnxruntime's
                 # shape inference cannot read a Reshape's shape from external data)
+                linked = _point_at_files(model, by_name)
                 externalize(model, folder / CALIB_WEIGHTS, PAGE_BYTES, INLINE_BYTES + 1,
-                                  lambda name: ir.constant_bytes(by_name[name]))
+                            lambda name: ir.constant_bytes(by_name[name]), keep=linked)
+                link_external(model, folder)
                 with open(folder / CALIB_MODEL, "wb") as f:
                     f.write(model.SerializeToString())
                 del model, by_name
@@ -214,6 +217,35 @@ class Calibrator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> set[str]:
+    """Make the stubs whose values are bytes of a file (``FileValues``) file-backed initializers of those
+    bytes, and a stub merged from such parts (``ConcatValues``) a Concat node over file-backed initializers
+    of its parts (onnxruntime folds it once, at load). Returns the names of the file-backed initializers."""
+    linked: set[str] = set()
+    concats = []
+    for tensor in list(model.graph.initializer):
+        value = by_name[tensor.name]._values if is_stub(tensor) and tensor.name in by_name else None
+        if isinstance(value, FileValues):
+            tensor.CopyFrom(value.tensor)
+            linked.add(tensor.name)
+        elif isinstance(value, ConcatValues) and all(isinstance(p, FileValues) for p in value.parts):
+            parts = []
+            for i, part in enumerate(value.parts):
+                init = model.graph.initializer.add()
+                init.CopyFrom(part.tensor)
+                init.name = f"{tensor.name}/part{i}"
+                parts.append(init.name)
+            linked.update(parts)
+            concats.append(onnx.helper.make_node("Concat", parts, [tensor.name], axis=value.axis,
+                                                 name=f"{tensor.name}/join"))
+            model.graph.initializer.remove(tensor)
+    if concats:
+        nodes = concats + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return linked
 
 
 def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
