@@ -262,22 +262,56 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
 GRAM_DTYPE = np.float32
 
 
-def _add_gram(gram_sums: dict[str, np.ndarray], products: dict[int, np.ndarray], name: str,
-              rows: list[np.ndarray]) -> None:
-    """Add XᵀX of the pending ``rows`` (``GRAM_DTYPE``) to ``name``'s Gram and empty the list. Rows wait until
-    they are as many as the features: a decode-step calibration (a row a sample) then forms each Gram
-    once, without a K×K scratch product beside it."""
-    x = rows[0] if len(rows) == 1 else np.concatenate(rows)
-    rows.clear()
-    if name not in gram_sums:
-        gram_sums[name] = x.T @ x
-        return
-    k = x.shape[1]
-    product = products.get(k)
-    if product is None:
-        product = products[k] = np.empty((k, k), dtype=GRAM_DTYPE)
-    np.matmul(x.T, x, out=product)
-    gram_sums[name] += product
+class _Pending:
+    """Rows of one tensor waiting for its Gram, in a buffer of (at least) as many rows as features: XᵀX is
+    formed once the buffer is full (a decode-step calibration, a row a sample, then forms each Gram once,
+    without a K×K scratch product beside it). The buffer is reused, so rows are copied in."""
+
+    def __init__(self, rows: int, features: int):
+        self.buf = np.empty((max(rows, features), features), dtype=GRAM_DTYPE)
+        self.filled = 0
+
+    def add(self, x: np.ndarray, flush: Callable[[np.ndarray], None]) -> None:
+        if self.filled + len(x) > len(self.buf):
+            self.flush(flush)
+        self.buf[self.filled:self.filled + len(x)] = x
+        self.filled += len(x)
+        if self.filled >= self.buf.shape[1]:
+            self.flush(flush)
+
+    def flush(self, flush: Callable[[np.ndarray], None]) -> None:
+        if self.filled:
+            flush(self.buf[:self.filled])
+            self.filled = 0
+
+
+class _BoundOutputs:
+    """``sess.run(tensors, feed)`` with the outputs written into the same arrays on every run whose inputs
+    have the shapes of the previous one (onnxruntime's I/O binding): a pass over many samples then maps no
+    fresh pages for its outputs. The arrays returned are overwritten by the next run."""
+
+    def __init__(self, sess, tensors: Sequence[str]):
+        self.sess, self.tensors = sess, list(tensors)
+        self.key = None
+        self.outputs: list[np.ndarray] = []
+        self.binding = None
+
+    def run(self, feed: dict) -> list[np.ndarray]:
+        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(feed.items()))
+        if key != self.key:
+            values = self.sess.run(self.tensors, feed)
+            self.key, self.outputs = key, [np.empty_like(v) for v in values]
+            self.binding = self.sess.io_binding()
+            for name, out in zip(self.tensors, self.outputs):
+                if name not in feed:                         # a graph input asked for is its feed
+                    self.binding.bind_output(name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+            return values
+        if any(n not in feed for n in self.tensors):
+            for name, value in feed.items():
+                self.binding.bind_cpu_input(name, value)
+            self.sess.run_with_iobinding(self.binding)
+        return [feed[n] if n in feed else out for n, out in zip(self.tensors, self.outputs)]
 
 
 def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[str, ChannelStats]:
@@ -287,20 +321,35 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
     gram_sums: dict[str, np.ndarray] = {}
     products: dict[int, np.ndarray] = {}              # one XᵀX scratch per feature count
     kept: dict[str, list[np.ndarray]] = {}
-    pending: dict[str, list[np.ndarray]] = {}         # rows not yet in their Gram (fewer than its features)
+    pending: dict[str, _Pending] = {}                 # rows not yet in their Gram (fewer than its features)
     per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
+    runner = _BoundOutputs(sess, tensors)
+
+    def gram_adder(name: str) -> Callable[[np.ndarray], None]:
+        def add(x: np.ndarray) -> None:
+            if name not in gram_sums:
+                gram_sums[name] = x.T @ x
+                return
+            k = x.shape[1]
+            product = products.get(k)
+            if product is None:
+                product = products[k] = np.empty((k, k), dtype=GRAM_DTYPE)
+            np.matmul(x.T, x, out=product)
+            gram_sums[name] += product
+        return add
+
     for i, feed in enumerate(feeds):
-        values = sess.run(list(tensors), {k: v for k, v in feed.items() if k in inputs})
+        values = runner.run({k: v for k, v in feed.items() if k in inputs})
         for name, v in zip(tensors, values):
             flat = np.asarray(v, dtype=np.float64).reshape(-1, v.shape[-1])
             sums[name] = sums.get(name, 0) + (flat ** 2).sum(axis=0)
             maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
             counts[name] = counts.get(name, 0) + flat.shape[0]
             if name in grams:
-                rows = pending.setdefault(name, [])
-                rows.append(np.asarray(v, dtype=GRAM_DTYPE).reshape(-1, v.shape[-1]))
-                if sum(r.shape[0] for r in rows) >= flat.shape[1]:
-                    _add_gram(gram_sums, products, name, rows)
+                x = v.reshape(-1, v.shape[-1])
+                if name not in pending:
+                    pending[name] = _Pending(len(x), x.shape[1])
+                pending[name].add(x, gram_adder(name))
             if per_sample:
                 step = max(1, flat.shape[0] // per_sample)
                 kept.setdefault(name, []).append(flat[::step][:per_sample].astype(np.float32))
@@ -309,7 +358,7 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
         if progress:
             progress(i + 1, len(feeds))
     for name, rows in pending.items():
-        if rows:
-            _add_gram(gram_sums, products, name, rows)
+        rows.flush(gram_adder(name))
+        del rows.buf
     return {n: ChannelStats(sums[n] / counts[n], maxes[n], gram_sums.get(n),
                             np.concatenate(kept[n]) if n in kept else None) for n in tensors}
