@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -205,9 +206,15 @@ def test_streamed_calibration_links_weights_instead_of_writing_them(tmp_path, mo
     feeds = [{"x": rng.standard_normal((1, 512)).astype(np.float32)} for _ in range(3)]
     out = graph.outputs[0].name
     monkeypatch.setattr(calibration, "STREAM_BYTES", 0)
+    wrote, mkdtemp = [], tempfile.mkdtemp
+    real = calibration.externalize
+    monkeypatch.setattr(calibration, "externalize", lambda *a, **k: wrote.append(real(*a, **k)) or wrote[-1])
+    folders = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: folders.append(mkdtemp(*a, **k)) or folders[-1])
+    links = os.stat(path.with_suffix(".data")).st_nlink
     with calibration.Calibrator(graph, [out], feeds) as calibrator:
-        folder = calibrator._folder
-        assert folder is not None and not (folder / calibration.CALIB_WEIGHTS).exists()
+        assert wrote == [False] and folders and not os.path.exists(folders[0])   # linked, read, removed
+        assert os.stat(path.with_suffix(".data")).st_nlink == links
         stats = calibrator.run(gram=True)[out]
     y = np.concatenate([f["x"] @ a + f["x"] @ b for f in feeds])
     np.testing.assert_allclose(stats.gram, y.T @ y, rtol=1e-4, atol=1e-4)

@@ -182,10 +182,10 @@ class Calibrator:
                     f.write(model.SerializeToString())
                 del model, by_name
                 self._sess = session(folder / CALIB_MODEL, low_memory=low_memory)
-            except BaseException:
+            finally:
+                # onnxruntime has read (or mapped) the files: the folder goes now, so no link to the
+                # model's weights outlives this call even if the process is killed later
                 shutil.rmtree(folder, ignore_errors=True)
-                raise
-            self._folder = folder
         else:
             self._sess = session(model, low_memory=low_memory)
             del model
