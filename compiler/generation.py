@@ -18,6 +18,7 @@ length again (decode: 1, prefill: N). The state is the cache: ``StaticKVCache`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -494,13 +495,28 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-def _main_importable() -> bool:
-    """Whether worker processes can prepare themselves: they import ``__main__`` from its file, which a
-    script read from stdin or ``-c`` does not have."""
+@contextlib.contextmanager
+def _workers_prepare_apart():
+    """While worker processes start, let them prepare from this module instead of the program's
+    ``__main__``: multiprocessing re-imports ``__main__`` in every worker (from its file), which would run a
+    script's unguarded top-level code again — a second ``lmc.build`` — and fails for a script read from
+    stdin. Named by module, the worker runs the empty ``lmc.compiler.worker_main`` instead."""
+    import importlib.util
     import sys
 
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    return path is None or os.path.exists(path)
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    had, saved = hasattr(main, "__spec__"), getattr(main, "__spec__", None)
+    main.__spec__ = importlib.util.find_spec("lmc.compiler.worker_main")
+    try:
+        yield
+    finally:
+        if had:
+            main.__spec__ = saved
+        else:
+            del main.__spec__
 
 
 class _ProbeRunner:
@@ -513,7 +529,7 @@ class _ProbeRunner:
         self.skeleton, self.batch = skeleton, batch
         self.seconds: float | None = None
         self._pool = None
-        self._failed = not _main_importable()
+        self._failed = False
 
     def __call__(self, probes):
         import time
@@ -530,15 +546,17 @@ class _ProbeRunner:
             from concurrent.futures import ProcessPoolExecutor
 
             log.info("mask probes: %d on %d worker processes", len(probes), _workers())
-            self._pool = ProcessPoolExecutor(_workers(), mp_context=multiprocessing.get_context("forkserver"),
-                                             initializer=_probe_worker_init,
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])     # workers fork with this module loaded
+            self._pool = ProcessPoolExecutor(_workers(), mp_context=context, initializer=_probe_worker_init,
                                              initargs=(self.skeleton.SerializeToString(), self.batch))
         if self._pool is not None:
             from concurrent.futures.process import BrokenProcessPool
 
             try:
-                results = list(self._pool.map(_probe_worker_run, probes))
-            except (BrokenProcessPool, OSError) as e:   # workers that cannot start (a __main__ they cannot import)
+                with _workers_prepare_apart():          # workers start on the first submission
+                    results = list(self._pool.map(_probe_worker_run, probes))
+            except (BrokenProcessPool, OSError) as e:   # workers that cannot start
                 log.info("mask probes: worker processes failed (%s); probing here", e)
                 self._pool.shutdown(cancel_futures=True)
                 self._pool, self._failed = None, True

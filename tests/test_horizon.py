@@ -181,3 +181,19 @@ def test_probes_on_worker_processes_judge_as_probes_here(monkeypatch):
     with runner, pytest.raises(LmcError, match="past key/values"):
         list(runner([(4, 1), (5, 1)]))
     assert used == [False, True, True]
+
+
+def test_probe_workers_never_rerun_the_callers_script(tmp_path):
+    """A script without a ``__main__`` guard (and one read from stdin) that builds: the probe workers start
+    from lmc's own empty main module, so the script's top level runs once and the probes still finish."""
+    import subprocess
+    import sys
+
+    script = (f"from lmc.compiler import generation as G\nprint('top level', flush=True)\n"
+              f"G.POOL_SECONDS = 0.0\nprint(len(G.precheck_masks({str(XGLM)!r}, 1, {CONTEXT})))\n")
+    path = tmp_path / "unguarded.py"
+    path.write_text(script)
+    for argv, stdin in (([sys.executable, str(path)], None), ([sys.executable, "-"], script)):
+        run = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["top", "level", "2"] and "Traceback" not in run.stderr
