@@ -72,6 +72,10 @@ class StateDecoder:
         for src, dst in info.state:
             self.binding.bind_ortvalue_input(src, self.state[src])
             self.binding.bind_ortvalue_output(dst, self.state[src])
+        self._decode_bound = False               # input ids and logits bound to the decode buffers right now
+        self._masks: dict[int, ort.OrtValue] = {}  # batch 1: the all-ones mask of each length, wrapped once
+        self._positions = np.zeros((info.batch, 1), np.int64)
+        self._positions_value = ort.OrtValue.ortvalue_from_numpy(self._positions)
         self.length = 0
         self._rows: np.ndarray | None = None     # per-row positions once rows are rewound apart (else all at length)
         self._written = np.zeros(info.batch, np.int64)   # per row: one past the furthest position written
@@ -139,6 +143,35 @@ class StateDecoder:
             return np.concatenate([self._step(ids[:, i:i + chunk]) for i in range(0, ids.shape[1], chunk)], axis=1)
         return self._step(ids)
 
+    def decode_step(self, tokens) -> np.ndarray:
+        """One token per batch row (``tokens`` [B]) while the rows are together: the next logits [B, V] —
+        the decoder's own buffer, overwritten by the next step (copy what you keep). The plain decode loop's
+        step: the token ids and logits stay bound to their buffers, the batch-1 mask of each length is wrapped
+        once, nothing is allocated per step. Anything else (rows rewound apart, logits of unknown width, the
+        context's end) takes ``forward``."""
+        length = self.length + 1
+        if self._rows is not None or self._logits is None or length > self.info.context:
+            return self.forward(np.asarray(tokens, dtype=np.int64).reshape(self.info.batch, 1))[:, -1]
+        self._ids[:, 0] = tokens
+        if not self._decode_bound:
+            self.binding.bind_ortvalue_input(self.info.input_ids, self._ids_value)
+            self.binding.bind_ortvalue_output(self.info.logits, self._logits_value)
+            self._decode_bound = True
+        if self.info.attention_mask and self.info.batch == 1:
+            mask = self._masks.get(length)
+            if mask is None:
+                mask = self._masks[length] = ort.OrtValue.ortvalue_from_numpy(self._ones[:, :length])
+            self.binding.bind_ortvalue_input(self.info.attention_mask, mask)
+        elif self.info.attention_mask:
+            self.binding.bind_cpu_input(self.info.attention_mask, np.ascontiguousarray(self._ones[:, :length]))
+        else:
+            self._positions[...] = self.length
+            self.binding.bind_ortvalue_input(self.info.position_ids, self._positions_value)
+        self.session.run_with_iobinding(self.binding)
+        self.length = length
+        np.maximum(self._written, length, out=self._written)
+        return self._logits[:, -1]
+
     def _step(self, ids: np.ndarray) -> np.ndarray:
         s = ids.shape[1]
         starts = self.positions()
@@ -170,6 +203,7 @@ class StateDecoder:
         else:
             self.binding.bind_output(self.info.logits)
         self.session.run_with_iobinding(self.binding)
+        self._decode_bound = decode
         self.length += s
         self._rows = None if self._rows is None else self._rows + s
         self._written = np.maximum(self._written, starts + s)
@@ -251,7 +285,9 @@ def continue_greedy(decoder: Decoder, logits: np.ndarray, new_tokens: int,
         out.append(token)
         if on_token is not None:
             on_token(token)
-        if i + 1 < new_tokens:
+        if i + 1 < new_tokens and hasattr(decoder, "decode_step"):
+            logits = decoder.decode_step([token])[:, None]     # its buffer: read (argmax) before the next step
+        elif i + 1 < new_tokens:
             logits = decoder.forward(np.array([[token]], dtype=np.int64))
     return out
 

@@ -362,10 +362,14 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     # plain greedy while every row runs: one token per row per forward, nothing drafted, nothing to rewind —
     # what the loop below does then, without its per-step bookkeeping
     plain = k_max == 0 and model is None and sampling.greedy and sampling.repetition_penalty == 1
+    step = getattr(decoder, "decode_step", None)
     while plain and all(active):
-        logits = decoder.forward(np.array([[h[-1]] for h in histories], dtype=np.int64))
+        if step is not None:
+            last = step([h[-1] for h in histories])     # the decoder's buffer: read before the next step
+        else:
+            last = decoder.forward(np.array([[h[-1]] for h in histories], dtype=np.int64))[:, -1]
         result.forwards += 1
-        tokens = np.argmax(logits[:, -1], axis=-1)
+        tokens = np.argmax(last, axis=-1)
         for r in range(batch):
             emit(r, int(tokens[r]))
     context = decoder.info.context

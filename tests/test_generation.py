@@ -311,3 +311,28 @@ def test_batch_of_two_rows(bundles, tmp_path):
     assert result.plan.state_bytes == 2 * single["state"]["bytes"]
     report = compare_generation(FIXTURES / EXPORTS[0], out / "model.onnx", vocab=256, prompt=5, steps=6)
     assert report.passed and report.max_rel < 1e-5
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_decode_step_gives_the_logits_forward_gives(bundles, name):
+    """``decode_step`` (buffers bound once, the batch-1 mask wrapped once per length) against ``forward``,
+    bit for bit, through a prefill between decode steps, a rewind (which it leaves to ``forward``) and
+    decode steps again; the decoder's position bookkeeping agrees as well."""
+    bundle = bundles[name] / "model.onnx"
+    plain, fast = StateDecoder(bundle), StateDecoder(bundle)
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 256, (1, 5))
+    np.testing.assert_array_equal(plain.forward(prompt), fast.forward(prompt))
+    for phase in range(3):
+        for _ in range(4):
+            token = int(rng.integers(0, 256))
+            want = plain.forward(np.array([[token]]))[:, -1]
+            got = fast.decode_step([token])
+            np.testing.assert_array_equal(got, want)
+        chunk = rng.integers(0, 256, (1, 3))
+        np.testing.assert_array_equal(plain.forward(chunk), fast.forward(chunk))
+        if phase == 1:
+            plain.rewind(plain.length - 2)
+            fast.rewind(fast.length - 2)
+        assert plain.length == fast.length and np.array_equal(plain.positions(), fast.positions())
+        assert np.array_equal(plain._written, fast._written)
