@@ -396,3 +396,32 @@ def test_a_writable_mapping_keeps_its_pages(tmp_path):
     mapped[:] = 7.0
     assert drop_mapped_pages(tmp_path, {"model.weights": [(0, 4 << 20)]}) == 0
     assert float(mapped.min()) == 7.0
+
+
+def test_calibration_session_runs_only_what_its_tensors_need(tmp_path):
+    """The calibration session is cut to the cone of the tensors it collects: a product whose output nobody
+    asked for is not in it (onnxruntime would run it every sample), and the statistics are unchanged."""
+    from lmc.passes.quantize import calibration
+
+    rng = np.random.default_rng(6)
+    w, head = (rng.standard_normal((64, n)).astype(np.float32) for n in (64, 512))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "HEAD"], ["logits"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 512])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(head, "HEAD")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = ir.to_graph(model)
+    feeds = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(2)]
+    with calibration.Calibrator(graph, ["r"], feeds) as calibrator:
+        assert [o.name for o in calibrator._sess.get_outputs()] == ["r"]
+        stats = calibrator.run()["r"]
+    r = np.maximum(np.concatenate([f["x"] for f in feeds]) @ w, 0)
+    np.testing.assert_allclose(stats.absmax, np.abs(r).max(axis=0), rtol=1e-6)
+    trimmed = onnx.ModelProto()
+    trimmed.CopyFrom(model)
+    trimmed.graph.output.append(helper.make_empty_tensor_value_info("r"))
+    calibration._keep_only(trimmed, ["r"])
+    assert [n.op_type for n in trimmed.graph.node] == ["MatMul", "Relu"]
+    assert [t.name for t in trimmed.graph.initializer] == ["W"]

@@ -167,6 +167,7 @@ class Calibrator:
         for name in self.tensors:
             if name not in present:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        _keep_only(model, self.tensors)
         if stream:
             folder = Path(tempfile.mkdtemp(prefix="lmc-calib-"))
             try:
@@ -217,6 +218,52 @@ class Calibrator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _keep_only(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
+    """Reduce the model to what computing ``tensors`` needs: those its outputs, the nodes they depend on and
+    those nodes' initializers (onnxruntime runs every node of a graph, whatever the outputs asked for — a
+    language model's logits over every calibration position would be computed and dropped). Graph inputs stay
+    (the feeds are the same). A node holding subgraphs keeps every name they read."""
+    graph = model.graph
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    needed, todo, keep = set(tensors), list(tensors), set()
+    while todo:                                      # whatever the nodes' order
+        i = producer.get(todo.pop())
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        node = graph.node[i]
+        for name in [n for n in node.input if n] + sorted(_names_read_inside(node)):
+            if name not in needed:
+                needed.add(name)
+                todo.append(name)
+    if len(keep) == len(graph.node):
+        return
+    kept = [node for i, node in enumerate(graph.node) if i in keep]
+    wanted = set(tensors)
+    outputs = [o for o in graph.output if o.name in wanted]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    infos = [v for v in graph.value_info if v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _names_read_inside(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names.update(_names_read_inside(inner))
+    return names
 
 
 def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> set[str]:
