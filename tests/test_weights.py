@@ -425,3 +425,17 @@ def test_calibration_session_runs_only_what_its_tensors_need(tmp_path):
     calibration._keep_only(trimmed, ["r"])
     assert [n.op_type for n in trimmed.graph.node] == ["MatMul", "Relu"]
     assert [t.name for t in trimmed.graph.initializer] == ["W"]
+
+
+def test_calibration_of_graph_inputs_only_keeps_the_graph():
+    """Asked for graph inputs alone, the calibration session is not cut to nothing (onnxruntime refuses a
+    graph without nodes); the statistics are the feeds'."""
+    from lmc.passes.quantize import calibration
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]), opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": np.array([[1, -2, 3], [-4, 5, -6]], np.float32)}]
+    with calibration.Calibrator(ir.to_graph(model), ["x"], feeds) as calibrator:
+        stats = calibrator.run()["x"]
+    np.testing.assert_array_equal(stats.absmax, [4, 5, 6])
