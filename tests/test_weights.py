@@ -427,15 +427,19 @@ def test_calibration_session_runs_only_what_its_tensors_need(tmp_path):
     assert [t.name for t in trimmed.graph.initializer] == ["W"]
 
 
-def test_calibration_of_graph_inputs_only_keeps_the_graph():
-    """Asked for graph inputs alone, the calibration session is not cut to nothing (onnxruntime refuses a
-    graph without nodes); the statistics are the feeds'."""
+def test_calibration_asking_for_nothing_computed_keeps_the_graph():
+    """Asked for no tensor (a session for the model's own outputs) or for graph inputs alone, the calibration
+    session is not cut to nothing (onnxruntime refuses a graph without outputs); the statistics are the
+    feeds'."""
     from lmc.passes.quantize import calibration
 
     model = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_node("Mul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [numpy_helper.from_array(np.ones(3, np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
     feeds = [{"x": np.array([[1, -2, 3], [-4, 5, -6]], np.float32)}]
+    with calibration.Calibrator(ir.to_graph(model), [], feeds) as calibrator:
+        assert [o.name for o in calibrator._sess.get_outputs()] == ["y"]
     with calibration.Calibrator(ir.to_graph(model), ["x"], feeds) as calibrator:
         stats = calibrator.run()["x"]
     np.testing.assert_array_equal(stats.absmax, [4, 5, 6])

@@ -238,7 +238,7 @@ def _keep_only(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
             if name not in needed:
                 needed.add(name)
                 todo.append(name)
-    if not keep or len(keep) == len(graph.node):    # only graph inputs asked (onnxruntime takes no empty graph)
+    if not keep or len(keep) == len(graph.node):    # nothing computed asked: the graph as it is
         return
     kept = [node for i, node in enumerate(graph.node) if i in keep]
     wanted = set(tensors)
