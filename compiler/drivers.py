@@ -11,7 +11,7 @@ with an ``attention_mask`` input also takes right-padded rows, as onnxruntime-ge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lmc.compiler import segmented
 from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo, generation_info
 from lmc.core.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
@@ -214,6 +215,29 @@ class StateDecoder:
         return outputs[0].numpy()
 
 
+def past_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> dict[str, str]:
+    """An original export's state: each ``past_key_values.*`` input whose ``present.*`` output exists."""
+    pairs = {}
+    for name in inputs:
+        if name.startswith("past"):
+            out = name.replace("past_key_values", "present")
+            if out in outputs:
+                pairs[name] = out
+    return pairs
+
+
+def past_feeds(inputs: Collection[str], ids: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """The non-state feeds of an original export for ids [B, S] after ``length`` positions: the ids, an
+    attention mask of ones over length + S positions, positions length … length + S − 1 (those it takes)."""
+    batch, s = ids.shape
+    feeds = {"input_ids": ids}
+    if "attention_mask" in inputs:
+        feeds["attention_mask"] = np.ones((batch, length + s), np.int64)
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.broadcast_to(np.arange(length, length + s, dtype=np.int64), ids.shape).copy()
+    return feeds
+
+
 class PastDecoder:
     """An original past/present export driven the plain way: present → past, attention mask grown."""
 
@@ -222,12 +246,7 @@ class PastDecoder:
                                             providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        self.pairs = {}
-        for name in self.inputs:
-            if name.startswith("past"):
-                out = name.replace("past_key_values", "present")
-                if out in outputs:
-                    self.pairs[name] = out
+        self.pairs = past_pairs(list(self.inputs), outputs)
         self.logits = next(o for o in outputs if o not in self.pairs.values())
         self.batch = batch
         self.reset()
@@ -241,19 +260,39 @@ class PastDecoder:
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(self.batch, -1)
-        s = ids.shape[1]
-        feeds = {"input_ids": ids}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((self.batch, self.length + s), np.int64)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.broadcast_to(np.arange(self.length, self.length + s, dtype=np.int64),
-                                                    ids.shape).copy()
+        feeds = past_feeds(self.inputs, ids, self.length)
         feeds.update(self.past)
         names = [self.logits] + list(self.pairs.values())
         values = self.session.run(names, feeds)
         self.past = {src: v for src, v in zip(self.pairs, values[1:])}
-        self.length += s
+        self.length += ids.shape[1]
         return values[0]
+
+
+def past_logits(model_path: str | Path, tokens: np.ndarray, spans: Sequence[tuple[int, int]],
+                budget: int | None = None) -> list[np.ndarray]:
+    """``PastDecoder``'s logits for the forward calls ``spans`` ((start, end) over ``tokens`` [B, L], in
+    order from 0) without prepacking, the export run one segment of at most ``budget`` (default
+    ``segmented.SEGMENT_BYTES``) bytes of weights at a time (``segmented.run_layer_major``): a check holds a
+    segment of the original's weights, not all of them."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    pairs = past_pairs(list(inputs), outputs)
+    logits = next(o for o in outputs if o not in pairs.values())
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if [a for a, _ in spans] != [0] + [b for _, b in spans[:-1]]:
+        raise ValueError(f"forward calls must follow each other from position 0: {list(spans)}")
+    initial = {}
+    for name in pairs:
+        tensor = inputs[name].type.tensor_type
+        dims = [d.dim_value for d in tensor.shape.dim]
+        initial[name] = np.zeros((tokens.shape[0], dims[1], 0, dims[3]),
+                                 onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    calls = [past_feeds(inputs, tokens[:, a:b], a) for a, b in spans]
+    del model
+    budget = segmented.SEGMENT_BYTES if budget is None else budget
+    return [r[logits] for r in segmented.run_layer_major(model_path, calls, [logits], pairs, initial, budget)]
 
 
 Decoder = StateDecoder | PastDecoder

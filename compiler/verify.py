@@ -39,7 +39,7 @@ from lmc.core.model_io import external_tensors
 from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
 from lmc.targets.cbundle.generation import is_generation_c
-from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info
+from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info, past_logits
 from lmc.compiler.seq2seq_generate import seq2seq_info
 
 log = logging.getLogger(__name__)
@@ -489,7 +489,8 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
                        runtime: dict | None = None) -> VerifyReport:
     """A generation bundle against the original past/present export: the same random tokens through both,
     in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
-    time) — the original driven present → past, the bundle with its state in place; logits compared at every
+    time) — the original driven present → past (``drivers.past_logits``: a segment of its weights held at a
+    time), the bundle with its state in place; logits compared at every
     position, for every batch row of the bundle, prefill calls and single-token calls reported apart. The
     bundle runs under ``candidate_session_options`` (``runtime``: its plan's, when not yet written)."""
     batch = generation_info(candidate).batch
@@ -500,14 +501,13 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
         tokens = np.random.default_rng(seed).integers(0, vocab, (batch, length))
     tokens = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)
 
-    def run(decoder) -> list[np.ndarray]:
-        return [decoder.forward(tokens[:, a:b]) for a, b in spans]
-
-    # one model at a time; the reference without prepacked copies: the check stays near one copy of its weights
+    # one model at a time; the reference without prepacked copies, a segment of its weights at a time
     options = candidate_session_options(reference, candidate, runtime)
-    reference_logits = run(PastDecoder(reference, batch=batch, session_options=LOW_MEMORY))
+    reference_logits = past_logits(reference, tokens, spans)
     weights.release_freed()
-    candidate_logits = run(StateDecoder(candidate, session_options=options, warm_up=False))
+    bundle = StateDecoder(candidate, session_options=options, warm_up=False)
+    candidate_logits = [bundle.forward(tokens[:, a:b]) for a, b in spans]
+    del bundle
     weights.release_freed()
     worst: dict[str, OutputError] = {}
     for (a, b), r, c in zip(spans, reference_logits, candidate_logits):
