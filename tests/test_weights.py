@@ -219,6 +219,12 @@ def test_streamed_calibration_links_weights_instead_of_writing_them(tmp_path, mo
     y = np.concatenate([f["x"] @ a + f["x"] @ b for f in feeds])
     np.testing.assert_allclose(stats.gram, y.T @ y, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(stats.absmax, np.abs(y).max(axis=0), rtol=1e-5)
+    # with a Gram, E[x²] is its diagonal over the rows: the statistics without one agree
+    np.testing.assert_allclose(stats.second_moment, (y.astype(np.float64) ** 2).mean(axis=0), rtol=1e-5)
+    with calibration.Calibrator(graph, [out], feeds) as calibrator:
+        plain = calibrator.run()[out]
+    np.testing.assert_allclose(stats.second_moment, plain.second_moment, rtol=1e-5)
+    np.testing.assert_array_equal(stats.absmax, plain.absmax)
 
 
 def test_weights_a_pass_creates_are_spilled(tmp_path):

@@ -28,6 +28,7 @@ from lmc.core.errors import LmcError
 from lmc.core.external_data import PAGE_BYTES, externalize, is_stub
 from lmc.core.runtime import session
 from lmc.core.weights import ConcatValues, FileValues, link_external
+from lmc.passes.quantize.gram import GramProducts, GramSum
 
 log = logging.getLogger(__name__)
 CALIB_MODEL, CALIB_WEIGHTS = "calib.onnx", "calib.weights"   # a streamed calibration session's files
@@ -304,34 +305,6 @@ def collect(graph: gs.Graph, tensors: Sequence[str], feeds: Sequence[dict],
         return calibrator.run(gram=gram, keep_rows=keep_rows, progress=progress)
 
 
-# GPTQ's Gram matrices: float32 (single-precision GEMMs over the activations onnxruntime computes in float32;
-# ``scales.gptq_prepare`` damps and factors them), half the bytes of float64 — a 1.1B Llama's all fit in 3.7 GiB
-GRAM_DTYPE = np.float32
-
-
-class _Pending:
-    """Rows of one tensor waiting for its Gram, in a buffer of (at least) as many rows as features: XᵀX is
-    formed once the buffer is full (a decode-step calibration, a row a sample, then forms each Gram once,
-    without a K×K scratch product beside it). The buffer is reused, so rows are copied in."""
-
-    def __init__(self, rows: int, features: int):
-        self.buf = np.empty((max(rows, features), features), dtype=GRAM_DTYPE)
-        self.filled = 0
-
-    def add(self, x: np.ndarray, flush: Callable[[np.ndarray], None]) -> None:
-        if self.filled + len(x) > len(self.buf):
-            self.flush(flush)
-        self.buf[self.filled:self.filled + len(x)] = x
-        self.filled += len(x)
-        if self.filled >= self.buf.shape[1]:
-            self.flush(flush)
-
-    def flush(self, flush: Callable[[np.ndarray], None]) -> None:
-        if self.filled:
-            flush(self.buf[:self.filled])
-            self.filled = 0
-
-
 class _BoundOutputs:
     """``sess.run(tensors, feed)`` with the outputs written into the same arrays on every run whose inputs
     have the shapes of the previous one (onnxruntime's I/O binding): a pass over many samples then maps no
@@ -365,47 +338,37 @@ def _collect(sess, inputs, tensors, feeds, progress, grams, keep_rows) -> dict[s
     sums: dict[str, np.ndarray] = {}
     maxes: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    gram_sums: dict[str, np.ndarray] = {}
-    products: dict[int, np.ndarray] = {}              # one XᵀX scratch per feature count
+    gram_sums: dict[str, GramSum] = {}
+    products = GramProducts()
     kept: dict[str, list[np.ndarray]] = {}
-    pending: dict[str, _Pending] = {}                 # rows not yet in their Gram (fewer than its features)
     per_sample = -(-keep_rows // max(1, len(feeds))) if keep_rows else 0
     runner = _BoundOutputs(sess, tensors)
-
-    def gram_adder(name: str) -> Callable[[np.ndarray], None]:
-        def add(x: np.ndarray) -> None:
-            if name not in gram_sums:
-                gram_sums[name] = x.T @ x
-                return
-            k = x.shape[1]
-            product = products.get(k)
-            if product is None:
-                product = products[k] = np.empty((k, k), dtype=GRAM_DTYPE)
-            np.matmul(x.T, x, out=product)
-            gram_sums[name] += product
-        return add
 
     for i, feed in enumerate(feeds):
         values = runner.run({k: v for k, v in feed.items() if k in inputs})
         for name, v in zip(tensors, values):
-            flat = np.asarray(v, dtype=np.float64).reshape(-1, v.shape[-1])
-            sums[name] = sums.get(name, 0) + (flat ** 2).sum(axis=0)
-            maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
-            counts[name] = counts.get(name, 0) + flat.shape[0]
+            x = v.reshape(-1, v.shape[-1])
+            counts[name] = counts.get(name, 0) + x.shape[0]
             if name in grams:
-                x = v.reshape(-1, v.shape[-1])
-                if name not in pending:
-                    pending[name] = _Pending(len(x), x.shape[1])
-                pending[name].add(x, gram_adder(name))
+                # Σ x² is the Gram's diagonal, formed at the end; |x| is exact in the tensor's own type
+                maxes[name] = np.maximum(maxes.get(name, 0), np.abs(x).max(axis=0).astype(np.float64))
+                if name not in gram_sums:
+                    gram_sums[name] = GramSum(len(x), x.shape[1], products)
+                gram_sums[name].add(x)
+            else:
+                flat = np.asarray(x, dtype=np.float64)
+                sums[name] = sums.get(name, 0) + (flat ** 2).sum(axis=0)
+                maxes[name] = np.maximum(maxes.get(name, 0), np.abs(flat).max(axis=0))
+                del flat
             if per_sample:
-                step = max(1, flat.shape[0] // per_sample)
-                kept.setdefault(name, []).append(flat[::step][:per_sample].astype(np.float32))
-            del flat
+                step = max(1, x.shape[0] // per_sample)
+                kept.setdefault(name, []).append(x[::step][:per_sample].astype(np.float32))
         del values
         if progress:
             progress(i + 1, len(feeds))
-    for name, rows in pending.items():
-        rows.flush(gram_adder(name))
-        del rows.buf
-    return {n: ChannelStats(sums[n] / counts[n], maxes[n], gram_sums.get(n),
+    formed = {}
+    for name, gram in gram_sums.items():
+        formed[name] = gram.result()
+        sums[name] = np.diagonal(formed[name]).astype(np.float64)
+    return {n: ChannelStats(sums[n] / counts[n], maxes[n], formed.get(n),
                             np.concatenate(kept[n]) if n in kept else None) for n in tensors}

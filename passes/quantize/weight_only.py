@@ -47,7 +47,8 @@ from lmc.core.errors import LmcError
 from lmc.core.pass_manager import PassContext, PassKind, PassResult, Requirement
 from lmc.core.perplexity import log_softmax
 from lmc.core.runtime import session
-from lmc.passes.quantize.calibration import GRAM_DTYPE, Calibrator, ChannelStats, collect
+from lmc.passes.quantize.calibration import Calibrator, ChannelStats, collect
+from lmc.passes.quantize.gram import GRAM_DTYPE
 from lmc.passes.quantize.scales import (GptqFactor, gptq_blocks, gptq_prepare, pack_int4, pack_uint4,
                                        pack_uint4_flat, quantize_blocks, quantize_blocks_asymmetric,
                                        quantize_channels)
@@ -160,7 +161,7 @@ def _pow2_block(d: int, preferred: int) -> int | None:
     return None
 
 
-# GPTQ's Gram matrices (K×K, ``calibration.GRAM_DTYPE``: 121 MiB for K = 5632) are collected and used in
+# GPTQ's Gram matrices (K×K, ``gram.GRAM_DTYPE``: 121 MiB for K = 5632) are collected and used in
 # groups, one calibration pass per group (a Gram larger than the budget is a group of its own); each is freed
 # after the last weight reading its input is quantized. A pass is a forward of the float model over every
 # calibration sample (100 s for a 1.1B Llama over 32 × 256 tokens on two cores; its 169 MiB of Grams per
