@@ -140,8 +140,13 @@ def split(model: onnx.ModelProto, budget: int, state: Mapping[str, str], typed: 
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Element types (shapes left open) of the graph's inputs, outputs and inferred intermediate values."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    """Element types (shapes left open) of the graph's inputs, outputs and intermediate values (inferred by
+    onnx; where inference fails, those the model records: fewer places to cut, never a wrong type)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:        # onnx raises its own errors and RuntimeError for unknown operators
+        log.info("shape inference failed (%s); cutting only where the model records types", exc)
+        inferred = model
     types: dict[str, onnx.TypeProto] = {}
     for info in list(inferred.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:

@@ -138,3 +138,16 @@ def test_dropped_window_fails_the_build_against_a_segmented_original(tmp_path, m
     monkeypatch.setattr(static_cache, "layout_for", lambda pattern, *rest: original(MaskPattern(), *rest))
     with pytest.raises(VerificationFailed, match="logits"):
         build(MISTRAL, BuildOptions(target="cortex-a55", context=40), tmp_path / "broken")
+
+
+def test_without_shape_inference_the_run_is_still_the_plain_loop(monkeypatch):
+    """Inference failing (an operator onnx does not know) leaves only recorded types: fewer cuts, the same
+    logits."""
+    def fail(*_, **__):
+        raise onnx.shape_inference.InferenceError("unknown operator")
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    model = FIXTURES / EXPORTS[0]
+    tokens = np.random.default_rng(4).integers(0, 256, (1, SPANS[-1][1]))
+    budget = segmented.weight_bytes(onnx.load(str(model))) // 5
+    for a, b in zip(past_logits(model, tokens, SPANS, budget=budget), _plain(model, tokens)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
