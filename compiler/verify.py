@@ -490,9 +490,9 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     """A generation bundle against the original past/present export: the same random tokens through both,
     in ``spans`` (forward calls (start, end); default: a ``prompt``-token prefill, then ``steps`` tokens one at a
     time) — the original driven present → past (``drivers.past_logits``: a segment of its weights held at a
-    time), the bundle with its state in place; logits compared at every
-    position, for every batch row of the bundle, prefill calls and single-token calls reported apart. The
-    bundle runs under ``candidate_session_options`` (``runtime``: its plan's, when not yet written)."""
+    time), the bundle with its state in place; logits compared at every position, for every batch row of the
+    bundle, prefill calls and single-token calls reported apart. The bundle runs under
+    ``candidate_session_options`` (``runtime``: its plan's, when not yet written)."""
     batch = generation_info(candidate).batch
     if spans is None:
         spans = [(0, prompt)] + [(i, i + 1) for i in range(prompt, prompt + steps)]
