@@ -22,6 +22,7 @@ import onnxruntime as ort
 from lmc.compiler import segmented
 from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo, generation_info
+from lmc.core.perplexity import Perplexity, from_nll, window_nll
 from lmc.core.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
 
 # for checks rather than speed: no prepacked second copy of the weights
@@ -293,6 +294,44 @@ def past_logits(model_path: str | Path, tokens: np.ndarray, spans: Sequence[tupl
     del model
     budget = segmented.SEGMENT_BYTES if budget is None else budget
     return [r[logits] for r in segmented.run_layer_major(model_path, calls, [logits], pairs, initial, budget)]
+
+
+def past_perplexity(model_path: str | Path, windows: np.ndarray, chunk: int, budget: int | None = None) -> Perplexity:
+    """``streaming_perplexity`` of an original export over token windows [N, L] (each from an empty
+    cache, ``chunk`` tokens a call) without prepacking, one segment of at most ``budget`` (default
+    ``segmented.SEGMENT_BYTES``) bytes of weights at a time; each window's logits are reduced to its negative
+    log-likelihood as its last call comes out of the last segment, so no window's logits are kept."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    pairs = past_pairs(list(inputs), outputs)
+    logits = next(o for o in outputs if o not in pairs.values())
+    initial = {}
+    for name in pairs:
+        tensor = inputs[name].type.tensor_type
+        dims = [d.dim_value for d in tensor.shape.dim]
+        initial[name] = np.zeros((1, dims[1], 0, dims[3]), onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    del model
+    windows = np.asarray(windows, dtype=np.int64)
+    length = windows.shape[1]
+    calls, owner, resets = [], [], set()
+    for w, window in enumerate(windows):
+        resets.add(len(calls))
+        for a in range(0, length, chunk):
+            calls.append(past_feeds(inputs, window[None, a:a + chunk], a))
+            owner.append(w)
+    parts: list[np.ndarray] = []
+    total = [0.0]
+
+    def consume(t: int, values: dict[str, np.ndarray]) -> None:
+        parts.append(values[logits][0])
+        if t + 1 == len(calls) or owner[t + 1] != owner[t]:
+            total[0] += window_nll(np.concatenate(parts), windows[owner[t]])
+            parts.clear()
+
+    budget = segmented.SEGMENT_BYTES if budget is None else budget
+    segmented.run_layer_major(model_path, calls, [logits], pairs, initial, budget, resets=resets, consume=consume)
+    return from_nll(total[0], windows)
 
 
 Decoder = StateDecoder | PastDecoder

@@ -21,7 +21,7 @@ values (onnxruntime may fuse differently at a cut, so results agree to rounding)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,11 +179,16 @@ def segment_model(model: onnx.ModelProto, segment: Segment, types: Mapping[str, 
 
 def run_layer_major(path: str | Path, calls: Sequence[Mapping[str, np.ndarray]], wanted: Sequence[str],
                     state: Mapping[str, str], initial: Mapping[str, np.ndarray],
-                    budget: int = SEGMENT_BYTES) -> list[dict[str, np.ndarray]]:
+                    budget: int = SEGMENT_BYTES, resets: Collection[int] = (),
+                    consume: Callable[[int, dict[str, np.ndarray]], None] | None = None
+                    ) -> list[dict[str, np.ndarray]]:
     """Outputs ``wanted`` of the model at ``path`` for each of ``calls`` (the feeds of its inputs that are
     not ``state``), run one segment at a time (see the module docstring); ``state`` past → present,
-    ``initial`` the pasts of the first call. Sessions without prepacking (no second copy of a weight)."""
+    ``initial`` the pasts of the first call and of every call in ``resets`` (a new sequence starts there).
+    With ``consume``, each call's outputs are handed to ``consume(t, outputs)`` in call order, not kept
+    (the list returned then holds empty dicts). Sessions without prepacking (no second copy of a weight)."""
     path = Path(path)
+    resets = set(resets)
     model = onnx.load(str(path), load_external_data=False)
     total = weight_bytes(model)
     if total <= budget:
@@ -211,21 +216,29 @@ def run_layer_major(path: str | Path, calls: Sequence[Mapping[str, np.ndarray]],
         sess = create()
         own = {p: initial[p] for p in segment.inputs if p in state and home.get(state[p]) == k}
         for t in range(len(calls)):
+            fresh = t == 0 or t in resets
+            if fresh:
+                own = {p: initial[p] for p in own}
             feeds = {}
             for name in segment.inputs:
                 if name in own:
                     feeds[name] = own[name]
                 elif name in state:
-                    feeds[name] = initial[name] if t == 0 else carried[t - 1][state[name]]
+                    feeds[name] = initial[name] if fresh else carried[t - 1][state[name]]
                 else:
                     feeds[name] = carried[t][name]
+            outputs = {}
             for name, value in zip(segment.outputs, sess.run(list(segment.outputs), feeds)):
                 if name in wanted:
-                    results[t][name] = value
+                    outputs[name] = value
                 if home.get(name) == k:
                     own[next(p for p, q in state.items() if q == name)] = value
                 if last_reader.get(name, -1) > k:
                     carried[t][name] = value
+            if outputs and consume is not None:
+                consume(t, outputs)
+            elif outputs:
+                results[t].update(outputs)
         for values in carried:          # after every call: call t + 1 reads call t's carried presents
             for name in [n for n in values if last_reader.get(n, -1) <= k]:
                 del values[name]

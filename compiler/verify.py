@@ -39,7 +39,7 @@ from lmc.core.model_io import external_tensors
 from lmc.core.perplexity import load_tokens, perplexity, streaming_perplexity
 from lmc.core.runtime import CONFIG_ENTRIES, bundle_session_options, session
 from lmc.targets.cbundle.generation import is_generation_c
-from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, StateDecoder, generation_info, past_logits
+from lmc.compiler.drivers import LOW_MEMORY, StateDecoder, generation_info, past_logits, past_perplexity
 from lmc.compiler.seq2seq_generate import seq2seq_info
 
 log = logging.getLogger(__name__)
@@ -533,10 +533,9 @@ def verify_generation(model_path: Path, against: str | Path, info, tolerance: fl
 
     length = min(seq_len, info.context) if not info.window else seq_len
     windows_arr = load_tokens(tokens, length, windows)
-    original = PastDecoder(against)
-    ppl = {"original": streaming_perplexity(original, windows_arr, chunk=length).perplexity,
+    ppl = {"original": past_perplexity(against, windows_arr, chunk=length).perplexity,
            "bundle": streaming_perplexity(StateDecoder(model_path), windows_arr, chunk=1).perplexity}
-    stepped = streaming_perplexity(original, windows_arr, chunk=1).perplexity
+    stepped = past_perplexity(against, windows_arr, chunk=1).perplexity
     ppl["relative_change"] = ppl["bundle"] / ppl["original"] - 1.0
     ppl["spread"] = abs(stepped / ppl["original"] - 1.0)
     ppl["allowed"] = max(tolerance, SPREAD_FACTOR * ppl["spread"])

@@ -49,16 +49,23 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def window_perplexity(logits_of, tokens: np.ndarray) -> Perplexity:
-    """Perplexity over token windows [N, L], given ``logits_of(window [L]) -> logits [L, vocab]``."""
-    total, count = 0.0, 0
-    for window in tokens:
-        lp = log_softmax(np.asarray(logits_of(window))[:-1])
-        targets = window[1:]
-        total += float(-lp[np.arange(targets.size), targets].sum())
-        count += targets.size
+def window_nll(logits: np.ndarray, window: np.ndarray) -> float:
+    """Σ −log p[target] of one window's predictions (logits [L, vocab] of window [L]: L − 1 of them)."""
+    lp = log_softmax(np.asarray(logits)[:-1])
+    targets = window[1:]
+    return float(-lp[np.arange(targets.size), targets].sum())
+
+
+def from_nll(total: float, tokens: np.ndarray) -> Perplexity:
+    """The perplexity of windows [N, L] whose predictions sum to ``total`` negative log-likelihood."""
+    count = tokens.shape[0] * (tokens.shape[1] - 1)
     nll = total / count
     return Perplexity(nll, math.exp(nll), len(tokens), tokens.shape[1], count)
+
+
+def window_perplexity(logits_of, tokens: np.ndarray) -> Perplexity:
+    """Perplexity over token windows [N, L], given ``logits_of(window [L]) -> logits [L, vocab]``."""
+    return from_nll(sum(window_nll(logits_of(window), window) for window in tokens), tokens)
 
 
 def perplexity(session, tokens: np.ndarray) -> Perplexity:

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 import lmc.compiler.segmented as segmented
 import lmc.passes.static_cache as static_cache
 from lmc.compiler.build import BuildOptions, build
-from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, past_logits
+from lmc.compiler.drivers import LOW_MEMORY, PastDecoder, past_logits, past_perplexity
 from lmc.compiler.verify import VerificationFailed
+from lmc.core.perplexity import streaming_perplexity
 from lmc.passes.cache_masks import MaskPattern
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures"
@@ -151,3 +152,33 @@ def test_without_shape_inference_the_run_is_still_the_plain_loop(monkeypatch):
     budget = segmented.weight_bytes(onnx.load(str(model))) // 5
     for a, b in zip(past_logits(model, tokens, SPANS, budget=budget), _plain(model, tokens)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-past-optimum.onnx", "gpt2-past-optimum.onnx", "llama-past-dynamo.onnx"])
+@pytest.mark.parametrize("chunk", [1, 5, 12])
+def test_segmented_perplexity_is_the_streamed_one(name, chunk):
+    """Windows run one segment at a time, each from an empty cache (the state reset between windows), give
+    the perplexity of the plain loop; without the reset they would not."""
+    model = FIXTURES / name
+    windows = np.random.default_rng(chunk).integers(0, 256, (3, 12))
+    budget = segmented.weight_bytes(onnx.load(str(model))) // 5
+    want = streaming_perplexity(PastDecoder(model, session_options=LOW_MEMORY), windows, chunk)
+    got = past_perplexity(model, windows, chunk, budget=budget)
+    assert got.predictions == want.predictions == 3 * 11
+    assert abs(got.nll - want.nll) < 1e-5 * want.nll
+    whole = past_perplexity(model, windows, chunk, budget=1 << 40)
+    assert abs(whole.nll - want.nll) < 1e-9 * want.nll
+
+
+def test_perplexity_without_the_reset_differs(monkeypatch):
+    model = FIXTURES / EXPORTS[0]
+    windows = np.random.default_rng(0).integers(0, 256, (3, 12))
+    budget = segmented.weight_bytes(onnx.load(str(model))) // 5
+    right = past_perplexity(model, windows, 4, budget=budget)
+    original = segmented.run_layer_major
+    monkeypatch.setattr(segmented, "run_layer_major", lambda *a, resets=(), **k: original(*a, resets={0}, **k))
+    try:                    # the second window would start on the first one's cache: an error or other numbers
+        wrong = past_perplexity(model, windows, 4, budget=budget)
+    except Exception:
+        return
+    assert abs(wrong.nll - right.nll) > 1e-3 * right.nll
