@@ -270,28 +270,33 @@ class PastDecoder:
         return values[0]
 
 
+def _original_io(model_path: str | Path, batch: int) -> tuple[list[str], dict[str, str], str, dict[str, np.ndarray]]:
+    """An original export's input names, state pairs (``past_pairs``), logits output and empty pasts
+    [batch, heads, 0, head size] of the state inputs' element types."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    pairs = past_pairs(list(inputs), outputs)
+    logits = next(o for o in outputs if o not in pairs.values())
+    initial = {}
+    for name in pairs:
+        dims = [d.dim_value for d in inputs[name].shape.dim]
+        initial[name] = np.zeros((batch, dims[1], 0, dims[3]),
+                                 onnx.helper.tensor_dtype_to_np_dtype(inputs[name].elem_type))
+    return list(inputs), pairs, logits, initial
+
+
 def past_logits(model_path: str | Path, tokens: np.ndarray, spans: Sequence[tuple[int, int]],
                 budget: int | None = None) -> list[np.ndarray]:
     """``PastDecoder``'s logits for the forward calls ``spans`` ((start, end) over ``tokens`` [B, L], in
     order from 0) without prepacking, the export run one segment of at most ``budget`` (default
     ``segmented.SEGMENT_BYTES``) bytes of weights at a time (``segmented.run_layer_major``): a check holds a
     segment of the original's weights, not all of them."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    inputs = {i.name: i for i in model.graph.input}
-    outputs = [o.name for o in model.graph.output]
-    pairs = past_pairs(list(inputs), outputs)
-    logits = next(o for o in outputs if o not in pairs.values())
     tokens = np.asarray(tokens, dtype=np.int64)
     if [a for a, _ in spans] != [0] + [b for _, b in spans[:-1]]:
         raise ValueError(f"forward calls must follow each other from position 0: {list(spans)}")
-    initial = {}
-    for name in pairs:
-        tensor = inputs[name].type.tensor_type
-        dims = [d.dim_value for d in tensor.shape.dim]
-        initial[name] = np.zeros((tokens.shape[0], dims[1], 0, dims[3]),
-                                 onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    inputs, pairs, logits, initial = _original_io(model_path, tokens.shape[0])
     calls = [past_feeds(inputs, tokens[:, a:b], a) for a, b in spans]
-    del model
     budget = segmented.SEGMENT_BYTES if budget is None else budget
     return [r[logits] for r in segmented.run_layer_major(model_path, calls, [logits], pairs, initial, budget)]
 
@@ -301,17 +306,7 @@ def past_perplexity(model_path: str | Path, windows: np.ndarray, chunk: int, bud
     cache, ``chunk`` tokens a call) without prepacking, one segment of at most ``budget`` (default
     ``segmented.SEGMENT_BYTES``) bytes of weights at a time; each window's logits are reduced to its negative
     log-likelihood as its last call comes out of the last segment, so no window's logits are kept."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    inputs = {i.name: i for i in model.graph.input}
-    outputs = [o.name for o in model.graph.output]
-    pairs = past_pairs(list(inputs), outputs)
-    logits = next(o for o in outputs if o not in pairs.values())
-    initial = {}
-    for name in pairs:
-        tensor = inputs[name].type.tensor_type
-        dims = [d.dim_value for d in tensor.shape.dim]
-        initial[name] = np.zeros((1, dims[1], 0, dims[3]), onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    del model
+    inputs, pairs, logits, initial = _original_io(model_path, 1)
     windows = np.asarray(windows, dtype=np.int64)
     length = windows.shape[1]
     calls, owner, resets = [], [], set()
