@@ -153,21 +153,8 @@ def diff_models(a: str | Path, b: str | Path, input_shapes: Mapping[str, Sequenc
 
 # ---- bundle vs bundle ------------------------------------------------------------------------------------
 
-_SUB_BYTE = {"int4": 4, "uint4": 4, "float4e2m1": 4, "int2": 2, "uint2": 2}
-
-
 def _dtype_name(elem_type: int) -> str:
     return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
-
-
-def _proto_nbytes(t: onnx.TensorProto) -> int:
-    name = _dtype_name(t.data_type)
-    n = int(np.prod(list(t.dims), dtype=np.int64)) if t.dims else 1
-    if name in _SUB_BYTE:
-        return (n * _SUB_BYTE[name] + 7) // 8
-    if name == "string":
-        return sum(len(s) for s in t.string_data)
-    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
 def _graph_weights_ops(graph: onnx.GraphProto, weights: dict, ops: collections.Counter) -> None:
@@ -180,14 +167,14 @@ def _graph_weights_ops(graph: onnx.GraphProto, weights: dict, ops: collections.C
         dtype = "uint4" if t.name in nibbles else _dtype_name(t.data_type)
         entry = weights.setdefault(dtype, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["bytes"] += _proto_nbytes(t)
+        entry["bytes"] += ir.proto_nbytes(t)
     for node in graph.node:
         ops[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
         for attr in node.attribute:
             if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR:
                 entry = weights.setdefault(_dtype_name(attr.t.data_type), {"tensors": 0, "bytes": 0})
                 entry["tensors"] += 1
-                entry["bytes"] += _proto_nbytes(attr.t)
+                entry["bytes"] += ir.proto_nbytes(attr.t)
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 _graph_weights_ops(sub, weights, ops)
 

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 
-from lmc.core import weights
+from lmc.core import ir, weights
 from lmc.core.model_io import check_external_locations
 from lmc.core.runtime import session
 
@@ -51,39 +50,9 @@ class Segment:
     weight_bytes: int
 
 
-def _outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from enclosing scopes: read by its nodes (nested subgraphs included) and
-    defined neither by its inputs, initializers nor nodes."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    read: set[str] = set()
-    for node in graph.node:
-        read.update(_reads(node))
-        defined.update(node.output)
-    return read - defined
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    names = [n for n in node.input if n]
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            names.extend(_outer_reads(sub))
-    return names
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    if external_data_helper.uses_external_data(tensor):
-        info = external_data_helper.ExternalDataInfo(tensor)
-        if info.length is not None:
-            return int(info.length)
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-
-
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers (external ones by their recorded length)."""
-    return sum(_tensor_bytes(t) for t in model.graph.initializer)
+    """Bytes of the main graph's initializers (by their dims and types, wherever they are stored)."""
+    return sum(ir.proto_nbytes(t) for t in model.graph.initializer)
 
 
 def split(model: onnx.ModelProto, budget: int, state: Mapping[str, str], typed: set[str]) -> list[Segment]:
@@ -91,9 +60,9 @@ def split(model: onnx.ModelProto, budget: int, state: Mapping[str, str], typed: 
     ``budget`` bytes of initializers each, cutting only where every value crossing the cut is in ``typed``
     and no ``state`` pair (past → present) has a reader of past before the cut and present's node after it."""
     graph = model.graph
-    sizes = {t.name: _tensor_bytes(t) for t in graph.initializer}
+    sizes = {t.name: ir.proto_nbytes(t) for t in graph.initializer}
     nodes = list(graph.node)
-    reads = [_reads(n) for n in nodes]
+    reads = [ir.node_reads(n) for n in nodes]
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     end = len(nodes)
     last_use: dict[str, int] = {}
@@ -127,13 +96,12 @@ def split(model: onnx.ModelProto, budget: int, state: Mapping[str, str], typed: 
         live = {n for n in live if last_use[n] > i} | {o for o in node.output if o and last_use.get(o, -1) > i}
     cuts.append(end)
 
-    outputs = {o.name for o in graph.output}
     segments = []
-    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+    for a, b in zip(cuts, cuts[1:]):
         inside = {o for n in nodes[a:b] for o in n.output if o}
         ins = dict.fromkeys(n for names in reads[a:b] for n in names if n not in sizes and n not in inside)
-        later = {n for i in range(b, end) for n in reads[i]} if k < len(cuts) - 2 else set()
-        outs = [o for n in nodes[a:b] for o in n.output if o and (o in outputs or o in later)]
+        # read at or after b: by a later node, or a graph output (last used at ``end``)
+        outs = [o for n in nodes[a:b] for o in n.output if o and last_use.get(o, -1) >= b]
         held = {n for names in reads[a:b] for n in names if n in sizes}
         segments.append(Segment(a, b, tuple(ins), tuple(outs), sum(sizes[n] for n in held)))
     return segments
@@ -159,7 +127,7 @@ def segment_model(model: onnx.ModelProto, segment: Segment, types: Mapping[str, 
     files), its inputs and outputs typed by ``types``."""
     graph = model.graph
     nodes = graph.node[segment.start:segment.stop]
-    read = {n for node in nodes for n in _reads(node)}
+    read = {n for node in nodes for n in ir.node_reads(node)}
     inits = [t for t in graph.initializer if t.name in read]
     originals = {v.name: v for v in list(graph.input) + list(graph.output)}
 
@@ -204,6 +172,7 @@ def run_layer_major(path: str | Path, calls: Sequence[Mapping[str, np.ndarray]],
         make = [lambda s=s: session(segment_model(model, s, types), low_memory=True) for s in segments]
         log.info("original run in %d segments of ≤ %.0f MiB of weights (%.0f MiB in all)", len(segments),
                  max(s.weight_bytes for s in segments) / 2**20, total / 2**20)
+    past_of = {present: past for past, present in state.items()}
     home = {state[p]: k for k, s in enumerate(segments) for p in s.inputs if p in state
             if state[p] in s.outputs}           # present → the segment that computes it and reads its past
     last_reader = {}
@@ -232,7 +201,7 @@ def run_layer_major(path: str | Path, calls: Sequence[Mapping[str, np.ndarray]],
                 if name in wanted:
                     outputs[name] = value
                 if home.get(name) == k:
-                    own[next(p for p, q in state.items() if q == name)] = value
+                    own[past_of[name]] = value
                 if last_reader.get(name, -1) > k:
                     carried[t][name] = value
             if outputs and consume is not None:

@@ -62,6 +62,41 @@ def itemsize_bits(elem_type: int) -> int:
     return 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The names a node reads: its non-empty inputs, then the names its subgraphs (If/Loop/Scan bodies,
+    nested ones included) read from enclosing scopes."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            names.extend(sorted(_outer_reads(sub)))
+    return names
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads and defines neither by its inputs, initializers nor nodes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(node_reads(node))
+        defined.update(node.output)
+    return read - defined
+
+
+_SUB_BYTE_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
+                  onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
+
+
+def proto_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a TensorProto's values from its dims and type, wherever they are stored: ceil(n · bits / 8)
+    for sub-byte types, the strings' lengths for strings, n · itemsize otherwise."""
+    n = int(np.prod(list(tensor.dims), dtype=np.int64)) if tensor.dims else 1
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return (n * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The tensor's shape when every dim is a known non-negative int, else None."""
     shape = tensor.shape

@@ -235,7 +235,7 @@ def _keep_only(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
             continue
         keep.add(i)
         node = graph.node[i]
-        for name in [n for n in node.input if n] + sorted(_names_read_inside(node)):
+        for name in ir.node_reads(node):
             if name not in needed:
                 needed.add(name)
                 todo.append(name)
@@ -254,17 +254,6 @@ def _keep_only(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
     infos = [v for v in graph.value_info if v.name in needed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
-
-
-def _names_read_inside(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
-            for inner in sub.node:
-                names.update(i for i in inner.input if i)
-                names.update(_names_read_inside(inner))
-    return names
 
 
 def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> set[str]:

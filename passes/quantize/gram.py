@@ -2,11 +2,12 @@
 
 Rows arrive a sample at a time (S rows of K features) and wait in a buffer of max(S, min(K, ``ROWS``))
 rows, so that each product's inner dimension is large enough for the GEMM's full rate and adding its
-blocks to G is paid once per buffer, not per sample; a full buffer X [n, K] adds XᵀX to G. The product runs on onnxruntime's GEMM (MLAS: 1.3–1.6× the rate of numpy's
-BLAS on these shapes on x86-64) over column parts: K = P·w, X = [X₁ … X_P]; only the blocks on and above
-the diagonal, XᵢᵀXⱼ for i ≤ j (P(P+1)/2 of the P² products: 10 of 16 for P = 4), are formed and added to
-G's upper blocks, and ``GramSum.result`` mirrors the lower ones once. Where P does not divide K, or
-K < ``MIN_SPLIT``, numpy forms XᵀX whole.
+blocks to G is paid once per buffer, not per sample; a full buffer X [n, K] adds XᵀX to G. The product
+runs on onnxruntime's GEMM (MLAS: 1.3–1.6× the rate of numpy's BLAS on these shapes on x86-64) over
+column parts: K = P·w, X = [X₁ … X_P]; only the blocks on and above the diagonal, XᵢᵀXⱼ for i ≤ j
+(P(P+1)/2 of the P² products: 10 of 16 for P = 4), are formed and added to G's upper blocks, and
+``GramSum.result`` mirrors the lower ones once. Where P does not divide K, or K < ``MIN_SPLIT``, numpy
+forms XᵀX whole.
 """
 
 from __future__ import annotations
