@@ -164,7 +164,8 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
 @click.option("--block-size", default=None, type=click.IntRange(min=1),
               help="int4 block size (power of two, 16..256). Larger blocks: fewer scales, a smaller and faster "
                    "bundle, a little more error (llama-code, symmetric, no --calib: +5.0% perplexity at 32, +5.9% at "
-                   "64; a 1.1B decoder's resident peak 919 -> 728 MiB)  [default: the target's int4_block_size, see lmc targets]")
+                   "64; a 1.1B decoder's resident peak 919 -> 728 MiB)  [default: the target's int4_block_size, or its "
+                   "int4_block_size_gptq with --calib (x86-64: 32, 128 with --calib); see lmc targets]")
 @click.option("--int4-scheme", type=click.Choice(["symmetric", "asymmetric"]), default=None,
               help="int4 codes: symmetric (q·s, no zero point) or asymmetric ((q − z)·s, a 4-bit zero point "
                    "per block: less error, ~30% slower 4-bit products; llama-code with --calib: +3.1% perplexity "
@@ -697,7 +698,8 @@ def targets(as_json):
                    f"fused ops: {', '.join(sorted(t.tuning.fused_ops))}")
         click.echo(f"  memory   RAM {mib(m.ram_bytes)}, weights {m.weights_placement.value}, alignment {m.alignment}")
         click.echo(f"  quantize preferred {t.tuning.preferred_quantization} (first tried by --max-ram --allow-approx), "
-                   f"int4 blocks of {t.tuning.int4_block_size} unless --block-size, {t.tuning.int4_scheme.value} "
+                   f"int4 blocks of {t.tuning.int4_block_size} ({t.tuning.int4_block(gptq=True)} with --calib) "
+                   f"unless --block-size, {t.tuning.int4_scheme.value} "
                    f"unless --int4-scheme")
         if t.name in board_of:
             click.echo(f"  board    {board_of[t.name].describe()}; lmc verify --on {t.name}")

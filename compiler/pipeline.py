@@ -92,7 +92,9 @@ def quantize_passes(options: BuildOptions, target, graph_inputs: list[str], feed
         bits = WeightBits.INT8 if mode == "int8" else WeightBits.INT4
         table_bits = options.table_bits
         scheme = options.int4_scheme or target.tuning.int4_scheme
-        return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=options.block_size or target.tuning.int4_block_size, table_bits=table_bits,
+        gptq = bits is WeightBits.INT4 and bool(feeds)         # QuantizeConfig.gptq's default: on with calibration
+        block = options.block_size or target.tuning.int4_block(gptq)
+        return [QuantizeWeights(QuantizeConfig(bits=bits, block_size=block, table_bits=table_bits,
                                                asymmetric=scheme is Int4Scheme.ASYMMETRIC,
                                                calib_feeds=feeds)), Cleanup()]
     if mode == "w8a8":

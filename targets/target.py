@@ -89,6 +89,13 @@ class Tuning:
     int4_block_size: int
     int4_scheme: Int4Scheme = Int4Scheme.ASYMMETRIC
     nbits_accuracy_level: int = 0   # MatMulNBits compute: 4 = int8 activations (dot-product units), 0 = float
+    int4_block_size_gptq: int | None = None   # the block when GPTQ runs (int4 with --calib); None: int4_block_size
+
+    def int4_block(self, gptq: bool) -> int:
+        """The int4 block a build takes when ``--block-size`` is not given: ``int4_block_size_gptq`` when GPTQ
+        compensates the rounding error (int4 with calibration data) and the target names one, else
+        ``int4_block_size``."""
+        return self.int4_block_size_gptq if gptq and self.int4_block_size_gptq else self.int4_block_size
 
     def can_emit(self, op: str, domain: str = "") -> bool:
         """True when the runtime has a kernel for ``domain.op`` (plain ``op`` for the ONNX domain)."""
@@ -129,6 +136,7 @@ class Target:
                 "fused_ops": sorted(self.tuning.fused_ops),
                 "preferred_quantization": self.tuning.preferred_quantization,
                 "int4_block_size": self.tuning.int4_block_size,
+                "int4_block_size_gptq": self.tuning.int4_block(gptq=True),
                 "int4_scheme": self.tuning.int4_scheme.value,
                 "nbits_accuracy_level": self.tuning.nbits_accuracy_level,
             },
@@ -161,8 +169,10 @@ def _parse(data: dict, source: str) -> Target:
             raise TargetError(f"{source}: tuning.preferred_quantization must be one of {', '.join(QUANTIZATIONS)}, "
                               f"got {preferred!r}")
         block = int(tuning.get("int4_block_size", 32))
-        if block not in INT4_BLOCK_SIZES:
-            raise TargetError(f"{source}: tuning.int4_block_size must be a power of two from 16 to 256, got {block}")
+        gptq_block = int(tuning.get("int4_block_size_gptq", block))
+        for key, value in (("int4_block_size", block), ("int4_block_size_gptq", gptq_block)):
+            if value not in INT4_BLOCK_SIZES:
+                raise TargetError(f"{source}: tuning.{key} must be a power of two from 16 to 256, got {value}")
         return Target(
             name=str(data["name"]),
             description=str(data.get("description", "")),
@@ -176,6 +186,7 @@ def _parse(data: dict, source: str) -> Target:
                 fused_ops=frozenset(tuning.get("fused_ops", [])),
                 preferred_quantization=preferred,
                 int4_block_size=block,
+                int4_block_size_gptq=gptq_block,
                 int4_scheme=_int4_scheme(tuning.get("int4_scheme", Int4Scheme.ASYMMETRIC.value), source),
                 nbits_accuracy_level=int(tuning.get("nbits_accuracy_level", 0)),
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -84,7 +85,7 @@ def test_int4_blocks_default_to_the_targets(llama, tmp_path):
 
     text = (TARGETS / "x86_64.toml").read_text().replace("int4_block_size = 32", "int4_block_size = 16")
     target = tmp_path / "b16.toml"
-    target.write_text(text.replace('name = "x86-64"', 'name = "x86-64-b16"'))
+    target.write_text(text.replace('name = "x86-64"', 'name = "x86-64-b16"').replace("int4_block_size_gptq = 128", ""))
 
     def blocks(out, **kw):
         build(llama, BuildOptions(target=str(target), input_shapes={"input_ids": (1, 16)}, quantize=QuantizeMode.INT4,
@@ -96,11 +97,22 @@ def test_int4_blocks_default_to_the_targets(llama, tmp_path):
 
     assert blocks(tmp_path / "t") == {16}
     assert blocks(tmp_path / "u", block_size=64) == {64}
+    # with calibration data (GPTQ) the target's int4_block_size_gptq, when it names one; --block-size still wins
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int64))
+    assert blocks(tmp_path / "c", calib=str(calib)) == {16}          # this file names none: int4_block_size
+    target.write_text(target.read_text().replace("int4_block_size = 16", "int4_block_size = 16\nint4_block_size_gptq = 32"))
+    assert load_target(str(target)).tuning.int4_block(gptq=True) == 32
+    assert blocks(tmp_path / "g", calib=str(calib)) == {32}
+    assert blocks(tmp_path / "h", calib=str(calib), block_size=64) == {64}
     with pytest.raises(LmcError, match="--block-size must be a power of two"):
         BuildOptions(block_size=24)
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace("int4_block_size = 16", "int4_block_size = 24"))
     with pytest.raises(TargetError, match="int4_block_size"):
+        load_target(str(bad))
+    bad.write_text(text.replace("int4_block_size_gptq = 128", "int4_block_size_gptq = 96"))
+    with pytest.raises(TargetError, match="int4_block_size_gptq"):
         load_target(str(bad))
     bad.write_text(text.replace('preferred_quantization = "int8"', 'preferred_quantization = "fp8"'))
     with pytest.raises(TargetError, match="preferred_quantization"):

@@ -109,7 +109,7 @@ def test_symmetric_int4_stores_no_zero_points_and_decodes_as_the_reference(tiny_
     for scheme in Int4Scheme:
         out = tmp_path / scheme.value
         build(path, BuildOptions(target="x86-64", input_shapes={"input_ids": (1, 32)}, quantize=QuantizeMode.INT4,
-                                 int4_scheme=scheme.value,
+                                 int4_scheme=scheme.value, block_size=32,
                                  calib=str(calib_file) if calib else None), out)
         feed = token_feed(1, 32, vocab=512, seed=3)
         errs[scheme] = compare(run_ort(path, feed)[0], run_ort(out / "model.onnx", feed)[0], "logits")
