@@ -206,6 +206,12 @@ def spread(runs: list[dict], steps: int) -> tuple[float, float, float]:
     return max(rates), min(rates), max(rates)
 
 
+def paired(runs: list[dict], peer: list[dict]) -> float:
+    """The median over rounds of lmc's decode rate / genai's in the same round (runs made back to back: a load
+    that comes and goes between rounds moves both)."""
+    return float(np.median([p["decode_seconds"] / r["decode_seconds"] for r, p in zip(runs, peer)]))
+
+
 def measure(size: Size, out: Path, repeats: int, forward_repeats: int, modes: tuple[str, ...] = MODES) -> dict:
     n = size.new_tokens
     runs: dict[str, list[dict]] = {}
@@ -242,10 +248,11 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
                 print(f"| {size.name} | {name} | {folder_bytes(folder) / 1e6:.1f} MB | {quantized_ops(folder)} | "
                       f"{f'{secs:.0f}' if secs else 'cached'} |")
     print("\nDecode, one thread (best of the rounds, range in brackets; ratios: lmc's best / genai's best of the "
-          "same mode; peak: the largest over the rounds):\n")
-    print("| model | mode | driver | decode tok/s (range) | vs genai | CPU ms/token | peak RSS | vs genai "
+          "same mode, and the median over rounds of lmc's rate / genai's in the same round; peak: the largest over "
+          "the rounds):\n")
+    print("| model | mode | driver | decode tok/s (range) | vs genai | per round | CPU ms/token | peak RSS | vs genai "
           "| peak above imports | vs genai | tokens |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for size, _, _, measured in results:
         runs = measured["runs"]
         steps = PROMPTS * (size.new_tokens - 1)
@@ -282,9 +289,10 @@ def report(results: list[tuple[Size, Path, dict, dict]]) -> None:
                     short = sum(len(t) < size.new_tokens for t in tokens)
                     note = f"{short} prompts ended early" if short else f"all {total} tokens decoded"
                 ratio = f"{best / g_best:.2f}×" if driver != "genai" else "—"
+                per_round = f"{paired(rs, genai):.2f}×" if driver != "genai" else "—"
                 pratio = f"{peak / g_peak:.2f}×" if driver != "genai" else "—"
                 aratio = f"{above / g_above:.2f}×" if driver != "genai" else "—"
-                print(f"| {size.name} | {mode} | {label} | {best:.1f} ({lo:.1f}–{hi:.1f}) | {ratio} | {cpu:.2f} | "
+                print(f"| {size.name} | {mode} | {label} | {best:.1f} ({lo:.1f}–{hi:.1f}) | {ratio} | {per_round} | {cpu:.2f} | "
                       f"{peak / 2**20:.1f} MiB | {pratio} | {above / 2**20:.1f} MiB | {aratio} | {note} |")
     for size, _, _, measured in results:
         runs = measured["runs"]
