@@ -23,7 +23,7 @@ from lmc.compiler import segmented
 from lmc.core.errors import LmcError
 from lmc.core.metadata import GenerationInfo, generation_info
 from lmc.core.perplexity import Perplexity, from_nll, window_nll
-from lmc.core.runtime import ORT_LOG_LEVEL, after_load, apply_session_options, bundle_session_options
+from lmc.core.runtime import ORT_LOG_LEVEL, apply_session_options, bundle_session_options, loading
 
 # for checks rather than speed: no prepacked second copy of the weights
 LOW_MEMORY = {"config_entries": {"session.disable_prepacking": "1"}}
@@ -49,9 +49,9 @@ class StateDecoder:
         self.info = info
         self.model_path = Path(model_path)
         settings = {**bundle_session_options(model_path), **(session_options or {})}
-        self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
-                                            providers=["CPUExecutionProvider"])
-        after_load(settings, model_path)
+        with loading(settings, model_path):
+            self.session = ort.InferenceSession(str(model_path), _options(threads, settings),
+                                                providers=["CPUExecutionProvider"])
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.state = {}

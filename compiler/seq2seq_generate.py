@@ -26,7 +26,7 @@ import onnxruntime as ort
 from lmc.core.errors import LmcError
 from lmc.compiler.drivers import (GenerationResult, StateDecoder, _options, bundle_model, check_token_ids,
                                    continue_greedy, peak_rss_bytes)
-from lmc.core.runtime import after_load, bundle_session_options
+from lmc.core.runtime import bundle_session_options, loading
 
 SEQ2SEQ_KEY = "lmc.seq2seq"
 ENCODER_MODEL = "encoder.onnx"
@@ -150,9 +150,9 @@ class Seq2SeqDecoder:
         self.info = info
         self.decoder = StateDecoder(model_path, threads, session_options, warm_up=False)
         settings = {**bundle_session_options(model_path), **(session_options or {})}
-        self.encoder = ort.InferenceSession(str(model_path.parent / info.encoder), _options(threads, settings),
-                                            providers=["CPUExecutionProvider"])
-        after_load(settings, model_path.parent / info.encoder)
+        with loading(settings, model_path.parent / info.encoder):
+            self.encoder = ort.InferenceSession(str(model_path.parent / info.encoder), _options(threads, settings),
+                                                providers=["CPUExecutionProvider"])
         self.encoder_dtypes = {i.name: _np_dtype(i.type) for i in self.encoder.get_inputs()}
         inputs = {i.name: i for i in self.decoder.session.get_inputs()}
         self.cross = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros([int(d) for d in inputs[name].shape],

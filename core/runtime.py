@@ -13,19 +13,23 @@ e.g. MatMulNBits' accuracy level) — holds onnxruntime ``SessionOptions`` attri
 - ``trim_heap_after_load``: once the session exists, return the C heap's free pages to the system (glibc
   ``malloc_trim``; nothing where the C library has none): loading frees the optimiser's temporaries into
   holes the heap keeps resident, and runs allocate from the arena, not from them;
-- ``release_mapped_after_load``: once the session exists, drop from the process the mapped pages of the
-  tensors a kernel packed at load but whose originals the runtime keeps, never to read them again
-  (``packed_and_kept``: onnxruntime's x86 MatMulNBits at accuracy level 4 keeps its scales and zero
-  points; ``weights.drop_mapped_pages``). A page read anyway comes back from the file.
+- ``release_mapped_after_load``: drop from the process the mapped pages of the tensors a kernel packed at
+  load but whose originals the runtime keeps, never to read them again (``packed_and_kept``: onnxruntime's
+  x86 MatMulNBits at accuracy level 4 keeps its scales and zero points; ``weights.drop_mapped_pages``) —
+  every ``RELEASE_EVERY`` seconds while the session loads, and once it exists. A page read anyway comes
+  back from the file.
 ``open_bundle`` applies all of it; a driver that creates its session itself calls
-``apply_session_options`` before and ``after_load`` after.
+``apply_session_options`` before and creates it inside ``loading``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -88,15 +92,57 @@ def use_process_arena(config: dict) -> bool:
     return True
 
 
-def after_load(settings: dict, model_path: str | Path | None = None) -> None:
+def after_load(settings: dict, model_path: str | Path | None = None,
+               spans: dict[str, list[tuple[int, int]]] | None = None) -> None:
     """What ``session_options.json`` asks for once the session on ``model_path`` exists
-    (``trim_heap_after_load``, ``release_mapped_after_load``)."""
-    if settings.get(RELEASE_MAPPED) and model_path is not None and _has_weights_file(model_path):
-        spans = packed_and_kept(model_path)
-        dropped = weights.drop_mapped_pages(Path(model_path).parent, spans) if spans else 0
+    (``trim_heap_after_load``, ``release_mapped_after_load``; ``spans``: ``_released_spans``' answer, when
+    the caller has it)."""
+    spans = _released_spans(settings, model_path) if spans is None else spans
+    if spans:
+        dropped = weights.drop_mapped_pages(Path(model_path).parent, spans)
         log.debug("%.1f MiB of mapped weight pages dropped after load", dropped / 2**20)
     if settings.get(TRIM_HEAP):          # last: reading model.onnx above left heap behind too
         weights.release_freed()
+
+
+RELEASE_EVERY = 0.02   # seconds between releases while a session loads
+
+
+@contextlib.contextmanager
+def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
+    """Create the session on ``model_path`` inside this; ``after_load`` follows once it exists. With
+    ``release_mapped_after_load`` a thread also releases the packed-and-kept pages every ``RELEASE_EVERY``
+    seconds while onnxruntime loads (it runs without Python's lock meanwhile): the scales of the products
+    packed so far leave as the load goes on instead of adding up to its peak — on the 1.1B-shaped int4
+    bundle 988 → 874 MiB of peak resident set, the same 849 MiB once loaded. Releasing during the load is
+    safe for the reason it is afterwards: the runtime never writes those mappings (a page written since it
+    was mapped is left alone) and a page read again comes back from the file."""
+    spans = _released_spans(settings, model_path)
+    stop = threading.Event()
+    watcher = None
+    if spans:
+        folder = Path(model_path).parent
+
+        def release() -> None:
+            while not stop.wait(RELEASE_EVERY):
+                weights.drop_mapped_pages(folder, spans)
+        watcher = threading.Thread(target=release, name="lmc-release-mapped", daemon=True)
+        watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+    after_load(settings, model_path, spans)
+
+
+def _released_spans(settings: dict, model_path: str | Path | None) -> dict[str, list[tuple[int, int]]]:
+    """``packed_and_kept`` of the bundle when its settings ask for ``release_mapped_after_load`` and its
+    weights are in a file; else none."""
+    if not settings.get(RELEASE_MAPPED) or model_path is None or not _has_weights_file(model_path):
+        return {}
+    return packed_and_kept(model_path)
 
 
 def _has_weights_file(model_path: str | Path) -> bool:
@@ -146,8 +192,8 @@ def open_bundle(model_path: str | Path, threads: int = 0, settings: dict | None 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     apply_session_options(opts, settings)
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    after_load(settings, model_path)
+    with loading(settings, model_path):
+        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     return sess
 
 

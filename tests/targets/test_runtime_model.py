@@ -190,6 +190,35 @@ def test_the_heap_is_trimmed_after_the_load_when_the_bundle_asks(monkeypatch):
     assert calls == [1]
 
 
+def test_packed_pages_are_released_while_the_session_loads(monkeypatch, tiny_bundles):
+    """``loading``: with release_mapped_after_load the packed-and-kept spans are released every RELEASE_EVERY
+    seconds while the session is created, once more after, and never again; without it, never. The session
+    computes what one created without releasing does."""
+    import time
+
+    model = tiny_bundles["int4"] / "model.onnx"
+    spans = runtime.packed_and_kept(model)
+    assert spans                                  # level-4 MatMulNBits scales in model.weights
+    calls = []
+    real = runtime.weights.drop_mapped_pages
+    monkeypatch.setattr(runtime.weights, "drop_mapped_pages", lambda folder, s: calls.append(s) or real(folder, s))
+    with runtime.loading({RELEASE_MAPPED: True}, model):
+        released = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        time.sleep(8 * runtime.RELEASE_EVERY)     # a load that takes longer than a few releases
+        during = len(calls)
+    assert during >= 2 and all(s == spans for s in calls)
+    assert len(calls) == during + 1               # after_load's; the thread has stopped
+    time.sleep(3 * runtime.RELEASE_EVERY)
+    assert len(calls) == during + 1
+    calls.clear()
+    with runtime.loading({}, model):
+        plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        time.sleep(3 * runtime.RELEASE_EVERY)
+    assert calls == []
+    feed = {"input_ids": np.random.default_rng(1).integers(0, 256, (1, 64)).astype(np.int64)}
+    np.testing.assert_array_equal(released.run(None, feed)[0], plain.run(None, feed)[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory) -> dict[str, Path]:
     """tiny-llama bundles at 1×64 (none, int4, w8a8), and at 2×64 — 128 rows per MatMul — int4 and int8."""
