@@ -106,18 +106,22 @@ def after_load(settings: dict, model_path: str | Path | None = None,
 
 
 RELEASE_EVERY = 0.02   # seconds between releases while a session loads
+WATCH_MIN_BYTES = 64 << 20   # bundles whose weights files hold less are released after the load only
 
 
 @contextlib.contextmanager
 def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
     """Create the session on ``model_path`` inside this; ``after_load`` follows once it exists. With
     ``release_mapped_after_load`` a thread also releases the packed-and-kept pages every ``RELEASE_EVERY``
-    seconds while onnxruntime loads (it runs without Python's lock meanwhile): the scales of the products
-    packed so far leave as the load goes on instead of adding up to its peak — on the 1.1B-shaped int4
-    bundle 988 → 874 MiB of peak resident set, the same 849 MiB once loaded. Releasing during the load is
+    seconds while onnxruntime loads a bundle of ``WATCH_MIN_BYTES`` or more of weights (it runs without
+    Python's lock meanwhile): the scales of the products packed so far leave as the load goes on instead of
+    adding up to its peak — on the 1.1B-shaped int4 bundle 988 → 873 MiB of peak resident set, the same
+    849 MiB once loaded. Releasing during the load is
     safe for the reason it is afterwards: the runtime never writes those mappings (a page written since it
     was mapped is left alone) and a page read again comes back from the file."""
-    spans = _released_spans(settings, model_path)
+    # a small bundle loads in a moment and keeps a few MiB: its graph is read once the session exists, as
+    # before — read now, its parse would stand under the session's load (+3% of a 3 MB bundle's peak)
+    spans = _released_spans(settings, model_path) if _weights_bytes(model_path) >= WATCH_MIN_BYTES else None
     stop = threading.Event()
     watcher = None
     if spans:
@@ -140,15 +144,15 @@ def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
 def _released_spans(settings: dict, model_path: str | Path | None) -> dict[str, list[tuple[int, int]]]:
     """``packed_and_kept`` of the bundle when its settings ask for ``release_mapped_after_load`` and its
     weights are in a file; else none."""
-    if not settings.get(RELEASE_MAPPED) or model_path is None or not _has_weights_file(model_path):
+    if not settings.get(RELEASE_MAPPED) or model_path is None or not _weights_bytes(model_path):
         return {}
     return packed_and_kept(model_path)
 
 
-def _has_weights_file(model_path: str | Path) -> bool:
-    """Whether an external-data file lies beside a bundle's model (none: its weights are inline, nothing is
-    mapped)."""
-    return any(Path(model_path).parent.glob("*.weights"))
+def _weights_bytes(model_path: str | Path) -> int:
+    """The bytes of the external-data files beside a bundle's model (none: its weights are inline, nothing
+    is mapped)."""
+    return sum(p.stat().st_size for p in Path(model_path).parent.glob("*.weights"))
 
 
 def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:

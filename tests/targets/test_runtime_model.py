@@ -191,9 +191,10 @@ def test_the_heap_is_trimmed_after_the_load_when_the_bundle_asks(monkeypatch):
 
 
 def test_packed_pages_are_released_while_the_session_loads(monkeypatch, tiny_bundles):
-    """``loading``: with release_mapped_after_load the packed-and-kept spans are released every RELEASE_EVERY
-    seconds while the session is created, once more after, and never again; without it, never. The session
-    computes what one created without releasing does."""
+    """``loading``: with release_mapped_after_load the packed-and-kept spans of a bundle of WATCH_MIN_BYTES or
+    more are released every RELEASE_EVERY seconds while the session is created, once more after, and never
+    again; a smaller bundle's once after; without the setting, never. The session computes what one created
+    without releasing does."""
     import time
 
     model = tiny_bundles["int4"] / "model.onnx"
@@ -202,6 +203,12 @@ def test_packed_pages_are_released_while_the_session_loads(monkeypatch, tiny_bun
     calls = []
     real = runtime.weights.drop_mapped_pages
     monkeypatch.setattr(runtime.weights, "drop_mapped_pages", lambda folder, s: calls.append(s) or real(folder, s))
+    with runtime.loading({RELEASE_MAPPED: True}, model):          # a tiny bundle: after the load only
+        time.sleep(5 * runtime.RELEASE_EVERY)
+        assert calls == []
+    assert calls == [spans]
+    calls.clear()
+    monkeypatch.setattr(runtime, "WATCH_MIN_BYTES", 0)
     with runtime.loading({RELEASE_MAPPED: True}, model):
         released = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         time.sleep(8 * runtime.RELEASE_EVERY)     # a load that takes longer than a few releases
