@@ -415,8 +415,9 @@ def _bundle_quantize(bundle: str, key: str = "quantize") -> str | None:
               help="An encoder–decoder bundle: .npz with the encoder's inputs by name (T5: input_ids and "
                    "attention_mask; Whisper: input_features); the prompt then defaults to the decoder start token.")
 @click.option("--speculate", metavar="off|lookup[:K]|draft[:K]",
-              help="Verify K drafted tokens per forward, same tokens [default: lookup:4 when greedy, draft:4 "
-                   "with --draft, off when sampling].")
+              help="Verify up to K drafted tokens per forward, same tokens (lookup: as many as the measured cost "
+                   "of a wider forward and the drafts kept so far say pay) [default: lookup:4 when greedy, "
+                   "draft:4 with --draft, off when sampling].")
 @click.option("--draft", type=click.Path(), metavar="BUNDLE",
               help="A smaller generation bundle with the same vocabulary that drafts the tokens.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),

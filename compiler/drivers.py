@@ -48,6 +48,7 @@ class StateDecoder:
             raise LmcError(f"{model_path}: not a generation bundle (build it with lmc build --context N)")
         self.info = info
         self.model_path = Path(model_path)
+        self.draft_policy = None     # prompt lookup's measured draft costs and kept counts (speculate.decode)
         settings = {**bundle_session_options(model_path), **(session_options or {})}
         with loading(settings, model_path):
             self.session = ort.InferenceSession(str(model_path), _options(threads, settings),

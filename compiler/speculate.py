@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmc.compiler.draft_policy import DraftPolicy
 from lmc.compiler.sampling import GREEDY, Sampling, choose, distribution, draw, penalised
 from lmc.core.errors import LmcError
 
@@ -152,11 +153,11 @@ class Lookup:
         self.last: list[dict[tuple[int, ...], int]] = [{} for _ in range(batch)]
         self.indexed = [0] * batch
 
-    def propose(self, row: int, history: list[int], k: int) -> list[int]:
+    def propose(self, row: int, history: list[int], k: int) -> tuple[list[int], int]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the history's longest suffix
-        (of ``ngram`` … 1 tokens) found."""
+        (of ``ngram`` … 1 tokens) found, and that suffix's length (0: none found)."""
         if k < 1 or len(history) < 2:
-            return []
+            return [], 0
         last, end = self.last[row], len(history) - 1
         for e in range(self.indexed[row], end):          # n-grams ending before the last token
             for n in range(1, min(self.ngram, e + 1) + 1):
@@ -165,8 +166,8 @@ class Lookup:
         for n in range(min(self.ngram, end), self.shortest - 1, -1):
             e = last.get(tuple(history[-n:]))
             if e is not None:
-                return history[e + 1:e + 1 + k]
-        return []
+                return history[e + 1:e + 1 + k], n
+        return [], 0
 
 
 class DraftModel:
@@ -335,6 +336,13 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     stops = {int(t) for t in stop_tokens}
     rng = sampling.rng()
     lookup = Lookup(batch) if spec.mode == "lookup" and k_max else None
+    policy = None
+    if lookup is not None:           # kept with the decoder: what it measured serves its next prompts too
+        policy = getattr(decoder, "draft_policy", None)
+        if policy is None or policy.k != k_max:
+            policy = DraftPolicy(k_max)
+            decoder.draft_policy = policy
+    matched = [0] * batch
     model = DraftModel(draft, sampling) if draft is not None and k_max else None
 
     start = time.perf_counter()
@@ -383,7 +391,9 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         drafts: list[list[int]] = [[] for _ in range(batch)]
         qs: list = [None] * batch
         if k and lookup is not None:
-            drafts = [lookup.propose(r, histories[r], min(k, limits[r])) for r in range(batch)]
+            for r in range(batch):
+                found, matched[r] = lookup.propose(r, histories[r], min(k, limits[r]))
+                drafts[r] = policy.choose(found, matched[r])
         elif k and model is not None:
             drafts, qs = model.propose(histories, active, k, rng)
             result.draft_forwards += k
@@ -391,7 +401,10 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
             qs = [q[:limits[r]] if q else None for r, q in enumerate(qs)]
         width = max(len(x) for x in drafts)
         ids = np.array([[h[-1]] + x + [h[-1]] * (width - len(x)) for h, x in zip(histories, drafts)], dtype=np.int64)
+        began = time.perf_counter()
         logits = decoder.forward(ids)
+        if policy is not None:
+            policy.timed(1 + width, time.perf_counter() - began)
         result.forwards += 1
         lengths = [int(p) for p in pos]
         was_active = list(active)
@@ -401,6 +414,8 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
             kept, token = verify(logits[r], histories[r], drafts[r], qs[r], sampling, rng)
             result.drafted += len(drafts[r])
             result.accepted += kept
+            if policy is not None:
+                policy.verified(matched[r], len(drafts[r]), kept)
             lengths[r] += 1 + kept
             for t in drafts[r][:kept] + [token]:
                 emit(r, t)
