@@ -80,13 +80,15 @@ def _digest(values: np.ndarray) -> bytes:
 class ConstantRecord:
     """One constant as a compile left it: dtype, shape, a digest of its values, and what generalising it
     needs if it differs — its values (``value``: small, or integer within ``KEPT_INTEGER_BYTES``) or, for a
-    file-backed constant, where they are (``source``: its external-data tensor; the model's data files and
-    the build's spill file do not change during a build, so the digest and values are read from it on demand)."""
+    file-backed constant, where they are (``source``: its external-data tensor, or the file-backed parts a
+    merged projection joins on read; the model's data files and the build's spill file do not change during
+    a build, so the digest and values are read from it on demand, and two sources naming the same ranges are
+    the same without reading either)."""
 
     dtype: int                                             # TensorProto enum
     shape: tuple[int, ...]
     value: np.ndarray | None = None
-    source: weights.FileValues | None = None
+    source: weights.FileValues | weights.ConcatValues | None = None
     _digest: bytes | None = None
     fill: np.ndarray | None = None                         # the one value of a uniform in-memory constant
 
@@ -94,10 +96,9 @@ class ConstantRecord:
     def of(cls, const: gs.Constant, keep: bool) -> "ConstantRecord":
         """The record of ``const``; ``keep``: copy its values into the record."""
         shape = tuple(int(d) for d in const.shape)
-        if isinstance(const._values, weights.FileValues):
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(const._values.tensor)          # its dims and location, not the model around it
-            return cls(ir.onnx_dtype(const.dtype), shape, source=weights.FileValues(tensor))
+        source = _file_source(const._values)
+        if source is not None:
+            return cls(ir.onnx_dtype(const.dtype), shape, source=source)
         values = ir.const_value(const)
         return cls(ir.onnx_dtype(const.dtype), shape, np.array(values) if keep else None, _digest=_digest(values),
                    fill=_fill(values))
@@ -117,8 +118,36 @@ class ConstantRecord:
         if (self.dtype, self.shape) != (other.dtype, other.shape):
             return False
         if self.source is not None and other.source is not None:
-            return _same_bytes(self.source, other.source)
+            same = _same_source(self.source, other.source)
+            if same is not None:
+                return same
         return self.digest() == other.digest()
+
+
+def _file_source(values) -> weights.FileValues | weights.ConcatValues | None:
+    """A file-backed constant's values as a record keeps them: its tensor's dims and location (not the model
+    around it), or a join of such parts; None for values in memory."""
+    if isinstance(values, weights.FileValues):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(values.tensor)
+        return weights.FileValues(tensor)
+    if isinstance(values, weights.ConcatValues):
+        parts = [_file_source(p) for p in values.parts]
+        if all(p is not None for p in parts):
+            return weights.ConcatValues(values.name, parts, values.axis)
+    return None
+
+
+def _same_source(a, b) -> bool | None:
+    """Whether two file sources hold the same values: the same bytes, or joins of the same parts on the same
+    axis; None when that takes reading them (a join against one tensor)."""
+    if isinstance(a, weights.FileValues) and isinstance(b, weights.FileValues):
+        return _same_bytes(a, b)
+    if isinstance(a, weights.ConcatValues) and isinstance(b, weights.ConcatValues) and a.axis == b.axis \
+            and len(a.parts) == len(b.parts) and [p.shape for p in a.parts] == [p.shape for p in b.parts]:
+        same = [_same_source(x, y) for x, y in zip(a.parts, b.parts)]
+        return None if None in same else all(same)
+    return None
 
 
 def _fill(values: np.ndarray) -> np.ndarray | None:

@@ -96,3 +96,31 @@ def test_file_backed_constants_are_read_back_from_their_file(monkeypatch):
         g = _graph_with(5, _file_backed(spill, "w", np.full(N, 2, np.float32)))
         with pytest.raises(LmcError, match="'w'"):
             generalise(g, first, (3, 5), g.inputs[0])
+
+
+def test_joined_file_backed_constants_are_compared_by_their_parts(monkeypatch):
+    """A merged projection joined on read (ConcatValues of file-backed parts) is recorded by its parts:
+    the same parts in both compiles are equal without joining or hashing them; a part that differs is caught."""
+    half = N // 2
+
+    def joined(spill, a, b):
+        const = gs.Constant("w", np.zeros(N, np.float32))
+        const._values = weights.ConcatValues("w", [_file_backed(spill, "w0", a)._values,
+                                                   _file_backed(spill, "w1", b)._values], axis=0)
+        return const
+
+    with weights.SpillFile() as spill:
+        ones, twos = np.ones(half, np.float32), np.full(N - half, 2, np.float32)
+        shared = joined(spill, ones, twos)
+        first = snapshot(_graph_with(3, shared))
+        loads = []
+        real_load = weights.ConcatValues.load
+        monkeypatch.setattr(weights.ConcatValues, "load", lambda self: loads.append(1) or real_load(self))
+        monkeypatch.setattr(generation, "_digest", lambda values: pytest.fail("hashed a joined weight"))
+        for again in (shared, joined(spill, ones, twos)):           # the same parts; equal bytes elsewhere
+            g = _graph_with(5, again)
+            assert generalise(g, first, (3, 5), g.inputs[0]) == 0
+        assert loads == []
+        g = _graph_with(5, joined(spill, ones, twos + 1))
+        with pytest.raises(LmcError, match="'w'"):
+            generalise(g, first, (3, 5), g.inputs[0])
