@@ -42,10 +42,13 @@ def externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thre
     wrote = False
     with open(weights_path, "wb") as f:
         for tensor in inits:
+            source = None
             if is_stub(tensor):
                 if tensor_bytes is None:
                     raise ValueError(f"initializer '{tensor.name}' is a stub and no data source was given")
                 data = tensor_bytes(tensor.name)
+            elif is_file_backed(tensor) and FileValues(tensor).length >= threshold:
+                source, data = FileValues(tensor), b""        # copied file to file below
             else:
                 data = raw_bytes(tensor)
                 if len(data) < threshold:
@@ -54,13 +57,17 @@ def externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thre
                         tensor.data_location = onnx.TensorProto.DEFAULT
                         tensor.raw_data = data
                     continue
-            align = alignment if len(data) < PAGE_ALIGN_MIN_BYTES else math.lcm(alignment, PAGE_BYTES)
+            size = source.length if source is not None else len(data)
+            align = alignment if size < PAGE_ALIGN_MIN_BYTES else math.lcm(alignment, PAGE_BYTES)
             pad = (-offset) % align
             if pad:
                 f.write(b"\0" * pad)
                 offset += pad
-            f.write(data)
-            length = len(data)
+            if source is not None:
+                source.copy_into(f)
+            else:
+                f.write(data)
+            length = size
             del data
             dtype, dims = tensor.data_type, list(tensor.dims)
             name = tensor.name

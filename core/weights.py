@@ -112,6 +112,25 @@ class FileValues(LazyValues):
             raise OSError(f"{self.path}: {self.tensor.name} ends past the end of the file (changed since load?)")
         return data
 
+    def copy_into(self, out) -> None:
+        """Append the bytes to the open binary file ``out`` (at its position), copied by the kernel
+        (``os.copy_file_range``: no pass through this process) where it can, else read and written."""
+        out.flush()
+        start, left = out.tell(), self.length
+        try:
+            with open(self.path, "rb") as f:
+                while left:
+                    done = os.copy_file_range(f.fileno(), out.fileno(), left, self.offset + self.length - left,
+                                              start + self.length - left)
+                    if done <= 0:
+                        raise OSError(f"{self.path}: {self.tensor.name} ends past the end of the file")
+                    left -= done
+        except (OSError, AttributeError):     # no copy_file_range here (another OS, an older kernel, a pipe)
+            out.seek(start)
+            out.write(self.read_bytes())
+            return
+        out.seek(start + self.length)
+
     def load(self) -> np.ndarray:
         dtype = _MAPPABLE.get(self.tensor.data_type)
         shape = tuple(int(d) for d in self.tensor.dims)

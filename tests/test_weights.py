@@ -449,3 +449,25 @@ def test_calibration_asking_for_nothing_computed_keeps_the_graph():
     with calibration.Calibrator(ir.to_graph(model), ["x"], feeds) as calibrator:
         stats = calibrator.run()["x"]
     np.testing.assert_array_equal(stats.absmax, [4, 5, 6])
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_file_backed_values_copy_into_another_file_at_its_position(tmp_path, monkeypatch, kernel_copy):
+    """FileValues.copy_into appends exactly its range, by the kernel or (no copy_file_range) read and
+    written; a range past the file's end is an error, not a short copy."""
+    data = np.arange(5000, dtype=np.float32)
+    (tmp_path / "src.bin").write_bytes(b"x" * 100 + data.tobytes() + b"y" * 7)
+    tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[5000], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", str(tmp_path / "src.bin")), ("offset", "100"), ("length", str(data.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    if not kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range")
+    with open(tmp_path / "out.bin", "wb") as out:
+        out.write(b"head")
+        weights.FileValues(tensor).copy_into(out)
+        out.write(b"tail")
+    assert (tmp_path / "out.bin").read_bytes() == b"head" + data.tobytes() + b"tail"
+    tensor.external_data[2].value = str(data.nbytes + 8)
+    with open(tmp_path / "bad.bin", "wb") as out, pytest.raises(OSError, match="past the end"):
+        weights.FileValues(tensor).copy_into(out)
