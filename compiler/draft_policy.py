@@ -21,7 +21,9 @@ tokens per second
 
 Where a forward's time barely grows with w (a float bundle reads its weights once whatever w) every draft
 pays; where it grows nearly in proportion (int8-activation kernels on a small model) only the long
-matches' do. The choice decides which drafts are verified, never which tokens are kept.
+matches' do. The choice decides which drafts are verified, never which tokens are kept — under greedy
+decoding, where it is used (under sampling the drafts verified decide which random numbers are drawn, and a
+seed must repeat a run: every draft is verified there).
 """
 
 from __future__ import annotations

@@ -337,7 +337,9 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     rng = sampling.rng()
     lookup = Lookup(batch) if spec.mode == "lookup" and k_max else None
     policy = None
-    if lookup is not None:           # kept with the decoder: what it measured serves its next prompts too
+    # greedy only: the drafts it verifies follow measured times, and under sampling which drafts are verified
+    # decides which random numbers are drawn — a seed must repeat a run, so there every draft is verified
+    if lookup is not None and sampling.greedy:   # kept with the decoder: it serves its next prompts too
         policy = getattr(decoder, "draft_policy", None)
         if policy is None or policy.k != k_max:
             policy = DraftPolicy(k_max)
@@ -393,7 +395,7 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         if k and lookup is not None:
             for r in range(batch):
                 found, matched[r] = lookup.propose(r, histories[r], min(k, limits[r]))
-                drafts[r] = policy.choose(found, matched[r])
+                drafts[r] = policy.choose(found, matched[r]) if policy is not None else found
         elif k and model is not None:
             drafts, qs = model.propose(histories, active, k, rng)
             result.draft_forwards += k
