@@ -47,8 +47,8 @@ def externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thre
                 if tensor_bytes is None:
                     raise ValueError(f"initializer '{tensor.name}' is a stub and no data source was given")
                 data = tensor_bytes(tensor.name)
-            elif is_file_backed(tensor) and FileValues(tensor).length >= threshold:
-                source, data = FileValues(tensor), b""        # copied file to file below
+            elif is_file_backed(tensor) and (values := FileValues(tensor)).length >= threshold:
+                source, data = values, b""                   # copied file to file below
             else:
                 data = raw_bytes(tensor)
                 if len(data) < threshold:

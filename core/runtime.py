@@ -116,9 +116,9 @@ def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
     seconds while onnxruntime loads a bundle of ``WATCH_MIN_BYTES`` or more of weights (it runs without
     Python's lock meanwhile): the scales of the products packed so far leave as the load goes on instead of
     adding up to its peak — on the 1.1B-shaped int4 bundle 988 → 873 MiB of peak resident set, the same
-    849 MiB once loaded. Releasing during the load is
-    safe for the reason it is afterwards: the runtime never writes those mappings (a page written since it
-    was mapped is left alone) and a page read again comes back from the file."""
+    849 MiB once loaded. Releasing during the load is safe for the reason it is afterwards: the runtime never
+    writes those mappings (a page written since it was mapped is left alone) and a page read again comes
+    back from the file."""
     # a small bundle loads in a moment and keeps a few MiB: its graph is read once the session exists, as
     # before — read now, its parse would stand under the session's load (+3% of a 3 MB bundle's peak)
     spans = _released_spans(settings, model_path) if _weights_bytes(model_path) >= WATCH_MIN_BYTES else None
