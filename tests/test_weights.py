@@ -212,8 +212,17 @@ def test_streamed_calibration_links_weights_instead_of_writing_them(tmp_path, mo
     folders = []
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: folders.append(mkdtemp(*a, **k)) or folders[-1])
     links = os.stat(path.with_suffix(".data")).st_nlink
+    seen = []
+    real_session = calibration.session
+    monkeypatch.setattr(calibration, "session", lambda p, **k: seen.append(onnx.load(str(p), load_external_data=False))
+                        or real_session(p, **k))
     with calibration.Calibrator(graph, [out], feeds) as calibrator:
         assert wrote == [False] and folders and not os.path.exists(folders[0])   # linked, read, removed
+        # the merged weight's MatMul reads its parts where they are (no Concat of weights to fold at load)
+        inits = {t.name for t in seen[0].graph.initializer}
+        ops = [(n.op_type, [i in inits for i in n.input]) for n in seen[0].graph.node]
+        assert ("MatMul", [False, True]) in ops and sum(op == "MatMul" for op, _ in ops) == 2
+        assert not any(op == "Concat" and any(flags) for op, flags in ops)
         assert os.stat(path.with_suffix(".data")).st_nlink == links
         stats = calibrator.run(gram=True)[out]
     y = np.concatenate([f["x"] @ a + f["x"] @ b for f in feeds])

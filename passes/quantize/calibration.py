@@ -7,7 +7,8 @@ arr[i]). The graph is exported with the requested tensors as extra outputs; weig
 a graph holding over ``STREAM_BYTES`` of weights in memory is written to a temporary folder with its weights
 streamed one tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than
 copies), never serialised into one protobuf (which fails past 2 GB); weights still in the model's own
-files are linked into the session, not copied (``runtime.session``). ``Calibrator`` keeps that session and passes over the
+files are linked into the session, not copied (``runtime.session``), and a merged projection's MatMul
+reads its parts there, one MatMul per part (no joined copy for onnxruntime to fold at load). ``Calibrator`` keeps that session and passes over the
 samples again for any subset of the tensors (statistics too large to collect all at once: GPTQ's Gram
 matrices, group by group); ``collect`` is one pass.
 """
@@ -258,10 +259,17 @@ def _keep_only(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
 
 def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> set[str]:
     """Make the stubs whose values are bytes of a file (``FileValues``) file-backed initializers of those
-    bytes, and a stub merged from such parts (``ConcatValues``) a Concat node over file-backed initializers
-    of its parts (onnxruntime folds it once, at load). Returns the names of the file-backed initializers."""
+    bytes. A stub merged from such parts (``ConcatValues``) becomes file-backed initializers of its parts:
+    where it is only ever the right operand of MatMul and its parts join along the last axis, each
+    MatMul(x, [W₁ … W_P]) becomes Concat(MatMul(x, W₁) … MatMul(x, W_P)) on the last axis — the same
+    columns, with the parts read from the file where they are; otherwise a Concat node joins the parts
+    (onnxruntime folds it once, at load, into a copy). Returns the names of the file-backed initializers."""
     linked: set[str] = set()
-    concats = []
+    joins, split = [], {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in ir.node_reads(node):
+            readers.setdefault(name, []).append(node)
     for tensor in list(model.graph.initializer):
         value = by_name[tensor.name]._values if is_stub(tensor) and tensor.name in by_name else None
         if isinstance(value, FileValues):
@@ -275,11 +283,26 @@ def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> 
                 init.name = f"{tensor.name}/part{i}"
                 parts.append(init.name)
             linked.update(parts)
-            concats.append(onnx.helper.make_node("Concat", parts, [tensor.name], axis=value.axis,
-                                                 name=f"{tensor.name}/join"))
+            uses = readers.get(tensor.name, [])
+            if value.axis == len(value.shape) - 1 and uses and all(
+                    n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and list(n.input) == [n.input[0], tensor.name]
+                    and n.input[0] != tensor.name for n in uses) and tensor.name not in {o.name for o in model.graph.output}:
+                split[tensor.name] = parts
+            else:
+                joins.append(onnx.helper.make_node("Concat", parts, [tensor.name], axis=value.axis,
+                                                   name=f"{tensor.name}/join"))
             model.graph.initializer.remove(tensor)
-    if concats:
-        nodes = concats + list(model.graph.node)
+    nodes = joins
+    for node in model.graph.node:
+        parts = split.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if parts is None:
+            nodes.append(node)
+            continue
+        outs = [f"{node.output[0]}/part{i}" for i in range(len(parts))]
+        nodes += [onnx.helper.make_node("MatMul", [node.input[0], part], [out], name=f"{node.name}/part{i}")
+                  for i, (part, out) in enumerate(zip(parts, outs))]
+        nodes.append(onnx.helper.make_node("Concat", outs, [node.output[0]], axis=-1, name=f"{node.name}/join"))
+    if joins or split:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return linked
