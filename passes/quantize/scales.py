@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmc.passes.quantize.products import TransposedProducts
+
 RATIOS = np.linspace(0.5, 1.0, 26)
 ASYM_RATIOS = np.linspace(0.7, 1.0, 11)   # the range of the ratios searched for both ends (asymmetric)
 
@@ -480,6 +482,7 @@ def _upper_factor_into(h: np.ndarray, out: np.ndarray, leaf: int) -> None:
     out[m:, :m] = 0.0
 
 
+_PRODUCTS = TransposedProducts()
 GPTQ_ROWS = 2048     # output rows GPTQ updates at once: a fixed slicing, so the bytes do not depend on the threads
 GPTQ_DTYPE = np.float32   # as GPTQ's reference computes; its products round by shape, hence the fixed slices
 
@@ -504,23 +507,27 @@ def gptq_blocks(w_t: np.ndarray, gram: np.ndarray | GptqFactor, block: int, bits
     zeros = None if symmetric else np.zeros((n, k // block), dtype=np.uint8)
     # every step is row-wise: slices of ``GPTQ_ROWS`` rows run on ``threads()`` threads (a slice's Python step
     # per input column overlaps the other's numpy work); the slicing is fixed, so the thread count changes no byte
+    # (one slice: the batch products take every thread; several: each slice's products take one)
     rows = GPTQ_ROWS
+    slices = range(0, n, rows)
+    product_threads = threads() if len(slices) == 1 else 1
 
     def work(r1: int) -> None:
         r2 = min(r1 + rows, n)
         _gptq_rows(w_t[r1:r2], factor, block, bits, batch, q_all[r1:r2], scales[r1:r2],
-                   None if symmetric else zeros[r1:r2])
-    _run(range(0, n, rows), work)
+                   None if symmetric else zeros[r1:r2], product_threads)
+    _run(slices, work)
     return q_all, scales, zeros
 
 
 def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch: int, q_all: np.ndarray,
-               scales: np.ndarray, zeros: np.ndarray | None) -> None:
+               scales: np.ndarray, zeros: np.ndarray | None, product_threads: int = 1) -> None:
     """``gptq_blocks`` on a slice of output rows, writing into the given slices of its results (``zeros``
     None: symmetric). Works on a copy of Wᵀ [K, rows] (each input feature a contiguous row, updated in
-    place)."""
+    place); each batch's error reaches the later rows by one product on MLAS (``products``) with
+    ``product_threads`` threads."""
     n, k = w_t.shape
-    hinv = factor.hinv.astype(GPTQ_DTYPE)
+    hinv = np.asarray(factor.hinv, dtype=GPTQ_DTYPE)              # only read: no copy of a float32 factor
     diag_h = factor.diag
     w = np.ascontiguousarray(w_t.T, dtype=GPTQ_DTYPE)        # a copy [K, rows]: the weight is only read
     w[factor.dead] = 0.0
@@ -567,6 +574,6 @@ def _gptq_rows(w_t: np.ndarray, factor: GptqFactor, block: int, bits: int, batch
                 w1[i + 1:] -= hinv1[j1:i + 1, i + 1:].T @ err1[j1:i + 1]
         if i2 < k:                                           # the batch's error onto the later rows
             later = product[:k - i2]
-            np.matmul(hinv[i1:i2, i2:].T, err1, out=later)
+            _PRODUCTS.into(np.ascontiguousarray(hinv[i1:i2, i2:]), err1, later, product_threads)
             w[i2:] -= later
     q_all[...] = codes.T
