@@ -335,4 +335,4 @@ def test_decode_step_gives_the_logits_forward_gives(bundles, name):
             plain.rewind(plain.length - 2)
             fast.rewind(fast.length - 2)
         assert plain.length == fast.length and np.array_equal(plain.positions(), fast.positions())
-        assert np.array_equal(plain._written, fast._written)
+        assert np.array_equal(plain.written(), fast.written())

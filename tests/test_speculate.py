@@ -116,7 +116,7 @@ def test_ring_rewind_is_exact_up_to_the_chunk_and_refused_beyond(decoders):
         else:
             with pytest.raises(LmcError, match="at most 4 positions"):
                 d.rewind(30 - back)
-            d._written[:] = 30 - back          # force it
+            d._written[:], d._decoded_to = 30 - back, 0          # force it
             d.rewind(30 - back)
         got = np.array([d.forward(np.array([[t]]))[0, 0] for t in then])
         assert (np.abs(got - expected).max() < 1e-5) == (back <= 4), back

@@ -236,6 +236,27 @@ def test_streamed_calibration_links_weights_instead_of_writing_them(tmp_path, mo
     np.testing.assert_array_equal(stats.absmax, plain.absmax)
 
 
+def test_a_merged_weight_read_otherwise_is_joined_for_calibration(tmp_path):
+    """A merged weight read by anything besides MatMul's right operand stays one tensor in the calibration
+    model: a Concat of its file-backed parts, and its MatMul is left whole."""
+    from lmc.core.pass_manager import PassContext, PassManager
+    from lmc.passes.merge_matmuls import MergeParallelMatMuls
+    from lmc.passes.quantize import calibration
+
+    path, a, b = _parallel(tmp_path)
+    graph = ir.to_graph(load_model(path))
+    shapes.infer_shapes(graph)
+    graph, _ = PassManager([MergeParallelMatMuls()], PassContext()).run(graph)
+    merged = next(c for c in ir.constants(graph) if c.name.endswith("_merged"))
+    model = ir.export_skeleton(graph)
+    model.graph.node.append(helper.make_node("ReduceSum", [merged.name], ["total"], keepdims=0))
+    linked = calibration._point_at_files(model, {c.name: c for c in ir.constants(graph)})
+    assert linked == {f"{merged.name}/part0", f"{merged.name}/part1"}
+    joins = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert [list(n.input) for n in joins] == [sorted(linked)] and joins[0].output[0] == merged.name
+    assert [list(n.input)[1] for n in model.graph.node if n.op_type == "MatMul"] == [merged.name]
+
+
 def test_weights_a_pass_creates_are_spilled(tmp_path):
     from lmc.core.pass_manager import PassContext, PassManager
     from lmc.passes.quantize.weight_only import QuantizeConfig, QuantizeWeights, WeightBits

@@ -266,6 +266,7 @@ def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> 
     (onnxruntime folds it once, at load, into a copy). Returns the names of the file-backed initializers."""
     linked: set[str] = set()
     joins, split = [], {}
+    outputs = {o.name for o in model.graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in ir.node_reads(node):
@@ -284,9 +285,9 @@ def _point_at_files(model: onnx.ModelProto, by_name: dict[str, gs.Constant]) -> 
                 parts.append(init.name)
             linked.update(parts)
             uses = readers.get(tensor.name, [])
-            if value.axis == len(value.shape) - 1 and uses and all(
-                    n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and list(n.input) == [n.input[0], tensor.name]
-                    and n.input[0] != tensor.name for n in uses) and tensor.name not in {o.name for o in model.graph.output}:
+            if value.axis % len(value.shape) == len(value.shape) - 1 and uses and tensor.name not in outputs and all(
+                    n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.input) == 2
+                    and n.input[1] == tensor.name != n.input[0] for n in uses):
                 split[tensor.name] = parts
             else:
                 joins.append(onnx.helper.make_node("Concat", parts, [tensor.name], axis=value.axis,
