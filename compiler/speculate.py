@@ -379,9 +379,9 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         else:
             last = decoder.forward(np.array([[h[-1]] for h in histories], dtype=np.int64))[:, -1]
         result.forwards += 1
-        tokens = np.argmax(last, axis=-1)
-        for r in range(batch):
-            emit(r, int(tokens[r]))
+        # the array's method and one tolist: right after a run every numpy call is slow (cold caches)
+        for r, token in enumerate(last.argmax(axis=-1).tolist()):
+            emit(r, token)
     context = decoder.info.context
     while any(active):
         pos = decoder.positions()
