@@ -165,7 +165,7 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
               help="int4 block size (power of two, 16..256). Larger blocks: fewer scales, a smaller and faster "
                    "bundle, a little more error (llama-code, symmetric, no --calib: +5.0% perplexity at 32, +5.9% at "
                    "64; a 1.1B decoder's resident peak 919 -> 728 MiB)  [default: the target's int4_block_size, or its "
-                   "int4_block_size_gptq with --calib (x86-64: 32, 128 with --calib); see lmc targets]")
+                   "int4_block_size_gptq with --calib (x86-64: 64, 128 with --calib); see lmc targets]")
 @click.option("--int4-scheme", type=click.Choice(["symmetric", "asymmetric"]), default=None,
               help="int4 codes: symmetric (q·s, no zero point) or asymmetric ((q − z)·s, a 4-bit zero point "
                    "per block: less error, ~30% slower 4-bit products; llama-code with --calib: +3.1% perplexity "

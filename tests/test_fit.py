@@ -83,7 +83,7 @@ def test_int4_blocks_default_to_the_targets(llama, tmp_path):
     from lmc.core.errors import LmcError, TargetError
     from lmc.targets.target import load_target
 
-    text = (TARGETS / "x86_64.toml").read_text().replace("int4_block_size = 32", "int4_block_size = 16")
+    text = (TARGETS / "x86_64.toml").read_text().replace("int4_block_size = 64", "int4_block_size = 16")
     target = tmp_path / "b16.toml"
     target.write_text(text.replace('name = "x86-64"', 'name = "x86-64-b16"').replace("int4_block_size_gptq = 128", ""))
 
