@@ -8,9 +8,9 @@ a graph holding over ``STREAM_BYTES`` of weights in memory is written to a tempo
 streamed one tensor at a time into a page-aligned external-data file (which onnxruntime maps rather than
 copies), never serialised into one protobuf (which fails past 2 GB); weights still in the model's own
 files are linked into the session, not copied (``runtime.session``), and a merged projection's MatMul
-reads its parts there, one MatMul per part (no joined copy for onnxruntime to fold at load). ``Calibrator`` keeps that session and passes over the
-samples again for any subset of the tensors (statistics too large to collect all at once: GPTQ's Gram
-matrices, group by group); ``collect`` is one pass.
+reads its parts there, one MatMul per part (no joined copy for onnxruntime to fold at load). ``Calibrator``
+keeps that session and passes over the samples again for any subset of the tensors (statistics too large to
+collect all at once: GPTQ's Gram matrices, group by group); ``collect`` is one pass.
 """
 
 from __future__ import annotations

@@ -482,7 +482,7 @@ def _upper_factor_into(h: np.ndarray, out: np.ndarray, leaf: int) -> None:
     out[m:, :m] = 0.0
 
 
-_PRODUCTS = TransposedProducts()
+_PRODUCTS = TransposedProducts()   # its sessions (one Gemm each, per thread count) serve every GPTQ call
 GPTQ_ROWS = 2048     # output rows GPTQ updates at once: a fixed slicing, so the bytes do not depend on the threads
 GPTQ_DTYPE = np.float32   # as GPTQ's reference computes; its products round by shape, hence the fixed slices
 
