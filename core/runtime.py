@@ -121,7 +121,7 @@ def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
     back from the file."""
     # a small bundle loads in a moment and keeps a few MiB: its graph is read once the session exists, as
     # before — read now, its parse would stand under the session's load (+3% of a 3 MB bundle's peak)
-    spans = _released_spans(settings, model_path) if _weights_bytes(model_path) >= WATCH_MIN_BYTES else None
+    spans = _released_spans(settings, model_path, WATCH_MIN_BYTES)
     stop = threading.Event()
     watcher = None
     if spans:
@@ -141,12 +141,16 @@ def loading(settings: dict, model_path: str | Path) -> Iterator[None]:
     after_load(settings, model_path, spans)
 
 
-def _released_spans(settings: dict, model_path: str | Path | None) -> dict[str, list[tuple[int, int]]]:
+def _released_spans(settings: dict, model_path: str | Path | None,
+                    min_bytes: int = 1) -> dict[str, list[tuple[int, int]]] | None:
     """``packed_and_kept`` of the bundle when its settings ask for ``release_mapped_after_load`` and its
-    weights are in a file; else none."""
-    if not settings.get(RELEASE_MAPPED) or model_path is None or not _weights_bytes(model_path):
+    weights are in a file; else none. None (not read yet) when that file holds under ``min_bytes``."""
+    if not settings.get(RELEASE_MAPPED) or model_path is None:
         return {}
-    return packed_and_kept(model_path)
+    size = _weights_bytes(model_path)
+    if not size:
+        return {}
+    return packed_and_kept(model_path) if size >= min_bytes else None
 
 
 def _weights_bytes(model_path: str | Path) -> int:
