@@ -30,6 +30,7 @@ from lmc.core.pass_manager import PassContext, PassRecord, approximations
 from lmc.compiler.compilation import BuildOptions, Compilation, QuantizeMode
 from lmc.compiler.pruning import prune_generation
 from lmc.compiler.pipeline import default_pipeline, quantize_passes
+from lmc.passes.greedy_head import GREEDY_INPUT, GreedyHead
 from lmc.compiler.report import mib, peak_live_set, render_report
 from lmc.core.runtime import SESSION_OPTIONS_FILE, session
 from lmc.compiler.verify import (VerificationFailed, VerifyReport, check_spans, compare_generation, compare_models,
@@ -521,6 +522,12 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     info = dataclasses.replace(info, rows_apart=not any(r.stats.get("row0_positions") for r in records))
     genai = GenaiBundle.prepare(graph, info, templates, options, model_path)
     info, records = genai.info, list(records) + [genai.record]
+    if options.emit_format(target) is EmitFormat.ONNX and GreedyHead.name not in options.disabled_passes:
+        graph, more = compilation.run(graph, [GreedyHead(info.logits, info.batch,
+                                                         target.tuning.greedy_head_min_bytes)])
+        records = records + more
+        if more[-1].modified:
+            info = dataclasses.replace(info, greedy=GREEDY_INPUT)
     nodes_after, weights_after = len(graph.nodes), ir.weight_bytes(graph)
     by_dtype = ir.bytes_by_dtype(graph)
     vocab = int(templates[info.logits][-1][1])

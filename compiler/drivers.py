@@ -76,6 +76,9 @@ class StateDecoder:
             self.binding.bind_ortvalue_input(src, self.state[src])
             self.binding.bind_ortvalue_output(dst, self.state[src])
         self._decode_bound = False               # input ids and logits bound to the decode buffers right now
+        # the greedy head's switch (lmc.passes.greedy_head), bound on every step that can change it
+        self._greedy_values = {on: ort.OrtValue.ortvalue_from_numpy(np.array(on)) for on in (False, True)}
+        self._greedy_on = False
         self._masks: dict[int, ort.OrtValue] = {}  # batch 1: the all-ones mask of each length, wrapped once
         self._positions = np.zeros((info.batch, 1), np.int64)
         self._positions_value = ort.OrtValue.ortvalue_from_numpy(self._positions)
@@ -153,15 +156,20 @@ class StateDecoder:
             return np.concatenate([self._step(ids[:, i:i + chunk]) for i in range(0, ids.shape[1], chunk)], axis=1)
         return self._step(ids)
 
-    def decode_step(self, tokens) -> np.ndarray:
+    def decode_step(self, tokens, greedy: bool = False) -> np.ndarray:
         """One token per batch row (``tokens`` [B]) while the rows are together: the next logits [B, V] —
         the decoder's own buffer, overwritten by the next step (copy what you keep). The plain decode loop's
         step: the token ids and logits stay bound to their buffers, the batch-1 mask of each length is wrapped
         once, nothing is allocated per step. Anything else (rows rewound apart, logits of unknown width, the
-        context's end) takes ``forward``."""
+        context's end) takes ``forward``.
+
+        ``greedy``: the caller reads only the argmax of each row. A bundle with a greedy head then returns
+        −inf for every token that cannot be it (``lmc.passes.greedy_head``: same argmax, a cheaper step)."""
         length = self.length + 1
         if self._rows is not None or self._logits is None or length > self.info.context:
             return self.forward(np.asarray(tokens, dtype=np.int64).reshape(self.info.batch, 1))[:, -1]
+        if self.info.greedy and greedy != self._greedy_on:
+            self._switch_greedy(greedy)
         self._ids[:, 0] = tokens
         if not self._decode_bound:
             self.binding.bind_ortvalue_input(self.info.input_ids, self._ids_value)
@@ -182,8 +190,14 @@ class StateDecoder:
         self._decoded_to = length        # a Python int: no numpy call per step (it costs ~10 µs after a run)
         return self._logits[:, -1]
 
+    def _switch_greedy(self, on: bool) -> None:
+        self.binding.bind_ortvalue_input(self.info.greedy, self._greedy_values[on])
+        self._greedy_on = on
+
     def _step(self, ids: np.ndarray) -> np.ndarray:
         s = ids.shape[1]
+        if self._greedy_on:
+            self._switch_greedy(False)
         starts = self.positions()
         if self.length + s > self.info.context:
             raise LmcError(f"the bundle takes positions below {self.info.context} (its --context); "
@@ -371,7 +385,7 @@ def continue_greedy(decoder: Decoder, logits: np.ndarray, new_tokens: int,
         if on_token is not None:
             on_token(token)
         if i + 1 < new_tokens and stepping:
-            row = decoder.decode_step([token])[0]     # its buffer: read (argmax) before the next step
+            row = decoder.decode_step([token], greedy=True)[0]     # its buffer: read (argmax) before the next step
         elif i + 1 < new_tokens:
             row = decoder.forward(np.array([[token]], dtype=np.int64))[0, -1]
     return out

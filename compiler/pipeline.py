@@ -120,7 +120,8 @@ def prune_passes(options: BuildOptions, graph_inputs: list[str], feeds: list[dic
 
 
 def pass_names(options: BuildOptions | None = None, target=None) -> list[str]:
-    return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)]
+    greedy = ["greedy-head"] if options is not None and options.context else []   # generation bundles' last pass
+    return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)] + greedy
 
 
 def default_pipeline(options: BuildOptions, target, graph_inputs: list[str] | None = None) -> list:

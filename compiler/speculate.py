@@ -371,11 +371,12 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         emit(r, choose(last[r], histories[r], sampling, rng))
     # plain greedy while every row runs: one token per row per forward, nothing drafted, nothing to rewind —
     # what the loop below does then, without its per-step bookkeeping
-    plain = k_max == 0 and model is None and sampling.greedy and sampling.repetition_penalty == 1
+    argmax_only = sampling.greedy and sampling.repetition_penalty == 1      # each step's token: its argmax
+    plain = k_max == 0 and model is None and argmax_only
     step = getattr(decoder, "decode_step", None)
     while plain and all(active):
         if step is not None:
-            last = step([h[-1] for h in histories])     # the decoder's buffer: read before the next step
+            last = step([h[-1] for h in histories], greedy=True)     # its buffer: read before the next step
         else:
             last = decoder.forward(np.array([[h[-1]] for h in histories], dtype=np.int64))[:, -1]
         result.forwards += 1
@@ -404,7 +405,10 @@ def decode(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         width = max(len(x) for x in drafts)
         ids = np.array([[h[-1]] + x + [h[-1]] * (width - len(x)) for h, x in zip(histories, drafts)], dtype=np.int64)
         began = time.perf_counter()
-        logits = decoder.forward(ids)
+        if not width and argmax_only and step is not None:      # nothing drafted: a plain (greedy-head) step
+            logits = step(ids[:, 0], greedy=True)[:, None]
+        else:
+            logits = decoder.forward(ids)
         if policy is not None:
             policy.timed(1 + width, time.perf_counter() - began)
         result.forwards += 1

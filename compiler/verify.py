@@ -509,14 +509,51 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
     candidate_logits = [bundle.forward(tokens[:, a:b]) for a, b in spans]
     del bundle
     weights.release_freed()
+    screened = greedy_head_errors(candidate, tokens, spans)
     worst: dict[str, OutputError] = {}
     for (a, b), r, c in zip(spans, reference_logits, candidate_logits):
         name = "logits (decode)" if b - a == 1 and a > 0 else "logits (prefill)"
         err = compare(r, c, name)
         if name not in worst or err.max_rel > worst[name].max_rel:
             worst[name] = err
-    return VerifyReport(tuple(worst[n] for n in ("logits (prefill)", "logits (decode)") if n in worst),
+    if screened:
+        worst[GREEDY_HEAD] = max(screened, key=lambda e: e.max_rel)
+    return VerifyReport(tuple(worst[n] for n in ("logits (prefill)", "logits (decode)", GREEDY_HEAD) if n in worst),
                         len(spans), tolerance)
+
+
+GREEDY_HEAD = "greedy head (decode)"
+
+
+def greedy_head_errors(candidate: str | Path, tokens: np.ndarray, spans: Sequence[tuple[int, int]]
+                       ) -> list[OutputError]:
+    """For a bundle with a greedy head: each single-token span run twice on the same state — the full head,
+    then (rewound) the greedy head — ``greedy_head_error`` of each pair. Under the bundle's own session
+    options: its float head pre-packed, as it is deployed (the kept logits equal that head's bit for bit)."""
+    if not generation_info(candidate).greedy:
+        return []
+    bundle = StateDecoder(candidate, warm_up=False)
+    errors = []
+    for a, b in spans:
+        full = bundle.forward(tokens[:, a:b])[:, -1]
+        if b - a == 1:
+            bundle.rewind(a)
+            errors.append(greedy_head_error(full, bundle.decode_step(tokens[:, a], greedy=True)))
+    return errors
+
+
+def greedy_head_error(full: np.ndarray, screened: np.ndarray) -> OutputError:
+    """A greedy-head step (``lmc.passes.greedy_head``) against the full head's logits on the same step,
+    [B, V] each: every row's argmax must be the same and every token the step kept (finite) must carry the
+    full head's logit bit for bit. The error is the largest gap over the kept tokens relative to the
+    largest logit, infinite when an argmax differs; the error allowed is 0."""
+    full, screened = np.asarray(full, np.float32), np.asarray(screened, np.float32)
+    if not np.array_equal(full.argmax(axis=-1), screened.argmax(axis=-1)):
+        return OutputError(GREEDY_HEAD, np.inf, np.inf, 0.0, allowed=0.0)
+    kept = np.isfinite(screened)
+    gap = float(np.abs(full[kept].astype(np.float64) - screened[kept]).max(initial=0.0))
+    scale = float(np.abs(full).max(initial=0.0))
+    return OutputError(GREEDY_HEAD, gap, gap / scale if scale > 0 else gap, 1.0 if gap == 0 else 0.0, allowed=0.0)
 
 
 def verify_generation(model_path: Path, against: str | Path, info, tolerance: float, seed: int,

@@ -109,9 +109,22 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return dims if len(dims) == len(shape) else None
 
 
+UPPER_SHAPE = "lmc_upper_shape"   # a data-dependent tensor's largest shape (its dims are symbolic)
+
+
+def set_upper_shape(tensor: gs.Tensor, shape: Sequence[int]) -> gs.Tensor:
+    """Record the largest shape a tensor of data-dependent size (e.g. NonZero's) can take: what its bytes
+    are planned as while its dims stay symbolic in the model."""
+    setattr(tensor, UPPER_SHAPE, tuple(int(d) for d in shape))
+    return tensor
+
+
 def tensor_nbytes(tensor: gs.Tensor) -> int | None:
-    """Bytes of a tensor with static shape and known dtype: ceil(prod(shape) * bits / 8); else None."""
+    """Bytes of a tensor with static shape (or a recorded ``set_upper_shape``) and known dtype:
+    ceil(prod(shape) * bits / 8); else None."""
     shape = static_shape(tensor)
+    if shape is None:
+        shape = getattr(tensor, UPPER_SHAPE, None)
     bits = itemsize_bits(onnx_dtype(tensor.dtype))
     if shape is None or bits == 0:
         return None
@@ -292,6 +305,7 @@ def ensure_unique_names(graph: gs.Graph) -> None:
 # IR version < 4), by name, with their position among the inputs and their declared value info.
 INITIALIZER_INPUTS = "lmc_initializer_inputs"
 INPUT_ORDER = "lmc_input_order"     # every graph input's name -> its position in the model
+INPUT_DEFAULTS = "lmc_input_defaults"   # graph input name -> the value a run that does not feed it sees
 # IR version 4 is the first where an initializer need not be a graph input.
 _MIN_IR_VERSION = 4
 
@@ -363,12 +377,43 @@ def initializer_inputs(graph: gs.Graph) -> dict[str, tuple[int, onnx.ValueInfoPr
     return getattr(graph, INITIALIZER_INPUTS, None) or {}
 
 
-def to_model(graph: gs.Graph) -> onnx.ModelProto:
-    """Export the graph (caller ensures topological order)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+def set_input_default(graph: gs.Graph, name: str, value: np.ndarray) -> None:
+    """Give the graph input ``name`` a default: exported as an initializer of that name beside the input
+    (IR version ≥ 4), so a run that does not feed it sees ``value``."""
+    defaults = vars(graph).get(INPUT_DEFAULTS) or {}
+    defaults[name] = np.asarray(value)
+    setattr(graph, INPUT_DEFAULTS, defaults)
+
+
+def _finish_export(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """The opsets ``graph`` needs, the inputs' defaults as initializers, and no body initializer that
+    repeats one of the main graph's weights (gs writes an outer constant a body reads among the body's
+    initializers too: a runtime would load it twice). Small ones stay: shape inference reads a body's
+    shape constants only from the body itself."""
     del model.opset_import[:]
     model.opset_import.extend(opset_imports(graph))
+    for name, value in (vars(graph).get(INPUT_DEFAULTS) or {}).items():
+        if any(vi.name == name for vi in model.graph.input):
+            model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    _drop_outer_initializers(model.graph, {t.name for t in model.graph.initializer
+                                           if proto_nbytes(t) > _SKELETON_INLINE_BYTES})
     return model
+
+
+def _drop_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                own = [t for t in sub.initializer if t.name not in outer]
+                if len(own) != len(sub.initializer):
+                    del sub.initializer[:]
+                    sub.initializer.extend(own)
+                _drop_outer_initializers(sub, outer | {t.name for t in own})
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph (caller ensures topological order)."""
+    return _finish_export(graph, gs.export_onnx(graph, do_type_check=False))
 
 
 def opset_imports(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
@@ -541,9 +586,7 @@ def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES,
         for const, values in originals:
             const._values = values
     _swap_stubs(model.graph, stubs)
-    del model.opset_import[:]
-    model.opset_import.extend(opset_imports(graph))
-    return model
+    return _finish_export(graph, model)
 
 
 def _swap_stubs(graph: onnx.GraphProto, stubs: dict[str, onnx.TensorProto]) -> None:

@@ -65,6 +65,7 @@ class GenerationInfo:
     attention_mask: str = ""                 # [B, total] input the positions come from (empty: position_ids is one)
     rows_apart: bool = True                  # batch rows may stand at different positions (False: the export
                                              # computes positions from the cache length; row 0's serve every row)
+    greedy: str = ""                         # bool input asking a decode step for the greedy head (empty: none)
 
     def to_json(self) -> str:
         return json.dumps({"context": self.context, "batch": self.batch, "input_ids": self.input_ids,
@@ -72,7 +73,8 @@ class GenerationInfo:
                            "state": [list(p) for p in self.state], "window": self.window, "sinks": self.sinks,
                            "prefill_chunk": self.prefill_chunk, "windows": list(self.windows),
                            **({"attention_mask": self.attention_mask} if self.attention_mask else {}),
-                           **({} if self.rows_apart else {"rows_apart": False})},
+                           **({} if self.rows_apart else {"rows_apart": False}),
+                           **({"greedy": self.greedy} if self.greedy else {})},
                           sort_keys=True)
 
     @classmethod
@@ -81,7 +83,7 @@ class GenerationInfo:
         return cls(int(d["context"]), int(d["batch"]), d["input_ids"], d["position_ids"], d["logits"],
                    tuple(tuple(p) for p in d["state"]), int(d.get("window", 0)), int(d.get("sinks", 0)),
                    int(d.get("prefill_chunk", 0)), tuple(int(w) for w in d.get("windows", ())),
-                   d.get("attention_mask", ""), bool(d.get("rows_apart", True)))
+                   d.get("attention_mask", ""), bool(d.get("rows_apart", True)), d.get("greedy", ""))
 
 
 def generation_info(model_path: str | Path) -> GenerationInfo | None:

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lmc.core.errors import ShapeError
-from lmc.core.ir import INPUT_ORDER, export_skeleton, graph_outputs, initializer_inputs, static_shape
+from lmc.core.ir import INPUT_ORDER, UPPER_SHAPE, export_skeleton, graph_outputs, initializer_inputs, static_shape
 
 
 def infer_shapes(graph: gs.Graph) -> None:
@@ -196,12 +196,12 @@ def require_static_inputs(graph: gs.Graph, where: str = "planning") -> None:
 
 
 def require_static_shapes(graph: gs.Graph, where: str = "planning") -> None:
-    """Every graph input and every used intermediate must have a static shape; the first that does not
-    is named."""
+    """Every graph input and every used intermediate must have a static shape (or, data-dependent, a
+    recorded largest one: ``ir.set_upper_shape``); the first that does not is named."""
     require_static_inputs(graph, where)
     for node in graph.nodes:
         for out in node.outputs:
-            if static_shape(out) is None and not _is_unused(out, graph):
+            if static_shape(out) is None and not hasattr(out, UPPER_SHAPE) and not _is_unused(out, graph):
                 raise ShapeError(f"tensor '{out.name}' (output of {node.op} node '{node.name}') has no static "
                                  f"shape ({_fmt(out.shape)}) after binding the inputs: either the model does not "
                                  f"accept these input shapes, or the size depends on input values, which a static "

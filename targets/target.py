@@ -90,6 +90,7 @@ class Tuning:
     int4_scheme: Int4Scheme = Int4Scheme.ASYMMETRIC
     nbits_accuracy_level: int = 0   # MatMulNBits compute: 4 = int8 activations (dot-product units), 0 = float
     int4_block_size_gptq: int | None = None   # the block when GPTQ runs (int4 with --calib); None: int4_block_size
+    greedy_head_min_bytes: int = 0  # float lm heads from this size get the screened greedy path (0: never)
 
     def int4_block(self, gptq: bool) -> int:
         """The int4 block a build takes when ``--block-size`` is not given: ``int4_block_size_gptq`` when GPTQ
@@ -139,6 +140,7 @@ class Target:
                 "int4_block_size_gptq": self.tuning.int4_block(gptq=True),
                 "int4_scheme": self.tuning.int4_scheme.value,
                 "nbits_accuracy_level": self.tuning.nbits_accuracy_level,
+                "greedy_head_min_bytes": self.tuning.greedy_head_min_bytes,
             },
             "memory": {
                 "ram_bytes": self.memory.ram_bytes,
@@ -189,6 +191,7 @@ def _parse(data: dict, source: str) -> Target:
                 int4_block_size_gptq=gptq_block,
                 int4_scheme=_int4_scheme(tuning.get("int4_scheme", Int4Scheme.ASYMMETRIC.value), source),
                 nbits_accuracy_level=int(tuning.get("nbits_accuracy_level", 0)),
+                greedy_head_min_bytes=int(tuning.get("greedy_head_min_bytes", 0)),
             ),
             memory=MemoryMode(
                 ram_bytes=int(memory["ram_bytes"]),

@@ -1,0 +1,186 @@
+"""The greedy head: its bound holds against onnxruntime's own 8-bit kernel, its steps give the full head's
+argmax with the kept logits bit for bit, decoding with it gives the same tokens, and the build's check fails
+on a head whose screening is broken."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import op_counts
+from onnx import TensorProto, helper, numpy_helper
+
+from lmc.compiler.build import BuildOptions, build
+from lmc.compiler.drivers import StateDecoder, generation_info, greedy
+from lmc.compiler.speculate import decode
+from lmc.compiler.verify import GREEDY_HEAD, compare_generation
+from lmc.passes.greedy_head import BLOCK, GREEDY_INPUT, candidate_cap, quantize_table
+
+FIXTURES = Path(__file__).resolve().parents[2] / "models" / "fixtures"
+TARGET = Path(__file__).resolve().parents[2] / "targets" / "x86_64.toml"
+TIED, UNTIED = "gpt2-past-optimum.onnx", "llama-past-optimum.onnx"     # FusedMatMul(x, Tᵀ) / MatMul(x, W)
+CONTEXT = 32
+
+
+def _session(nodes, inits, k):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k", [64, 384])
+def test_bound_holds_against_the_runtime_kernels(k):
+    """|L_r − A_r| ≤ β_r with L from onnxruntime's float head and A from its 8-bit MatMulNBits at int8
+    activations, over tables and inputs made to strain it: outlier columns, a spike in x, tiny rows."""
+    rng = np.random.default_rng(k)
+    v = 512
+    table = rng.standard_normal((v, k)).astype(np.float32)
+    table[:, 3] *= 40                               # an outlier feature
+    table[7] *= 1e-3                                # a nearly empty row
+    codes, scales, bound = quantize_table(table)
+    assert codes.shape == (v, k // BLOCK, BLOCK) and scales.shape == (v, k // BLOCK) and bound.shape == (2, v)
+    approx = _session([helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=v,
+                                        bits=8, block_size=BLOCK, accuracy_level=4)],
+                      [numpy_helper.from_array(codes, "q"), numpy_helper.from_array(scales, "s")], k)
+    full = _session([helper.make_node("FusedMatMul", ["x", "t"], ["y"], domain="com.microsoft", transB=1)],
+                    [numpy_helper.from_array(table, "t")], k)
+    xs = [rng.standard_normal(k) * 3, np.where(rng.random(k) < 0.02, 50.0, 0.01), rng.standard_normal(k) ** 5]
+    xs += [rng.standard_normal(k) * 10 ** rng.uniform(-3, 3) for _ in range(100)]
+    worst = 0.0
+    for x in xs:
+        x = x.astype(np.float32)
+        a = approx.run(None, {"x": x[None, None]})[0].ravel().astype(np.float64)
+        logits = full.run(None, {"x": x[None, None]})[0].ravel().astype(np.float64)
+        beta = np.linalg.norm(x.astype(np.float64)) * bound[0] + np.abs(x).max() * bound[1]
+        worst = max(worst, float((np.abs(logits - a) / beta).max()))
+    assert worst <= 1.0, worst
+    assert worst > 0.01           # the bound is not vacuous: the kernel's error reaches a fair part of it
+
+
+def test_cap_is_whole_groups_of_at_most_an_eighth():
+    assert candidate_cap(256) == 64 and candidate_cap(8192) == 1024 and candidate_cap(32000) == 3968
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Path:
+    """x86-64 with the greedy head's threshold lowered to the fixtures' size."""
+    path = tmp_path_factory.mktemp("target") / "x86g.toml"
+    text = TARGET.read_text()
+    assert "greedy_head_min_bytes = " in text
+    path.write_text("\n".join("greedy_head_min_bytes = 1" if line.startswith("greedy_head_min_bytes") else line
+                              for line in text.splitlines()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, target) -> dict[str, Path]:
+    """Both head layouts with a greedy head."""
+    folder = tmp_path_factory.mktemp("greedy")
+    out = {}
+    for name in (TIED, UNTIED):
+        out[name] = folder / name.split(".")[0]
+        build(FIXTURES / name, BuildOptions(target=str(target), context=CONTEXT), out[name])
+    return out
+
+
+@pytest.mark.parametrize("name", [TIED, UNTIED])
+def test_greedy_steps_keep_the_full_heads_argmax_bit_for_bit(bundles, name):
+    bundle = bundles[name] / "model.onnx"
+    assert generation_info(bundle).greedy == GREEDY_INPUT and op_counts(bundle)["If"] == 2
+    decoder = StateDecoder(bundle)
+    rng = np.random.default_rng(3)
+    kept = []
+    for _ in range(6):
+        decoder.reset()
+        decoder.forward(rng.integers(0, 256, (1, 5)))
+        token = 3
+        for _ in range(20):
+            at = decoder.length
+            full = decoder.forward(np.array([[token]]))[0, -1].copy()
+            decoder.rewind(at)
+            step = decoder.decode_step([token], greedy=True)[0].copy()
+            finite = np.isfinite(step)
+            assert step.argmax() == full.argmax()
+            np.testing.assert_array_equal(step[finite], full[finite])
+            kept.append(int(finite.sum()))
+            token = int(full.argmax())
+    assert max(kept) <= candidate_cap(256) and min(kept) >= 1     # screened, never the whole vocabulary
+
+
+@pytest.mark.parametrize("name", [TIED, UNTIED])
+def test_decoding_with_the_greedy_head_gives_the_same_tokens(bundles, name):
+    decoder = StateDecoder(bundles[name] / "model.onnx")
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        prompt = rng.integers(0, 256, 6).tolist()
+        decoder.reset()
+        logits = decoder.forward(np.array([prompt]))[0, -1]
+        plain = [int(logits.argmax())]
+        for _ in range(19):            # the full head, one forward per token
+            plain.append(int(decoder.forward(np.array([[plain[-1]]]))[0, -1].argmax()))
+        assert greedy(decoder, prompt, 20) == plain
+        for speculate in ("off", "lookup"):
+            assert decode(decoder, [prompt], 20, speculate=speculate).tokens[0] == plain
+
+
+def test_the_flag_defaults_to_the_full_head(bundles):
+    """A run that does not feed the flag (onnxruntime-genai's) gets the full logits."""
+    model = onnx.load(str(bundles[TIED] / "model.onnx"), load_external_data=False)
+    default = next(t for t in model.graph.initializer if t.name == GREEDY_INPUT)
+    assert numpy_helper.to_array(default).item() is False and GREEDY_INPUT in [i.name for i in model.graph.input]
+    report = compare_generation(FIXTURES / TIED, bundles[TIED] / "model.onnx", vocab=256, prompt=6, steps=8)
+    assert report.passed and {o.name for o in report.outputs} >= {"logits (decode)", GREEDY_HEAD}
+
+
+def _tampered(bundle: Path, dst: Path, name: str, change) -> Path:
+    """A copy of ``bundle`` whose constant ``name`` (in a branch of the greedy head) is ``change``d."""
+    shutil.copytree(bundle, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    graphs, found = [model.graph], 0
+    while graphs:
+        graph = graphs.pop()
+        for init in graph.initializer:
+            if init.name == name:
+                init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init)), name))
+                found += 1
+        graphs += [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert found == 1
+    (dst / "model.weights").unlink()
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst / "model.onnx"
+
+
+def test_the_check_fails_on_a_broken_screen(bundles, tmp_path):
+    """Negated 8-bit scales screen for the wrong tokens: the build's check must say the greedy head differs."""
+    broken = _tampered(bundles[TIED], tmp_path / "broken", "lmc_greedy_scales", lambda s: -s)
+    report = compare_generation(FIXTURES / TIED, broken, vocab=256, prompt=6, steps=8)
+    assert not report.passed and [o.name for o in report.failures] == [GREEDY_HEAD]
+    assert "greedy head" in report.explain()
+
+
+def test_a_loose_bound_falls_back_to_the_full_head(bundles, tmp_path):
+    """Every token a candidate (bound × 10⁶): more than the cap, so the full head runs — still exact."""
+    loose = _tampered(bundles[UNTIED], tmp_path / "loose", "lmc_greedy_bound", lambda b: b * 1e6)
+    decoder = StateDecoder(loose)
+    decoder.forward(np.array([[1, 2, 3]]))
+    full = decoder.forward(np.array([[4]]))[0, -1].copy()
+    decoder.rewind(3)
+    np.testing.assert_array_equal(decoder.decode_step([4], greedy=True)[0], full)
+    assert compare_generation(FIXTURES / UNTIED, loose, vocab=256, prompt=6, steps=8).passed
+
+
+def test_threshold_and_disable(tmp_path, target):
+    """The x86-64 target leaves a small head alone; --disable-pass greedy-head leaves any head alone."""
+    small = build(FIXTURES / TIED, BuildOptions(target="x86-64", context=CONTEXT), tmp_path / "small")
+    assert not generation_info(tmp_path / "small" / "model.onnx").greedy
+    record = next(r for r in small.records if r.name == "greedy-head")
+    assert not record.modified and "threshold" in record.notes[0]
+    build(FIXTURES / TIED, BuildOptions(target=str(target), context=CONTEXT, disabled_passes=("greedy-head",)),
+          tmp_path / "off")
+    assert not generation_info(tmp_path / "off" / "model.onnx").greedy
+    assert "If" not in op_counts(tmp_path / "off" / "model.onnx")
