@@ -196,6 +196,8 @@ def quantized_ops(folder: Path) -> str:
         parts.append(f"{len(dq)} blocked DequantizeLinear (block {sorted({a['block_size'] for a in dq})})")
     embed = sorted({n.op_type for n in nodes if "embed" in n.name and "Gather" in n.op_type})
     head = sorted({n.op_type for n in nodes if "lm_head" in n.name and "MatMul" in n.op_type})
+    if any(n.op_type == "If" and n.name.startswith("lmc_greedy") for n in nodes):
+        head = ["greedy head (8-bit screen, float rows) beside the full head"]
     parts.append(f"embedding {'/'.join(embed) or '?'}, lm-head {'/'.join(head) or '?'}")
     return "; ".join(parts) if nbits or dq else "float; " + parts[-1]
 
