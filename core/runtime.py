@@ -161,19 +161,27 @@ def _weights_bytes(model_path: str | Path) -> int:
 
 def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
     """External-data spans (``{file: [(offset, length)]}``) of the tensors onnxruntime's x86 MatMulNBits
-    packs into its weight at load yet may keep: the data, scales and zero points of a node at accuracy level 4
-    (its int8 kernel reads the packed copies only), in the main graph and in subgraphs (whose data it keeps
-    mapped: 3.1 MB of a greedy head's table on llama-code)."""
+    packs into its weight at load yet keeps: the scales and zero points of a node at accuracy level 4 (its
+    int8 kernel reads the packed copies only); in a subgraph also its data, unless another node reads it
+    (onnxruntime releases a main-graph node's, not a subgraph's: 3.1 MB of a greedy head's table on
+    llama-code)."""
     model = onnx.load(str(model_path), load_external_data=False)
     graphs = _graphs(model.graph)
+    nodes = [n for g in graphs for n in g.node]
+    nested = {id(n) for g in graphs[1:] for n in g.node}
     external = {t.name: {e.key: e.value for e in t.external_data} for g in graphs for t in g.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
     spans: dict[str, list[tuple[int, int]]] = {}
-    for node in (n for g in graphs for n in g.node):
+    for node in nodes:
         level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or level != 4:
             continue
-        for name in node.input[1:4]:
+        data = id(node) in nested and readers.get(node.input[1]) == 1
+        for name in node.input[1 if data else 2:4]:
             info = external.get(name)
             if info is not None and "length" in info:
                 spans.setdefault(info["location"], []).append((int(info.get("offset", 0)), int(info["length"])))

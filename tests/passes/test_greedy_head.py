@@ -128,6 +128,17 @@ def test_decoding_with_the_greedy_head_gives_the_same_tokens(bundles, name):
             assert decode(decoder, [prompt], 20, speculate=speculate).tokens[0] == plain
 
 
+def test_the_8bit_tables_mapped_pages_are_released_after_load(bundles):
+    """onnxruntime packs the screen's MatMulNBits (in a branch) and keeps its mapped data: lmc drops it."""
+    from lmc.core.runtime import packed_and_kept
+
+    model = onnx.load(str(bundles[TIED] / "model.onnx"), load_external_data=False)
+    branches = [a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    codes = next(t for g in branches for t in g.initializer if t.name == "lmc_greedy_codes")
+    where = {e.key: e.value for e in codes.external_data}
+    assert (int(where["offset"]), int(where["length"])) in packed_and_kept(bundles[TIED] / "model.onnx")[where["location"]]
+
+
 def test_the_flag_defaults_to_the_full_head(bundles):
     """A run that does not feed the flag (onnxruntime-genai's) gets the full logits."""
     model = onnx.load(str(bundles[TIED] / "model.onnx"), load_external_data=False)
