@@ -444,7 +444,8 @@ def generate(bundle, prompt_tokens, prompt, tokenizer, max_new_tokens, threads, 
 
     \b
     The cache stays in place between steps (onnxruntime IOBinding): memory does not grow per token.
-    Greedy decoding verifies tokens drafted by prompt lookup several per forward (same tokens, faster).
+    Greedy decoding verifies tokens drafted by prompt lookup several per forward (same tokens, faster),
+    and its one-token steps use the bundle's greedy head where the build gave it one (same argmax).
     Examples:
       lmc generate gen/ --prompt-tokens prompt.txt --max-new-tokens 200
       lmc generate gen/ --prompt "def main(" --tokenizer tokenizer.json --json
