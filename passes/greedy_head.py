@@ -141,6 +141,8 @@ class GreedyHead:
         codes, scales, bound = quantize_table(table if tied else table.T)
         del table
         self._rewrite(graph, node, weight, tied, int(v), int(k), codes, scales, bound)
+        log.info("greedy head beside '%s': [%d → %d], 8-bit screen of %d bytes, at most %d rows rescored", node.name,
+                 k, v, codes.nbytes + scales.nbytes, candidate_cap(int(v)))
         return PassResult(graph, True, stats={"vocab": int(v), "table_bytes": int(codes.nbytes + scales.nbytes)})
 
     def _rewrite(self, graph: gs.Graph, head: gs.Node, weight: gs.Constant, tied: bool, v: int, k: int,
