@@ -34,9 +34,11 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 5. Out: −inf everywhere but R, L_r there. Its argmax (first index among equal maxima, as the full head's)
    is the full head's; nothing else about it is meaningful.
 
-Applies to the node writing the generation graph's logits when it is ``MatMul(x, W[K, V])`` or
-``FusedMatMul(x, T[V, K], transB=1)`` with a float32 constant weight of at least ``min_bytes`` bytes, K a
-multiple of 32, batch 1, and the target running ``MatMulNBits`` at int8 activations. Costs V·K bytes of
+Applies to the node writing the generation graph's logits when it is ``FusedMatMul(x, T[V, K], transB=1)`` or
+``MatMul(x, W[K, V])`` with W read by nothing else (then stored as Wᵀ and multiplied as the former: the same
+packed weight for the full head, and rows for step 4 to gather — a column gather strides over all of W), with
+a float32 constant weight of at least ``min_bytes`` bytes, K a multiple of 32, batch 1, and the target
+running ``MatMulNBits`` at int8 activations. Costs V·K bytes of
 8-bit table, V·K/8 of scales and 12·V of bound and floor constants; a step holds at most cap rows of the
 table beside them (planned: the data-dependent tensors carry their largest shapes, ``ir.set_upper_shape``).
 """
@@ -94,7 +96,8 @@ def _head(graph: gs.Graph, logits: str) -> tuple[gs.Node, gs.Constant, bool] | N
     if not isinstance(weight, gs.Constant) or len(weight.shape) != 2 or ir.onnx_dtype(weight.dtype) != 1:
         return None
     if ir.is_op(node, "MatMul"):
-        return node, weight, False
+        # its rows are gathered: [K, V] is stored transposed (one copy), so the head's only reader must be it
+        return (node, weight, False) if len(weight.outputs) == 1 else None
     attrs = node.attrs
     if (ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN) and attrs.get("transB", 0) == 1 and not attrs.get("transA", 0)
             and float(attrs.get("alpha", 1.0)) == 1.0 and not attrs.get("transBatchA", 0)
@@ -127,7 +130,7 @@ class GreedyHead:
             why = f"batch {self.batch} (the greedy head serves batch 1)"
         found = None if why else _head(graph, self.logits)
         if not why and found is None:
-            why = "the logits are not a float32 MatMul over a constant table"
+            why = "the logits are not a float32 MatMul over a constant table of their own"
         if not why:
             node, weight, tied = found
             v, k = (weight.shape if tied else weight.shape[::-1])
@@ -138,14 +141,19 @@ class GreedyHead:
         if why:
             return PassResult(graph, False, notes=[f"no greedy head: {why}"])
         table = ir.const_value(weight)
-        codes, scales, bound = quantize_table(table if tied else table.T)
+        if not tied:        # MatMul(x, W) → FusedMatMul(x, Wᵀ, transB=1): the same packed weight, rows to gather
+            table = np.ascontiguousarray(table.T)
+            weight = gs.Constant(ir.new_name(graph, f"{weight.name}_rows"), table)
+            node.op, node.domain, node.attrs = "FusedMatMul", ir.MS_DOMAIN, {"transB": 1}
+            node.inputs[1] = weight
+        codes, scales, bound = quantize_table(table)
         del table
-        self._rewrite(graph, node, weight, tied, int(v), int(k), codes, scales, bound)
+        self._rewrite(graph, node, weight, int(v), int(k), codes, scales, bound)
         log.info("greedy head beside '%s': [%d → %d], 8-bit screen of %d bytes, at most %d rows rescored", node.name,
                  k, v, codes.nbytes + scales.nbytes, candidate_cap(int(v)))
         return PassResult(graph, True, stats={"vocab": int(v), "table_bytes": int(codes.nbytes + scales.nbytes)})
 
-    def _rewrite(self, graph: gs.Graph, head: gs.Node, weight: gs.Constant, tied: bool, v: int, k: int,
+    def _rewrite(self, graph: gs.Graph, head: gs.Node, weight: gs.Constant, v: int, k: int,
                  codes: np.ndarray, scales: np.ndarray, bound: np.ndarray) -> None:
         names = ir.Namer(graph)
         x, logits = head.inputs[0], head.outputs[0]
@@ -201,19 +209,12 @@ class GreedyHead:
         chosen = op(r, "Slice", [padded, const("zero", np.array([0], i64)), length], i64, ["lmc_rows"], upper=[cap])
         row = op(r, "Reshape", [x, const("row", np.array([1, k], i64))], f32, [1, k])
         pair = op(r, "Concat", [row, row], f32, [2, k], axis=0)
-        if tied:     # rows of T [V, K]: [G, 64, K], multiplied transposed
-            rows = op(r, "Reshape", [op(r, "Gather", [weight, chosen], f32, ["lmc_rows", k], upper=[cap, k], axis=0),
-                                     const("groups", np.array([-1, GROUP, k], i64))], f32, ["lmc_groups", GROUP, k],
-                      upper=[cap // GROUP, GROUP, k])
-            exact = op(r, "FusedMatMul", [pair, rows], f32, ["lmc_groups", 2, GROUP], upper=[cap // GROUP, 2, GROUP],
-                       domain=ir.MS_DOMAIN, transB=1)
-        else:        # columns of W [K, V]: [K, G, 64] → [G, K, 64]
-            cols = op(r, "Reshape", [op(r, "Gather", [weight, chosen], f32, [k, "lmc_rows"], upper=[k, cap], axis=1),
-                                     const("groups", np.array([k, -1, GROUP], i64))], f32, [k, "lmc_groups", GROUP],
-                      upper=[k, cap // GROUP, GROUP])
-            cols = op(r, "Transpose", [cols], f32, ["lmc_groups", k, GROUP], upper=[cap // GROUP, k, GROUP],
-                      perm=[1, 0, 2])
-            exact = op(r, "MatMul", [pair, cols], f32, ["lmc_groups", 2, GROUP], upper=[cap // GROUP, 2, GROUP])
+        # rows of T [V, K]: [G, 64, K], multiplied transposed
+        rows = op(r, "Reshape", [op(r, "Gather", [weight, chosen], f32, ["lmc_rows", k], upper=[cap, k], axis=0),
+                                 const("groups", np.array([-1, GROUP, k], i64))], f32, ["lmc_groups", GROUP, k],
+                  upper=[cap // GROUP, GROUP, k])
+        exact = op(r, "FusedMatMul", [pair, rows], f32, ["lmc_groups", 2, GROUP], upper=[cap // GROUP, 2, GROUP],
+                   domain=ir.MS_DOMAIN, transB=1)
         first = op(r, "Reshape", [op(r, "Gather", [exact, const("first", np.array(0, i64))], f32,
                                      ["lmc_groups", GROUP], upper=[cap // GROUP, GROUP], axis=1), last],
                    f32, ["lmc_rows"], upper=[cap])
