@@ -34,11 +34,11 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 5. Out: −inf everywhere but R, L_r there. Its argmax (first index among equal maxima, as the full head's)
    is the full head's; nothing else about it is meaningful.
 
-Applies to the node writing the generation graph's logits when it is ``FusedMatMul(x, T[V, K], transB=1)`` or
-``MatMul(x, W[K, V])`` with W read by nothing else (then stored as Wᵀ and multiplied as the former: the same
-packed weight for the full head, and rows for step 4 to gather — a column gather strides over all of W), with
-a float32 constant weight of at least ``min_bytes`` bytes, K a multiple of 32, batch 1, and the target
-running ``MatMulNBits`` at int8 activations. Costs V·K bytes of
+Applies to the node writing the generation graph's logits when it is a tied head, ``FusedMatMul(x, T[V, K],
+transB=1)`` over the table the embedding gathers from — its float rows are resident anyway — with T float32
+of at least ``min_bytes`` bytes, K a multiple of 32, batch 1, and the target running ``MatMulNBits`` at int8
+activations. An untied ``MatMul(x, W[K, V])`` is left alone: onnxruntime keeps a packed weight's original only
+while another kernel reads it, so gathering W's rows would keep a second float copy of the head resident. Costs V·K bytes of
 8-bit table, V·K/8 of scales and 12·V of bound and floor constants; a step holds at most cap rows of the
 table beside them (planned: the data-dependent tensors carry their largest shapes, ``ir.set_upper_shape``).
 """
@@ -86,24 +86,27 @@ def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return (q + 128).astype(np.uint8), scales.astype(np.float32), bound
 
 
-def _head(graph: gs.Graph, logits: str) -> tuple[gs.Node, gs.Constant, bool] | None:
-    """(node, weight, tied) for the node writing ``logits`` when it is a float lm head this pass takes."""
+def _head(graph: gs.Graph, logits: str) -> tuple[gs.Node | None, gs.Constant | None, str]:
+    """(node, table, "") for the node writing ``logits`` when it is a tied float lm head this pass takes,
+    else (None, None, why not)."""
     out = next((t for t in graph.outputs if t.name == logits), None)
     node = ir.producer(out) if out is not None else None
-    if node is None:
-        return None
-    weight = node.inputs[1] if len(node.inputs) == 2 else None
+    weight = node.inputs[1] if node is not None and len(node.inputs) == 2 else None
     if not isinstance(weight, gs.Constant) or len(weight.shape) != 2 or ir.onnx_dtype(weight.dtype) != 1:
-        return None
+        return None, None, "the logits are not a float32 product with a constant table"
     if ir.is_op(node, "MatMul"):
-        # its rows are gathered: [K, V] is stored transposed (one copy), so the head's only reader must be it
-        return (node, weight, False) if len(weight.outputs) == 1 else None
+        # its rows gathered would keep the float weight resident beside the packed copy the full head reads
+        # (onnxruntime releases a packed weight's original only when no other kernel reads it): on the
+        # 1.1B-shaped export +262 MiB mapped after load, for no speed on flat logits
+        return None, None, "an untied head (its float rows would stay resident beside the packed copy)"
     attrs = node.attrs
-    if (ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN) and attrs.get("transB", 0) == 1 and not attrs.get("transA", 0)
-            and float(attrs.get("alpha", 1.0)) == 1.0 and not attrs.get("transBatchA", 0)
-            and not attrs.get("transBatchB", 0)):
-        return node, weight, True
-    return None
+    if not (ir.is_op(node, "FusedMatMul", ir.MS_DOMAIN) and attrs.get("transB", 0) == 1
+            and not attrs.get("transA", 0) and float(attrs.get("alpha", 1.0)) == 1.0
+            and not attrs.get("transBatchA", 0) and not attrs.get("transBatchB", 0)):
+        return None, None, "the logits are not a plain product with a constant table"
+    if not any(ir.is_op(r, "Gather") for r in weight.outputs):
+        return None, None, "the head's table is not the embedding's (its float rows would stay resident twice)"
+    return node, weight, ""
 
 
 class GreedyHead:
@@ -128,26 +131,17 @@ class GreedyHead:
             why = "the target runs no MatMulNBits at int8 activations"
         elif self.batch != 1:
             why = f"batch {self.batch} (the greedy head serves batch 1)"
-        found = None if why else _head(graph, self.logits)
-        if not why and found is None:
-            why = "the logits are not a float32 MatMul over a constant table of their own"
         if not why:
-            node, weight, tied = found
-            v, k = (weight.shape if tied else weight.shape[::-1])
+            node, weight, why = _head(graph, self.logits)
+        if not why:
+            v, k = weight.shape
             if v * k * 4 < self.min_bytes:
                 why = f"a head of {v * k * 4} bytes (the target's threshold: {self.min_bytes})"
             elif k % BLOCK:
                 why = f"K = {k} is not a multiple of {BLOCK}"
         if why:
             return PassResult(graph, False, notes=[f"no greedy head: {why}"])
-        table = ir.const_value(weight)
-        if not tied:        # MatMul(x, W) → FusedMatMul(x, Wᵀ, transB=1): the same packed weight, rows to gather
-            table = np.ascontiguousarray(table.T)
-            weight = gs.Constant(ir.new_name(graph, f"{weight.name}_rows"), table)
-            node.op, node.domain, node.attrs = "FusedMatMul", ir.MS_DOMAIN, {"transB": 1}
-            node.inputs[1] = weight
-        codes, scales, bound = quantize_table(table)
-        del table
+        codes, scales, bound = quantize_table(ir.const_value(weight))
         self._rewrite(graph, node, weight, int(v), int(k), codes, scales, bound)
         log.info("greedy head beside '%s': [%d → %d], 8-bit screen of %d bytes, at most %d rows rescored", node.name,
                  k, v, codes.nbytes + scales.nbytes, candidate_cap(int(v)))
