@@ -37,10 +37,11 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 Applies to the node writing the generation graph's logits when it is a tied head, ``FusedMatMul(x, T[V, K],
 transB=1)`` over the table the embedding gathers from — its float rows are resident anyway — with T float32
 of at least ``min_bytes`` bytes, K a multiple of 32, batch 1, and the target running ``MatMulNBits`` at int8
-activations. An untied ``MatMul(x, W[K, V])`` is left alone: onnxruntime keeps a packed weight's original only
-while another kernel reads it, so gathering W's rows would keep a second float copy of the head resident. Costs V·K bytes of
-8-bit table, V·K/8 of scales and 12·V of bound and floor constants; a step holds at most cap rows of the
-table beside them (planned: the data-dependent tensors carry their largest shapes, ``ir.set_upper_shape``).
+activations. An untied ``MatMul(x, W[K, V])`` is left alone: onnxruntime keeps a packed weight's original
+only while another kernel reads it, so gathering W's rows would keep a second float copy of the head
+resident. Costs V·K bytes of 8-bit table, V·K/8 of scales and 12·V of bound and floor constants; a step
+holds at most cap rows of the table beside them (planned: the data-dependent tensors carry their largest
+shapes, ``ir.set_upper_shape``).
 """
 
 from __future__ import annotations

@@ -22,12 +22,13 @@ FIXTURES = Path(__file__).resolve().parents[2] / "models" / "fixtures"
 TARGET = Path(__file__).resolve().parents[2] / "targets" / "x86_64.toml"
 TIED = "gpt2-past-optimum.onnx"     # the head: FusedMatMul(x, Tᵀ) over the embedding's table
 CONTEXT = 32
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 
 def _session(nodes, inits, k):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=OPSETS)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -104,7 +105,7 @@ def test_a_head_with_its_own_table_is_left_alone(target, tied):
     graph = helper.make_graph([head], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 256])],
                               [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=OPSETS)
     result = GreedyHead("logits", 1, 1).run(ir.to_graph(model), PassContext(target=load_target(str(target))))
     assert not result.modified and ("untied" in result.notes[0] or "not the embedding's" in result.notes[0])
 
@@ -157,7 +158,8 @@ def test_the_8bit_tables_mapped_pages_are_released_after_load(bundles):
     branches = [a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
     codes = next(t for g in branches for t in g.initializer if t.name == "lmc_greedy_codes")
     where = {e.key: e.value for e in codes.external_data}
-    assert (int(where["offset"]), int(where["length"])) in packed_and_kept(bundles[TIED] / "model.onnx")[where["location"]]
+    spans = packed_and_kept(bundles[TIED] / "model.onnx")
+    assert (int(where["offset"]), int(where["length"])) in spans[where["location"]]
 
 
 def test_the_flag_defaults_to_the_full_head(bundles):
