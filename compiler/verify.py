@@ -523,13 +523,17 @@ def compare_generation(reference: str | Path, candidate: str | Path, vocab: int,
 
 
 GREEDY_HEAD = "greedy head (decode)"
+# onnxruntime runs a product of 2 · 64 · K multiply-adds on one thread below 64 Ki of them (K < 512) or at one
+# thread, and then sums as the full head does; split across threads its slices change: the kept logits then
+# differ by summation order, measured ≤ 9e-7 of the largest logit (K = 896 and 2048, two threads)
+GREEDY_HEAD_ALLOWED = 1e-5
 
 
 def greedy_head_errors(candidate: str | Path, tokens: np.ndarray, spans: Sequence[tuple[int, int]]
                        ) -> list[OutputError]:
     """For a bundle with a greedy head: each single-token span run twice on the same state — the full head,
     then (rewound) the greedy head — ``greedy_head_error`` of each pair. Under the bundle's own session
-    options: its float head pre-packed, as it is deployed (the kept logits equal that head's bit for bit)."""
+    options: its float head pre-packed, as it is deployed."""
     if not generation_info(candidate).greedy:
         return []
     bundle = StateDecoder(candidate, warm_up=False)
@@ -544,16 +548,21 @@ def greedy_head_errors(candidate: str | Path, tokens: np.ndarray, spans: Sequenc
 
 def greedy_head_error(full: np.ndarray, screened: np.ndarray) -> OutputError:
     """A greedy-head step (``lmc.passes.greedy_head``) against the full head's logits on the same step,
-    [B, V] each: every row's argmax must be the same and every token the step kept (finite) must carry the
-    full head's logit bit for bit. The error is the largest gap over the kept tokens relative to the
-    largest logit, infinite when an argmax differs; the error allowed is 0."""
-    full, screened = np.asarray(full, np.float32), np.asarray(screened, np.float32)
-    if not np.array_equal(full.argmax(axis=-1), screened.argmax(axis=-1)):
-        return OutputError(GREEDY_HEAD, np.inf, np.inf, 0.0, allowed=0.0)
+    [rows, V] each: every token the step kept (finite) must carry the full head's logit — bit for bit when
+    each of its 64-column products runs on one thread, else up to their summation order — and the token it
+    picks must be the full head's argmax, or tie with it within that rounding. The error is the larger of
+    the gap over the kept tokens and the picked token's shortfall from the row's maximum, relative to the
+    largest |logit|; the error allowed is ``GREEDY_HEAD_ALLOWED``."""
+    full = np.asarray(full, np.float64).reshape(-1, np.shape(full)[-1])
+    screened = np.asarray(screened, np.float64).reshape(full.shape)
+    rows = np.arange(full.shape[0])
     kept = np.isfinite(screened)
-    gap = float(np.abs(full[kept].astype(np.float64) - screened[kept]).max(initial=0.0))
+    gap = float(np.abs(full[kept] - screened[kept]).max(initial=0.0))
+    shortfall = float((full.max(axis=-1) - full[rows, screened.argmax(axis=-1)]).max(initial=0.0))
+    error = max(gap, shortfall)
     scale = float(np.abs(full).max(initial=0.0))
-    return OutputError(GREEDY_HEAD, gap, gap / scale if scale > 0 else gap, 1.0 if gap == 0 else 0.0, allowed=0.0)
+    return OutputError(GREEDY_HEAD, error, error / scale if scale > 0 else error, 1.0 if error == 0 else 0.0,
+                       allowed=GREEDY_HEAD_ALLOWED)
 
 
 def verify_generation(model_path: Path, against: str | Path, info, tolerance: float, seed: int,

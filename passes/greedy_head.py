@@ -30,9 +30,11 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 4. L_r for r ∈ R, from the float rows: the candidates padded to a multiple of 64 and multiplied in groups
    of 64 columns, two copies of x as rows. That is the shape under which onnxruntime's float GEMM (MLAS)
    packs the rows in K-slices of 256 as its pre-packed head does, so each L_r comes out bit for bit the
-   full head's under the bundle's session options (``GROUP``; the build's check compares them).
+   full head's (``GROUP``) while a group's product runs on one thread: at one thread, or at any while
+   2·64·K < 64 Ki (K < 512). Split across threads its slices change and L_r differs by summation order
+   (measured ≤ 9e-7 of the largest logit); the build's check compares them (``verify.greedy_head_error``).
 5. Out: −inf everywhere but R, L_r there. Its argmax (first index among equal maxima, as the full head's)
-   is the full head's; nothing else about it is meaningful.
+   is the full head's — up to a tie within that summation order; nothing else about it is meaningful.
 
 Applies to the node writing the generation graph's logits when it is a tied head, ``FusedMatMul(x, T[V, K],
 transB=1)`` over the table the embedding gathers from — its float rows are resident anyway — with T float32

@@ -171,6 +171,60 @@ def test_the_flag_defaults_to_the_full_head(bundles):
     assert report.passed and {o.name for o in report.outputs} >= {"logits (decode)", GREEDY_HEAD}
 
 
+@pytest.mark.parametrize("k", [384, 1024])
+def test_the_screened_head_on_two_threads(target, k):
+    """Built by the pass on a tied head (K = 1024: onnxruntime splits each 64-column product across the two
+    threads), run with the switch on and off: the same argmax, the kept logits within the check's allowance."""
+    from lmc.compiler.verify import GREEDY_HEAD_ALLOWED, greedy_head_error
+    from lmc.core import ir
+    from lmc.core.pass_manager import PassContext
+    from lmc.passes.greedy_head import GreedyHead
+    from lmc.targets.target import load_target
+
+    rng = np.random.default_rng(k)
+    table = (rng.standard_normal((2048, k)) / np.sqrt(k)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+             helper.make_node("FusedMatMul", ["x", "table"], ["logits"], domain="com.microsoft", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 2048]),
+                               helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, 1, k])],
+                              [numpy_helper.from_array(table, "table")])
+    g = ir.to_graph(helper.make_model(graph, opset_imports=OPSETS))
+    result = GreedyHead("logits", 1, 1).run(g, PassContext(target=load_target(str(target))))
+    assert result.modified, result.notes
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    session = ort.InferenceSession(ir.to_model(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    kept = []
+    for i in range(40):
+        x = (3 * table[i] + rng.standard_normal(k) / np.sqrt(k)).astype(np.float32)[None, None]
+        feeds = {"ids": np.zeros((1, 1), np.int64), "x": x}
+        full = session.run(["logits"], {**feeds, GREEDY_INPUT: np.array(False)})[0][0]
+        screened = session.run(["logits"], {**feeds, GREEDY_INPUT: np.array(True)})[0][0]
+        assert screened.argmax() == full.argmax()
+        error = greedy_head_error(full, screened).max_rel
+        assert error <= GREEDY_HEAD_ALLOWED and (error == 0 or k >= 512)      # one thread per product: bits
+        kept.append(int(np.isfinite(screened).sum()))
+    assert max(kept) < 2048              # screened, not the full head
+
+
+def test_the_check_allows_summation_order_not_a_wrong_token():
+    """Kept logits may differ by summation order (products split across threads); the picked token must be
+    the argmax, or tie with it within that."""
+    from lmc.compiler.verify import GREEDY_HEAD_ALLOWED, greedy_head_error
+
+    full = np.array([[1.0, 5.0, 4.9, -2.0]], np.float32)
+    masked = np.array([[-np.inf, 5.0, 4.9, -np.inf]], np.float32)
+    assert greedy_head_error(full, masked).max_rel == 0
+    assert greedy_head_error(full, masked * (1 + 1e-7)).max_rel <= GREEDY_HEAD_ALLOWED
+    wrong = np.array([[-np.inf, -np.inf, 4.9, -np.inf]], np.float32)
+    assert greedy_head_error(full, wrong).max_rel > GREEDY_HEAD_ALLOWED         # 4.9 picked, 5.0 the argmax
+    tie = np.array([[1.0, 5.0, 5.0 - 1e-6, -2.0]], np.float32)
+    swapped = np.array([[-np.inf, 5.0 - 2e-6, 5.0 - 1e-6, -np.inf]], np.float32)
+    assert greedy_head_error(tie, swapped).max_rel <= GREEDY_HEAD_ALLOWED       # a tie within rounding
+
+
 def _tampered(bundle: Path, dst: Path, name: str, change) -> Path:
     """A copy of ``bundle`` whose constant ``name`` (in a branch of the greedy head) is ``change``d."""
     shutil.copytree(bundle, dst)
