@@ -29,12 +29,13 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 
 4. L_r for r ∈ R, from the float rows: the candidates padded to a multiple of 64 and multiplied in groups
    of 64 columns, two copies of x as rows. That is the shape under which onnxruntime's float GEMM (MLAS)
-   packs the rows in K-slices of 256 as its pre-packed head does, so each L_r comes out bit for bit the
-   full head's (``GROUP``) while a group's product runs on one thread: at one thread, or at any while
-   2·64·K < 64 Ki (K < 512). Split across threads its slices change and L_r differs by summation order
-   (measured ≤ 9e-7 of the largest logit); the build's check compares them (``verify.greedy_head_error``).
+   packs the rows in K-slices of 256 as its pre-packed head does (``GROUP``). From K = 512 a group's product
+   would be split across threads, whose slices differ; there the product runs in K-slices of 256, each on one
+   thread, added in order as the head adds its slices. So each L_r comes out bit for bit the full head's at
+   any thread count (tested on two threads at K = 384, 1024 and 1056); the build's check compares them
+   (``verify.greedy_head_error``).
 5. Out: −inf everywhere but R, L_r there. Its argmax (first index among equal maxima, as the full head's)
-   is the full head's — up to a tie within that summation order; nothing else about it is meaningful.
+   is the full head's; nothing else about it is meaningful.
 
 Applies to the node writing the generation graph's logits when it is a tied head, ``FusedMatMul(x, T[V, K],
 transB=1)`` over the table the embedding gathers from — its float rows are resident anyway — with T float32
@@ -65,28 +66,36 @@ BLOCK = 32
 # for fewer). Groups of exactly 64 columns, two rows of x (one row takes a separate vector kernel), give the
 # pre-packed head's summation order.
 GROUP = 64
+SLICE = 256                        # the K-slice of MLAS's pre-packed float GEMM
+ONE_THREAD = 64 * 1024             # multiply-adds below which MLAS runs a float product on one thread
 ROUNDING = 4 * 2.0 ** -24          # per element of K: float evaluation of a dot product (twice over)
 INT8_LEVEL = 4                     # MatMulNBits accuracy level: int8 activations
 
 
-def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_table(table: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of ``table`` [V, K] (K a multiple of ``BLOCK``) in symmetric 8-bit blocks, and the bound's
-    coefficients. Returns (codes uint8 [V, K/B, B] with zero point 128, scales float32 [V, K/B],
-    bound float32 [2, V]) — see the module docstring for the bound."""
-    w = np.asarray(table, dtype=np.float64)
-    v, k = w.shape
-    blocks = w.reshape(v, k // BLOCK, BLOCK)
-    scales = np.abs(blocks).max(axis=-1) / 127
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32).astype(np.float64)
-    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127)
-    dequant = (q * scales[..., None]).reshape(v, k)
-    error = np.linalg.norm(w - dequant, axis=1)
+    coefficients. Returns (codes uint8 [V, K/B, B] with zero point 128, scales float32 [V, K/B] — 0 for an
+    all-zero block, which is then exact —, bound float32 [2, V]); see the module docstring for the bound.
+    Computed ``rows`` rows at a time (float64 copies of a slice, not of the table)."""
+    v, k = table.shape
+    codes = np.empty((v, k // BLOCK, BLOCK), np.uint8)
+    scales = np.empty((v, k // BLOCK), np.float32)
+    bound = np.empty((2, v), np.float32)
     rounding = ROUNDING * k
-    norm_row = error + rounding * np.linalg.norm(w, axis=1)
-    max_row = (np.sqrt(k) / 254 * np.linalg.norm(dequant, axis=1)
-               + rounding * (np.abs(dequant).sum(axis=1) + 255 * BLOCK * scales.sum(axis=1)))
-    bound = (np.stack([norm_row, max_row]) * (1 + 2.0 ** -10)).astype(np.float32)
-    return (q + 128).astype(np.uint8), scales.astype(np.float32), bound
+    for a in range(0, v, rows):
+        w = np.asarray(table[a:a + rows], dtype=np.float64)
+        blocks = w.reshape(len(w), k // BLOCK, BLOCK)
+        scale = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32).astype(np.float64)
+        q = np.clip(np.rint(blocks / np.where(scale > 0, scale, 1.0)[..., None]), -127, 127)
+        dequant = (q * scale[..., None]).reshape(len(w), k)
+        error = np.linalg.norm(w - dequant, axis=1)
+        norm_row = error + rounding * np.linalg.norm(w, axis=1)
+        max_row = (np.sqrt(k) / 254 * np.linalg.norm(dequant, axis=1)
+                   + rounding * (np.abs(dequant).sum(axis=1) + 255 * BLOCK * scale.sum(axis=1)))
+        bound[:, a:a + rows] = np.stack([norm_row, max_row]) * (1 + 2.0 ** -10)
+        codes[a:a + rows] = (q + 128).astype(np.uint8)
+        scales[a:a + rows] = scale
+    return codes, scales, bound
 
 
 def _head(graph: gs.Graph, logits: str) -> tuple[gs.Node | None, gs.Constant | None, str]:
@@ -206,12 +215,26 @@ class GreedyHead:
         chosen = op(r, "Slice", [padded, const("zero", np.array([0], i64)), length], i64, ["lmc_rows"], upper=[cap])
         row = op(r, "Reshape", [x, const("row", np.array([1, k], i64))], f32, [1, k])
         pair = op(r, "Concat", [row, row], f32, [2, k], axis=0)
-        # rows of T [V, K]: [G, 64, K], multiplied transposed
-        rows = op(r, "Reshape", [op(r, "Gather", [weight, chosen], f32, ["lmc_rows", k], upper=[cap, k], axis=0),
-                                 const("groups", np.array([-1, GROUP, k], i64))], f32, ["lmc_groups", GROUP, k],
-                  upper=[cap // GROUP, GROUP, k])
-        exact = op(r, "FusedMatMul", [pair, rows], f32, ["lmc_groups", 2, GROUP], upper=[cap // GROUP, 2, GROUP],
-                   domain=ir.MS_DOMAIN, transB=1)
+        # the rows of T [V, K] as [G, 64, K] (gathered by ids [G, 64]), multiplied transposed; from 2·64·K of 64 Ki
+        # multiply-adds (K ≥ 512) in K-slices of 256 summed in order: a product that size runs on one thread
+        # and sums as the pre-packed head's slice does, and the head adds its slices in that order
+        grouped = op(r, "Reshape", [chosen, const("groups", np.array([-1, GROUP], i64))], i64, ["lmc_groups", GROUP],
+                     upper=[cap // GROUP, GROUP])
+        rows = op(r, "Gather", [weight, grouped], f32, ["lmc_groups", GROUP, k], upper=[cap // GROUP, GROUP, k], axis=0)
+        groups_out = (["lmc_groups", 2, GROUP], [cap // GROUP, 2, GROUP])
+        slices = [(0, k)] if 2 * GROUP * k < ONE_THREAD else [(a, min(k, a + SLICE)) for a in range(0, k, SLICE)]
+        exact = None
+        for a, b in slices:
+            if len(slices) == 1:
+                left, right = pair, rows
+            else:
+                ends = [const("from", np.array([a], i64)), const("to", np.array([b], i64))]
+                left = op(r, "Slice", [pair, *ends, const("columns", np.array([1], i64))], f32, [2, b - a])
+                right = op(r, "Slice", [rows, *ends, const("depth", np.array([2], i64))], f32,
+                           ["lmc_groups", GROUP, b - a], upper=[cap // GROUP, GROUP, b - a])
+            part = op(r, "FusedMatMul", [left, right], f32, groups_out[0], upper=groups_out[1], domain=ir.MS_DOMAIN,
+                      transB=1)
+            exact = part if exact is None else op(r, "Add", [exact, part], f32, groups_out[0], upper=groups_out[1])
         first = op(r, "Reshape", [op(r, "Gather", [exact, const("first", np.array(0, i64))], f32,
                                      ["lmc_groups", GROUP], upper=[cap // GROUP, GROUP], axis=1), last],
                    f32, ["lmc_rows"], upper=[cap])
