@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from lmc.core.ir import STUB_LOCATION
+from lmc.core.ir import STUB_LOCATION, proto_graphs
 from lmc.core.weights import FileValues, is_file_backed
 
 SMALL_MODEL_BYTES = 64 * 1024
@@ -87,15 +87,7 @@ def externalize(model: onnx.ModelProto, weights_path: Path, alignment: int, thre
 
 def all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     """The initializers of ``graph`` and of its subgraphs at any depth (If branches, Loop/Scan bodies)."""
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                found += all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    found += all_initializers(g)
-    return found
+    return [t for g in proto_graphs(graph) for t in g.initializer]
 
 
 def is_stub(tensor: onnx.TensorProto) -> bool:

@@ -72,6 +72,17 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def proto_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs at any depth (If branches, Loop/Scan bodies), each before the ones it holds,
+    in node order."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found += proto_graphs(sub)
+    return found
+
+
 def _outer_reads(graph: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads and defines neither by its inputs, initializers nor nodes."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -592,16 +603,10 @@ def export_skeleton(graph: gs.Graph, inline_bytes: int = _SKELETON_INLINE_BYTES,
 def _swap_stubs(graph: onnx.GraphProto, stubs: dict[str, onnx.TensorProto]) -> None:
     """Put the stubs in place of the placeholder initializers of ``graph`` and of its subgraphs (gs writes
     an outer constant a body reads among that body's initializers as well)."""
-    for i, init in enumerate(graph.initializer):
-        if init.name in stubs:
-            graph.initializer[i].CopyFrom(stubs[init.name])
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _swap_stubs(attr.g, stubs)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    _swap_stubs(g, stubs)
+    for g in proto_graphs(graph):
+        for init in g.initializer:
+            if init.name in stubs:
+                init.CopyFrom(stubs[init.name])
 
 
 # ----------------------------------------------------------------------------------------- rewriting

@@ -35,7 +35,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from lmc.core import weights
+from lmc.core import ir, weights
 
 class Int8Products(enum.Enum):
     """How the runtime's integer GEMM multiplies int8 activations by int8 weights on an ISA.
@@ -166,7 +166,7 @@ def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
     (onnxruntime releases a main-graph node's, not a subgraph's: 3.1 MB of a greedy head's table on
     llama-code)."""
     model = onnx.load(str(model_path), load_external_data=False)
-    graphs = _graphs(model.graph)
+    graphs = ir.proto_graphs(model.graph)
     nodes = [n for g in graphs for n in g.node]
     nested = {id(n) for g in graphs[1:] for n in g.node}
     external = {t.name: {e.key: e.value for e in t.external_data} for g in graphs for t in g.initializer
@@ -186,17 +186,6 @@ def packed_and_kept(model_path: str | Path) -> dict[str, list[tuple[int, int]]]:
             if info is not None and "length" in info:
                 spans.setdefault(info["location"], []).append((int(info.get("offset", 0)), int(info["length"])))
     return spans
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and its subgraphs at any depth (If branches, Loop/Scan bodies)."""
-    found, stack = [], [graph]
-    while stack:
-        g = stack.pop()
-        found.append(g)
-        stack += [sub for n in g.node for a in n.attribute
-                  for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
-    return found
 
 
 def bundle_session_options(model_path: str | Path) -> dict:
