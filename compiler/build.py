@@ -523,8 +523,7 @@ def _build_generation(model_path, compilation: Compilation, out_dir: Path, start
     genai = GenaiBundle.prepare(graph, info, templates, options, model_path)
     info, records = genai.info, list(records) + [genai.record]
     if options.emit_format(target) is EmitFormat.ONNX and GreedyHead.name not in options.disabled_passes:
-        graph, more = compilation.run(graph, [GreedyHead(info.logits, info.batch,
-                                                         target.tuning.greedy_head_min_bytes)])
+        graph, more = compilation.run(graph, [GreedyHead(info.logits, info.batch)])
         records = records + more
         if more[-1].modified:
             info = dataclasses.replace(info, greedy=GREEDY_INPUT)

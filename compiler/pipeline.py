@@ -38,6 +38,7 @@ from lmc.passes.fuse.rms_norm import RmsNormRule
 from lmc.passes.fuse.rotary import RotaryRule
 from lmc.passes.fuse.rotary_positions import RotaryPositionsRule
 from lmc.passes.fuse.rule import FuseRules
+from lmc.passes.greedy_head import GreedyHead
 from lmc.passes.fuse.silu import SiluRule
 from lmc.passes.share_transposed import ShareTransposedWeights
 from lmc.passes.simplify_repeat import SimplifyRepeat
@@ -120,7 +121,7 @@ def prune_passes(options: BuildOptions, graph_inputs: list[str], feeds: list[dic
 
 
 def pass_names(options: BuildOptions | None = None, target=None) -> list[str]:
-    greedy = ["greedy-head"] if options is not None and options.context else []   # generation bundles' last pass
+    greedy = [GreedyHead.name] if options is not None and options.context else []   # generation bundles' last pass
     return ["cleanup", "fold-constants", "eliminate-noops"] + [p.name for p in optional_passes(options, target)] + greedy
 
 

@@ -39,7 +39,7 @@ Then, when |R| ≤ cap (``candidate_cap``: V/8 in whole groups; else the origina
 
 Applies to the node writing the generation graph's logits when it is a tied head, ``FusedMatMul(x, T[V, K],
 transB=1)`` over the table the embedding gathers from — its float rows are resident anyway — with T float32
-of at least ``min_bytes`` bytes, K a multiple of 32, batch 1, and the target running ``MatMulNBits`` at int8
+of at least the target's ``greedy_head_min_bytes`` bytes, K a multiple of 32, batch 1, and the target running ``MatMulNBits`` at int8
 activations. An untied ``MatMul(x, W[K, V])`` is left alone: onnxruntime keeps a packed weight's original
 only while another kernel reads it, so gathering W's rows would keep a second float copy of the head
 resident. Costs V·K bytes of 8-bit table, V·K/8 of scales and 12·V of bound and floor constants; a step
@@ -130,13 +130,14 @@ class GreedyHead:
     in_place = True
     preserves_shapes = True
 
-    def __init__(self, logits: str, batch: int, min_bytes: int):
-        self.logits, self.batch, self.min_bytes = logits, batch, min_bytes
+    def __init__(self, logits: str, batch: int):
+        self.logits, self.batch = logits, batch
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         tuning = ctx.target.tuning if ctx.target is not None else None
+        min_bytes = tuning.greedy_head_min_bytes if tuning is not None else 0
         why = ""
-        if self.min_bytes <= 0:
+        if min_bytes <= 0:
             why = "the target asks for none (greedy_head_min_bytes)"
         elif tuning is None or not tuning.can_emit("MatMulNBits", ir.MS_DOMAIN) \
                 or tuning.nbits_accuracy_level != INT8_LEVEL:
@@ -147,8 +148,8 @@ class GreedyHead:
             node, weight, why = _head(graph, self.logits)
         if not why:
             v, k = weight.shape
-            if v * k * 4 < self.min_bytes:
-                why = f"a head of {v * k * 4} bytes (the target's threshold: {self.min_bytes})"
+            if v * k * 4 < min_bytes:
+                why = f"a head of {v * k * 4} bytes (the target's threshold: {min_bytes})"
             elif k % BLOCK:
                 why = f"K = {k} is not a multiple of {BLOCK}"
         if why:

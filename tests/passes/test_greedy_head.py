@@ -106,7 +106,7 @@ def test_a_head_with_its_own_table_is_left_alone(target, tied):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 256])],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=OPSETS)
-    result = GreedyHead("logits", 1, 1).run(ir.to_graph(model), PassContext(target=load_target(str(target))))
+    result = GreedyHead("logits", 1).run(ir.to_graph(model), PassContext(target=load_target(str(target))))
     assert not result.modified and ("untied" in result.notes[0] or "not the embedding's" in result.notes[0])
 
 
@@ -192,7 +192,7 @@ def test_the_screened_head_on_two_threads(target, k):
                                helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, 1, k])],
                               [numpy_helper.from_array(table, "table")])
     g = ir.to_graph(helper.make_model(graph, opset_imports=OPSETS))
-    result = GreedyHead("logits", 1, 1).run(g, PassContext(target=load_target(str(target))))
+    result = GreedyHead("logits", 1).run(g, PassContext(target=load_target(str(target))))
     assert result.modified, result.notes
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
